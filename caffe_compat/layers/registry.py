@@ -1,0 +1,131 @@
+"""One registry keyed by Caffe layer type.
+
+Each type has a builder (layer -> PyTorch module plus its blob wiring) and, where
+ONNX has an equivalent, an emitter (layer -> ONNX nodes). Both are registered by
+decorators that refuse a second registration of the same type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import CaffeCompatError
+
+Shape = Tuple[int, ...]
+
+
+@dataclass
+class LayerContext:
+    """What a builder sees of one Caffe layer."""
+
+    name: str
+    type: str
+    param: object  # the layer's LayerParameter message (either dialect)
+    bottoms: List[str]
+    tops: List[str]
+    bottom_shapes: List[Shape]
+    phase: str  # "TRAIN" or "TEST"
+    loss_weights: List[float] = field(default_factory=list)
+
+    def error(self, message: str) -> CaffeCompatError:
+        return CaffeCompatError(f"layer '{self.name}' ({self.type}): {message}")
+
+    def wire(self, module: nn.Module, top_shapes: Optional[Sequence[Shape]] = None,
+             bottoms: Optional[Sequence[str]] = None) -> "Converted":
+        """The usual wiring: all bottoms in, all tops out."""
+        return Converted(module, list(self.bottoms if bottoms is None else bottoms), list(self.tops),
+                         None if top_shapes is None else [tuple(s) for s in top_shapes])
+
+    def expect_bottoms(self, *counts: int) -> None:
+        if len(self.bottoms) not in counts:
+            want = " or ".join(str(c) for c in counts)
+            raise self.error(f"expects {want} bottom(s), got {len(self.bottoms)}")
+
+    def expect_rank(self, index: int, *ranks: int) -> None:
+        rank = len(self.bottom_shapes[index])
+        if rank not in ranks:
+            want = " or ".join(str(r) for r in ranks)
+            raise self.error(f"bottom '{self.bottoms[index]}' has rank {rank} "
+                             f"(shape {self.bottom_shapes[index]}), expected rank {want}")
+
+
+@dataclass
+class Converted:
+    """A built layer: the module, the blobs it reads (forward's positional order) and
+    writes, and the top shapes when the builder knows them (else they are inferred by
+    running the module on meta tensors)."""
+
+    module: nn.Module
+    bottoms: List[str]
+    tops: List[str]
+    top_shapes: Optional[List[Shape]] = None
+
+
+class CaffeLayer(nn.Module):
+    """Base of every layer module. `blob_names` lists, in Caffe's order, the attributes
+    holding the layer's Caffe blobs (parameters or buffers), so weights load into and
+    write back from them."""
+
+    blob_names: Tuple[str, ...] = ()
+
+    def caffe_blobs(self) -> List[torch.Tensor]:
+        return [getattr(self, name) for name in self.blob_names]
+
+
+Builder = Callable[[LayerContext], Converted]
+
+
+@dataclass
+class LayerEntry:
+    build: Optional[Builder] = None
+    to_onnx: Optional[Callable] = None
+
+
+REGISTRY: Dict[str, LayerEntry] = {}
+
+
+def _entry(layer_type: str) -> LayerEntry:
+    return REGISTRY.setdefault(layer_type, LayerEntry())
+
+
+def register(*layer_types: str):
+    """Register a PyTorch builder for one or more Caffe layer types."""
+
+    def decorate(fn: Builder) -> Builder:
+        for layer_type in layer_types:
+            entry = _entry(layer_type)
+            if entry.build is not None:
+                raise ValueError(f"a builder for Caffe type '{layer_type}' is already registered "
+                                 f"({entry.build.__module__}.{entry.build.__name__})")
+            entry.build = fn
+        return fn
+
+    return decorate
+
+
+def register_onnx(*layer_types: str):
+    """Register an ONNX emitter for one or more Caffe layer types."""
+
+    def decorate(fn):
+        for layer_type in layer_types:
+            entry = _entry(layer_type)
+            if entry.to_onnx is not None:
+                raise ValueError(f"an ONNX emitter for Caffe type '{layer_type}' is already registered "
+                                 f"({entry.to_onnx.__module__}.{entry.to_onnx.__name__})")
+            entry.to_onnx = fn
+        return fn
+
+    return decorate
+
+
+def builder_for(layer_name: str, layer_type: str) -> Builder:
+    entry = REGISTRY.get(layer_type)
+    if entry is None or entry.build is None:
+        raise CaffeCompatError(
+            f"layer '{layer_name}': unknown layer type '{layer_type}'. Register a builder with "
+            f"@caffe_compat.layers.register('{layer_type}') (a function taking a LayerContext "
+            f"and returning ctx.wire(module)) before building the net")
+    return entry.build

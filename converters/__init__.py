@@ -1,0 +1,1 @@
+"""Caffe -> PyTorch artifact, -> ONNX, -> caffemodel."""
