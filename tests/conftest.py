@@ -1,0 +1,25 @@
+"""Shared test helpers: where the Caffe reference fixtures live, and how their absence is handled."""
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REFERENCE = SHARED / "caffe-reference"
+
+
+def require(path: Path) -> Path:
+    """Return `path`, or skip saying which fixture is missing. Under CI the fixtures are
+    always beside the checkout, so there a missing one fails instead of skipping."""
+    if not path.exists():
+        message = (f"needs {path}: the Caffe reference fixtures from ../shared beside the "
+                   f"checkout (CI always has them)")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def reference() -> Path:
+    return require(REFERENCE)
