@@ -1,0 +1,190 @@
+"""`caffe-compat compare`: run a converted net on the inputs Caffe was given and compare
+every blob, gradient and parameter Caffe recorded (the format of the reference README)."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from .errors import CaffeCompatError
+from .io.files import read_caffemodel, read_prototxt, weights_of
+
+PathLike = Union[str, Path]
+ZERO_ATOL = 1e-7  # where Caffe's reference is exactly zero, ours must be too
+DEEP_NET_LAYERS = 10
+
+
+@dataclass
+class Row:
+    case: str
+    key: str
+    shape: Tuple[int, ...]
+    max_abs: float
+    rel: float
+    tol: float
+    ok: bool
+    note: str = ""
+
+    def format(self) -> str:
+        status = "ok" if self.ok else "FAIL"
+        shape = "x".join(str(s) for s in self.shape) or "scalar"
+        return (f"{self.case:<24} {self.key:<40} {shape:>14} {self.max_abs:>11.3e} {self.rel:>11.3e} "
+                f"{status}{('  ' + self.note) if self.note else ''}")
+
+
+HEADER = f"{'case':<24} {'key':<40} {'shape':>14} {'max abs err':>11} {'rel err':>11} status"
+
+
+def _row(case: str, key: str, ours: Optional[np.ndarray], ref: np.ndarray, tol: float) -> Row:
+    ref = np.asarray(ref, dtype=np.float64)
+    if ours is None:
+        # No gradient flows here: fine exactly when Caffe's is zero too.
+        peak = float(np.abs(ref).max()) if ref.size else 0.0
+        return Row(case, key, ref.shape, peak, float("nan"), tol, peak <= ZERO_ATOL, "no gradient here")
+    ours = np.asarray(ours, dtype=np.float64)
+    if ours.shape != ref.shape:
+        if ours.size == ref.size:
+            ours = ours.reshape(ref.shape)
+        else:
+            return Row(case, key, ref.shape, float("inf"), float("inf"), tol, False,
+                       f"shape {ours.shape} != reference {ref.shape}")
+    if not ref.size:
+        return Row(case, key, ref.shape, 0.0, 0.0, tol, True)
+    err = np.abs(ours - ref)
+    max_abs = float(np.nanmax(err)) if not np.isnan(err).all() else float("nan")
+    if np.isnan(ours).any() != np.isnan(ref).any() or (np.isnan(ours) != np.isnan(ref)).any():
+        return Row(case, key, ref.shape, max_abs, float("nan"), tol, False, "NaN where the reference has none")
+    scale = float(np.abs(ref).max())
+    if scale == 0.0:
+        return Row(case, key, ref.shape, max_abs, float("nan"), tol, max_abs <= ZERO_ATOL)
+    rel = max_abs / scale
+    return Row(case, key, ref.shape, max_abs, rel, tol, rel <= tol)
+
+
+def _numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+    return None if t is None else t.detach().cpu().double().numpy()
+
+
+def compare_case(prototxt: Optional[PathLike], weights: Optional[PathLike], reference: PathLike,
+                 device: str = "cpu", rtol: Optional[float] = None, grad_rtol: Optional[float] = None,
+                 name: Optional[str] = None) -> List[Row]:
+    """Compare one reference .npz; returns one Row per compared key."""
+    reference = Path(reference)
+    try:
+        ref = dict(np.load(reference, allow_pickle=False))
+    except (OSError, ValueError) as err:
+        raise CaffeCompatError(f"{reference}: not a readable .npz: {err}") from None
+    case = name or reference.stem
+    meta = json.loads(str(ref.pop("meta"))) if "meta" in ref else {}
+    keys = list(ref)
+    if any(k.startswith("param/") for k in keys) and not any(k.startswith(("input/", "blob/", "batch")) for k in keys):
+        return _compare_params(case, weights, ref, rtol if rtol is not None else 1e-4)
+    if prototxt is None:
+        raise CaffeCompatError(f"{reference}: blob references need the net's prototxt")
+    from .loading import load_net
+
+    net_file = read_prototxt(prototxt)
+    phase = meta.get("phase", "TEST")
+    batch_keys = sorted({int(m.group(1)) for k in keys if (m := re.match(r"batch(\d+)/", k))})
+    net = load_net(net_file, weights, phase=phase).to(device)
+    deep = sum(1 for n in net.graph.layers if n.type != "Input") > DEEP_NET_LAYERS
+    fwd_tol = rtol if rtol is not None else (1e-4 if deep else 1e-5)
+    bwd_tol = grad_rtol if grad_rtol is not None else 1e-4
+    if batch_keys:
+        return _compare_batches(case, net, ref, batch_keys, fwd_tol, device)
+    return _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device)
+
+
+def _compare_params(case: str, weights: Optional[PathLike], ref: Dict[str, np.ndarray], tol: float) -> List[Row]:
+    if weights is None:
+        raise CaffeCompatError(f"case '{case}': param/* references need a weights file")
+    blobs = weights_of(read_caffemodel(weights))
+    rows = []
+    for key, value in ref.items():
+        match = re.fullmatch(r"param/(.+)/(\d+)", key)
+        if not match:
+            continue
+        layer, index = match.group(1), int(match.group(2))
+        ours = blobs.get(layer, [])
+        rows.append(_row(case, key, ours[index] if index < len(ours) else np.full(value.shape, np.nan), value, tol))
+    return rows
+
+
+def _compare_batches(case, net, ref, batch_keys, tol, device) -> List[Row]:
+    rows = []
+    with torch.no_grad():
+        for k in range(max(batch_keys) + 1):
+            outputs = net.run({})
+            for key, value in ref.items():
+                if key.startswith(f"batch{k}/"):
+                    blob = key.split("/", 1)[1]
+                    rows.append(_row(case, key, _numpy(outputs.get(blob)), value, tol))
+    return rows
+
+
+def _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device) -> List[Row]:
+    inputs = {}
+    for key, value in ref.items():
+        if key.startswith("input/"):
+            tensor = torch.from_numpy(value).to(device)
+            inputs[key[len("input/"):]] = tensor.requires_grad_(tensor.is_floating_point())
+    missing = [n for n in net.input_names if n not in inputs]
+    if missing:
+        raise CaffeCompatError(f"case '{case}': the reference has no input/ for {', '.join(missing)}")
+    wants_grad = any(k.startswith(("diff/", "paramdiff/")) for k in ref)
+    first: Dict[str, torch.Tensor] = dict(inputs)
+    with torch.set_grad_enabled(wants_grad):
+        blobs = net.run(dict(inputs), first)
+    rows = [_row(case, key, _numpy(blobs.get(key[5:])), value, fwd_tol)
+            for key, value in ref.items() if key.startswith("blob/")]
+    if not wants_grad:
+        return rows
+    for tensor in first.values():
+        if tensor.requires_grad and not tensor.is_leaf:
+            tensor.retain_grad()
+    seeds = [(blobs[k[len("topdiff/"):]], torch.from_numpy(v).to(device)) for k, v in ref.items()
+             if k.startswith("topdiff/")]
+    if net.loss_terms:
+        objective = net.loss(blobs)
+    elif seeds:
+        objective = sum((value * seed).sum() for value, seed in seeds)
+    else:
+        raise CaffeCompatError(f"case '{case}': gradients to compare but neither a loss nor topdiff/ seeds")
+    params = {}
+    for module_name, module in net.layers.items():
+        for i, tensor in enumerate(module.caffe_blobs()):
+            params[f"{net.layer_names[module_name]}/{i}"] = tensor
+    objective.backward()
+    for key, value in ref.items():
+        if key.startswith("diff/"):
+            blob = key[len("diff/"):]
+            tensor = first.get(blob)
+            if blob in [t for t, _ in net.loss_terms]:
+                # Caffe seeds a loss top's diff with its loss weight.
+                ours = np.full(value.shape, dict(net.loss_terms)[blob])
+            else:
+                ours = _numpy(tensor.grad) if tensor is not None and tensor.requires_grad else None
+            rows.append(_row(case, key, ours, value, bwd_tol))
+        elif key.startswith("paramdiff/"):
+            tensor = params.get(key[len("paramdiff/"):])
+            grad = tensor.grad if tensor is not None and tensor.requires_grad else None
+            rows.append(_row(case, key, _numpy(grad), value, bwd_tol))
+    return rows
+
+
+def cases_in(directory: PathLike) -> List[Tuple[Optional[Path], Optional[Path], Path]]:
+    """Every NAME.npz with its NAME.prototxt (and NAME.caffemodel when present)."""
+    directory = Path(directory)
+    result = []
+    for npz in sorted(directory.glob("*.npz")):
+        proto = npz.with_suffix(".prototxt")
+        model = npz.with_suffix(".caffemodel")
+        result.append((proto if proto.exists() else None, model if model.exists() else None, npz))
+    if not result:
+        raise CaffeCompatError(f"{directory}: holds no .npz references")
+    return result

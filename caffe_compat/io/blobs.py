@@ -1,0 +1,59 @@
+"""BlobProto <-> numpy, including the legacy 4-D num/channels/height/width dims."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+from ..errors import CaffeCompatError
+
+
+_LEGACY_DIMS = ("num", "channels", "height", "width")
+
+
+def is_legacy(blob) -> bool:
+    """Caffe's rule: any of the four legacy dims set means a legacy 4-D blob."""
+    return any(blob.HasField(d) for d in _LEGACY_DIMS)
+
+
+def blob_shape(blob) -> Tuple[int, ...]:
+    if is_legacy(blob):
+        return tuple(getattr(blob, d) for d in _LEGACY_DIMS)
+    return tuple(int(d) for d in blob.shape.dim)  # no dims: a scalar blob
+
+
+def blob_to_array(blob, where: str = "blob") -> np.ndarray:
+    """The blob's data as a float32 array (float64 when stored as double_data)."""
+    shape = blob_shape(blob)
+    if len(blob.double_data):
+        values = np.asarray(blob.double_data, dtype=np.float64)
+    else:
+        values = np.asarray(blob.data, dtype=np.float32)
+    count = int(np.prod(shape)) if shape else 1
+    if values.size != count:
+        raise CaffeCompatError(f"{where}: holds {values.size} values but its shape {shape} needs {count}")
+    return values.reshape(shape)
+
+
+def array_to_blob(array: np.ndarray, blob) -> None:
+    """Fill `blob` (a BlobProto of either dialect) in the current format: `shape` and float data."""
+    array = np.asarray(array)
+    blob.Clear()
+    blob.shape.dim.extend(int(d) for d in array.shape)
+    double = array.dtype == np.float64
+    raw = np.ascontiguousarray(array, dtype="<f8" if double else "<f4").tobytes()
+    # Packed repeated field written directly: element-wise extend() is slow for large blobs.
+    field_number = 8 if double else 5  # BlobProto.double_data / BlobProto.data
+    blob.MergeFromString(_varint(field_number << 3 | 2) + _varint(len(raw)) + raw)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
