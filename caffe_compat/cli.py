@@ -130,6 +130,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             traceback.print_exc()
         print(f"caffe-compat: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
     except KeyboardInterrupt:
         print("caffe-compat: interrupted", file=sys.stderr)
         return 130

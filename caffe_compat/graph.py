@@ -37,7 +37,7 @@ class Graph:
     phase: str
     dialect: str
     layers: List[LayerNode]
-    inputs: Dict[str, Tuple[int, ...]]  # blobs fed by Input layers, with their declared shapes
+    inputs: Dict[str, Optional[Tuple[int, ...]]]  # blobs fed by Input layers, with their declared shapes
     outputs: List[str]  # blobs no later layer consumes (Caffe's net outputs)
     net: object = field(repr=False, default=None)  # the NetParameter it came from
 
@@ -118,10 +118,11 @@ def build_graph(net, phase: str = "TEST", dialect: str = "bvlc", level: int = 0,
             consumed[top] = False
         if layer.type == "Input":
             shapes = layer.input_param.shape
-            if len(shapes) not in (1, len(layer.top)):
+            if len(shapes) not in (0, 1, len(layer.top)):
                 raise CaffeCompatError(f"layer '{name}': {len(shapes)} input shapes for {len(layer.top)} tops")
             for i, top in enumerate(layer.top):
-                inputs[top] = tuple(int(d) for d in shapes[min(i, len(shapes) - 1)].dim)
+                # No shape: Caffe leaves the blob to be shaped by whoever feeds it.
+                inputs[top] = tuple(int(d) for d in shapes[min(i, len(shapes) - 1)].dim) if len(shapes) else None
         specs = [ParamSpec(p.name, p.lr_mult, p.decay_mult) for p in layer.param]
         nodes.append(LayerNode(name, layer.type, layer, list(layer.bottom), list(layer.top),
                                _loss_weights(layer), specs))

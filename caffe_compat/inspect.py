@@ -15,6 +15,10 @@ from .io.upgrade import is_repeated
 PathLike = Union[str, Path]
 
 
+def _short(value) -> str:
+    return f"{value:.7g}" if isinstance(value, float) else str(value)
+
+
 def _key_params(layer) -> str:
     """The scalar settings of the layer's own *_param message, e.g. 'num_output=64 kernel_size=7'."""
     parts = []
@@ -29,7 +33,9 @@ def _key_params(layer) -> str:
                 sub_value = ([names[v].name for v in sub_value] if is_repeated(sub_field)
                              else names[sub_value].name)
             if is_repeated(sub_field):
-                sub_value = ",".join(str(v) for v in sub_value)
+                sub_value = ",".join(_short(v) for v in sub_value)
+            else:
+                sub_value = _short(sub_value)
             parts.append(f"{sub_field.name}={sub_value}")
     return " ".join(parts)
 

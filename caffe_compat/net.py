@@ -75,8 +75,13 @@ class CaffeNet(nn.Module):
         self.layer_names: Dict[str, str] = {}  # module name -> Caffe layer name
         self.module_names: Dict[str, str] = {}  # Caffe layer name -> module name
         self.input_names: List[str] = list(graph.inputs)
-        self.blob_shapes: Dict[str, Shape] = {name: tuple((input_shapes or {}).get(name, shape))
-                                              for name, shape in graph.inputs.items()}
+        self.blob_shapes: Dict[str, Shape] = {}
+        for name, shape in graph.inputs.items():
+            shape = (input_shapes or {}).get(name, shape)
+            if shape is None:
+                raise CaffeCompatError(f"net '{graph.name}': input '{name}' declares no shape; give one "
+                                       f"(input_shapes={{'{name}': (N, C, H, W)}})")
+            self.blob_shapes[name] = tuple(shape)
         self._plan: List[Tuple[str, List[str], List[str]]] = []
         self.loss_terms: List[Tuple[str, float]] = []
         for node in graph.layers:
