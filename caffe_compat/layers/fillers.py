@@ -31,12 +31,25 @@ def fill(filler, shape: Sequence[int], layer_name: str = "?") -> torch.Tensor:
     """A float32 tensor of `shape` drawn as Caffe's FillerParameter `filler` says."""
     shape = tuple(int(s) for s in shape)
     kind = filler.type
+    if filler.sparse != -1 and kind != "gaussian":
+        raise CaffeCompatError(f"layer '{layer_name}': sparsity is only supported by the gaussian filler")
     if kind == "constant":
         return torch.full(shape, float(filler.value))
     if kind == "uniform":
+        if filler.min > filler.max:
+            raise CaffeCompatError(f"layer '{layer_name}': uniform filler min {filler.min} exceeds max {filler.max}")
         return torch.empty(shape).uniform_(filler.min, filler.max)
     if kind == "gaussian":
-        return torch.empty(shape).normal_(filler.mean, filler.std)
+        values = torch.empty(shape).normal_(filler.mean, filler.std)
+        if filler.sparse >= 0:
+            # Caffe keeps each weight with probability sparse / num_outputs (blob axis 0).
+            if not shape or filler.sparse > shape[0]:
+                raise CaffeCompatError(f"layer '{layer_name}': sparse {filler.sparse} needs a blob with at "
+                                       f"least that many outputs, got shape {shape}")
+            values *= torch.bernoulli(torch.full(shape, filler.sparse / shape[0]))
+        elif filler.sparse != -1:
+            raise CaffeCompatError(f"layer '{layer_name}': sparse must be -1 or a count, got {filler.sparse}")
+        return values
     if kind == "xavier":
         bound = math.sqrt(3.0 / _variance_denominator(filler, shape))
         return torch.empty(shape).uniform_(-bound, bound)

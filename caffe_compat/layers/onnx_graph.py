@@ -35,7 +35,8 @@ class OnnxGraph:
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu().numpy()
         name = self.fresh(hint)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        # np.ascontiguousarray would turn a 0-d value into shape (1,).
+        self.initializers.append(numpy_helper.from_array(np.array(value, order="C"), name))
         return name
 
     def ints(self, values: Sequence[int], hint: str) -> str:

@@ -1,0 +1,150 @@
+"""Convolution and Deconvolution (1-, 2- and 3-D spatial).
+
+Both apply the same weights to each of their bottoms (one top per bottom), as Caffe
+does. Caffe's weight blob layouts are PyTorch's: (out, in/group, *kernel) for
+Convolution, (in, out/group, *kernel) for Deconvolution.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch.nn.functional as F
+from torch import nn
+
+from . import fillers
+from .onnx_graph import OnnxGraph
+from .registry import CaffeLayer, LayerContext, register, register_onnx
+
+CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+TRANSPOSED_CONVOLUTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _per_axis(ctx: LayerContext, name: str, values, default: int, spatial: int) -> Tuple[int, ...]:
+    """A repeated field given once (for all axes), once per spatial axis, or not at all."""
+    values = list(values)
+    if not values:
+        if default is None:
+            raise ctx.error(f"{name} is required")
+        return (default,) * spatial
+    if len(values) == 1:
+        return (values[0],) * spatial
+    if len(values) != spatial:
+        raise ctx.error(f"{name} must be given once or once per spatial axis ({spatial}), "
+                        f"got {len(values)} values")
+    return tuple(values)
+
+
+def _hw_or_repeated(ctx, cp, repeated: str, prefix: str, default, spatial: int) -> Tuple[int, ...]:
+    """`prefix_h`/`prefix_w` (2-D only, exclusive with the repeated form) or the repeated form."""
+    h, w = f"{prefix}_h", f"{prefix}_w"
+    if cp.HasField(h) or cp.HasField(w):
+        if spatial != 2:
+            raise ctx.error(f"{h} & {w} can only be used for 2-D convolution")
+        if len(getattr(cp, repeated)):
+            raise ctx.error(f"give either {repeated} or {h}/{w}, not both")
+        return (getattr(cp, h), getattr(cp, w))
+    return _per_axis(ctx, repeated, getattr(cp, repeated), default, spatial)
+
+
+class ConvGeometry:
+    """The checked ConvolutionParameter of one layer."""
+
+    def __init__(self, ctx: LayerContext):
+        cp = ctx.param.convolution_param
+        shape = ctx.bottom_shapes[0]
+        rank = len(shape)
+        if not -rank <= cp.axis < rank or cp.axis % rank != 1:
+            raise ctx.error(f"only channel axis 1 is supported, got axis {cp.axis} on a rank-{rank} bottom")
+        spatial = rank - 2
+        if spatial not in CONVOLUTIONS:
+            raise ctx.error(f"supports 1 to 3 spatial axes, the bottom has shape {shape}")
+        for i, other in enumerate(ctx.bottom_shapes[1:], start=1):
+            if tuple(other) != tuple(shape):
+                raise ctx.error(f"all bottoms must have the same shape: '{ctx.bottoms[i]}' is {other}, "
+                                f"'{ctx.bottoms[0]}' is {shape}")
+        self.kernel = _hw_or_repeated(ctx, cp, "kernel_size", "kernel", None, spatial)
+        self.stride = _hw_or_repeated(ctx, cp, "stride", "stride", 1, spatial)
+        self.pad = _hw_or_repeated(ctx, cp, "pad", "pad", 0, spatial)
+        self.dilation = _per_axis(ctx, "dilation", cp.dilation, 1, spatial)
+        for name in ("kernel", "stride", "dilation"):
+            if min(getattr(self, name)) <= 0:
+                raise ctx.error(f"{name} {getattr(self, name)} must be positive")
+        self.channels = shape[1]
+        self.num_output = cp.num_output
+        self.group = cp.group
+        if self.num_output <= 0:
+            raise ctx.error("num_output must be positive")
+        if self.group <= 0 or self.channels % self.group or self.num_output % self.group:
+            raise ctx.error(f"group {self.group} must divide both the {self.channels} input channels "
+                            f"and num_output {self.num_output}")
+        self.bias_term = cp.bias_term
+        self.spatial_in = tuple(shape[2:])
+
+    def extents(self) -> List[int]:
+        return [d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel)]
+
+
+class Convolution(CaffeLayer):
+    """Convolution, or with `transposed` Deconvolution."""
+
+    def __init__(self, geometry: ConvGeometry, weight, bias, transposed: bool):
+        super().__init__()
+        self.geometry = geometry
+        self.transposed = transposed
+        self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
+        self.blob_names = ("weight",) if bias is None else ("weight", "bias")
+        self.convolve = (TRANSPOSED_CONVOLUTIONS if transposed else CONVOLUTIONS)[len(geometry.kernel)]
+
+    def forward(self, *bottoms):
+        g = self.geometry
+        tops = tuple(self.convolve(x, self.weight, self.bias, stride=g.stride, padding=g.pad,
+                                   dilation=g.dilation, groups=g.group) for x in bottoms)
+        return tops[0] if len(tops) == 1 else tops
+
+
+def _build(ctx: LayerContext, transposed: bool):
+    if len(ctx.bottoms) < 1 or len(ctx.bottoms) != len(ctx.tops):
+        raise ctx.error(f"needs one top per bottom (at least one), got {len(ctx.bottoms)} bottom(s) "
+                        f"and {len(ctx.tops)} top(s)")
+    g = ConvGeometry(ctx)
+    if transposed:
+        weight_shape = (g.channels, g.num_output // g.group) + g.kernel
+        spatial_out = [s * (n - 1) + e - 2 * p for n, s, e, p in zip(g.spatial_in, g.stride, g.extents(), g.pad)]
+    else:
+        weight_shape = (g.num_output, g.channels // g.group) + g.kernel
+        spatial_out = [(n + 2 * p - e) // s + 1 if n + 2 * p >= e else 0
+                       for n, s, e, p in zip(g.spatial_in, g.stride, g.extents(), g.pad)]
+    if min(spatial_out) <= 0:
+        raise ctx.error(f"kernel {g.kernel} (dilation {g.dilation}, pad {g.pad}, stride {g.stride}) "
+                        f"gives an empty output on the {g.spatial_in} input")
+    cp = ctx.param.convolution_param
+    weight = fillers.fill(cp.weight_filler, weight_shape, ctx.name)
+    bias = fillers.fill(cp.bias_filler, (g.num_output,), ctx.name) if g.bias_term else None
+    module = Convolution(g, weight, bias, transposed)
+    top_shape = (ctx.bottom_shapes[0][0], g.num_output, *spatial_out)
+    return ctx.wire(module, top_shapes=[top_shape] * len(ctx.tops))
+
+
+@register("Convolution")
+def build_convolution(ctx: LayerContext):
+    return _build(ctx, transposed=False)
+
+
+@register("Deconvolution")
+def build_deconvolution(ctx: LayerContext):
+    return _build(ctx, transposed=True)
+
+
+@register_onnx("Convolution", "Deconvolution")
+def convolution_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
+    geometry = module.geometry
+    weights = [g.initializer(module.weight, ctx.name + "/weight")]
+    if module.bias is not None:
+        weights.append(g.initializer(module.bias, ctx.name + "/bias"))
+    op = "ConvTranspose" if module.transposed else "Conv"
+    for x, top in zip(inputs, outputs):
+        # Explicit symmetric pads: ConvTranspose then yields Caffe's output size,
+        # stride * (in - 1) + extent - 2 * pad.
+        g.node(op, [x, *weights], [top], kernel_shape=list(geometry.kernel), strides=list(geometry.stride),
+               pads=list(geometry.pad) * 2, dilations=list(geometry.dilation), group=geometry.group)

@@ -1,0 +1,245 @@
+"""Pooling: Caffe's MAX and AVE pooling with its own output-size and divisor rules.
+
+Caffe rounds the output size up, then drops a last window that would start in the
+padding (only when some pad is non-zero), clips MAX windows to the input, and divides
+AVE sums by the window's extent within the padded input (padding counted, overhang
+beyond it not). PyTorch's ceil_mode pooling uses the same window and divisor rules but
+a slightly different size rule and limits pad to half the kernel; where the sizes agree
+(the usual case) the layer uses it directly, else it pads explicitly and pools in floor
+mode. The choice is made once, at build time, from the bottom shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto
+
+from .onnx_graph import OnnxGraph
+from .registry import CaffeLayer, LayerContext, register, register_onnx
+
+FLT_MAX = float(np.finfo(np.float32).max)
+MAX, AVE, STOCHASTIC = 0, 1, 2  # PoolingParameter.PoolMethod
+
+
+def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, clip: bool) -> int:
+    """Caffe 1.0's output size along one axis; `clip` is Caffe's `pad_h || pad_w`."""
+    pooled = -(-(size + 2 * pad - kernel) // stride) + 1
+    if clip and (pooled - 1) * stride >= size + pad:
+        pooled -= 1
+    return pooled
+
+
+def torch_pooled_size(size: int, kernel: int, stride: int, pad: int) -> Optional[int]:
+    """What torch's ceil_mode pooling produces along one axis, None where it refuses."""
+    if 2 * pad > kernel:
+        return None
+    pooled = (size + 2 * pad - kernel + stride - 1) // stride + 1
+    if (pooled - 1) * stride >= size + pad:
+        pooled -= 1
+    return pooled if pooled >= 1 else None
+
+
+def caffe_window_extents(size: int, kernel: int, stride: int, pad: int, pooled: int) -> np.ndarray:
+    """Per output position, the extent Caffe's AVE divides by along one axis."""
+    starts = np.arange(pooled) * stride - pad
+    return np.minimum(starts + kernel, size + pad) - starts
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """Caffe's 2-D pooling geometry for one bottom shape, per axis (h, w)."""
+
+    size: Tuple[int, int]
+    kernel: Tuple[int, int]
+    stride: Tuple[int, int]
+    pad: Tuple[int, int]
+    pooled: Tuple[int, int]
+
+    @property
+    def end_pad(self) -> Tuple[int, int]:
+        """Padding after the input (negative: input rows no window reaches) that makes
+        floor-mode pooling yield exactly Caffe's windows."""
+        return tuple((o - 1) * s + k - n - p for n, k, s, p, o in
+                     zip(self.size, self.kernel, self.stride, self.pad, self.pooled))
+
+    @property
+    def torch_native(self) -> bool:
+        return all(torch_pooled_size(n, k, s, p) == o for n, k, s, p, o in
+                   zip(self.size, self.kernel, self.stride, self.pad, self.pooled))
+
+    def divisor(self) -> np.ndarray:
+        """Caffe's AVE divisor per output position, (pooled_h, pooled_w)."""
+        rows, cols = (caffe_window_extents(n, k, s, p, o) for n, k, s, p, o in
+                      zip(self.size, self.kernel, self.stride, self.pad, self.pooled))
+        return np.outer(rows, cols).astype(np.float32)
+
+    def torch_explicit_pad(self) -> Tuple[int, int, int, int]:
+        """F.pad's (left, right, top, bottom)."""
+        (top, left), (bottom, right) = self.pad, self.end_pad
+        return (left, right, top, bottom)
+
+
+def pool_geometry(ctx: LayerContext) -> PoolGeometry:
+    """Read and check the PoolingParameter as Caffe's LayerSetUp and Reshape do."""
+    pp = ctx.param.pooling_param
+    height, width = ctx.bottom_shapes[0][2:]
+    if pp.global_pooling:
+        if pp.HasField("kernel_size") or pp.HasField("kernel_h") or pp.HasField("kernel_w"):
+            raise ctx.error("with global_pooling the kernel size cannot be specified")
+        kernel = (height, width)
+    elif pp.HasField("kernel_size") == (pp.HasField("kernel_h") and pp.HasField("kernel_w")):
+        raise ctx.error("give kernel_size, or both kernel_h and kernel_w (not both forms)")
+    elif pp.HasField("kernel_size"):
+        kernel = (pp.kernel_size, pp.kernel_size)
+    else:
+        kernel = (pp.kernel_h, pp.kernel_w)
+    if pp.HasField("pad_h") != pp.HasField("pad_w") or (pp.HasField("pad") and pp.HasField("pad_h")):
+        raise ctx.error("give pad, or both pad_h and pad_w")
+    if pp.HasField("stride_h") != pp.HasField("stride_w") or (pp.HasField("stride") and pp.HasField("stride_h")):
+        raise ctx.error("give stride, or both stride_h and stride_w")
+    pad = (pp.pad_h, pp.pad_w) if pp.HasField("pad_h") else (pp.pad, pp.pad)
+    stride = (pp.stride_h, pp.stride_w) if pp.HasField("stride_h") else (pp.stride, pp.stride)
+    if min(kernel) <= 0:
+        raise ctx.error(f"kernel size {kernel} must be positive")
+    if min(stride) <= 0:
+        raise ctx.error(f"stride {stride} must be positive")
+    if pp.global_pooling and (pad != (0, 0) or stride != (1, 1)):
+        raise ctx.error("with global_pooling only pad 0 and stride 1 are allowed")
+    if pad[0] >= kernel[0] or pad[1] >= kernel[1]:
+        raise ctx.error(f"pad {pad} must be smaller than the kernel {kernel}")
+    clip = pad != (0, 0)
+    pooled = tuple(caffe_pooled_size(n, k, s, p, clip) for n, k, s, p in zip((height, width), kernel, stride, pad))
+    if min(pooled) < 1:
+        raise ctx.error(f"kernel {kernel} with pad {pad} does not fit the {height}x{width} input")
+    return PoolGeometry((height, width), kernel, stride, pad, pooled)
+
+
+class MaxPooling(CaffeLayer):
+    """Caffe's MAX pooling. Ties go to the first maximum in row-major window order, as
+    in Caffe (torch's kernels scan the same way), so gradients route identically. The
+    optional second top is Caffe's mask: the argmax's index h * W + w within its
+    channel, -1 where no input exceeded -FLT_MAX."""
+
+    def __init__(self, geometry: PoolGeometry, with_mask: bool):
+        super().__init__()
+        self.geometry = geometry
+        self.with_mask = with_mask
+        self.native = geometry.torch_native
+        self.explicit_pad = None if self.native else geometry.torch_explicit_pad()
+
+    def forward(self, x):
+        g = self.geometry
+        if self.native:
+            pooled = F.max_pool2d(x, g.kernel, g.stride, g.pad, ceil_mode=True, return_indices=self.with_mask)
+        else:
+            # Padding with -FLT_MAX: a window wholly in padding gives -FLT_MAX, as in Caffe.
+            padded = F.pad(x, self.explicit_pad, value=-FLT_MAX)
+            pooled = F.max_pool2d(padded, g.kernel, g.stride, return_indices=self.with_mask)
+        if not self.with_mask:
+            return pooled
+        top, index = pooled
+        if not self.native:
+            left, right, upper, _ = self.explicit_pad
+            padded_width = g.size[1] + left + right
+            index = (index // padded_width - upper) * g.size[1] + index % padded_width - left
+        mask = torch.where(top > -FLT_MAX, index, torch.full_like(index, -1))
+        return top, mask.to(top.dtype)
+
+
+class AvePooling(CaffeLayer):
+    """Caffe's AVE pooling: window sums over the input divided by the window's extent
+    within the padded input."""
+
+    def __init__(self, geometry: PoolGeometry):
+        super().__init__()
+        self.geometry = geometry
+        self.native = geometry.torch_native
+        self.explicit_pad = None if self.native else geometry.torch_explicit_pad()
+        divisor = geometry.divisor()
+        uniform = bool((divisor == geometry.kernel[0] * geometry.kernel[1]).all())
+        # With explicit padding every window lies inside the padded input, so floor-mode
+        # pooling divides by the full kernel; other divisors need Caffe's map.
+        self.register_buffer("divisor", None if self.native or uniform else torch.from_numpy(divisor),
+                             persistent=False)
+
+    def forward(self, x):
+        g = self.geometry
+        if self.native:
+            return F.avg_pool2d(x, g.kernel, g.stride, g.pad, ceil_mode=True, count_include_pad=True)
+        padded = F.pad(x, self.explicit_pad)
+        if self.divisor is None:
+            return F.avg_pool2d(padded, g.kernel, g.stride)
+        sums = F.avg_pool2d(padded, g.kernel, g.stride, divisor_override=1)
+        return sums / self.divisor.to(sums.dtype)
+
+
+@register("Pooling")
+def build_pooling(ctx: LayerContext):
+    ctx.expect_bottoms(1)
+    ctx.expect_rank(0, 4)
+    method = ctx.param.pooling_param.pool
+    if method == STOCHASTIC:
+        raise ctx.error("STOCHASTIC pooling is not supported")
+    if method not in (MAX, AVE):
+        raise ctx.error(f"unknown pooling method {method}")
+    max_tops = 2 if method == MAX else 1
+    if not 1 <= len(ctx.tops) <= max_tops:
+        raise ctx.error(f"expects 1 to {max_tops} top(s), got {len(ctx.tops)}")
+    geometry = pool_geometry(ctx)
+    if method == MAX:
+        module = MaxPooling(geometry, with_mask=len(ctx.tops) == 2)
+    else:
+        module = AvePooling(geometry)
+    top_shape = tuple(ctx.bottom_shapes[0][:2]) + geometry.pooled
+    return ctx.wire(module, top_shapes=[top_shape] * len(ctx.tops))
+
+
+def onnx_pool_input(g: OnnxGraph, ctx, geometry: PoolGeometry, x: str, pad_value: float):
+    """The pooling input and the `pads` attribute that give floor-mode ONNX pooling
+    exactly Caffe's windows. ONNX runtimes refuse pads not smaller than the kernel,
+    which only a pad-0 layer whose last window starts past the input can need: that
+    case gets an explicit Pad node and no pads attribute."""
+    (top, left), (bottom, right) = geometry.pad, geometry.end_pad
+    if bottom < geometry.kernel[0] and right < geometry.kernel[1]:
+        return x, [top, left, max(bottom, 0), max(right, 0)], False
+    pads = g.ints([0, 0, top, left, 0, 0, bottom, right], ctx.name + "/pads")
+    value = g.floats(pad_value, ctx.name + "/pad_value")
+    (padded,) = g.node("Pad", [x, pads, value], hint=ctx.name + "/padded", mode="constant")
+    return padded, [0, 0, 0, 0], True
+
+
+@register_onnx("Pooling")
+def pooling_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
+    geometry = module.geometry
+    attributes = dict(kernel_shape=list(geometry.kernel), strides=list(geometry.stride))
+    if isinstance(module, MaxPooling):
+        x, pads, explicit = onnx_pool_input(g, ctx, geometry, inputs[0], -FLT_MAX)
+        if not module.with_mask:
+            g.node("MaxPool", [x], outputs, pads=pads, **attributes)
+            return
+        if explicit:
+            raise ctx.error("the mask top of a pooling whose last window starts past the input "
+                            "has no ONNX export")
+        index = g.fresh(ctx.name + "/argmax")
+        g.node("MaxPool", [x], [outputs[0], index], pads=pads, **attributes)
+        # ONNX indices count over the whole N x C x H x W input; Caffe's within a channel.
+        plane = g.ints(geometry.size[0] * geometry.size[1], ctx.name + "/plane")
+        (within,) = g.node("Mod", [index, plane], hint=ctx.name + "/mask_index")
+        g.node("Cast", [within], [outputs[1]], to=TensorProto.FLOAT)
+        return
+    x, pads, _ = onnx_pool_input(g, ctx, geometry, inputs[0], 0.0)
+    divisor = geometry.divisor()
+    full = geometry.kernel[0] * geometry.kernel[1]
+    if (divisor == full).all():
+        g.node("AveragePool", [x], outputs, pads=pads, count_include_pad=1, **attributes)
+        return
+    # Every window lies inside the padded input, so AveragePool divides by the full
+    # kernel; rescale to Caffe's divisor (0/0 stays NaN where Caffe's divisor is 0).
+    (mean,) = g.node("AveragePool", [x], hint=ctx.name + "/mean", pads=pads, count_include_pad=1, **attributes)
+    with np.errstate(divide="ignore"):
+        correction = np.float32(full) / divisor
+    g.node("Mul", [mean, g.floats(correction, ctx.name + "/divisor_correction")], outputs)

@@ -1,0 +1,417 @@
+"""Layers that move data without arithmetic: Concat, Slice, Split, Flatten, Reshape,
+Tile, Silence, and ArgMax (which picks positions)."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from onnx import TensorProto
+
+from .onnx_graph import OnnxGraph
+from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
+
+Shape = Tuple[int, ...]
+
+
+def _canonical_axis(ctx: LayerContext, axis: int, rank: int, what: str = "axis") -> int:
+    """Caffe's CanonicalAxisIndex: -rank <= axis < rank, negative counting from the end."""
+    if not -rank <= axis < rank:
+        raise ctx.error(f"{what} {axis} is out of range for bottom '{ctx.bottoms[0]}' of rank {rank}")
+    return axis % rank
+
+
+def _legacy_axis(ctx: LayerContext, param, legacy_field: str, rank: int) -> int:
+    """The axis of Concat/Slice: `axis`, or the legacy non-negative `concat_dim`/`slice_dim`."""
+    if param.HasField("axis") and param.HasField(legacy_field):
+        raise ctx.error(f"give either axis or {legacy_field}, not both")
+    if param.HasField(legacy_field):
+        axis = getattr(param, legacy_field)
+        if axis >= rank:
+            raise ctx.error(f"{legacy_field} {axis} is out of range for a bottom of rank {rank}")
+        return axis
+    return _canonical_axis(ctx, param.axis, rank)
+
+
+def _expect_tops(ctx: LayerContext, minimum: int, maximum: Optional[int] = None) -> None:
+    count = len(ctx.tops)
+    if count < minimum or (maximum is not None and count > maximum):
+        want = str(minimum) if maximum == minimum else f"at least {minimum}"
+        raise ctx.error(f"expects {want} top(s), got {count}")
+
+
+def _refuse_in_place(ctx: LayerContext) -> None:
+    if set(ctx.tops) & set(ctx.bottoms):
+        raise ctx.error("does not allow in-place computation (a top named like a bottom)")
+
+
+def _alias(x: torch.Tensor) -> torch.Tensor:
+    """`x` under a new tensor (Caffe shares the data), so each top keeps its own gradient."""
+    return x.view_as(x)
+
+
+# ---------------------------------------------------------------- Concat, Slice, Split
+
+class Concat(CaffeLayer):
+    def __init__(self, axis: int):
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, *bottoms):
+        if len(bottoms) == 1:
+            return _alias(bottoms[0])
+        return torch.cat(bottoms, dim=self.axis)
+
+
+@register("Concat")
+def build_concat(ctx: LayerContext) -> Converted:
+    if not ctx.bottoms:
+        raise ctx.error("expects at least 1 bottom")
+    _expect_tops(ctx, 1, 1)
+    first = tuple(ctx.bottom_shapes[0])
+    axis = _legacy_axis(ctx, ctx.param.concat_param, "concat_dim", len(first))
+    top = list(first)
+    for name, shape in zip(ctx.bottoms[1:], ctx.bottom_shapes[1:]):
+        shape = tuple(shape)
+        if len(shape) != len(first) or shape[:axis] + shape[axis + 1:] != first[:axis] + first[axis + 1:]:
+            raise ctx.error(f"bottom '{name}' has shape {shape}, which does not match "
+                            f"{first} of '{ctx.bottoms[0]}' outside the concatenation axis {axis}")
+        top[axis] += shape[axis]
+    return ctx.wire(Concat(axis), top_shapes=[top])
+
+
+@register_onnx("Concat")
+def concat_to_onnx(g: OnnxGraph, ctx, module: Concat, inputs, outputs):
+    g.node("Concat", inputs, outputs, axis=module.axis)
+
+
+class Slice(CaffeLayer):
+    def __init__(self, axis: int, sizes: Sequence[int]):
+        super().__init__()
+        self.axis = axis
+        self.sizes = list(sizes)
+        self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+
+    def forward(self, x):
+        if len(self.sizes) == 1:
+            return _alias(x)
+        # one narrow per top, not torch.split: fx cannot unpack the tuple split returns
+        return tuple(x.narrow(self.axis, start, size) for start, size in zip(self.starts, self.sizes))
+
+
+@register("Slice")
+def build_slice(ctx: LayerContext) -> Converted:
+    ctx.expect_bottoms(1)
+    _expect_tops(ctx, 1)
+    shape = tuple(ctx.bottom_shapes[0])
+    param = ctx.param.slice_param
+    axis = _legacy_axis(ctx, param, "slice_dim", len(shape))
+    length, parts = shape[axis], len(ctx.tops)
+    points = list(param.slice_point)
+    if points:
+        if len(points) != parts - 1:
+            raise ctx.error(f"{len(points)} slice_point(s) for {parts} tops: give one fewer than the tops")
+        if parts > length:
+            raise ctx.error(f"{parts} tops, but axis {axis} has only {length} entries")
+        bounds = [0] + points + [length]
+        sizes = [end - start for start, end in zip(bounds, bounds[1:])]
+        if any(size <= 0 for size in sizes[:-1]) or sizes[-1] < 0:
+            raise ctx.error(f"slice_point {points} must increase strictly within 1..{length}")
+    else:
+        if length % parts:
+            raise ctx.error(f"{parts} tops do not divide axis {axis} of length {length} evenly")
+        sizes = [length // parts] * parts
+    tops = [shape[:axis] + (size,) + shape[axis + 1:] for size in sizes]
+    return ctx.wire(Slice(axis, sizes), top_shapes=tops)
+
+
+@register_onnx("Slice")
+def slice_to_onnx(g: OnnxGraph, ctx, module: Slice, inputs, outputs):
+    if len(module.sizes) == 1:
+        g.node("Identity", inputs, outputs)
+    else:
+        g.node("Split", [inputs[0], g.ints(module.sizes, ctx.name + "/sizes")], outputs, axis=module.axis)
+
+
+class Split(CaffeLayer):
+    """The bottom under each top; the bottom's gradient is the sum of the tops'."""
+
+    def __init__(self, count: int):
+        super().__init__()
+        self.count = count
+
+    def forward(self, x):
+        if self.count == 1:
+            return _alias(x)
+        return tuple(_alias(x) for _ in range(self.count))
+
+
+@register("Split")
+def build_split(ctx: LayerContext) -> Converted:
+    ctx.expect_bottoms(1)
+    _expect_tops(ctx, 1)
+    _refuse_in_place(ctx)
+    return ctx.wire(Split(len(ctx.tops)), top_shapes=[ctx.bottom_shapes[0]] * len(ctx.tops))
+
+
+@register_onnx("Split")
+def split_to_onnx(g: OnnxGraph, ctx, module: Split, inputs, outputs):
+    for output in outputs:
+        g.node("Identity", inputs, [output])
+
+
+# ---------------------------------------------------------------- Flatten, Reshape
+
+class Reshape(CaffeLayer):
+    """A view with a new shape. `shape` is the top shape with -1 at its one axis that
+    depends on the batch size (none when the batch size is folded into fixed dims), so
+    the module follows the batch size it is run with; `batch_axis` is the top axis
+    holding the bottom's axis 0 unchanged, if any."""
+
+    def __init__(self, shape: Sequence[int], batch_axis: Optional[int]):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.batch_axis = batch_axis
+
+    def forward(self, x):
+        return x.reshape(self.shape)
+
+
+def _dynamic_shape(top: Shape, dynamic_axis: Optional[int]) -> List[int]:
+    return [-1 if axis == dynamic_axis else size for axis, size in enumerate(top)]
+
+
+@register("Flatten")
+def build_flatten(ctx: LayerContext) -> Converted:
+    ctx.expect_bottoms(1)
+    _expect_tops(ctx, 1, 1)
+    _refuse_in_place(ctx)
+    shape = tuple(ctx.bottom_shapes[0])
+    param = ctx.param.flatten_param
+    start = _canonical_axis(ctx, param.axis, len(shape))
+    end = _canonical_axis(ctx, param.end_axis, len(shape), "end_axis")
+    if end < start - 1:
+        raise ctx.error(f"end_axis {param.end_axis} comes before axis {param.axis}")
+    # end == start - 1 inserts a unit axis, as Caffe's count(start, end + 1) is then 1
+    top = shape[:start] + (math.prod(shape[start:end + 1]),) + shape[end + 1:]
+    # top axis 0 is either the bottom's axis 0 or the flattened axes holding it
+    module = Reshape(_dynamic_shape(top, 0), 0 if start > 0 else None)
+    return ctx.wire(module, top_shapes=[top])
+
+
+@register("Reshape")
+def build_reshape(ctx: LayerContext) -> Converted:
+    ctx.expect_bottoms(1)
+    _expect_tops(ctx, 1, 1)
+    _refuse_in_place(ctx)
+    shape = tuple(ctx.bottom_shapes[0])
+    rank = len(shape)
+    param = ctx.param.reshape_param
+    dims = [int(d) for d in param.shape.dim]
+    if dims.count(-1) > 1:
+        raise ctx.error(f"shape {dims} has more than one -1")
+    if any(d < -1 for d in dims):
+        raise ctx.error(f"shape {dims} has a negative dimension other than -1")
+    start = param.axis if param.axis >= 0 else rank + param.axis + 1
+    if not 0 <= start <= rank:
+        raise ctx.error(f"axis {param.axis} is out of range for a bottom of rank {rank}")
+    if param.num_axes < -1:
+        raise ctx.error(f"num_axes must be >= 0, or -1 for all, got {param.num_axes}")
+    end = rank if param.num_axes == -1 else start + param.num_axes
+    if end > rank:
+        raise ctx.error(f"axis + num_axes = {end} is out of range for a bottom of rank {rank}")
+    new = []
+    for i, d in enumerate(dims):
+        if d == 0:
+            if start + i >= rank:
+                raise ctx.error(f"shape {dims} copies (0) axis {start + i}, which the bottom {shape} lacks")
+            new.append(shape[start + i])
+        else:
+            new.append(d)
+    top = list(shape[:start]) + new + list(shape[end:])
+    if -1 in dims:
+        inferred = start + dims.index(-1)
+        known = math.prod(d for i, d in enumerate(top) if i != inferred)
+        if known == 0 or math.prod(shape) % known:
+            raise ctx.error(f"bottom of shape {shape} cannot be reshaped to {dims} (count not divisible)")
+        top[inferred] = math.prod(shape) // known
+    elif math.prod(top) != math.prod(shape):
+        raise ctx.error(f"bottom of shape {shape} ({math.prod(shape)} values) cannot be reshaped to "
+                        f"{tuple(top)} ({math.prod(top)} values)")
+
+    # Where does the bottom's axis 0 (the batch) go?
+    if rank == 0:
+        batch_axis = None
+    elif start > 0:
+        batch_axis = 0
+    elif end == 0:
+        batch_axis = len(new)  # new axes inserted in front of it
+    elif dims[0] == 0:
+        batch_axis = 0
+    else:
+        batch_axis = None
+    if batch_axis is not None:
+        dynamic_axis = batch_axis
+    else:
+        dynamic_axis = start + dims.index(-1) if -1 in dims else None
+    module = Reshape(_dynamic_shape(tuple(top), dynamic_axis), batch_axis)
+    return ctx.wire(module, top_shapes=[top])
+
+
+@register_onnx("Flatten", "Reshape")
+def reshape_to_onnx(g: OnnxGraph, ctx, module: Reshape, inputs, outputs):
+    shape = list(module.shape)
+    if module.batch_axis == 0:
+        shape[0] = 0  # copy the symbolic batch size (allowzero is 0)
+    g.node("Reshape", [inputs[0], g.ints(shape, ctx.name + "/shape")], outputs)
+
+
+# ---------------------------------------------------------------- Tile, Silence
+
+class Tile(CaffeLayer):
+    """Repeats the bottom `tiles` times along `axis` (the whole block of axes from
+    `axis` on, as Caffe copies it)."""
+
+    def __init__(self, repeats: Sequence[int]):
+        super().__init__()
+        self.repeats = tuple(repeats)
+
+    def forward(self, x):
+        return x.repeat(self.repeats)
+
+
+@register("Tile")
+def build_tile(ctx: LayerContext) -> Converted:
+    ctx.expect_bottoms(1)
+    _expect_tops(ctx, 1, 1)
+    shape = tuple(ctx.bottom_shapes[0])
+    param = ctx.param.tile_param
+    axis = _canonical_axis(ctx, param.axis, len(shape))
+    if not param.HasField("tiles"):
+        raise ctx.error("tile_param.tiles must be given")
+    if param.tiles <= 0:
+        raise ctx.error(f"tiles must be positive, got {param.tiles}")
+    repeats = [1] * len(shape)
+    repeats[axis] = param.tiles
+    top = tuple(s * r for s, r in zip(shape, repeats))
+    return ctx.wire(Tile(repeats), top_shapes=[top])
+
+
+@register_onnx("Tile")
+def tile_to_onnx(g: OnnxGraph, ctx, module: Tile, inputs, outputs):
+    g.node("Tile", [inputs[0], g.ints(module.repeats, ctx.name + "/repeats")], outputs)
+
+
+class Silence(CaffeLayer):
+    """Consumes its bottoms and writes nothing."""
+
+    def forward(self, *bottoms):
+        return ()
+
+
+@register("Silence")
+def build_silence(ctx: LayerContext) -> Converted:
+    if not ctx.bottoms:
+        raise ctx.error("expects at least 1 bottom")
+    _expect_tops(ctx, 0, 0)
+    return ctx.wire(Silence(), top_shapes=[])
+
+
+@register_onnx("Silence")
+def silence_to_onnx(g: OnnxGraph, ctx, module: Silence, inputs, outputs):
+    """Nothing to emit: Silence has no outputs."""
+
+
+# ---------------------------------------------------------------- ArgMax
+
+class ArgMax(CaffeLayer):
+    """The indices (as floats), or the values, of the `top_k` largest entries along
+    `axis`; with no axis, over each example flattened, giving (N, 1, top_k) indices or
+    (N, 2, top_k) indices and values, padded with unit axes to the bottom's rank. Caffe
+    sorts (value, index) pairs, so among equal values the larger index comes first. No
+    gradient flows (Caffe has none)."""
+
+    def __init__(self, axis: Optional[int], top_k: int, out_max_val: bool, top_shape: Shape):
+        super().__init__()
+        self.axis = axis
+        self.top_k = top_k
+        self.out_max_val = out_max_val
+        self.top_shape = tuple(top_shape)
+
+    def _largest(self, x: torch.Tensor, dim: int):
+        length = x.shape[dim]
+        # A stable descending sort of the reversed axis puts the larger index first among ties.
+        values, order = torch.sort(x.flip(dim), dim=dim, descending=True, stable=True)
+        values = values.narrow(dim, 0, self.top_k)
+        indices = (length - 1) - order.narrow(dim, 0, self.top_k)
+        return values, indices.to(x.dtype)
+
+    def forward(self, x):
+        x = x.detach()
+        if self.axis is not None:
+            values, indices = self._largest(x, self.axis)
+            return values if self.out_max_val else indices
+        values, indices = self._largest(x.reshape(x.shape[0], -1), 1)
+        top = torch.cat([indices, values], dim=1) if self.out_max_val else indices
+        return top.reshape((-1,) + self.top_shape[1:])
+
+
+@register("ArgMax")
+def build_argmax(ctx: LayerContext) -> Converted:
+    ctx.expect_bottoms(1)
+    _expect_tops(ctx, 1, 1)
+    shape = tuple(ctx.bottom_shapes[0])
+    param = ctx.param.argmax_param
+    top_k = param.top_k
+    if top_k < 1:
+        raise ctx.error(f"top_k must be at least 1, got {top_k}")
+    if param.HasField("axis"):
+        axis = _canonical_axis(ctx, param.axis, len(shape))
+        if top_k > shape[axis]:
+            raise ctx.error(f"top_k {top_k} exceeds the {shape[axis]} entries of axis {axis}")
+        top = shape[:axis] + (top_k,) + shape[axis + 1:]
+    else:
+        axis = None
+        if not shape:
+            raise ctx.error("needs a bottom of rank >= 1 when no axis is given")
+        per_example = math.prod(shape[1:])
+        if top_k > per_example:
+            raise ctx.error(f"top_k {top_k} exceeds the {per_example} entries of each example")
+        top = [1] * max(3, len(shape))
+        top[0], top[1], top[2] = shape[0], 2 if param.out_max_val else 1, top_k
+        top = tuple(top)
+    return ctx.wire(ArgMax(axis, top_k, param.out_max_val, top), top_shapes=[top])
+
+
+@register_onnx("ArgMax")
+def argmax_to_onnx(g: OnnxGraph, ctx, module: ArgMax, inputs, outputs):
+    x, axis = inputs[0], module.axis
+    if axis is None:
+        x = g.node("Reshape", [x, g.ints([0, -1], ctx.name + "/per_example")], hint=ctx.name + "/flat")[0]
+        axis = 1
+        length = math.prod(ctx.bottom_shapes[0][1:])
+    else:
+        length = ctx.bottom_shapes[0][axis]
+    # Reverse the axis so that TopK, which puts the lower index first among ties, puts
+    # Caffe's larger index first.
+    reversed_x = g.node("Slice", [x, g.ints([-1], ctx.name + "/starts"),
+                                  g.ints([np.iinfo(np.int64).min], ctx.name + "/ends"),
+                                  g.ints([axis], ctx.name + "/axes"), g.ints([-1], ctx.name + "/steps")],
+                        hint=ctx.name + "/reversed")[0]
+    k = g.ints([module.top_k], ctx.name + "/k")
+    if module.axis is not None and module.out_max_val:
+        g.node("TopK", [reversed_x, k], [outputs[0], g.fresh(ctx.name + "/unused_indices")], axis=axis)
+        return
+    values, order = g.node("TopK", [reversed_x, k],
+                           [g.fresh(ctx.name + "/values"), g.fresh(ctx.name + "/order")], axis=axis)
+    indices = g.node("Sub", [g.ints(np.array(length - 1), ctx.name + "/last"), order],
+                     hint=ctx.name + "/indices")[0]
+    if module.axis is not None:
+        g.node("Cast", [indices], outputs, to=TensorProto.FLOAT)
+        return
+    indices = g.node("Cast", [indices], hint=ctx.name + "/float_indices", to=TensorProto.FLOAT)[0]
+    if module.out_max_val:
+        indices = g.node("Concat", [indices, values], hint=ctx.name + "/indices_values", axis=1)[0]
+    top_shape = [0] + list(module.top_shape[1:])
+    g.node("Reshape", [indices, g.ints(top_shape, ctx.name + "/top_shape")], outputs)

@@ -1,0 +1,38 @@
+"""Softmax along one axis."""
+from __future__ import annotations
+
+import torch
+
+from .onnx_graph import OnnxGraph
+from .registry import CaffeLayer, LayerContext, register, register_onnx
+
+
+class Softmax(CaffeLayer):
+    def __init__(self, axis: int):
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x):
+        # exp(x - max) / sum, as Caffe computes it; its backward is autograd's.
+        return torch.softmax(x, self.axis)
+
+
+def canonical_softmax_axis(ctx: LayerContext) -> int:
+    """softmax_param.axis of bottom 0 made non-negative (SoftmaxWithLoss shares it)."""
+    axis = ctx.param.softmax_param.axis
+    rank = len(ctx.bottom_shapes[0])
+    if not -rank <= axis < rank:
+        raise ctx.error(f"softmax axis {axis} is out of range for bottom '{ctx.bottoms[0]}' of rank {rank}")
+    return axis % rank
+
+
+@register("Softmax")
+def build_softmax(ctx: LayerContext):
+    ctx.expect_bottoms(1)
+    return ctx.wire(Softmax(canonical_softmax_axis(ctx)))
+
+
+@register_onnx("Softmax")
+def softmax_to_onnx(g: OnnxGraph, ctx, module: Softmax, inputs, outputs):
+    # From opset 13 ONNX's Softmax normalises along the one axis, as Caffe does.
+    g.node("Softmax", [inputs[0]], outputs, axis=module.axis)
