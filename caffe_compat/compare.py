@@ -13,6 +13,7 @@ import torch
 
 from .errors import CaffeCompatError
 from .io.files import read_caffemodel, read_prototxt, weights_of
+from .layers.registry import caffe_blobs
 
 PathLike = Union[str, Path]
 ZERO_ATOL = 1e-7  # where Caffe's reference is exactly zero, ours must be too
@@ -157,7 +158,7 @@ def _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device) -> List[
         raise CaffeCompatError(f"case '{case}': gradients to compare but neither a loss nor topdiff/ seeds")
     params = {}
     for module_name, module in net.layers.items():
-        for i, tensor in enumerate(module.caffe_blobs()):
+        for i, tensor in enumerate(caffe_blobs(module)):
             params[f"{net.layer_names[module_name]}/{i}"] = tensor
     objective.backward()
     for key, value in ref.items():

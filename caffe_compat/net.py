@@ -13,7 +13,7 @@ from torch import nn
 from . import layers as _layers  # noqa: F401  (registers the built-in types)
 from .errors import CaffeCompatError
 from .graph import Graph, param_owners
-from .layers.registry import CaffeLayer, Converted, LayerContext, builder_for
+from .layers.registry import Converted, LayerContext, builder_for, caffe_blobs
 
 Shape = Tuple[int, ...]
 
@@ -41,8 +41,8 @@ def _infer_top_shapes(module: nn.Module, bottom_shapes: Sequence[Shape]) -> List
     return [tuple(o.shape) for o in outs]
 
 
-def _check_and_copy(node_name: str, node_type: str, module: CaffeLayer, arrays: Sequence[np.ndarray]) -> None:
-    targets = module.caffe_blobs()
+def _check_and_copy(node_name: str, node_type: str, module: nn.Module, arrays: Sequence[np.ndarray]) -> None:
+    targets = caffe_blobs(module)
     if len(arrays) != len(targets):
         raise CaffeCompatError(f"layer '{node_name}' ({node_type}): the weights have {len(arrays)} blobs, "
                                f"the layer needs {len(targets)}")
@@ -127,8 +127,12 @@ class CaffeNet(nn.Module):
         for (layer, index), (owner, owner_index) in param_owners(self.graph).items():
             module = self.layers[self.module_names[layer]]
             owner_module = self.layers[self.module_names[owner]]
-            attr = module.blob_names[index]
-            owner_param = getattr(owner_module, owner_module.blob_names[owner_index])
+            names = getattr(module, "blob_names", ())
+            if index >= len(names):
+                raise CaffeCompatError(f"layer '{layer}': names param {index} for sharing but has "
+                                       f"{len(names)} parameter blob(s)")
+            attr = names[index]
+            owner_param = caffe_blobs(owner_module)[owner_index]
             if tuple(getattr(module, attr).shape) != tuple(owner_param.shape):
                 raise CaffeCompatError(f"layer '{layer}': shared param {index} has shape "
                                        f"{tuple(getattr(module, attr).shape)}, its owner '{owner}' has "
@@ -145,7 +149,7 @@ class CaffeNet(nn.Module):
             if module_name is None:
                 continue
             module = self.layers[module_name]
-            for i, attr in enumerate(module.blob_names):
+            for i, attr in enumerate(getattr(module, "blob_names", ())):
                 tensor = getattr(module, attr)
                 if not isinstance(tensor, nn.Parameter) or id(tensor) in seen:
                     continue
@@ -170,8 +174,8 @@ class CaffeNet(nn.Module):
 
     def caffe_weights(self) -> Dict[str, List[np.ndarray]]:
         """Blobs by Caffe layer name, as Caffe would save them."""
-        return {self.layer_names[m]: [t.detach().cpu().float().numpy().copy() for t in module.caffe_blobs()]
-                for m, module in self.layers.items() if module.blob_names}
+        return {self.layer_names[m]: [t.detach().cpu().float().numpy().copy() for t in caffe_blobs(module)]
+                for m, module in self.layers.items() if caffe_blobs(module)}
 
     # running
     def _bind(self, args: Sequence[torch.Tensor], named: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

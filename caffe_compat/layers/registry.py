@@ -75,6 +75,12 @@ class CaffeLayer(nn.Module):
         return [getattr(self, name) for name in self.blob_names]
 
 
+def caffe_blobs(module: nn.Module) -> List[torch.Tensor]:
+    """A built layer's Caffe blobs in Caffe's order; none for modules that are not
+    CaffeLayers (such as the plain loss modules)."""
+    return [getattr(module, name) for name in getattr(module, "blob_names", ())]
+
+
 Builder = Callable[[LayerContext], Converted]
 
 
