@@ -184,8 +184,8 @@ def fixed_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
 # ---------------------------------------------------------------- Power, Exp, Log
 
 class Power(CaffeLayer):
-    """(shift + scale * x) ^ power. When power or scale is 0 the top is a constant and
-    no gradient flows, as in Caffe."""
+    """(shift + scale * x) ^ power. When power or scale is 0 the top is a constant, and
+    its gradient (zero in Caffe) does not flow."""
 
     def __init__(self, power: float, scale: float, shift: float):
         super().__init__()
