@@ -80,10 +80,64 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_export_onnx(args) -> int:
+    from .converters.onnx import export_files, parse_shape
+
+    summary = export_files(args.source, args.weights, args.onnx_file,
+                           input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+                           dialect=args.dialect, outputs=args.outputs, opset=args.opset,
+                           l2_normalize=args.l2_normalize, static_batch=args.static_batch)
+    print(summary.describe())
+    return 0
+
+
+def _cmd_extract(args) -> int:
+    from .extract import extract_features, print_progress, save_features
+    from .io.files import read_caffemodel, read_prototxt, weights_of
+
+    net_file = read_prototxt(args.net, args.dialect)
+    weights = weights_of(read_caffemodel(args.weights, args.dialect))
+    features = extract_features(net_file, weights, args.data, args.blob, args.device, args.batch_size,
+                                progress=print_progress)
+    save_features(features, args.output)
+    n, d = features["embeddings"].shape
+    print(f"wrote {args.output}: {n} x {d} '{args.blob}'"
+          + (f", {len(set(features['labels'].tolist()))} classes" if "labels" in features else ""))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import format_table, run_evaluate
+
+    result = run_evaluate(args.features, args.recall_k, args.use_assignments, args.json, args.figure_dir,
+                          args.device)
+    print(format_table(result))
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from .datasets import prepare
+
+    summary = prepare(args.dataset, args.source, args.output, args.format)
+    for split, info in summary.items():
+        print(f"{split}: {info['images']} images of {info['classes']} classes -> {info['path']}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(args.workdir)
+
+
+def _cmd_train(args) -> int:
+    from .solver import train
+
+    result = train(args.solver, weights=args.weights, resume=args.resume, device=args.device,
+                   max_iter=args.max_iter, output=args.output, log_path=args.log, sampler=args.sampler)
+    if result.stopped_early:
+        print(f"caffe-compat: training stopped at iteration {result.iterations}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +167,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], type=str.upper)
     p.add_argument("--dialect", choices=["bvlc", "lifted"])
     p.set_defaults(run=_cmd_convert)
+
+    p = sub.add_parser("export-onnx", help="Caffe net (or a converted/trained model) -> ONNX")
+    p.add_argument("source", help="NET.prototxt, or a MODEL written by convert/train")
+    p.add_argument("weights", nargs="?", help="WEIGHTS.caffemodel (with NET.prototxt)")
+    # -o is the file and --output a blob, as in the project's documented usage.
+    p.add_argument("-o", dest="onnx_file", required=True, metavar="OUT.onnx")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 or later (default 17)")
+    p.add_argument("--output", dest="outputs", action="append", metavar="BLOB",
+                   help="export up to this blob (repeatable; default fc_embedding, else the net's "
+                        "outputs that are not losses)")
+    p.add_argument("--l2-normalize", action="store_true",
+                   help="append x / max(||x||_2, 1e-12) per example to each output (cosine retrieval)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch size instead of a symbolic N")
+    p.add_argument("--input-shape", metavar="N,C,H,W",
+                   help="shape of the image input (needed for data layers without crop_size)")
+    p.add_argument("--dialect", choices=["bvlc", "lifted"])
+    p.set_defaults(run=_cmd_export_onnx)
+
+    p = sub.add_parser("train", help="train a net with a Caffe solver prototxt, as `caffe train`")
+    p.add_argument("solver", help="SOLVER.prototxt (its paths resolve from the working directory)")
+    p.add_argument("--weights", help="INIT.caffemodel to fine-tune from")
+    p.add_argument("--resume", help="a .solverstate.pt snapshot to continue from")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when the solver says GPU and one exists)")
+    p.add_argument("--max-iter", type=int, help="override the solver's max_iter")
+    p.add_argument("--output", help="write the final weights to this caffemodel")
+    # --log-csv: torchrun's own parser rejects `--log` as an ambiguous abbreviation.
+    p.add_argument("--log", "--log-csv", dest="log", help="write iteration,loss,lr per iteration to this CSV")
+    p.add_argument("--sampler", help="ImageData batches: sequential (Caffe's), pairs, or pk:P,K "
+                                     "(P classes x K images)")
+    p.set_defaults(run=_cmd_train)
+
+    p = sub.add_parser("extract", help="run a net's TEST phase over a dataset and save one blob per image")
+    p.add_argument("net", help="NET.prototxt with a Data or ImageData layer in its TEST phase")
+    p.add_argument("weights", help="WEIGHTS.caffemodel")
+    p.add_argument("--data", required=True, help="an LMDB folder of Datum records, or an image list file")
+    p.add_argument("--blob", default="fc_embedding")
+    p.add_argument("-o", "--output", required=True, help="FEATURES.npz (embeddings, labels, paths)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, help="override the data layer's batch size")
+    p.add_argument("--dialect", choices=["bvlc", "lifted"])
+    p.set_defaults(run=_cmd_extract)
+
+    p = sub.add_parser("evaluate", help="Recall@K, NMI, F1 and RI as the paper's MATLAB code computes them")
+    p.add_argument("features", help="FEATURES.npz with embeddings and labels")
+    p.add_argument("--recall-k", type=int, nargs="+", help="K values (default 1 2 4 8)")
+    p.add_argument("--use-assignments", action="store_true",
+                   help="score the file's own 'assignments' clustering instead of running k-means")
+    p.add_argument("--json", help="also write the results as JSON here")
+    p.add_argument("--figure-dir", help="write a Recall@K curve and a retrieval grid here (needs matplotlib)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=_cmd_evaluate)
+
+    p = sub.add_parser("prepare", help="a dataset's official archive -> the paper's splits and preprocessing")
+    p.add_argument("dataset", choices=["cub", "cars", "sop"])
+    p.add_argument("--source", required=True, help="the extracted official archive")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--format", choices=["list", "lmdb"], default="list",
+                   help="image lists (Caffe ImageData) or LMDBs of Datum records")
+    p.set_defaults(run=_cmd_prepare)
 
     p = sub.add_parser("demo", help="run the built-in example end to end")
     p.add_argument("--workdir", help="keep the demo's files here (default: a temporary folder)")
