@@ -1,6 +1,8 @@
 """`caffe-compat demo`: the product's main path on a built-in example, end to end,
-with nothing downloaded: a small embedder in the paper's style is written as Caffe
-files, read back and inspected."""
+with nothing downloaded: Caffe files written, read back and inspected; the paper's
+GoogLeNet embedder trained a few iterations on generated images as Caffe would train
+it; features extracted and evaluated as the paper does; the trained embedder exported
+to ONNX and checked in ONNX Runtime."""
 from __future__ import annotations
 
 import tempfile
@@ -11,7 +13,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from .inspect import format_inspection, inspect_net
-from .io.files import read_caffemodel, read_prototxt, weights_of, with_weights, write_caffemodel, write_prototxt
+from .io.files import NetFile, read_caffemodel, read_prototxt, weights_of, with_weights, write_caffemodel, write_prototxt
 from .io.schema import messages
 
 # The paper's embedder shrunk: conv, ReLU, max pool, LRN, conv, global average pool,
@@ -59,6 +61,37 @@ def demo_weights(seed: int = 0):
             for name, shapes in DEMO_BLOB_SHAPES.items()}
 
 
+IMAGE_SIZE = 240  # stored images; the paper's net crops 227
+TRAIN_CLASSES, TEST_CLASSES, IMAGES_PER_CLASS = 6, 4, 6
+BATCH = 12
+ITERATIONS = 3
+
+
+def synthetic_images(classes: range, per_class: int, seed: int):
+    """BGR uint8 C x H x W images, consecutive same-class pairs (the paper's LMDB layout):
+    each class is a colour and a stripe orientation; images vary by phase and noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) / IMAGE_SIZE
+    images = []
+    for pair in range(per_class // 2):
+        for c in classes:
+            colour = np.array([(37 * c) % 200 + 40, (91 * c) % 200 + 40, (53 * c) % 200 + 40], np.float32)
+            angle = np.pi * c / 7.0
+            for _ in range(2):
+                stripes = np.sin(2 * np.pi * 6 * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 6.3))
+                image = colour[:, None, None] * (0.75 + 0.25 * stripes) + rng.normal(0, 8, (3, IMAGE_SIZE, IMAGE_SIZE))
+                images.append((np.clip(image, 0, 255).astype(np.uint8), c))
+    return images
+
+
+def _write_mean(images, path: Path) -> None:
+    from .io.blobs import array_to_blob
+
+    blob = messages("bvlc").BlobProto()
+    array_to_blob(np.mean([a for a, _ in images], axis=0, dtype=np.float64)[None].astype(np.float32), blob)
+    path.write_bytes(blob.SerializeToString())
+
+
 def _step(title: str) -> None:
     print(f"\n== {title}")
 
@@ -87,4 +120,91 @@ def run_demo(workdir: Optional[str] = None) -> int:
 
         _step("3. inspect")
         print(format_inspection(inspect_net(folder / "demo.prototxt", folder / "demo.caffemodel", phase="TRAIN")))
-    return 0
+        return _train_evaluate_export(folder)
+
+
+def _train_evaluate_export(folder: Path) -> int:
+    import time
+
+    import torch
+
+    from .converters.onnx import export_onnx
+    from .evaluate import format_table
+    from .extract import extract_features
+    from .io.datum import write_datum_lmdb
+    from .io.files import read_caffemodel
+    from .loading import load_net
+    from .metrics import evaluate
+    from .recipes import paper_net, paper_solver
+    from .solver import train
+
+    _step(f"4. generate a dataset: {TRAIN_CLASSES} training and {TEST_CLASSES} unseen test classes, "
+          f"{IMAGE_SIZE}x{IMAGE_SIZE} BGR images in LMDBs of Datum records")
+    train_images = synthetic_images(range(TRAIN_CLASSES), IMAGES_PER_CLASS, seed=1)
+    test_images = synthetic_images(range(TRAIN_CLASSES, TRAIN_CLASSES + TEST_CLASSES), IMAGES_PER_CLASS, seed=2)
+    for name, images in (("train_lmdb", train_images), ("test_lmdb", test_images)):
+        if (folder / name).exists():
+            import shutil
+            shutil.rmtree(folder / name)
+        print(f"{name}: {write_datum_lmdb(folder / name, images)} records")
+    _write_mean(train_images, folder / "mean.binaryproto")
+
+    _step(f"5. train the paper's GoogLeNet embedder (64-d, lifted loss, SGD as Caffe) for {ITERATIONS} "
+          f"iterations of {BATCH} images (random initial weights: no ImageNet weights are shipped)")
+    train_net = paper_net(64, "TRAIN", source=str(folder / "train_lmdb"), batch_size=BATCH,
+                          mean_file=str(folder / "mean.binaryproto"))
+    write_prototxt(train_net, folder / "train_val.prototxt")
+    solver = paper_solver(str(folder / "train_val.prototxt"), max_iter=ITERATIONS, snapshot=0,
+                          snapshot_prefix=str(folder / "snapshot"))
+    solver.display = 1
+    solver.random_seed = 1
+    write_prototxt(solver, folder / "solver.prototxt")
+    torch.manual_seed(1)
+    start = time.perf_counter()
+    train(folder / "solver.prototxt", output=folder / "trained.caffemodel", log_path=folder / "log.csv",
+          device="cpu")
+    print(f"trained in {time.perf_counter() - start:.1f} s; loss per iteration in log.csv")
+
+    _step("6. extract fc_embedding for the unseen test classes (TEST phase: centre crop, no dropout)")
+    extract_net = paper_net(64, "TEST", source=str(folder / "test_lmdb"), batch_size=BATCH,
+                            mean_file=str(folder / "mean.binaryproto"))
+    write_prototxt(extract_net, folder / "extract.prototxt")
+    trained = weights_of(read_caffemodel(folder / "trained.caffemodel"))
+    features = extract_features(read_prototxt(folder / "extract.prototxt"), trained, folder / "test_lmdb")
+    print(f"embeddings {features['embeddings'].shape}, labels {sorted(set(features['labels'].tolist()))}")
+
+    _step("7. evaluate as the paper's MATLAB code does (Recall@K, k-means NMI, pair F1)")
+    print(format_table(evaluate(features["embeddings"], features["labels"], (1, 2, 4, 8))))
+
+    _step("8. export the trained embedder to ONNX at fc_embedding and check it in ONNX Runtime")
+    return _check_onnx(folder, load_net, export_onnx, test_images)
+
+
+def _check_onnx(folder: Path, load_net, export_onnx, test_images) -> int:
+    import torch
+
+    from .deploy import deploy_net
+    from .io.atomic import write_bytes
+
+    extract_file = read_prototxt(folder / "extract.prototxt")
+    deploy_file = NetFile(deploy_net(extract_file.net), extract_file.dialect, extract_file.path)
+    net = load_net(deploy_file, folder / "trained.caffemodel").eval()
+    model = export_onnx(net, outputs=["fc_embedding"])
+    write_bytes(folder / "embedder.onnx", model.SerializeToString())
+    try:
+        import onnxruntime
+    except ImportError:
+        print("wrote embedder.onnx; onnxruntime is not installed, so it was not run "
+              "(pip install 'caffe-compat[onnxruntime]')")
+        return 0
+    offset = (IMAGE_SIZE - 227) // 2
+    batch = np.stack([a[:, offset:offset + 227, offset:offset + 227] for a, _ in test_images[:4]]).astype(np.float32)
+    batch -= batch.mean()
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ours = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    with torch.inference_mode():
+        reference = net(torch.from_numpy(batch))["fc_embedding"].numpy()
+    error = float(np.abs(ours - reference).max() / np.abs(reference).max())
+    print(f"wrote embedder.onnx ({(folder / 'embedder.onnx').stat().st_size:,} bytes); ONNX Runtime vs "
+          f"PyTorch on 4 images: relative error {error:.2e}")
+    return 0 if error < 1e-4 else 1

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import io
-from typing import Tuple
+import sys
+from pathlib import Path
+from typing import Iterable, Tuple
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -46,3 +48,37 @@ def datum_to_array(datum, where: str) -> Tuple[np.ndarray, int]:
     if array.size != int(np.prod(shape)):
         raise CaffeCompatError(f"{where}: Datum holds {array.size} values but declares shape {shape}")
     return array.reshape(shape), datum.label
+
+
+def array_to_datum(array: np.ndarray, label: int):
+    """A Datum of a C x H x W uint8 (`data`) or float (`float_data`) array."""
+    datum = messages("bvlc").Datum(channels=array.shape[0], height=array.shape[1], width=array.shape[2],
+                                   label=int(label))
+    if array.dtype == np.uint8:
+        datum.data = np.ascontiguousarray(array).tobytes()
+    else:
+        datum.float_data.extend(np.asarray(array, dtype=np.float32).ravel().tolist())
+    return datum
+
+
+def write_datum_lmdb(path, records: Iterable[Tuple[np.ndarray, int]], commit_every: int = 1000) -> int:
+    """Write (C x H x W array, label) records under keys 00000000, 00000001, ... (the key
+    order Caffe's Data layer reads in). The folder must not exist yet. Returns the count."""
+    import lmdb
+
+    path = Path(path)
+    if path.exists():
+        raise CaffeCompatError(f"{path}: already exists; remove it first (records would mix)")
+    env = lmdb.open(str(path), map_size=1 << 40 if sys.maxsize > 2 ** 32 else 1 << 30)
+    count = 0
+    try:
+        txn = env.begin(write=True)
+        for count, (array, label) in enumerate(records, start=1):
+            txn.put(f"{count - 1:08d}".encode(), array_to_datum(array, label).SerializeToString())
+            if count % commit_every == 0:
+                txn.commit()
+                txn = env.begin(write=True)
+        txn.commit()
+    finally:
+        env.close()
+    return count
