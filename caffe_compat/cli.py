@@ -124,6 +124,14 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _cmd_reproduce(args) -> int:
+    from .reproduce import reproduce
+
+    reproduce(args.dataset, args.source, args.weights, args.workdir, args.embedding, args.device, args.max_iter,
+              args.batch_size, mean_file=args.mean_file)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -226,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["list", "lmdb"], default="list",
                    help="image lists (Caffe ImageData) or LMDBs of Datum records")
     p.set_defaults(run=_cmd_prepare)
+
+    p = sub.add_parser("reproduce", help="the paper's protocol: prepare, fine-tune, extract, evaluate")
+    p.add_argument("--dataset", required=True, choices=["cub", "cars", "sop"])
+    p.add_argument("--source", required=True, help="the dataset's extracted official archive")
+    p.add_argument("--weights", required=True, help="bvlc_googlenet.caffemodel (ImageNet weights)")
+    p.add_argument("--embedding", type=int, default=64, choices=[64, 128, 256, 512])
+    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--workdir", default="reproduce", help="where data, snapshots and results go")
+    p.add_argument("--max-iter", type=int, default=20000, help="the paper's 20000 by default")
+    p.add_argument("--batch-size", type=int, default=128, help="the paper's 128 by default")
+    p.add_argument("--mean-file", help="imagenet_mean.binaryproto (default: its channel means 104,117,123)")
+    p.set_defaults(run=_cmd_reproduce)
 
     p = sub.add_parser("demo", help="run the built-in example end to end")
     p.add_argument("--workdir", help="keep the demo's files here (default: a temporary folder)")
