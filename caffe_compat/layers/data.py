@@ -151,7 +151,7 @@ def resize_linear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """OpenCV's INTER_LINEAR geometry (half-pixel centres, no antialiasing), rounded to uint8."""
     if image.shape[1:] == (height, width):
         return image
-    values = torch.from_numpy(image).float()[None]
+    values = torch.tensor(image, dtype=torch.float32)[None]
     resized = torch.nn.functional.interpolate(values, size=(height, width), mode="bilinear",
                                               align_corners=False, antialias=False)[0]
     return resized.round_().clamp_(0, 255).to(torch.uint8).numpy()

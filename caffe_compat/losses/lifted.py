@@ -1,0 +1,186 @@
+"""The lifted structured similarity softmax loss (Oh Song et al., CVPR 2016) as the
+paper's Caffe fork computes it (LiftedStructSimilaritySoftmaxLossLayer).
+
+For embeddings x (n x d), labels y and margin m, with D_ij the Euclidean distance and
+P the number of positive pairs i < j (y_i == y_j):
+
+    J_ij = max(0, log(sum_{k: y_k != y_i} exp(m - D_ik) + sum_{l: y_l != y_j} exp(m - D_jl)) + D_ij)
+    loss = sum_{i<j positive} J_ij^2 / (2 P)
+
+How it is computed, in O(n^2 d) time and O(n^2) memory without a loop over pairs:
+D from one Gram matrix (as the fork does: |x_i|^2 + |x_j|^2 - 2 x_i.x_j), one masked
+log-sum-exp per anchor, a_i = log sum_k exp(m - D_ik), and per pair
+log(e^a_i + e^a_j) = logaddexp(a_i, a_j), which stays finite for any distance and
+margin. The backward is written by hand (the exact derivative, checked against autograd
+in the tests); it costs one more n x n x d product.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CaffeCompatError
+
+__all__ = ["LiftedStructSimilaritySoftmaxLoss", "NoPositivePairsWarning", "lifted_struct_loss",
+           "lifted_shape_error"]
+
+
+class NoPositivePairsWarning(UserWarning):
+    """The batch has no two samples with the same label: the loss is 0 and teaches nothing."""
+
+
+def lifted_shape_error(embedding_shape: Tuple[int, ...], label_shape: Tuple[int, ...]):
+    """What is wrong with these bottom shapes for the loss, or None when they are fine.
+
+    Caffe's rule: embeddings (n, d) with any trailing axes of size 1 (blobs are often
+    (n, d, 1, 1)); labels (n,) with any trailing axes of size 1; at most 4 axes."""
+    embedding_shape, label_shape = tuple(embedding_shape), tuple(label_shape)
+    if not 2 <= len(embedding_shape) <= 4 or any(s != 1 for s in embedding_shape[2:]):
+        return f"embeddings must have shape (n, d) or (n, d, 1, 1), got {embedding_shape}"
+    if not 1 <= len(label_shape) <= 4 or any(s != 1 for s in label_shape[1:]):
+        return f"labels must have shape (n,) or (n, 1, 1, 1), got {label_shape}"
+    if label_shape[0] != embedding_shape[0]:
+        return (f"{label_shape[0]} labels for {embedding_shape[0]} embeddings: "
+                f"need one label per embedding")
+    return None
+
+
+def _distances(x: Tensor, caffe_exact: bool) -> Tensor:
+    gram = x @ x.T
+    # Squared norms from the Gram diagonal (not a separate sum): then coincident rows,
+    # the diagonal included, get a squared distance of exactly 0, not rounding noise.
+    sq_norms = gram.diagonal()
+    dist_sq = torch.sub(sq_norms.unsqueeze(1) + sq_norms, gram, alpha=2)
+    if not caffe_exact:
+        # The fork takes sqrt of a rounding-negative value and gets NaN.
+        dist_sq.clamp_min_(0)
+    return dist_sq.sqrt_()
+
+
+class _LiftedStructLoss(torch.autograd.Function):
+    """The loss over flat (n, d) embeddings, given the label structure: `same` (n x n,
+    1.0 where y_i == y_j, the diagonal included) and the number of ordered positive
+    pairs (i != j), which is 2P."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, same: Tensor, num_ordered: int, margin: float, caffe_exact: bool):
+        dist = _distances(x, caffe_exact)
+        negative = 1 - same
+        # Per-anchor log-sum-exp over negatives, a_i = log sum_k exp(m - D_ik), shifted by
+        # the nearest negative so every exponent is <= 0 and the sum s_i is in [1, n].
+        # Same-label entries are pushed past any distance (+max; 0 * inf would be NaN).
+        nearest = torch.add(dist, same, alpha=torch.finfo(x.dtype).max).amin(1)
+        scaled_softmax = (nearest.unsqueeze(1) - dist).clamp_max_(0).exp_().mul_(negative)
+        # s_i = 0 only for an anchor without negatives; there a_i = -inf, clamped to the
+        # lowest finite value so that its zero-weight terms stay 0 rather than NaN.
+        sums = scaled_softmax.sum(1).clamp_min_(1)
+        anchor_lse = (margin - nearest).add_(sums.log()).clamp_min_(torch.finfo(x.dtype).min)
+        # J over ordered pairs: both (i, j) and (j, i) of each positive pair, so the sum
+        # of squares is 2 * sum_{i<j} and the divisor 2 * (2P).
+        hinge = torch.logaddexp(anchor_lse.unsqueeze(1), anchor_lse).add_(dist).clamp_min_(0).mul_(same)
+        hinge.diagonal().zero_()
+        flat = hinge.view(-1)
+        loss = torch.dot(flat, flat) / (2 * max(num_ordered, 1))
+        ctx.save_for_backward(x, dist, scaled_softmax, sums, anchor_lse, hinge)
+        ctx.num_ordered = num_ordered
+        ctx.caffe_exact = caffe_exact
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        x, dist, scaled_softmax, sums, anchor_lse, hinge = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            # d logaddexp(a_i, a_j) / d a_i = sigmoid(a_i - a_j); weighted by the pair's
+            # hinge and summed over the anchor's positive partners.
+            anchor_weight = torch.sigmoid(anchor_lse.unsqueeze(1) - anchor_lse).mul_(hinge).sum(1)
+            # dLoss/dD_ij over ordered entries, times 2P: the hinge on positives, minus
+            # 2 * weight * softmax on negatives (disjoint masks); then / D_ij, as
+            # dD_ij/dx_i = (x_i - x_j) / D_ij.
+            coef = torch.addcmul(hinge, anchor_weight.div_(sums).unsqueeze(1), scaled_softmax, value=-2)
+            coef.div_(dist)
+            if ctx.caffe_exact:
+                coef.diagonal().zero_()  # the fork never visits (i, i)
+            else:
+                # At D_ij = 0 the direction is undefined: use the zero subgradient.
+                coef.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            # D_ij and D_ji are one distance: grad_i = sum_j (C_ij + C_ji)(x_i - x_j),
+            # with C and C^T as two products rather than a transposed (slow) add.
+            row_weight = coef.sum(1) + coef.sum(0)
+            grad = torch.addmm(x * row_weight.unsqueeze(1), coef, x, alpha=-1)
+            grad.addmm_(coef.T, x, alpha=-1).mul_(grad_loss / max(ctx.num_ordered, 1))
+        return grad, None, None, None, None
+
+
+def _flatten_checked(embeddings: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+    if not isinstance(embeddings, Tensor) or not isinstance(labels, Tensor):
+        raise CaffeCompatError(f"embeddings and labels must be tensors, got "
+                               f"{type(embeddings).__name__} and {type(labels).__name__}")
+    problem = lifted_shape_error(embeddings.shape, labels.shape)
+    if problem:
+        raise CaffeCompatError(f"LiftedStructSimilaritySoftmaxLoss: {problem}")
+    if not embeddings.is_floating_point():
+        raise CaffeCompatError(f"LiftedStructSimilaritySoftmaxLoss: embeddings must be floating "
+                               f"point, got {embeddings.dtype}")
+    if labels.is_complex():
+        raise CaffeCompatError(f"LiftedStructSimilaritySoftmaxLoss: labels must be real, got {labels.dtype}")
+    if labels.device != embeddings.device:
+        raise CaffeCompatError(f"LiftedStructSimilaritySoftmaxLoss: labels on {labels.device}, "
+                               f"embeddings on {embeddings.device}")
+    if labels.is_floating_point() and torch.isnan(labels).any():
+        raise CaffeCompatError("LiftedStructSimilaritySoftmaxLoss: labels contain NaN")
+    x = embeddings.reshape(embeddings.shape[0], embeddings.shape[1])
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # half precision: distances and log-sum-exps in float32
+    return x, labels.reshape(-1).detach()
+
+
+def lifted_struct_loss(embeddings: Tensor, labels: Tensor, margin: float = 1.0,
+                       caffe_exact: bool = False) -> Tensor:
+    """The loss as a 0-d tensor (float64 for float64 embeddings, else float32).
+
+    embeddings: (n, d) or (n, d, 1, 1); labels: (n,) or (n, 1, 1, 1), compared for
+    equality. caffe_exact=False (default) clamps squared distances at 0 and gives a
+    zero subgradient at a zero distance; True reproduces the fork, NaN included (a
+    positive pair at distance 0 makes its gradient NaN). A batch without positive pairs
+    gives 0 (zero gradient, still connected to the graph) and a NoPositivePairsWarning.
+    """
+    x, labels = _flatten_checked(embeddings, labels)
+    n = x.shape[0]
+    same = torch.empty((n, n), dtype=x.dtype, device=x.device)
+    torch.eq(labels.unsqueeze(1), labels, out=same)
+    # Row sums are exact small integers; their total in float64 stays exact.
+    num_ordered = int(same.sum(1).sum(dtype=torch.float64).item()) - n
+    if num_ordered == 0:
+        warnings.warn(f"LiftedStructSimilaritySoftmaxLoss: no positive pair among {n} samples "
+                      f"(every label distinct); the loss is 0", NoPositivePairsWarning, stacklevel=2)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):  # distances in full precision
+            loss = _LiftedStructLoss.apply(x, same, num_ordered, float(margin), caffe_exact)
+    else:
+        loss = _LiftedStructLoss.apply(x, same, num_ordered, float(margin), caffe_exact)
+    if not math.isfinite(loss.item()) and not torch.isfinite(x).all().item():
+        raise CaffeCompatError("LiftedStructSimilaritySoftmaxLoss: embeddings contain NaN or inf")
+    return loss
+
+
+class LiftedStructSimilaritySoftmaxLoss(nn.Module):
+    """Caffe's LiftedStructSimilaritySoftmaxLoss layer: loss(embeddings, labels) -> 0-d
+    tensor. See lifted_struct_loss for shapes, dtypes and degenerate batches."""
+
+    def __init__(self, margin: float = 1.0, caffe_exact: bool = False):
+        super().__init__()
+        self.margin = float(margin)
+        self.caffe_exact = bool(caffe_exact)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return lifted_struct_loss(embeddings, labels, self.margin, self.caffe_exact)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, caffe_exact={self.caffe_exact}"

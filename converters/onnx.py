@@ -1,0 +1,369 @@
+"""Caffe net -> ONNX model, written straight from the Caffe graph: each layer the
+outputs need is handed to its type's emitter in the layer registry.
+
+Blobs rewritten in place (ReLU, Dropout on their bottom) become a chain of ONNX
+tensors: each blob's last version keeps the blob's name, earlier versions are named
+'<blob>:<layer that wrote it>'. Graph inputs and outputs therefore carry Caffe's blob
+names, and an output is the value Caffe's `net.blobs[name]` holds after `forward()`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import onnx
+from onnx import TensorProto, helper
+
+from .. import __version__
+from ..deploy import data_layers_of, deploy_net, is_training_only
+from ..errors import CaffeCompatError
+from ..graph import build_graph
+from ..io.atomic import write_bytes
+from ..io.files import read_binaryproto, read_caffemodel, read_prototxt, weights_of
+from ..layers.normalization import onnx_reduce
+from ..layers.onnx_graph import OnnxGraph
+from ..layers.registry import REGISTRY, LayerContext
+from ..net import CaffeNet
+from .artifact import model_net_file, model_weights, read_model
+
+PathLike = Union[str, Path]
+DEFAULT_OPSET = 17
+MIN_OPSET = 13  # Split with sizes as an input, Softmax over one axis
+EMBEDDING_BLOB = "fc_embedding"
+BATCH_DIM = "N"
+# The floor under the row norm in l2_normalize, as torch.nn.functional.normalize's:
+# a zero row stays zero instead of becoming NaN.
+L2_EPS = 1e-12
+L2_SUFFIX = "/l2_normalized"
+
+Version = Tuple[str, int]  # (blob, how many times it was written before: 0 is the first value)
+
+
+@dataclass
+class _Step:
+    module_name: str
+    reads: List[Version]
+    writes: List[Version]
+
+
+def _trace(net: CaffeNet) -> Tuple[List[_Step], Dict[str, int]]:
+    """The net's layers as steps over blob versions, and each blob's last version."""
+    last = {name: 0 for name in net.input_names}
+    steps = []
+    for module_name, bottoms, tops in net._plan:
+        reads = [(b, last[b]) for b in bottoms]
+        writes = []
+        for top in tops:
+            last[top] = last.get(top, -1) + 1
+            writes.append((top, last[top]))
+        steps.append(_Step(module_name, reads, writes))
+    return steps, last
+
+
+def default_outputs(net: CaffeNet) -> List[str]:
+    """`fc_embedding` where the net has one (the paper's embedders), else the net's
+    outputs that are not losses or metrics."""
+    if EMBEDDING_BLOB in net.blob_shapes:
+        return [EMBEDDING_BLOB]
+    scoring = {top for node in net.graph.layers if is_training_only(node.type) or any(node.loss_weights)
+               for top in node.tops}
+    return [blob for blob in net.output_names if blob not in scoring]
+
+
+def _needed_steps(steps: List[_Step], wanted: List[Version]) -> Tuple[List[_Step], set]:
+    needed = set(wanted)
+    kept = []
+    for step in reversed(steps):
+        if any(w in needed for w in step.writes):
+            kept.append(step)
+            needed.update(step.reads)
+    kept.reverse()
+    return kept, needed
+
+
+def _number(value: float) -> str:
+    text = f"{float(value):.7g}"
+    return text if any(c in text for c in ".en") else text + ".0"
+
+
+def _inference_data_layer(net_param):
+    """The data layer whose transform an inference input should get: the TEST one if any."""
+    layers = [layer for layer in data_layers_of(net_param) if layer.HasField("transform_param")]
+    for layer in layers:
+        if any(rule.HasField("phase") and rule.phase == 1 for rule in layer.include):
+            return layer
+    return layers[0] if layers else None
+
+
+def _resolve(path: str, base_dir: Optional[Path]) -> Path:
+    """A path as Caffe reads it (from the working directory), else beside the net file."""
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists() or base_dir is None:
+        return candidate
+    return base_dir / candidate
+
+
+def preprocess_metadata(net_param, base_dir: Optional[PathLike] = None) -> Dict[str, str]:
+    """`preprocess.*` metadata from the net's data layer's transform_param; empty for a
+    net without one. A mean file that cannot be read here is recorded with the reason."""
+    layer = _inference_data_layer(net_param)
+    if layer is None:
+        return {}
+    transform = layer.transform_param
+    gray = layer.type == "ImageData" and not layer.image_data_param.is_color
+    channels = 1 if gray else 3
+    props = {"preprocess.channel_order": "gray" if gray else "BGR", "preprocess.pixel_range": "0-255"}
+    if transform.HasField("mean_file"):
+        props["preprocess.mean_file"] = transform.mean_file
+        try:
+            mean = read_binaryproto(_resolve(transform.mean_file, None if base_dir is None else Path(base_dir)))
+        except CaffeCompatError as err:
+            props["preprocess.mean_file_error"] = f"not readable here: {err}"
+        else:
+            image = mean.reshape(mean.shape[-3:]) if mean.ndim >= 3 else mean.reshape(1, *mean.shape)
+            # Caffe subtracts the whole mean image (cropped like the input); ONNX
+            # consumers usually take a per-channel mean, so both are recorded.
+            props["preprocess.mean"] = ",".join(_number(v) for v in image.reshape(image.shape[0], -1).mean(1))
+            props["preprocess.mean_kind"] = "mean_file channel average"
+            props["preprocess.mean_file_shape"] = ",".join(str(d) for d in image.shape)
+    elif len(transform.mean_value):
+        values = list(transform.mean_value)
+        if len(values) == 1:  # Caffe applies a single mean_value to every channel
+            values *= channels
+        props["preprocess.mean"] = ",".join(_number(v) for v in values)
+        props["preprocess.mean_kind"] = "mean_value"
+    props["preprocess.scale"] = _number(transform.scale)
+    if transform.crop_size:
+        props["preprocess.crop_size"] = str(transform.crop_size)
+    return props
+
+
+def _value_info(name: str, shape: Optional[Sequence]):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, None if shape is None else list(shape))
+
+
+def _inferred_outputs(model: onnx.ModelProto) -> Dict[str, onnx.ValueInfoProto]:
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    return {info.name: info for info in list(inferred.graph.value_info) + list(inferred.graph.output)}
+
+
+def _with_inputs(net: CaffeNet) -> CaffeNet:
+    """A net fed by Input layers: one built with data layers is rebuilt from its deploy net."""
+    if net.input_names:
+        return net
+    graph = build_graph(deploy_net(net.graph.net), net.phase, net.graph.dialect)
+    return CaffeNet(graph, net.caffe_weights())
+
+
+def export_onnx(net: CaffeNet, outputs: Optional[Sequence[str]] = None, opset: int = DEFAULT_OPSET,
+                l2_normalize: bool = False, static_batch: bool = False,
+                metadata: Optional[Mapping[str, str]] = None) -> onnx.ModelProto:
+    """The ONNX model computing `outputs` (blob names; default: `default_outputs`) of
+    `net`'s layers with their inference (TEST) behaviour.
+
+    Only the layers the outputs depend on are exported, so losses, Accuracy, Silence
+    and data layers drop out. The batch axis is the symbolic 'N' unless
+    `static_batch`. `l2_normalize` replaces each output by x / max(||x||_2, 1e-12),
+    the norm taken per example over all axes but the first, named '<blob>/l2_normalized'.
+    `metadata` adds to (and overrides) the model's metadata_props.
+    """
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise CaffeCompatError(f"opset {opset} is not supported: give one from {MIN_OPSET} to "
+                               f"{onnx.defs.onnx_opset_version()}")
+    props = {"caffe_compat.version": __version__, **preprocess_metadata(net.graph.net), **(metadata or {})}
+    net = _with_inputs(net)
+    outputs = list(outputs) if outputs else default_outputs(net)
+    if not outputs:
+        raise CaffeCompatError(f"net '{net.graph.name}' has no outputs besides losses and metrics; "
+                               f"name the blob(s) to export")
+    unknown = [b for b in outputs if b not in net.blob_shapes]
+    if unknown:
+        raise CaffeCompatError(f"net '{net.graph.name}' has no blob(s) {', '.join(map(repr, unknown))} "
+                               f"in its TEST phase")
+    outputs = list(dict.fromkeys(outputs))
+
+    steps, last = _trace(net)
+    kept, needed = _needed_steps(steps, [(b, last[b]) for b in outputs])
+    nodes = {node.name: node for node in net.graph.layers}
+    missing = []
+    for step in kept:
+        node = nodes[net.layer_names[step.module_name]]
+        entry = REGISTRY.get(node.type)
+        if entry is None or entry.to_onnx is None:
+            missing.append(f"'{node.name}' ({node.type})")
+    if missing:
+        raise CaffeCompatError(f"net '{net.graph.name}': {len(missing)} layer(s) needed for "
+                               f"{', '.join(outputs)} have no ONNX mapping: {', '.join(missing)}")
+
+    g = OnnxGraph(opset)
+    inputs = [name for name in net.input_names if (name, 0) in needed]
+    names: Dict[Version, str] = {}
+    for name in inputs:
+        names[(name, 0)] = name
+    for step in kept:
+        for blob, version in step.writes:
+            if version == last[blob] and blob not in net.input_names:
+                names[(blob, version)] = blob
+    for name in names.values():
+        g.reserve(name)
+    for step in kept:
+        layer_name = net.layer_names[step.module_name]
+        for write in step.writes:
+            if write not in names:
+                names[write] = g.fresh(f"{write[0]}:{layer_name}")
+
+    was_training = net.training
+    net.eval()
+    try:
+        for step in kept:
+            node = nodes[net.layer_names[step.module_name]]
+            ctx = LayerContext(node.name, node.type, node.param, list(node.bottoms), list(node.tops),
+                               [net.blob_shapes[b] for b in node.bottoms], "TEST", list(node.loss_weights))
+            REGISTRY[node.type].to_onnx(g, ctx, net.layers[step.module_name],
+                                        [names[r] for r in step.reads], [names[w] for w in step.writes])
+    finally:
+        net.train(was_training)
+
+    output_names = [names[(b, last[b])] for b in outputs]
+    if l2_normalize:
+        output_names = [_append_l2_normalize(g, name, len(net.blob_shapes[blob]))
+                        for name, blob in zip(output_names, outputs)]
+        props["postprocess.l2_normalize"] = f"x / max(||x||_2, {L2_EPS:g}) per example"
+
+    def declared(blob: str) -> List:
+        shape = list(net.blob_shapes[blob])
+        if not static_batch:
+            shape[0] = BATCH_DIM
+        return shape
+
+    graph = helper.make_graph(g.nodes, net.graph.name or "caffe_net",
+                              [_value_info(name, declared(name)) for name in inputs],
+                              [_value_info(name, None) for name in output_names], g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="caffe-compat", producer_version=__version__,
+                              doc_string=f"Caffe net '{net.graph.name}' exported by caffe-compat {__version__}")
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    # Output shapes as ONNX infers them: the batch axis stays symbolic wherever it flows.
+    inferred = _inferred_outputs(model)
+    for index, name in enumerate(output_names):
+        if name in inferred and inferred[name].type.tensor_type.HasField("shape"):
+            model.graph.output[index].CopyFrom(inferred[name])
+    helper.set_model_props(model, {k: str(v) for k, v in props.items()})
+    return model
+
+
+def _append_l2_normalize(g: OnnxGraph, x: str, rank: int) -> str:
+    if rank < 2:
+        raise CaffeCompatError(f"l2_normalize needs outputs with a batch axis; '{x}' has rank {rank}")
+    norm = onnx_reduce(g, "ReduceL2", x, list(range(1, rank)), 1, hint=f"{x}/l2_norm")
+    (floored,) = g.node("Max", [norm, g.floats(L2_EPS, f"{x}/l2_eps")], hint=f"{x}/l2_norm_floored")
+    output = g.fresh(x + L2_SUFFIX)
+    g.node("Div", [x, floored], [output])
+    return output
+
+
+def write_onnx(net: CaffeNet, path: PathLike, **options) -> onnx.ModelProto:
+    """`export_onnx(net, **options)`, checked and written to `path` atomically."""
+    model = export_onnx(net, **options)
+    onnx.checker.check_model(model)
+    try:
+        data = model.SerializeToString()
+    except ValueError as err:  # protobuf's 2 GiB ceiling
+        raise CaffeCompatError(f"{path}: the model is too large for one ONNX file ({err})") from None
+    write_bytes(path, data)
+    return model
+
+
+# ---------------------------------------------------------------- from files
+
+def parse_shape(text: str) -> Tuple[int, ...]:
+    """'N,C,H,W' -> (N, C, H, W), all positive."""
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise CaffeCompatError(f"--input-shape {text!r}: expected positive integers like 1,3,227,227")
+    return shape
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_for_export(source: PathLike, weights: Optional[PathLike] = None,
+                    input_shape: Optional[Sequence[int]] = None,
+                    dialect: Optional[str] = None) -> Tuple[CaffeNet, Dict[str, str]]:
+    """The TEST-phase net of NET.prototxt + WEIGHTS.caffemodel (or of a MODEL written by
+    `convert`/`train` when `weights` is None), made a deploy net where it has data
+    layers, and the metadata of its source: preprocessing and the prototxt's sha256 (of
+    the file's bytes; for a MODEL, of the prototxt text it holds).
+
+    `input_shape` shapes the image input: the data layers' first tops, or else the
+    net's first Input blob."""
+    source = Path(source)
+    if weights is None:
+        if source.suffix == ".prototxt":
+            raise CaffeCompatError(f"{source}: give the weights (NET.prototxt WEIGHTS.caffemodel), "
+                                   f"or a MODEL written by 'caffe-compat convert'")
+        payload = read_model(source)
+        net_file = model_net_file(payload, source)
+        blobs = model_weights(payload)
+        digest = _sha256(payload["net_prototxt"].encode("utf-8"))
+    else:
+        net_file = read_prototxt(source, dialect)
+        blobs = weights_of(read_caffemodel(weights, net_file.dialect if dialect is None else dialect))
+        digest = _sha256(source.read_bytes())
+    base_dir = source.resolve().parent
+    metadata = {**preprocess_metadata(net_file.net, base_dir), "source.prototxt_sha256": digest}
+    has_data_layers = bool(data_layers_of(net_file.net))
+    net_param = deploy_net(net_file.net, input_shape) if has_data_layers else net_file.net
+    graph = build_graph(net_param, "TEST", net_file.dialect)
+    input_shapes = None
+    if input_shape is not None and not has_data_layers:
+        if not graph.inputs:
+            raise CaffeCompatError(f"{source}: the net has neither Input nor data layers")
+        input_shapes = {next(iter(graph.inputs)): tuple(input_shape)}
+    net = CaffeNet(graph, blobs, input_shapes)
+    unweighted = [name for module_name, name in net.layer_names.items()
+                  if net.layers[module_name].blob_names and name not in blobs]
+    if unweighted:
+        warnings.warn(f"{weights or source}: no weights for layer(s) {', '.join(unweighted)}; they keep "
+                      f"their filler initialisation", stacklevel=2)
+    return net, metadata
+
+
+def _dim(dim) -> str:
+    return dim.dim_param or str(dim.dim_value)
+
+
+@dataclass
+class ExportSummary:
+    path: Path
+    model: onnx.ModelProto
+
+    def describe(self) -> str:
+        def shapes(values) -> str:
+            return ", ".join(f"{v.name}[{','.join(_dim(d) for d in v.type.tensor_type.shape.dim)}]" for v in values)
+
+        graph = self.model.graph
+        size = os.path.getsize(self.path)
+        return (f"wrote {self.path}: opset {self.model.opset_import[0].version}, {len(graph.node)} nodes, "
+                f"{size / 2**20:.1f} MiB; inputs {shapes(graph.input)}; outputs {shapes(graph.output)}")
+
+
+def export_files(source: PathLike, weights: Optional[PathLike], out: PathLike,
+                 input_shape: Optional[Sequence[int]] = None, dialect: Optional[str] = None,
+                 **options) -> ExportSummary:
+    """`caffe-compat export-onnx`: load (see `load_for_export`), export, write."""
+    net, metadata = load_for_export(source, weights, input_shape, dialect)
+    metadata.update(options.pop("metadata", None) or {})
+    try:
+        model = write_onnx(net, out, metadata=metadata, **options)
+    except CaffeCompatError as err:
+        raise CaffeCompatError(f"{source}: {err}") from None
+    return ExportSummary(Path(out), model)

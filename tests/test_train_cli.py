@@ -1,0 +1,206 @@
+"""`caffe-compat train`: Caffe's solver fixture reproduced (weights after 10 iterations and
+the loss of each iteration), bit-exact resume from a snapshot, Ctrl-C, errors, test
+passes, and two gloo processes matching one process on the concatenated batch."""
+import csv
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from caffe_compat.cli import main
+from caffe_compat.compare import compare_case
+from caffe_compat.io.files import read_caffemodel, weights_of
+from conftest import REFERENCE, require
+
+
+@pytest.fixture
+def solver_dir(tmp_path, monkeypatch):
+    """A writable copy of the solver fixture, as the working directory."""
+    source = require(REFERENCE / "nets" / "solver")
+    target = tmp_path / "solver"
+    shutil.copytree(source, target)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    monkeypatch.chdir(target)
+    return target
+
+
+def logged(path) -> list:
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    return [(int(r["iteration"]), float(r["loss"]), float(r["lr"])) for r in rows]
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new))
+
+
+def test_solver_fixture_equals_caffe(solver_dir, capsys):
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--output", "final.caffemodel",
+                 "--log", "log.csv"]) == 0
+    rows = compare_case("train.prototxt", "final.caffemodel", "expected.npz")
+    assert len(rows) == 5
+    assert all(r.ok and r.rel <= 1e-4 for r in rows), "\n".join(r.format() for r in rows)
+    assert main(["compare", "train.prototxt", "final.caffemodel", "expected.npz"]) == 0
+    log = logged("log.csv")
+    expected = np.load("expected.npz")["loss"]
+    assert [r[0] for r in log] == list(range(10))
+    np.testing.assert_allclose([r[1] for r in log], expected, rtol=1e-4)
+    assert [r[2] for r in log] == pytest.approx([0.01] * 4 + [0.005] * 4 + [0.0025] * 2)
+    assert not list(Path(".").glob("*_iter_*"))  # snapshot: 0, snapshot_after_train: false
+
+
+def randomised_solver(folder: Path, max_iter: int = 6) -> None:
+    """The fixture's net with random crops, mirrors and dropout, snapshots every 3."""
+    edit(folder / "train.prototxt", "transform_param { scale", "transform_param { crop_size: 16 mirror: true scale")
+    edit(folder / "train.prototxt", 'layer { name: "fc_embedding"',
+         'layer { name: "drop" type: "Dropout" bottom: "pool2" top: "pool2" dropout_param { dropout_ratio: 0.3 } }\n'
+         'layer { name: "fc_embedding"')
+    edit(folder / "solver.prototxt", "max_iter: 10", f"max_iter: {max_iter}")
+    edit(folder / "solver.prototxt", "snapshot: 0", 'snapshot: 3 snapshot_prefix: "snaps/run"')
+
+
+def test_resume_from_a_snapshot_is_bitwise_identical(solver_dir):
+    randomised_solver(solver_dir)
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--output", "straight.caffemodel",
+                 "--log", "straight.csv"]) == 0
+    shutil.rmtree("snaps")
+    # A run killed after iteration 4: its last snapshot is iteration 3.
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--max-iter", "4"]) == 0
+    state = Path("snaps/run_iter_3.solverstate.pt")
+    assert state.exists() and Path("snaps/run_iter_3.caffemodel").exists()
+    loaded = torch.load(state, weights_only=True)
+    assert loaded["solver"]["iter"] == 3
+    assert main(["train", "solver.prototxt", "--resume", str(state), "--output", "resumed.caffemodel",
+                 "--log", "resumed.csv"]) == 0
+    straight = weights_of(read_caffemodel("straight.caffemodel"))
+    resumed = weights_of(read_caffemodel("resumed.caffemodel"))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        for a, b in zip(straight[name], resumed[name]):
+            assert np.array_equal(a, b), name
+    assert logged("straight.csv") == logged("resumed.csv")
+
+
+def test_snapshot_caffemodel_keeps_the_dialect(solver_dir):
+    randomised_solver(solver_dir, max_iter=3)
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel"]) == 0
+    snapshot = read_caffemodel("snaps/run_iter_3.caffemodel")
+    assert snapshot.dialect == "lifted"
+    assert [layer.name for layer in snapshot.net.layer][:2] == ["data", "conv1"]
+
+
+def test_display_lines_when_not_a_tty(solver_dir, capsys):
+    edit(solver_dir / "solver.prototxt", "display: 1", "display: 2")
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--max-iter", "5"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("iteration")]
+    assert [l.split()[1] for l in lines] == ["0", "2", "4"]
+    assert all("lr" in l and "img/s" in l for l in lines)
+
+
+def test_test_phase_runs_with_shared_weights(solver_dir, capsys):
+    edit(solver_dir / "train.prototxt", 'layer { name: "conv1"',
+         'layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }\n'
+         '  transform_param { scale: 0.0078125 mean_value: 128 mean_value: 120 mean_value: 110 }\n'
+         '  data_param { source: "train_lmdb" batch_size: 16 backend: LMDB } }\nlayer { name: "conv1"')
+    edit(solver_dir / "solver.prototxt", "max_iter: 10", "max_iter: 4 test_iter: 2 test_interval: 2")
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--log", "log.csv"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Testing net (#0)") == 3  # iterations 0, 2 and the end (4)
+    assert "Test net output: loss = " in out
+    assert len(logged("log.csv")) == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    (('net: "train.prototxt"', ""), "no train net"),
+    (('type: "SGD"', 'type: "Adamax"'), "unknown solver type 'Adamax'"),
+    (('lr_policy: "step"', 'lr_policy: "cosine"'), "lr_policy is 'cosine'"),
+    (("iter_size: 1", "iter_size: -2"), "iter_size must be >= 1"),
+])
+def test_bad_solvers_exit_2(solver_dir, capsys, change, message):
+    edit(solver_dir / "solver.prototxt", *change)
+    assert main(["train", "solver.prototxt"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "solver.prototxt" in err
+
+
+def test_missing_lmdb_exits_2_and_leaves_snapshots_alone(solver_dir, capsys):
+    randomised_solver(solver_dir)
+    Path("snaps").mkdir()
+    old = Path("snaps/run_iter_3.solverstate.pt")
+    old.write_bytes(b"an earlier snapshot")
+    shutil.rmtree("train_lmdb")
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel"]) == 2
+    assert "train_lmdb" in capsys.readouterr().err
+    assert old.read_bytes() == b"an earlier snapshot" and sorted(os.listdir("snaps")) == [old.name]
+
+
+def test_weights_and_resume_together_are_refused(solver_dir, capsys):
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--resume", "x.pt"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_resume_from_a_foreign_file_is_refused(solver_dir, capsys):
+    Path("bogus.pt").write_bytes(b"nonsense")
+    assert main(["train", "solver.prototxt", "--resume", "bogus.pt"]) == 2
+    assert "not a caffe-compat solver state" in capsys.readouterr().err
+
+
+def test_ctrl_c_writes_a_snapshot_and_exits_cleanly(solver_dir):
+    randomised_solver(solver_dir, max_iter=100000)
+    process = subprocess.Popen([sys.executable, "-m", "caffe_compat", "train", "solver.prototxt", "--weights",
+                                "init.caffemodel"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("iteration 4 "):
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err and "stopped at iteration" in err
+    states = sorted(Path("snaps").glob("*.solverstate.pt"))
+    stopped = max(states, key=lambda p: int(p.name.split("_iter_")[1].split(".")[0]))
+    state = torch.load(stopped, weights_only=True)
+    assert state["solver"]["iter"] >= 5
+    assert Path(str(stopped).replace(".solverstate.pt", ".caffemodel")).exists()
+    iteration = state["solver"]["iter"]
+    assert main(["train", "solver.prototxt", "--resume", str(stopped), "--max-iter", str(iteration + 1)]) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one_process_on_the_joined_batch(solver_dir):
+    edit(solver_dir / "solver.prototxt", "max_iter: 10", "max_iter: 4")
+    shutil.copy("train.prototxt", "train_half.prototxt")
+    edit(solver_dir / "train_half.prototxt", "batch_size: 16", "batch_size: 8")
+    shutil.copy("solver.prototxt", "solver_half.prototxt")
+    edit(solver_dir / "solver_half.prototxt", 'net: "train.prototxt"', 'net: "train_half.prototxt"')
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--output", "single.caffemodel",
+                 "--log", "single.csv"]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               "-m", "caffe_compat", "train", "solver_half.prototxt", "--weights", "init.caffemodel",
+               "--device", "cpu", "--output", "ddp.caffemodel", "--log-csv", "ddp.csv"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = weights_of(read_caffemodel("single.caffemodel"))
+    ddp = weights_of(read_caffemodel("ddp.caffemodel"))
+    for name in single:
+        for index, (a, b) in enumerate(zip(single[name], ddp[name])):
+            if (name, index) == ("fc_embedding", 1):
+                continue  # its gradient is zero up to rounding (the loss is translation-invariant)
+            assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), name
+    np.testing.assert_allclose([r[1] for r in logged("ddp.csv")], [r[1] for r in logged("single.csv")],
+                               rtol=1e-5)
