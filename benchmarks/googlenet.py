@@ -24,10 +24,14 @@ import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+# Before torch starts OpenMP: idle threads that spin instead of sleeping make forward
+# times vary twentyfold on a machine whose cores other processes share.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = ROOT.parent / "shared" / "caffe-reference"
@@ -138,18 +142,24 @@ def _load_timings(prototxt: Path, caffemodel: Path) -> Dict[str, float]:
     return times
 
 
+def _rss_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process, in KiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M).group(1))
+
+
 def _load_memory_probe(prototxt: str, caffemodel: str) -> None:
     """Run in a fresh process: peak memory of one `load_net` after the imports."""
     import caffe_compat.loading as loading
 
-    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline_rss = _rss_kib("VmRSS")
     tracemalloc.start()
     net = loading.load_net(prototxt, caffemodel)
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_rss = _rss_kib("VmHWM")
     weights_bytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-    print(json.dumps({"rss_peak_delta_mb": (peak_rss - baseline_rss) / 1024,  # ru_maxrss is in KiB on Linux
+    print(json.dumps({"rss_peak_delta_mb": (peak_rss - baseline_rss) / 1024,
                       "tracemalloc_peak_mb": traced_peak / 2**20, "weights_mb": weights_bytes / 2**20}))
 
 
@@ -167,22 +177,22 @@ def measure_loading(prototxt: Path, caffemodel: Path, repeats: int) -> Dict[str,
 
 # ---------------------------------------------------------------- (b, c) forward throughput
 
-def _time_forward(run: Callable[[], object], batch: int, seconds: float, sync: Callable[[], None]) -> Dict[str, float]:
-    """Images per second over repeated forwards: median and best single forward."""
-    run()
-    sync()
-    times = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 3:
-        start = time.perf_counter()
+def _time_alternately(runs: Dict[str, Callable[[], object]], batch: int, seconds: float,
+                      sync: Callable[[], None]) -> Dict[str, Dict[str, float]]:
+    """Images per second of each run (median and best single forward), timed forward by
+    forward in turn, so that load from elsewhere on the machine hits all of them alike."""
+    for run in runs.values():
         run()
-        sync()
-        times.append(time.perf_counter() - start)
-    return {"median": batch / statistics.median(times), "best": batch / min(times), "runs": len(times)}
-
-
-def _best_of(runs: List[Dict[str, float]]) -> Dict[str, float]:
-    return {k: max(r[k] for r in runs) for k in ("median", "best")}
+    sync()
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or min(len(t) for t in times.values()) < 5:
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median": batch / statistics.median(t), "best": batch / min(t)} for name, t in times.items()}
 
 
 def measure_forward(ours: nn.Module, theirs: nn.Module, batch: int, device: str, seconds: float,
@@ -197,34 +207,44 @@ def measure_forward(ours: nn.Module, theirs: nn.Module, batch: int, device: str,
         theirs_logits, theirs_prob = theirs(images)
         difference = max((ours_out["loss3/classifier"] - theirs_logits).abs().max().item(),
                          (ours_out["prob"] - theirs_prob).abs().max().item())
-        # Alternate the two nets so that load from elsewhere on the machine hits both alike.
-        ours_runs, theirs_runs = [], []
-        for _ in range(2):
-            ours_runs.append(_time_forward(lambda: ours(images), batch, seconds / 2, sync))
-            theirs_runs.append(_time_forward(lambda: theirs(images), batch, seconds / 2, sync))
-    return {"batch": batch, "device": device, "channels_last": channels_last, "ours": _best_of(ours_runs),
-            "hand": _best_of(theirs_runs), "max_abs_diff": difference}
+        speeds = _time_alternately({"ours": lambda: ours(images), "hand": lambda: theirs(images)},
+                                   batch, seconds, sync)
+        faulted = ({name: _faulted_mb(lambda: net(images)) for name, net in (("ours", ours), ("hand", theirs))}
+                   if device == "cpu" else None)
+    return {"batch": batch, "device": device, "channels_last": channels_last, **speeds,
+            "faulted_mb": faulted, "max_abs_diff": difference}
 
 
-def _layer_self_times(events, repeats: int) -> Dict[str, float]:
-    """ms per forward in each `layer::KIND` range, less the layer ranges nested in it
-    (the hand-written Inception range keeps its torch.cat; the net's keeps what runs
-    between layers)."""
+def _faulted_mb(run: Callable[[], object]) -> float:
+    """Memory the kernel mapped in (minor page faults) during one run: allocations the
+    allocator could not serve from memory freed earlier."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    run()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.getpagesize() / 2**20
+
+
+def _layer_times(events, repeats: int) -> Dict[Tuple[str, str], float]:
+    """(net, kind) -> ms per forward in the `NET::KIND` ranges, less the ranges nested in
+    them (the hand-written Inception range keeps its torch.cat; a net's own range keeps
+    what runs between its layers)."""
+    def is_layer(event) -> bool:
+        return "::" in event.name and event.name.split("::")[0] in ("ours", "hand")
+
     def nested_total(event) -> float:
-        return sum(child.cpu_time_total if child.name.startswith("layer::") else nested_total(child)
-                   for child in event.cpu_children)
+        return sum(child.cpu_time_total if is_layer(child) else nested_total(child) for child in event.cpu_children)
 
-    times: Dict[str, float] = {}
+    times: Dict[Tuple[str, str], float] = {}
     for event in events:
-        if event.name.startswith("layer::"):
-            kind = event.name[len("layer::"):]
-            times[kind] = times.get(kind, 0.0) + (event.cpu_time_total - nested_total(event)) / 1000 / repeats
+        if is_layer(event):
+            key = tuple(event.name.split("::", 1))
+            times[key] = times.get(key, 0.0) + (event.cpu_time_total - nested_total(event)) / 1000 / repeats
     return times
 
 
 def profile_layers(ours: nn.Module, theirs: nn.Module, batch: int, repeats: int) -> List[Tuple[str, float, float]]:
-    """Time per kind of layer in each net (torch.profiler, one range per module):
-    (kind, ours ms, hand-written ms) per forward, ours' largest excess first."""
+    """Time per kind of layer in each net (torch.profiler, one range per module, the two
+    nets run in turn): (kind, ours ms, hand-written ms) per forward, ours' largest
+    excess first."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     caffe_kinds = {"Convolution": "conv", "ReLU": "relu", "MaxPooling": "max pool", "AvePooling": "avg pool",
@@ -232,33 +252,32 @@ def profile_layers(ours: nn.Module, theirs: nn.Module, batch: int, repeats: int)
                    "Softmax": "softmax"}
     torch_kinds = {nn.Conv2d: "conv", nn.ReLU: "relu", nn.MaxPool2d: "max pool", nn.AvgPool2d: "avg pool",
                    nn.LocalResponseNorm: "lrn", Inception: "concat", nn.Linear: "linear", nn.Dropout: "dropout"}
-    kind_of = {ours: lambda m: caffe_kinds.get(type(m).__name__), theirs: lambda m: torch_kinds.get(type(m))}
-    images = torch.randn(batch, 3, 224, 224)
-    per_net = []
-    for net in (ours, theirs):
-        handles = []
+    kind_of = {"ours": lambda m: caffe_kinds.get(type(m).__name__), "hand": lambda m: torch_kinds.get(type(m))}
+    handles = []
+    for tag, net in (("ours", ours), ("hand", theirs)):
         for module in net.modules():
-            kind = "between layers" if module is net else kind_of[net](module)
+            kind = "between layers" if module is net else kind_of[tag](module)
             if kind is None:
                 continue
             ranges = []
             handles.append(module.register_forward_pre_hook(
-                lambda m, a, kind=kind, ranges=ranges: ranges.append(record_function(f"layer::{kind}").__enter__())))
+                lambda m, a, name=f"{tag}::{kind}", ranges=ranges: ranges.append(record_function(name).__enter__())))
             handles.append(module.register_forward_hook(
                 lambda m, a, o, ranges=ranges: ranges.pop().__exit__(None, None, None)))
-        with torch.inference_mode():
-            net(images)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(repeats):
-                    net(images)
-        for handle in handles:
-            handle.remove()
-        per_net.append(_layer_self_times(prof.events(), repeats))
-    ours_times, theirs_times = per_net
-    # The hand-written softmax runs in its forward, outside any layer module.
-    kinds = sorted(set(ours_times) | set(theirs_times),
-                   key=lambda k: theirs_times.get(k, 0.0) - ours_times.get(k, 0.0))
-    return [(k, ours_times.get(k, 0.0), theirs_times.get(k, 0.0)) for k in kinds]
+    images = torch.randn(batch, 3, 224, 224)
+    with torch.inference_mode():
+        ours(images)
+        theirs(images)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                ours(images)
+                theirs(images)
+    for handle in handles:
+        handle.remove()
+    times = _layer_times(prof.events(), repeats)
+    kinds = sorted({kind for _, kind in times}, key=lambda k: times.get(("hand", k), 0.0) - times.get(("ours", k), 0.0))
+    # The hand-written softmax runs in its forward: it counts as "between layers" there.
+    return [(k, times.get(("ours", k), 0.0), times.get(("hand", k), 0.0)) for k in kinds]
 
 
 # ---------------------------------------------------------------- report
@@ -270,21 +289,43 @@ def machine() -> Dict[str, str]:
     except (OSError, AttributeError):
         model = platform.processor() or "unknown"
     info = {"cpu": model, "cores": str(os.cpu_count()), "torch": torch.__version__,
-            "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+            "python": platform.python_version(), "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"],
+            "date": datetime.date.today().isoformat(),
             "load average at start": " ".join(f"{x:.1f}" for x in os.getloadavg())}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
+def _faulted_cell(faulted) -> str:
+    return "-" if faulted is None else f"{faulted['ours']:.0f} / {faulted['hand']:.0f}"
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def _goals(loading, forward) -> List[str]:
+    batch16 = next(r for r in forward if r["device"] == "cpu" and r["batch"] == 16)
+    slower = [f"batch {r['batch']} {r['device']}" for r in forward if r["ours"]["median"] < r["hand"]["median"]]
+    return [f"- load + convert under {LOAD_GOAL_S} s: {_verdict(loading['stages']['total'] < LOAD_GOAL_S)} "
+            f"({loading['stages']['total']:.3f} s median)",
+            f"- CPU batch 16 at least {2 * CAFFE_CPU_IMAGES_PER_S:.1f} img/s: "
+            f"{_verdict(batch16['ours']['median'] >= 2 * CAFFE_CPU_IMAGES_PER_S)} ({batch16['ours']['median']:.1f} median)",
+            "- no slower than the hand-written net: "
+            + (_verdict(True) if not slower else f"NOT met at {', '.join(slower)} (medians)")]
+
+
 def _forward_rows(results: List[Dict[str, object]]) -> List[str]:
     rows = ["| device | batch | layout | ours img/s (median / best) | hand-written img/s (median / best) "
-            "| ours / hand | max abs diff |", "|---|---|---|---|---|---|---|"]
+            "| ours / hand (median) | page-faulted MB per forward (ours / hand) | max abs diff |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = r["ours"]["median"] / r["hand"]["median"]
         rows.append(f"| {r['device']} | {r['batch']} | {'channels_last' if r['channels_last'] else 'NCHW'} "
                     f"| {r['ours']['median']:.1f} / {r['ours']['best']:.1f} "
-                    f"| {r['hand']['median']:.1f} / {r['hand']['best']:.1f} | {ratio:.2f} | {r['max_abs_diff']:.2e} |")
+                    f"| {r['hand']['median']:.1f} / {r['hand']['best']:.1f} | {ratio:.2f} "
+                    f"| {_faulted_cell(r['faulted_mb'])} | {r['max_abs_diff']:.2e} |")
     return rows
 
 
@@ -305,6 +346,8 @@ def report(info, loading, forward, profiled) -> str:
               f"{CAFFE_CPU_IMAGES_PER_S} img/s there), and no slower than the hand-written GoogLeNet "
               "(nn.Conv2d, MaxPool2d(ceil_mode=True), LocalResponseNorm, AvgPool2d, Linear; same weights).", ""]
     lines += _forward_rows(forward)
+    lines += ["", f"Load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}.", ""]
+    lines += _goals(loading, forward)
     if not torch.cuda.is_available():
         lines += ["", "No CUDA device on this machine: the batch 16/128 channels_last GPU rows were not measured."]
     if profiled:

@@ -49,11 +49,13 @@ def machine() -> str:
     except (OSError, subprocess.CalledProcessError, AttributeError):
         model = platform.processor() or "unknown CPU"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    # The load average says whether other work shared the cores during the run.
-    return (f"{model}, {cores} cores available (load average {load:.1f} at the end); "
+    return (f"{model}, {cores} cores available; "
             f"Python {platform.python_version()}, torch {torch.__version__}, onnx {onnx.__version__}, "
             f"onnxruntime {ort.__version__}, numpy {np.__version__}, caffe-compat {__version__}")
+
+
+def load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def best_of(repeats: int, fn) -> float:
@@ -83,6 +85,7 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
+    load_before = load_average()
 
     # Export time: GoogLeNet with Caffe's weights, to prob.
     start = time.perf_counter()
@@ -120,7 +123,9 @@ def main() -> int:
         SECTION,
         "",
         f"`python benchmarks/onnx_export.py --seconds {args.seconds:g}` ({time.strftime('%Y-%m-%d')}).",
-        f"Machine: {machine()}.",
+        f"Machine: {machine()}. Load average (1 min) {load_before:.1f} before, {load_average():.1f} after: "
+        f"above {THREADS} (this run's own threads) other processes shared the cores, and the rates are "
+        f"lower bounds.",
         "",
         f"Export of BVLC GoogLeNet (`nets/googlenet_deploy`, to `prob`): loading prototxt + caffemodel "
         f"{load_s:.2f} s, `export_onnx` {export_s:.2f} s, serializing {serialize_s:.3f} s "

@@ -141,11 +141,10 @@ def _cropped_padded_square(image):
     """load_cropped_images.m with crop_padding 15 and square size 256."""
     from PIL import Image
 
-    grey_source = image.mode in ("L", "1", "I", "I;16", "F")
+    # A grey photo replicated to RGB keeps its values through _grey (the weights sum to 1),
+    # as MATLAB uses a grey image as its own view.
     image = image.convert("RGB")
-    pixels = np.asarray(image)
-    view = pixels[..., 0] if grey_source else _grey(pixels)
-    rows, cols = np.nonzero(view < WHITE_THRESHOLD)
+    rows, cols = np.nonzero(_grey(np.asarray(image)) < WHITE_THRESHOLD)
     if len(rows):  # an all-white image has nothing to crop to (MATLAB errors); keep it whole
         width, height = image.size
         image = image.crop((max(0, cols.min() - CROP_PADDING), max(0, rows.min() - CROP_PADDING),
@@ -214,6 +213,13 @@ def _write_lmdb(items: List[Item], preprocess, out: Path, split: str) -> Path:
     return db_path
 
 
+def _require(module: str, extra: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        raise CaffeCompatError(f"dataset preparation needs {module}: pip install 'caffe-compat[{extra}]'") from None
+
+
 def prepare(name: str, source: PathLike, out: PathLike, fmt: str = "list") -> Dict[str, dict]:
     """Write `name`'s train and test splits from the official archive extracted at
     `source` into `out`. Returns {split: {"path", "images", "classes"}}."""
@@ -223,6 +229,9 @@ def prepare(name: str, source: PathLike, out: PathLike, fmt: str = "list") -> Di
         raise CaffeCompatError(f"dataset: unknown name {name!r} (one of {', '.join(DATASETS)})")
     if fmt not in FORMATS:
         raise CaffeCompatError(f"fmt: unknown output format {fmt!r} (one of {', '.join(FORMATS)})")
+    _require("PIL", "images")
+    if fmt == "lmdb":
+        _require("lmdb", "lmdb")
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise CaffeCompatError(f"{source}: dataset folder not found")

@@ -68,7 +68,7 @@ def _data_shape(layer) -> Optional[Tuple[int, ...]]:
     return None
 
 
-def _in_test_phase(layer) -> bool:
+def in_test_phase(layer) -> bool:
     return any(rule.HasField("phase") and rule.phase == PHASE_TEST for rule in layer.include)
 
 
@@ -90,7 +90,7 @@ def deploy_net(net_param, input_shape: Optional[Sequence[int]] = None):
         if not len(layer.top):
             raise CaffeCompatError(f"layer '{layer.name}' ({layer.type}): has no top")
         image = layer.top[0]
-        if image not in feeders or _in_test_phase(layer):
+        if image not in feeders or in_test_phase(layer):
             feeders[image] = layer
     shapes: Dict[str, Tuple[int, ...]] = {}
     for image, layer in feeders.items():

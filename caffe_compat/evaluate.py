@@ -3,8 +3,8 @@
 A features file is an .npz with `embeddings` (n x d float32), `labels` (n), and
 optionally `paths` (n image paths, relative to the file's folder unless absolute) and
 `assignments` (n cluster ids, e.g. a clustering computed elsewhere). Figures need
-matplotlib (`pip install 'caffe-compat[figures]'`), except the retrieval grid, which
-is drawn with Pillow.
+matplotlib (`pip install 'caffe-compat[plots]'`), except the retrieval grid, which
+is drawn with Pillow (`caffe-compat[images]`).
 """
 from __future__ import annotations
 
@@ -89,8 +89,7 @@ def _figure():
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise CaffeCompatError("figures need matplotlib: pip install 'caffe-compat[figures]' "
-                               "(or pip install matplotlib)") from None
+        raise CaffeCompatError("figures need matplotlib: pip install 'caffe-compat[plots]'") from None
     return Figure
 
 
@@ -147,7 +146,10 @@ def retrieval_grid(embeddings, labels, images_or_paths: Sequence, path: PathLike
     """One row per query: the query (grey border), then its k nearest items, framed green
     when they share the query's class and red when not. `queries` is a count (spread
     evenly over the items) or a list of indices."""
-    from PIL import Image, ImageDraw
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        raise CaffeCompatError("the retrieval grid needs Pillow: pip install 'caffe-compat[images]'") from None
 
     x, y = check_embeddings(embeddings, labels)
     n = len(x)
@@ -242,5 +244,6 @@ def run_evaluate(features_path: PathLike, recall_k: Optional[Sequence[int]] = No
         recall_curve(result, figure_dir / RECALL_FIGURE)
         if features.paths is not None:
             images = [p if Path(p).is_absolute() else features_path.parent / p for p in features.paths]
-            retrieval_grid(features.embeddings, features.labels, images, figure_dir / RETRIEVAL_FIGURE, device=device)
+            retrieval_grid(features.embeddings, features.labels, images, figure_dir / RETRIEVAL_FIGURE,
+                           k=min(5, len(images) - 1), device=device)
     return result

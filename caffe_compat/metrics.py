@@ -64,6 +64,15 @@ def check_embeddings(embeddings, labels, name: str = "embeddings") -> Tuple[np.n
     return x, y
 
 
+def _centred(x: np.ndarray) -> np.ndarray:
+    """x minus its mean, float32, for k-means. |x|^2 + |c|^2 - 2 x.c loses precision with
+    the norms, and vgg_kmiter's direct double-precision differences don't; centring
+    (distances unchanged) recovers most of it for features far from the origin, e.g.
+    ReLU outputs. Recall keeps the raw values: MATLAB's own single-precision expansion
+    on them decides its ties, e.g. between quantised embeddings."""
+    return (x - x.mean(0, dtype=np.float64)).astype(np.float32)
+
+
 def _class_codes(labels: np.ndarray) -> np.ndarray:
     """Labels of any type (non-contiguous ids, strings) as 0..C-1."""
     return np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
@@ -76,7 +85,8 @@ def first_hit_ranks(embeddings: np.ndarray, labels: np.ndarray, device="cpu") ->
     Recall@K is then mean(rank < K) for every K at once. This is exact for ties: the
     stable sort puts equal distances in index order, so the first hit's position is
     #(d < d*) + #(d == d*, index < j*) for the nearest same-class item j* (smallest index
-    among equals). A top-k per K would cost O(n K) per row and leave tie order open.
+    among equals). torch.topk would leave the order of ties unspecified, and with
+    K = 1000 it costs about as much as the distance product itself on CPU.
     """
     dev = _device(device)
     x, y = check_embeddings(embeddings, labels)
@@ -327,41 +337,47 @@ def _cluster_means(x: torch.Tensor, index: torch.Tensor, old: torch.Tensor) -> t
 
 def kmeans(embeddings, k: int, seed: int = 0, max_iter: int = 1000, device="cpu",
            progress: Optional[Callable[[int, int], None]] = None) -> KMeansResult:
-    """k-means++ seeding, then Lloyd iterations until no assignment changes (or
-    max_iter). Same seed, same device: same result. `progress(iteration, changed)` is
-    called after each iteration with the number of points that changed cluster (all n
-    on the first)."""
+    """k-means++ seeding, then Lloyd iterations until no assignment changes, or the sum
+    of squared distances stops decreasing (vgg_kmeans.m's rule, which also ends cycles
+    that rounding can cause), or max_iter. Same seed, same device: same result.
+    `progress(iteration, changed)` is called after each iteration with the number of
+    points that changed cluster (all n on the first)."""
     dev = _device(device)
     if isinstance(embeddings, torch.Tensor):
         embeddings = embeddings.detach().cpu().numpy()
-    x_np = np.ascontiguousarray(embeddings, dtype=np.float32)
-    if x_np.ndim != 2 or not np.isfinite(x_np).all():
+    raw = np.asarray(embeddings, dtype=np.float32)
+    if raw.ndim != 2 or not np.isfinite(raw).all():
         raise CaffeCompatError("embeddings: k-means needs a finite 2-D array (n x d)")
-    n = len(x_np)
+    n = len(raw)
     if not 1 <= k <= n:
         raise CaffeCompatError(f"k: {k} clusters asked of {n} points")
     if max_iter < 1:
         raise CaffeCompatError(f"max_iter: must be at least 1, got {max_iter}")
     rng = np.random.default_rng(int(seed))
+    x_np = _centred(raw)
     x = torch.from_numpy(x_np).to(dev)
     sq = (x * x).sum(1)
     centers = x[torch.from_numpy(_kmeans_plus_plus(x_np, x, sq, k, rng)).to(dev)].clone()
     index = torch.full((n,), -1, dtype=torch.int64, device=dev)
     converged = False
     iterations = 0
+    previous_sse = sse = float("inf")
     while iterations < max_iter:
         new_index, dist = _nearest_centers(x, sq, centers)
         iterations += 1
         changed = int(torch.count_nonzero(new_index != index))
+        sse = float(dist.double().sum())
         if progress is not None:
             progress(iterations, changed)
-        if changed == 0:
+        index = new_index
+        if changed == 0 or sse >= previous_sse:
             converged = True
             break
-        index = new_index
+        previous_sse = sse
         centers = _cluster_means(x, index, centers)
-    return KMeansResult(assignments=index.cpu().numpy(), centers=centers.cpu().numpy(),
-                        iterations=iterations, converged=converged, inertia=float(dist.double().sum()))
+    mean = raw.mean(0, dtype=np.float64)
+    return KMeansResult(assignments=index.cpu().numpy(), centers=(centers.cpu().numpy() + mean).astype(np.float32),
+                        iterations=iterations, converged=converged, inertia=sse)
 
 
 def evaluate(embeddings, labels, recall_k: Sequence[int] = DEFAULT_RECALL_K, assignments=None,

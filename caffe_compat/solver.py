@@ -348,11 +348,7 @@ def _distribute_lifted_losses(net: CaffeNet) -> int:
     """Swap every lifted loss for the variant over the all-gathered global batch. Its
     backward scales each rank's share by the world size, so averaging the ranks'
     gradients (as for every other loss) gives the single-process gradient."""
-    from .layers.registry import CaffeLayer
     from .losses.distributed import DistributedLiftedStructSimilaritySoftmaxLoss
-
-    class GlobalLiftedLoss(CaffeLayer, DistributedLiftedStructSimilaritySoftmaxLoss):
-        """The distributed loss as a layer of the net (it holds no Caffe blobs)."""
 
     swapped = 0
     for node in net.graph.layers:
@@ -360,7 +356,7 @@ def _distribute_lifted_losses(net: CaffeNet) -> int:
             continue
         module_name = net.module_names[node.name]
         local = net.layers[module_name]
-        net.layers[module_name] = GlobalLiftedLoss(
+        net.layers[module_name] = DistributedLiftedStructSimilaritySoftmaxLoss(
             margin=local.margin, caffe_exact=local.caffe_exact, ddp_average=True)
         swapped += 1
     return swapped
@@ -378,26 +374,31 @@ class TrainResult:
 
 
 class _StopRequest:
-    """SIGINT asks for a stop at the next iteration boundary (then a snapshot); a second
-    SIGINT interrupts at once."""
+    """SIGINT (Ctrl-C) or SIGTERM (torchrun stopping its workers) asks for a stop at the
+    next iteration boundary, then a snapshot; a second signal interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        # os.write, not print: a signal handler may interrupt a print in progress.
+        os.write(2, b"caffe-compat: stopping after this iteration to write a snapshot "
+                    b"(signal again to abort at once)\n")
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _net_source(param, where: str) -> Tuple[str, object]:
@@ -459,15 +460,28 @@ def _share_weights(target: CaffeNet, source: CaffeNet) -> None:
     """Caffe's ShareTrainedLayersWith: blobs of same-named layers become the same tensors."""
     for module_name, module in target.layers.items():
         other_name = source.module_names.get(target.layer_names[module_name])
-        if other_name is None or not module.blob_names:
+        names = getattr(module, "blob_names", ())
+        if other_name is None or not names:
             continue
         other = source.layers[other_name]
-        for attr, other_attr in zip(module.blob_names, other.blob_names):
+        for attr, other_attr in zip(names, other.blob_names):
             mine, theirs = getattr(module, attr), getattr(other, other_attr)
             if tuple(mine.shape) != tuple(theirs.shape):
                 raise CaffeCompatError(f"layer '{target.layer_names[module_name]}': blob shape "
                                        f"{tuple(mine.shape)} in the TEST net, {tuple(theirs.shape)} in TRAIN")
             setattr(module, attr, theirs)
+
+
+def _check_writable(prefix: str, where: str) -> None:
+    """Fail now, not at the first snapshot hours later (Caffe's CheckSnapshotWritePermissions)."""
+    folder = Path(prefix).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CaffeCompatError(f"{where}: snapshot_prefix '{prefix}': cannot create {folder}: "
+                               f"{err.strerror or err}") from None
+    if not os.access(folder, os.W_OK):
+        raise CaffeCompatError(f"{where}: snapshot_prefix '{prefix}': {folder} is not writable")
 
 
 def _default_device(param) -> str:
@@ -524,9 +538,10 @@ class Trainer:
         self.net = _build_net(self.net_file, "TRAIN", train_state, train_source)
         if not self.net.loss_terms:
             raise CaffeCompatError(f"{train_source}: the TRAIN net has no loss layer")
-        self.test_nets = [(_build_net(nf, "TEST", self.param.test_state[i] if self.param.test_state else None,
-                                      desc), int(self.param.test_iter[i]))
-                          for i, (desc, nf) in enumerate(test_sources)]
+        self.test_nets: List[Tuple[CaffeNet, int]] = []
+        for i, (description, net_file) in enumerate(test_sources):
+            test_state = self.param.test_state[i] if self.param.test_state else None
+            self.test_nets.append((_build_net(net_file, "TEST", test_state, description), int(self.param.test_iter[i])))
         if weights is not None:
             self.net.load_caffe_weights(weights_of(read_caffemodel(weights)))
         if sampler is not None:
@@ -542,6 +557,8 @@ class Trainer:
             for i, (net, _) in enumerate(self.test_nets):
                 seed_data_layers(net, seed + 1 + i)
             torch.manual_seed(seed + self.dist.rank)  # dropout and the like differ per rank, as Caffe's
+        if self.param.snapshot or self.param.snapshot_after_train:
+            _check_writable(self.param.snapshot_prefix, where)
         self.net.to(self.device)
         if self.dist.active:
             self.dist.broadcast_module(self.net)
@@ -667,7 +684,8 @@ class Trainer:
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION,
             "solver": self.solver.state_dict(),
-            "weights": {name: [torch.from_numpy(a) for a in arrays] for name, arrays in self.net.caffe_weights().items()},
+            "weights": {name: [torch.from_numpy(a) for a in arrays]
+                        for name, arrays in self.net.caffe_weights().items()},
             "rng": rng,
             "readers": {"train": train_readers, "test": [reader_states(net) for net, _ in self.test_nets]},
             "log": [list(row) for row in self.log_rows],

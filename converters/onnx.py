@@ -19,14 +19,14 @@ import onnx
 from onnx import TensorProto, helper
 
 from .. import __version__
-from ..deploy import data_layers_of, deploy_net, is_training_only
+from ..deploy import data_layers_of, deploy_net, in_test_phase, is_training_only
 from ..errors import CaffeCompatError
 from ..graph import build_graph
 from ..io.atomic import write_bytes
 from ..io.files import read_binaryproto, read_caffemodel, read_prototxt, weights_of
 from ..layers.normalization import onnx_reduce
 from ..layers.onnx_graph import OnnxGraph
-from ..layers.registry import REGISTRY, LayerContext
+from ..layers.registry import REGISTRY, LayerContext, caffe_blobs
 from ..net import CaffeNet
 from .artifact import model_net_file, model_weights, read_model
 
@@ -93,10 +93,7 @@ def _number(value: float) -> str:
 def _inference_data_layer(net_param):
     """The data layer whose transform an inference input should get: the TEST one if any."""
     layers = [layer for layer in data_layers_of(net_param) if layer.HasField("transform_param")]
-    for layer in layers:
-        if any(rule.HasField("phase") and rule.phase == 1 for rule in layer.include):
-            return layer
-    return layers[0] if layers else None
+    return next((layer for layer in layers if in_test_phase(layer)), layers[0] if layers else None)
 
 
 def _resolve(path: str, base_dir: Optional[Path]) -> Path:
@@ -206,6 +203,7 @@ def export_onnx(net: CaffeNet, outputs: Optional[Sequence[str]] = None, opset: i
         names[(name, 0)] = name
     for step in kept:
         for blob, version in step.writes:
+            # An Input blob rewritten in place: its name stays with the graph input.
             if version == last[blob] and blob not in net.input_names:
                 names[(blob, version)] = blob
     for name in names.values():
@@ -330,7 +328,7 @@ def load_for_export(source: PathLike, weights: Optional[PathLike] = None,
         input_shapes = {next(iter(graph.inputs)): tuple(input_shape)}
     net = CaffeNet(graph, blobs, input_shapes)
     unweighted = [name for module_name, name in net.layer_names.items()
-                  if net.layers[module_name].blob_names and name not in blobs]
+                  if caffe_blobs(net.layers[module_name]) and name not in blobs]
     if unweighted:
         warnings.warn(f"{weights or source}: no weights for layer(s) {', '.join(unweighted)}; they keep "
                       f"their filler initialisation", stacklevel=2)

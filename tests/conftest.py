@@ -23,3 +23,18 @@ def require(path: Path) -> Path:
 @pytest.fixture
 def reference() -> Path:
     return require(REFERENCE)
+
+
+_skipped = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # In CI nothing may skip: every dependency is installed and the fixtures are present.
+    if os.environ.get("CI") and _skipped and exitstatus == 0:
+        print(f"\nCI: {len(_skipped)} test(s) skipped, which CI does not allow: " + ", ".join(_skipped[:10]))
+        session.exitstatus = 1

@@ -2,8 +2,6 @@
 DataTransformer arithmetic, wrap-around, encodings, resumable positions, sharding,
 samplers and the errors users meet."""
 import io
-import os
-import shutil
 from pathlib import Path
 
 import lmdb
@@ -361,7 +359,7 @@ def test_image_list_errors(image_list):
     folder, _ = image_list
     (folder / "list.txt").write_text("im 0.png 0\nmissing.png 1\n")
     net = image_net(folder, 2)
-    with pytest.raises(CaffeCompatError, match="line 2: image .*missing.png.*cannot read"):
+    with pytest.raises(CaffeCompatError, match="entry 2: image .*missing.png.*cannot read"):
         net.run({})
     (folder / "list.txt").write_text("im 0.png zero\n")
     with pytest.raises(CaffeCompatError, match="line 1: expected 'path label'"):

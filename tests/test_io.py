@@ -132,7 +132,7 @@ def test_float_and_encoded_datums():
 
 def test_weights_round_trip_with_double_data(tmp_path):
     net = messages("bvlc").NetParameter()
-    layer = net.layer.add(name="ip", type="InnerProduct")
+    net.layer.add(name="ip", type="InnerProduct")
     weights = {"ip": [np.arange(6, dtype=np.float64).reshape(2, 3), np.ones(2, np.float32)]}
     write_caffemodel(with_weights(net, weights), tmp_path / "w.caffemodel")
     back = weights_of(read_caffemodel(tmp_path / "w.caffemodel"))

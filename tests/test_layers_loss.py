@@ -10,7 +10,6 @@ from google.protobuf import text_format
 
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.io.schema import messages
-from caffe_compat.layers import loss  # noqa: F401  (registers the types)
 from caffe_compat.layers.registry import REGISTRY, LayerContext
 
 RNG = np.random.default_rng(11)

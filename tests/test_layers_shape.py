@@ -10,7 +10,6 @@ from onnx import TensorProto, helper
 
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.io.schema import messages
-from caffe_compat.layers import shape as shape_layers  # noqa: F401  (registers the types)
 from caffe_compat.layers.onnx_graph import OnnxGraph
 from caffe_compat.layers.registry import REGISTRY, LayerContext
 

@@ -15,7 +15,6 @@ from onnx import TensorProto, helper
 
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.io.schema import messages
-from caffe_compat.layers import convolution, crop, inner_product, lrn, pooling  # noqa: F401  (registers)
 from caffe_compat.layers.onnx_graph import OnnxGraph
 from caffe_compat.layers.registry import REGISTRY, LayerContext
 

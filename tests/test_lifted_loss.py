@@ -205,10 +205,24 @@ def test_no_positive_pair_gives_zero_and_one_warning():
     (torch.tensor([[0., 1], [math.nan, 0], [1, 1], [2, 2]]), torch.tensor([0., 0, 1, 1]), r"NaN or inf"),
     (torch.tensor([[0., 1], [math.inf, 0], [1, 1], [2, 2]]), torch.tensor([0., 0, 1, 1]), r"NaN or inf"),
     (torch.zeros(4, 2), torch.tensor([0., math.nan, 1, 1]), r"labels contain NaN"),
+    (torch.full((4, 2), 1e20), torch.tensor([0., 0, 1, 1]), r"overflow torch.float32"),
 ])
 def test_bad_inputs_raise(embeddings, labels, message):
     with pytest.raises(CaffeCompatError, match=message):
         LiftedStructSimilaritySoftmaxLoss()(embeddings, labels)
+
+
+def test_bad_margin_raises():
+    with pytest.raises(CaffeCompatError, match="margin must be finite"):
+        LiftedStructSimilaritySoftmaxLoss(math.nan)(torch.zeros(4, 2), torch.tensor([0., 0, 1, 1]))
+
+
+def test_large_integer_ids_stay_distinct():
+    # float32 would merge 2^24 and 2^24 + 1; the loss must not.
+    x, _ = random_batch(19, 6, 3, 2)
+    ids = torch.tensor([2 ** 24, 2 ** 24 + 1, 2 ** 24, 2 ** 24 + 1, 5, 5])
+    small = torch.tensor([0, 1, 0, 1, 5, 5])
+    assert torch.equal(lifted_struct_loss(x.float(), ids), lifted_struct_loss(x.float(), small))
 
 
 # ------------------------------------------------------------ precision modes

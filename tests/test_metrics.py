@@ -162,6 +162,29 @@ def test_kmeans_recovers_well_separated_clusters():
     assert result.inertia == pytest.approx(((x - result.centers[result.assignments]) ** 2).sum(), rel=1e-4)
 
 
+def test_kmeans_far_from_the_origin():
+    # |x|^2 ~ 1.6e11 here: float32 rounding of the expanded distance would swamp the
+    # clusters' separation without centring.
+    x, labels = blobs()
+    result = metrics.kmeans(x + 1e5, 12, seed=0)
+    assert metrics.clustering_scores(result.assignments, labels)["nmi"] > 0.99
+    means = np.stack([x[labels == c].mean(0) for c in range(12)]) + 1e5
+    order = [np.bincount(labels[result.assignments == j]).argmax() for j in range(12)]
+    np.testing.assert_allclose(result.centers, means[order], atol=0.1)
+
+
+def test_kmeans_plus_plus_seeds_every_tight_pair_once():
+    # 300 far-apart pairs of near-identical points: k-means++ almost surely seeds each
+    # pair once. More seeds than one refresh batch (256), so the rejection step that
+    # accounts for seeds not yet folded into D is what keeps partners out.
+    rng = np.random.default_rng(3)
+    pair = np.repeat(np.arange(300), 2)
+    x = (rng.uniform(0, 1000, size=(300, 8))[pair] + rng.normal(0, 1e-3, size=(600, 8))).astype(np.float32)
+    result = metrics.kmeans(x, 300, seed=0)
+    assert result.iterations <= 2
+    assert metrics.clustering_scores(result.assignments, pair)["nmi"] == pytest.approx(1)
+
+
 def test_kmeans_is_deterministic_for_a_seed():
     x, _ = blobs(classes=20, per_class=15, dim=8, seed=4)
     x += np.random.default_rng(5).standard_normal(x.shape).astype(np.float32) * 10  # overlapping clusters

@@ -212,12 +212,13 @@ def test_paper_embedder_l2_normalized(paper_files, tmp_path):
     assert props["source.prototxt_sha256"] == hashlib.sha256(EXTRACT.read_bytes()).hexdigest()
 
 
-def test_l2_normalize_keeps_zero_rows(tmp_path):
+@pytest.mark.parametrize("opset", [13, 17, 18])
+def test_l2_normalize_keeps_zero_rows(tmp_path, opset):
     proto = tmp_path / "relu.prototxt"
     proto.write_text('name: "r" layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 4 } } }\n'
                      'layer { name: "relu" type: "ReLU" bottom: "x" top: "y" }\n')
     net = CaffeNet(build_graph(read_prototxt(proto).net, "TEST"))
-    model = check(export_onnx(net, ["y"], l2_normalize=True))
+    model = check(export_onnx(net, ["y"], opset=opset, l2_normalize=True))
     rows = np.array([[-1, -2, -3, -4], [3, -1, 4, 0]], dtype=np.float32)
     ours = run_onnx(model, {"x": rows})["y" + L2_SUFFIX]
     np.testing.assert_allclose(ours, [[0, 0, 0, 0], [0.6, 0, 0.8, 0]], atol=1e-7)

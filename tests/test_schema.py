@@ -1,6 +1,5 @@
 """The schema (proto/caffe.proto, its generated module) and its two dialects."""
 import ast
-import re
 
 import numpy as np
 import pytest
@@ -21,11 +20,6 @@ def _serialized_file(module_source: str) -> bytes:
     raise AssertionError("no AddSerializedFile call in the generated module")
 
 
-def _generator_version(module_source: str):
-    match = re.search(r"^# Protobuf Python Version: (\S+)$", module_source, re.MULTILINE)
-    return match and match.group(1)
-
-
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory) -> str:
     pytest.importorskip("grpc_tools", reason="regenerating needs grpcio-tools")
@@ -38,14 +32,10 @@ def test_committed_module_holds_what_caffe_proto_describes(regenerated):
         assert _serialized_file(committed.read()) == _serialized_file(regenerated)
 
 
-def test_committed_module_is_the_generate_script_output(regenerated):
+def test_committed_module_runs_on_older_protobuf_runtimes():
+    # The generator's runtime-version check would refuse protobuf older than itself.
     with open(COMMITTED_MODULE, encoding="utf-8") as committed:
-        text = committed.read()
-    if _generator_version(regenerated) != _generator_version(text):
-        pytest.skip(f"installed protoc emits {_generator_version(regenerated)}, "
-                    f"the committed module came from {_generator_version(text)}")
-    assert text == regenerated
-    assert "runtime_version" not in text  # the check that breaks protobuf < the generator's
+        assert "runtime_version" not in committed.read()
 
 
 @pytest.mark.parametrize("message, numbers", [

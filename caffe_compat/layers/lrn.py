@@ -9,6 +9,7 @@ lies inside the padded input, so Caffe's divisor is n^2 everywhere.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from .onnx_graph import OnnxGraph
@@ -23,12 +24,18 @@ class AcrossChannelLRN(CaffeLayer):
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
 
     def forward(self, x):
+        wide = _at_least_float32(x)
         # Channel windows as a (size x 1) average over an (N, 1, C, H*W) view.
-        squares = (x * x).flatten(2).unsqueeze(1)
+        squares = (wide * wide).flatten(2).unsqueeze(1)
         mean = F.avg_pool2d(squares, (self.size, 1), stride=1, padding=((self.size - 1) // 2, 0),
                             count_include_pad=True)
         scale = mean.reshape(x.shape) * self.alpha + self.k
-        return x * scale.pow(-self.beta)
+        return (wide * scale.pow(-self.beta)).to(x.dtype)
+
+
+def _at_least_float32(x):
+    """Sums of squares overflow float16 under autocast: the normaliser is computed in float32."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class WithinChannelLRN(CaffeLayer):
@@ -37,8 +44,9 @@ class WithinChannelLRN(CaffeLayer):
         self.size, self.alpha, self.beta = size, alpha, beta
 
     def forward(self, x):
-        mean = F.avg_pool2d(x * x, self.size, stride=1, padding=(self.size - 1) // 2, count_include_pad=True)
-        return x * (mean * self.alpha + 1).pow(-self.beta)
+        wide = _at_least_float32(x)
+        mean = F.avg_pool2d(wide * wide, self.size, stride=1, padding=(self.size - 1) // 2, count_include_pad=True)
+        return (wide * (mean * self.alpha + 1).pow(-self.beta)).to(x.dtype)
 
 
 @register("LRN")

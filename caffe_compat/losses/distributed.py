@@ -3,7 +3,9 @@
 Each rank all-gathers every rank's embeddings and labels and computes the same loss
 over the concatenation (in rank order), so the negatives of an anchor come from the
 whole global batch, as in single-process training on that batch. Ranks may hold
-different batch sizes; the feature dimension must agree.
+different batch sizes; the feature dimension, and the dtypes, must agree. Every rank
+computes the whole N x N loss (N the global batch): redundant, but one all-gather is
+all the communication, which suits global batches of a few thousand.
 
 Gradient scaling, and why. Every rank computes the same global loss L, so the gradient
 of L with respect to a rank's own embeddings is its slice of dL/dX: the backward of the
@@ -56,8 +58,7 @@ def _gather_batch(local: Tensor, labels: Tensor, counts: List[int], group,
     world_size = dist.get_world_size(group)
     scale = float(world_size) if ddp_average else 1.0
     embeddings = _GatherEmbeddings.apply(local, counts, dist.get_rank(group), scale, group)
-    # Labels compare as numbers; float64 holds both Caffe's float labels and int ids.
-    return embeddings, _all_gather_rows(labels.detach().to(torch.float64), counts, group)
+    return embeddings, _all_gather_rows(labels.detach(), counts, group)
 
 
 class DistributedLiftedStructSimilaritySoftmaxLoss(nn.Module):

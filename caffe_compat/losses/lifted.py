@@ -12,7 +12,7 @@ D from one Gram matrix (as the fork does: |x_i|^2 + |x_j|^2 - 2 x_i.x_j), one ma
 log-sum-exp per anchor, a_i = log sum_k exp(m - D_ik), and per pair
 log(e^a_i + e^a_j) = logaddexp(a_i, a_j), which stays finite for any distance and
 margin. The backward is written by hand (the exact derivative, checked against autograd
-in the tests); it costs one more n x n x d product.
+in the tests): with the Gram matrix, three n x n x d products in all.
 """
 from __future__ import annotations
 
@@ -69,19 +69,20 @@ class _LiftedStructLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, same: Tensor, num_ordered: int, margin: float, caffe_exact: bool):
         dist = _distances(x, caffe_exact)
-        negative = 1 - same
         # Per-anchor log-sum-exp over negatives, a_i = log sum_k exp(m - D_ik), shifted by
-        # the nearest negative so every exponent is <= 0 and the sum s_i is in [1, n].
-        # Same-label entries are pushed past any distance (+max; 0 * inf would be NaN).
-        nearest = torch.add(dist, same, alpha=torch.finfo(x.dtype).max).amin(1)
-        scaled_softmax = (nearest.unsqueeze(1) - dist).clamp_max_(0).exp_().mul_(negative)
-        # s_i = 0 only for an anchor without negatives; there a_i = -inf, clamped to the
-        # lowest finite value so that its zero-weight terms stay 0 rather than NaN.
-        sums = scaled_softmax.sum(1).clamp_min_(1)
-        anchor_lse = (margin - nearest).add_(sums.log()).clamp_min_(torch.finfo(x.dtype).min)
+        # the nearest negative: a_i = m - nearest_i + log s_i with every exponent <= 0
+        # and s_i >= 1. Same-label entries are pushed beyond any distance (+max, so
+        # that their exponent underflows to exactly 0), which masks them for free.
+        shifted = torch.add(dist, same, alpha=torch.finfo(x.dtype).max)
+        nearest = shifted.amin(1, keepdim=True)
+        scaled_softmax = torch.sub(nearest, shifted).exp_()
+        sums = scaled_softmax.sum(1, keepdim=True)
+        # A batch of one class has no negatives: there every a_i is about -max, finite,
+        # so all its hinges are 0 with no inf - inf anywhere.
+        anchor_lse = sums.log().sub_(nearest).add_(margin)
         # J over ordered pairs: both (i, j) and (j, i) of each positive pair, so the sum
         # of squares is 2 * sum_{i<j} and the divisor 2 * (2P).
-        hinge = torch.logaddexp(anchor_lse.unsqueeze(1), anchor_lse).add_(dist).clamp_min_(0).mul_(same)
+        hinge = torch.logaddexp(anchor_lse, anchor_lse.T).add_(dist).clamp_min_(0).mul_(same)
         hinge.diagonal().zero_()
         flat = hinge.view(-1)
         loss = torch.dot(flat, flat) / (2 * max(num_ordered, 1))
@@ -98,11 +99,11 @@ class _LiftedStructLoss(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             # d logaddexp(a_i, a_j) / d a_i = sigmoid(a_i - a_j); weighted by the pair's
             # hinge and summed over the anchor's positive partners.
-            anchor_weight = torch.sigmoid(anchor_lse.unsqueeze(1) - anchor_lse).mul_(hinge).sum(1)
+            anchor_weight = torch.sigmoid(anchor_lse - anchor_lse.T).mul_(hinge).sum(1, keepdim=True)
             # dLoss/dD_ij over ordered entries, times 2P: the hinge on positives, minus
             # 2 * weight * softmax on negatives (disjoint masks); then / D_ij, as
             # dD_ij/dx_i = (x_i - x_j) / D_ij.
-            coef = torch.addcmul(hinge, anchor_weight.div_(sums).unsqueeze(1), scaled_softmax, value=-2)
+            coef = torch.addcmul(hinge, anchor_weight.div_(sums), scaled_softmax, value=-2)
             coef.div_(dist)
             if ctx.caffe_exact:
                 coef.diagonal().zero_()  # the fork never visits (i, i)
@@ -137,7 +138,17 @@ def _flatten_checked(embeddings: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor
     x = embeddings.reshape(embeddings.shape[0], embeddings.shape[1])
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # half precision: distances and log-sum-exps in float32
-    return x, labels.reshape(-1).detach()
+    return x, _label_keys(labels.reshape(-1).detach(), x.dtype)
+
+
+def _label_keys(labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """Labels as floats of the embeddings' precision, as Caffe's blobs hold them (and a
+    same-dtype comparison is several times faster than a mixed one). Integer ids beyond
+    2^24, which float32 would merge, are compared in float64."""
+    if (dtype == torch.float32 and not labels.is_floating_point() and labels.numel()
+            and labels.abs().max().item() > 2 ** 24):
+        dtype = torch.float64
+    return labels.to(dtype)
 
 
 def lifted_struct_loss(embeddings: Tensor, labels: Tensor, margin: float = 1.0,
@@ -145,14 +156,18 @@ def lifted_struct_loss(embeddings: Tensor, labels: Tensor, margin: float = 1.0,
     """The loss as a 0-d tensor (float64 for float64 embeddings, else float32).
 
     embeddings: (n, d) or (n, d, 1, 1); labels: (n,) or (n, 1, 1, 1), compared for
-    equality. caffe_exact=False (default) clamps squared distances at 0 and gives a
-    zero subgradient at a zero distance; True reproduces the fork, NaN included (a
-    positive pair at distance 0 makes its gradient NaN). A batch without positive pairs
-    gives 0 (zero gradient, still connected to the graph) and a NoPositivePairsWarning.
+    equality as floats (see _label_keys). caffe_exact=False (default) clamps squared
+    distances at 0 and gives a zero subgradient at a zero distance; True reproduces the
+    fork, NaN included (a positive pair at distance 0 makes its gradient NaN). A batch
+    without positive pairs gives 0 (zero gradient, still connected to the graph) and a
+    NoPositivePairsWarning.
     """
+    margin = float(margin)
+    if not math.isfinite(margin):
+        raise CaffeCompatError(f"LiftedStructSimilaritySoftmaxLoss: margin must be finite, got {margin}")
     x, labels = _flatten_checked(embeddings, labels)
     n = x.shape[0]
-    same = torch.empty((n, n), dtype=x.dtype, device=x.device)
+    same = torch.empty((n, n), dtype=x.dtype, device=x.device)  # 1.0 where y_i == y_j
     torch.eq(labels.unsqueeze(1), labels, out=same)
     # Row sums are exact small integers; their total in float64 stays exact.
     num_ordered = int(same.sum(1).sum(dtype=torch.float64).item()) - n
@@ -162,11 +177,17 @@ def lifted_struct_loss(embeddings: Tensor, labels: Tensor, margin: float = 1.0,
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):  # distances in full precision
-            loss = _LiftedStructLoss.apply(x, same, num_ordered, float(margin), caffe_exact)
+            loss = _LiftedStructLoss.apply(x, same, num_ordered, margin, caffe_exact)
     else:
-        loss = _LiftedStructLoss.apply(x, same, num_ordered, float(margin), caffe_exact)
-    if not math.isfinite(loss.item()) and not torch.isfinite(x).all().item():
-        raise CaffeCompatError("LiftedStructSimilaritySoftmaxLoss: embeddings contain NaN or inf")
+        loss = _LiftedStructLoss.apply(x, same, num_ordered, margin, caffe_exact)
+    # Checked after the fact, as one non-finite input makes the loss non-finite, and
+    # this costs nothing in the usual case.
+    if not math.isfinite(loss.item()):
+        if not torch.isfinite(x).all().item():
+            raise CaffeCompatError("LiftedStructSimilaritySoftmaxLoss: embeddings contain NaN or inf")
+        if not caffe_exact:
+            raise CaffeCompatError(f"LiftedStructSimilaritySoftmaxLoss: squared distances overflow "
+                                   f"{x.dtype} (embeddings too large)")
     return loss
 
 
@@ -176,7 +197,7 @@ class LiftedStructSimilaritySoftmaxLoss(nn.Module):
 
     def __init__(self, margin: float = 1.0, caffe_exact: bool = False):
         super().__init__()
-        self.margin = float(margin)
+        self.margin = float(margin)  # validated at each call, as it may be reassigned
         self.caffe_exact = bool(caffe_exact)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
