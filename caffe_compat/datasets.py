@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import CaffeCompatError
 from .io.atomic import write_text
+from .io.datum import write_datum_lmdb
 
 PathLike = Union[str, Path]
 IMAGE_SIZE = 256
@@ -187,29 +188,9 @@ def _write_list(items: List[Item], preprocess, out: Path, split: str) -> Path:
 
 
 def _write_lmdb(items: List[Item], preprocess, out: Path, split: str) -> Path:
-    import lmdb
-
-    from .io.schema import messages
-
     db_path = out / f"{split}_lmdb"
-    if db_path.exists():
-        raise CaffeCompatError(f"{db_path}: already exists; remove it first (records would mix)")
-    record_bytes = 3 * IMAGE_SIZE * IMAGE_SIZE + 64
-    datum_class = messages("bvlc").Datum
-    env = lmdb.open(str(db_path), map_size=2 * record_bytes * max(len(items), 1) + (64 << 20))
-    try:
-        txn = env.begin(write=True)
-        for index, item in enumerate(items):
-            bgr_chw = np.asarray(_load(item, preprocess))[:, :, ::-1].transpose(2, 0, 1)
-            datum = datum_class(channels=3, height=IMAGE_SIZE, width=IMAGE_SIZE,
-                                data=np.ascontiguousarray(bgr_chw).tobytes(), label=item.label)
-            txn.put(f"{index:08d}".encode(), datum.SerializeToString())
-            if (index + 1) % LMDB_COMMIT_EVERY == 0:
-                txn.commit()
-                txn = env.begin(write=True)
-        txn.commit()
-    finally:
-        env.close()
+    records = (((np.asarray(_load(item, preprocess))[:, :, ::-1].transpose(2, 0, 1)), item.label) for item in items)
+    write_datum_lmdb(db_path, records, commit_every=LMDB_COMMIT_EVERY)
     return db_path
 
 

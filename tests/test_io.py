@@ -215,3 +215,17 @@ def test_graph_phase_filtering_and_outputs():
 def test_graph_validation(text, message):
     with pytest.raises(CaffeCompatError, match=message):
         _graph(text)
+
+
+def test_datum_lmdb_writer_grows_its_map_and_keeps_key_order(tmp_path):
+    lmdb = pytest.importorskip("lmdb", reason="lmdb is in the test extra")
+    from caffe_compat.io.datum import write_datum_lmdb
+    images = [(np.full((3, 32, 32), i, np.uint8), i % 7) for i in range(60)]  # ~180 KB > the 64 KB map
+    assert write_datum_lmdb(tmp_path / "db", iter(images), commit_every=8, initial_map_size=1 << 16) == 60
+    with lmdb.open(str(tmp_path / "db"), readonly=True, lock=False) as env, env.begin() as txn:
+        records = list(txn.cursor())
+    assert [k for k, _ in records] == [f"{i:08d}".encode() for i in range(60)]
+    array, label = datum_to_array(parse_datum(records[59][1], "59"), "59")
+    assert array.min() == array.max() == 59 and label == 59 % 7
+    with pytest.raises(CaffeCompatError, match="already exists"):
+        write_datum_lmdb(tmp_path / "db", images)

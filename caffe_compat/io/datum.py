@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 from typing import Iterable, Tuple
 
@@ -61,7 +60,8 @@ def array_to_datum(array: np.ndarray, label: int):
     return datum
 
 
-def write_datum_lmdb(path, records: Iterable[Tuple[np.ndarray, int]], commit_every: int = 1000) -> int:
+def write_datum_lmdb(path, records: Iterable[Tuple[np.ndarray, int]], commit_every: int = 1000,
+                     initial_map_size: int = 1 << 28) -> int:
     """Write (C x H x W array, label) records under keys 00000000, 00000001, ... (the key
     order Caffe's Data layer reads in). The folder must not exist yet. Returns the count."""
     import lmdb
@@ -69,16 +69,31 @@ def write_datum_lmdb(path, records: Iterable[Tuple[np.ndarray, int]], commit_eve
     path = Path(path)
     if path.exists():
         raise CaffeCompatError(f"{path}: already exists; remove it first (records would mix)")
-    env = lmdb.open(str(path), map_size=1 << 40 if sys.maxsize > 2 ** 32 else 1 << 30)
+    # The map starts small and doubles when full: some platforms allocate all of it up front.
+    env = lmdb.open(str(path), map_size=initial_map_size)
     count = 0
+    pending = []
     try:
-        txn = env.begin(write=True)
-        for count, (array, label) in enumerate(records, start=1):
-            txn.put(f"{count - 1:08d}".encode(), array_to_datum(array, label).SerializeToString())
-            if count % commit_every == 0:
-                txn.commit()
-                txn = env.begin(write=True)
-        txn.commit()
+        for array, label in records:
+            pending.append((f"{count:08d}".encode(), array_to_datum(array, label).SerializeToString()))
+            count += 1
+            if len(pending) == commit_every:
+                _commit(env, pending)
+                pending = []
+        _commit(env, pending)
     finally:
         env.close()
     return count
+
+
+def _commit(env, pending) -> None:
+    import lmdb
+
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for key, value in pending:
+                    txn.put(key, value)
+            return
+        except lmdb.MapFullError:
+            env.set_mapsize(env.info()["map_size"] * 2)

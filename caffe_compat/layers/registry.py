@@ -97,34 +97,28 @@ def _entry(layer_type: str) -> LayerEntry:
     return REGISTRY.setdefault(layer_type, LayerEntry())
 
 
-def register(*layer_types: str):
-    """Register a PyTorch builder for one or more Caffe layer types."""
-
-    def decorate(fn: Builder) -> Builder:
+def _registrar(slot: str, what: str, layer_types):
+    def decorate(fn):
         for layer_type in layer_types:
             entry = _entry(layer_type)
-            if entry.build is not None:
-                raise ValueError(f"a builder for Caffe type '{layer_type}' is already registered "
-                                 f"({entry.build.__module__}.{entry.build.__name__})")
-            entry.build = fn
+            existing = getattr(entry, slot)
+            if existing is not None:
+                raise ValueError(f"{what} for Caffe type '{layer_type}' is already registered "
+                                 f"({existing.__module__}.{existing.__name__})")
+            setattr(entry, slot, fn)
         return fn
 
     return decorate
+
+
+def register(*layer_types: str):
+    """Register a PyTorch builder for one or more Caffe layer types."""
+    return _registrar("build", "a builder", layer_types)
 
 
 def register_onnx(*layer_types: str):
     """Register an ONNX emitter for one or more Caffe layer types."""
-
-    def decorate(fn):
-        for layer_type in layer_types:
-            entry = _entry(layer_type)
-            if entry.to_onnx is not None:
-                raise ValueError(f"an ONNX emitter for Caffe type '{layer_type}' is already registered "
-                                 f"({entry.to_onnx.__module__}.{entry.to_onnx.__name__})")
-            entry.to_onnx = fn
-        return fn
-
-    return decorate
+    return _registrar("to_onnx", "an ONNX emitter", layer_types)
 
 
 def builder_for(layer_name: str, layer_type: str) -> Builder:
