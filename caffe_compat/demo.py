@@ -13,7 +13,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from .inspect import format_inspection, inspect_net
-from .io.files import NetFile, read_caffemodel, read_prototxt, weights_of, with_weights, write_caffemodel, write_prototxt
+from .io.files import read_caffemodel, read_prototxt, weights_of, with_weights, write_caffemodel, write_prototxt
 from .io.schema import messages
 
 # The paper's embedder shrunk: conv, ReLU, max pool, LRN, conv, global average pool,
@@ -128,12 +128,10 @@ def _train_evaluate_export(folder: Path) -> int:
 
     import torch
 
-    from .converters.onnx import export_onnx
     from .evaluate import format_table
     from .extract import extract_features
     from .io.datum import write_datum_lmdb
     from .io.files import read_caffemodel
-    from .loading import load_net
     from .metrics import evaluate
     from .recipes import paper_net, paper_solver
     from .solver import train
@@ -177,20 +175,20 @@ def _train_evaluate_export(folder: Path) -> int:
     print(format_table(evaluate(features["embeddings"], features["labels"], (1, 2, 4, 8))))
 
     _step("8. export the trained embedder to ONNX at fc_embedding and check it in ONNX Runtime")
-    return _check_onnx(folder, load_net, export_onnx, test_images)
+    return _check_onnx(folder, test_images)
 
 
-def _check_onnx(folder: Path, load_net, export_onnx, test_images) -> int:
+def _check_onnx(folder: Path, test_images) -> int:
     import torch
 
-    from .deploy import deploy_net
-    from .io.atomic import write_bytes
+    from .converters.onnx import load_for_export, write_onnx
 
-    extract_file = read_prototxt(folder / "extract.prototxt")
-    deploy_file = NetFile(deploy_net(extract_file.net), extract_file.dialect, extract_file.path)
-    net = load_net(deploy_file, folder / "trained.caffemodel").eval()
-    model = export_onnx(net, outputs=["fc_embedding"])
-    write_bytes(folder / "embedder.onnx", model.SerializeToString())
+    net, metadata = load_for_export(folder / "extract.prototxt", folder / "trained.caffemodel")
+    model = write_onnx(net.eval(), folder / "embedder.onnx", outputs=["fc_embedding"], metadata=metadata)
+    recorded = {p.key: p.value for p in model.metadata_props}
+    print("preprocessing recorded in the model: " + ", ".join(
+        f"{k.split('.', 1)[1]}={v}" for k, v in recorded.items() if k.startswith("preprocess.")
+        and k != "preprocess.mean_file"))
     try:
         import onnxruntime
     except ImportError:

@@ -314,7 +314,7 @@ def load_for_export(source: PathLike, weights: Optional[PathLike] = None,
         digest = _sha256(payload["net_prototxt"].encode("utf-8"))
     else:
         net_file = read_prototxt(source, dialect)
-        blobs = weights_of(read_caffemodel(weights, net_file.dialect if dialect is None else dialect))
+        blobs = weights_of(read_caffemodel(weights, dialect))  # each file's dialect is detected on its own
         digest = _sha256(source.read_bytes())
     base_dir = source.resolve().parent
     metadata = {**preprocess_metadata(net_file.net, base_dir), "source.prototxt_sha256": digest}
