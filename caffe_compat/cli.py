@@ -109,8 +109,10 @@ def _cmd_extract(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .evaluate import format_table, run_evaluate
 
+    if args.train_log and not args.figure_dir:
+        raise CaffeCompatError("--train-log draws a figure: give --figure-dir too")
     result = run_evaluate(args.features, args.recall_k, args.use_assignments, args.json, args.figure_dir,
-                          args.device)
+                          args.device, args.train_log)
     print(format_table(result))
     return 0
 
@@ -224,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the file's own 'assignments' clustering instead of running k-means")
     p.add_argument("--json", help="also write the results as JSON here")
     p.add_argument("--figure-dir", help="write a Recall@K curve and a retrieval grid here (needs matplotlib)")
+    p.add_argument("--train-log", help="also plot this training log (the CSV of `train --log`)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=_cmd_evaluate)
 

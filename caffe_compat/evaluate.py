@@ -24,6 +24,7 @@ from .metrics import DEFAULT_RECALL_K, check_embeddings, evaluate, nearest_neigh
 PathLike = Union[str, Path]
 RECALL_FIGURE = "recall_at_k.png"
 RETRIEVAL_FIGURE = "retrieval.png"
+LOSS_FIGURE = "training_loss.png"
 
 
 @dataclass(frozen=True)
@@ -222,12 +223,12 @@ def loss_curve(log_csv: PathLike, path: PathLike) -> None:
 
 def run_evaluate(features_path: PathLike, recall_k: Optional[Sequence[int]] = None, use_assignments: bool = False,
                  json_path: Optional[PathLike] = None, figure_dir: Optional[PathLike] = None,
-                 device="cpu") -> dict:
+                 device="cpu", train_log: Optional[PathLike] = None) -> dict:
     """Everything `caffe-compat evaluate` does; prints nothing, returns the metrics.
 
     With `use_assignments` the file's own `assignments` are scored instead of running
-    k-means. `figure_dir` receives recall_at_k.png and, when the file lists image
-    `paths`, retrieval.png."""
+    k-means. `figure_dir` receives recall_at_k.png, retrieval.png when the file lists
+    image `paths`, and training_loss.png from `train_log` (the CSV `train --log` wrote)."""
     features_path = Path(features_path)
     if figure_dir is not None:
         _figure()  # fail before the long part when matplotlib is missing
@@ -242,6 +243,8 @@ def run_evaluate(features_path: PathLike, recall_k: Optional[Sequence[int]] = No
     if figure_dir is not None:
         figure_dir = Path(figure_dir)
         recall_curve(result, figure_dir / RECALL_FIGURE)
+        if train_log is not None:
+            loss_curve(train_log, figure_dir / LOSS_FIGURE)
         if features.paths is not None:
             images = [p if Path(p).is_absolute() else features_path.parent / p for p in features.paths]
             retrieval_grid(features.embeddings, features.labels, images, figure_dir / RETRIEVAL_FIGURE,
