@@ -229,3 +229,17 @@ def test_datum_lmdb_writer_grows_its_map_and_keeps_key_order(tmp_path):
     assert array.min() == array.max() == 59 and label == 59 % 7
     with pytest.raises(CaffeCompatError, match="already exists"):
         write_datum_lmdb(tmp_path / "db", images)
+
+
+def test_atomic_writes_leave_no_temporary_and_normal_permissions(tmp_path):
+    import os
+    from caffe_compat.io.atomic import atomic_path, write_text
+    write_text(tmp_path / "out.txt", "done")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "half.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
