@@ -133,6 +133,10 @@ class MaxPooling(CaffeLayer):
 
     def forward(self, x):
         g = self.geometry
+        if not self.with_mask:
+            # torch's channels-last max pooling is 3-10x faster on CPU than its NCHW one,
+            # conversions included (GoogLeNet's pools); the result is the same.
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.native:
             pooled = F.max_pool2d(x, g.kernel, g.stride, g.pad, ceil_mode=True, return_indices=self.with_mask)
         else:
@@ -140,7 +144,7 @@ class MaxPooling(CaffeLayer):
             padded = F.pad(x, self.explicit_pad, value=-FLT_MAX)
             pooled = F.max_pool2d(padded, g.kernel, g.stride, return_indices=self.with_mask)
         if not self.with_mask:
-            return pooled
+            return pooled.contiguous()
         top, index = pooled
         if not self.native:
             left, right, upper, _ = self.explicit_pad
