@@ -30,7 +30,7 @@ def safe_name(name: str, taken: Iterable[str]) -> str:
     return candidate
 
 
-def _infer_top_shapes(module: nn.Module, bottom_shapes: Sequence[Shape]) -> List[Shape]:
+def infer_top_shapes(module: nn.Module, bottom_shapes: Sequence[Shape]) -> List[Shape]:
     """Run the module on meta tensors: shapes without computing anything."""
     state = {k: v.to("meta") for k, v in list(module.named_parameters()) + list(module.named_buffers())}
     inputs = tuple(torch.empty(s, device="meta") for s in bottom_shapes)
@@ -111,7 +111,7 @@ class CaffeNet(nn.Module):
         top_shapes = converted.top_shapes
         if top_shapes is None:
             try:
-                top_shapes = _infer_top_shapes(converted.module, [self.blob_shapes[b] for b in converted.bottoms])
+                top_shapes = infer_top_shapes(converted.module, [self.blob_shapes[b] for b in converted.bottoms])
             except CaffeCompatError:
                 raise
             except Exception as err:  # a module that cannot take these bottoms

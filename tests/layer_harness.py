@@ -8,7 +8,7 @@ from onnx import TensorProto, helper
 from caffe_compat.io.schema import messages
 from caffe_compat.layers.onnx_graph import OnnxGraph
 from caffe_compat.layers.registry import REGISTRY, LayerContext
-from caffe_compat.net import _infer_top_shapes
+from caffe_compat.net import infer_top_shapes
 
 
 def build(layer_type, params="", shapes=((2, 3, 4, 5),), tops=1, top_names=None, phase="TEST"):
@@ -58,8 +58,9 @@ def onnx_model(layer_type, ctx, converted, opset, input_dims=None, output_dims=N
     if input_dims is None:
         input_dims = [["N", *shape[1:]] for shape in ctx.bottom_shapes]
     if output_dims is None:
-        # the net's own inference, for builders that leave the top shapes to it
-        top_shapes = converted.top_shapes or _infer_top_shapes(converted.module, ctx.bottom_shapes)
+        top_shapes = converted.top_shapes
+        if top_shapes is None:  # the builder leaves them to the net's own inference
+            top_shapes = infer_top_shapes(converted.module, ctx.bottom_shapes)
         output_dims = [[f"{top}_{i}" for i in range(len(shape))] for top, shape in zip(ctx.tops, top_shapes)]
     graph = helper.make_graph(
         g.nodes, "layer",

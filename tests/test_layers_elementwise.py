@@ -3,31 +3,13 @@ backward, written out here element by element, and the ONNX emitters."""
 import math
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from google.protobuf import text_format
-from onnx import TensorProto, helper
 
 from caffe_compat.errors import CaffeCompatError
-from caffe_compat.io.schema import messages
-from caffe_compat.layers.onnx_graph import OnnxGraph
-from caffe_compat.layers.registry import REGISTRY, LayerContext
+from layer_harness import CallWithList, build, onnx_and_module_tops, onnx_model
 
 RNG = np.random.default_rng(0)
-
-
-def build(layer_type, params="", shapes=((2, 3, 4, 5),), tops=1, phase="TEST"):
-    """Build one layer whose bottoms are b0, b1, ... of `shapes`; returns (ctx, converted)."""
-    bottoms = [f"b{i}" for i in range(len(shapes))]
-    text = f'name: "layer" type: "{layer_type}" {params} '
-    text += " ".join(f'bottom: "{b}"' for b in bottoms) + " " + " ".join(f'top: "t{i}"' for i in range(tops))
-    param = text_format.Parse(text, messages("bvlc").LayerParameter())
-    ctx = LayerContext("layer", layer_type, param, bottoms, [f"t{i}" for i in range(tops)],
-                       [tuple(s) for s in shapes], phase)
-    converted = REGISTRY[layer_type].build(ctx)
-    converted.module.train(phase == "TRAIN")
-    return ctx, converted
 
 
 def run(converted, *arrays, grad_seed=None):
@@ -55,35 +37,14 @@ def randn(*shape, zeros=True):
     return x
 
 
-def export_and_run(layer_type, params, shapes, batch_sizes=(1, 5), opset=17, tops=1):
-    """Export one layer's emitter through a graph with a symbolic batch axis, check it,
-    and compare onnxruntime with the module at each batch size."""
-    import onnxruntime as ort
-
-    ctx, converted = build(layer_type, params, shapes, tops)
-    g = OnnxGraph(opset)
-    inputs, outputs = list(ctx.bottoms), list(ctx.tops)
-    for name in inputs + outputs:
-        g.reserve(name)
-    REGISTRY[layer_type].to_onnx(g, ctx, converted.module, inputs, outputs)
-    graph = helper.make_graph(
-        g.nodes, "layer",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", *s[1:]]) for n, s in zip(inputs, shapes)],
-        # outputs: only the rank is fixed (symbolic sizes: some depend on the batch)
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [f"{n}_{i}" for i in range(len(s))])
-         for n, s in zip(outputs, converted.top_shapes)],
-        g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    onnx.checker.check_model(model, full_check=True)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    for batch in batch_sizes:
-        arrays = [randn(batch, *s[1:]) for s in shapes]
-        ours = converted.module(*[torch.tensor(a) for a in arrays])
-        ours = ours if isinstance(ours, tuple) else (ours,)
-        theirs = session.run(outputs, dict(zip(inputs, arrays)))
-        for a, b in zip(ours, theirs):
-            assert a.shape == b.shape
-            assert_close(b, a.detach().numpy(), 1e-5)
+def export_and_run(layer_type, params, shapes, opset=17):
+    """Export one layer's emitter through a graph with a symbolic batch axis and compare
+    onnxruntime with the module at batch sizes 1 and 5."""
+    ctx, converted = build(layer_type, params, shapes)
+    model = onnx_model(layer_type, ctx, converted, opset)
+    for batch in (1, 5):
+        for theirs, ours in onnx_and_module_tops(model, converted.module, [randn(batch, *s[1:]) for s in shapes]):
+            assert_close(theirs, ours, 1e-5)
 
 
 # ---------------------------------------------------------------- ReLU, PReLU, ELU
@@ -351,19 +312,6 @@ TRACED = [
     ("Eltwise", "eltwise_param { operation: PROD }", [(2, 3, 4)] * 3),
     ("Eltwise", "eltwise_param { operation: MAX }", [(2, 3, 4)] * 3),
 ]
-
-
-class CallWithList(torch.nn.Module):
-    """Calls `layer` with the bottoms of one list: fx cannot trace a *bottoms signature on
-    its own (a net's trace calls the layer with its bottoms, as here)."""
-
-    def __init__(self, layer, count):
-        super().__init__()
-        self.layer = layer
-        self.count = count
-
-    def forward(self, bottoms):
-        return self.layer(*[bottoms[i] for i in range(self.count)])
 
 
 @pytest.mark.parametrize("layer_type,params,shapes", TRACED)

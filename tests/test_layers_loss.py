@@ -6,22 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from google.protobuf import text_format
 
 from caffe_compat.errors import CaffeCompatError
-from caffe_compat.io.schema import messages
-from caffe_compat.layers.registry import REGISTRY, LayerContext
+from layer_harness import build
 
 RNG = np.random.default_rng(11)
 FLT_MIN = np.float32(1.17549435e-38)
-
-
-def make_layer(layer_type, params, shapes, tops=1):
-    bottoms = [f"b{i}" for i in range(len(shapes))]
-    top_names = [f"t{i}" for i in range(tops)]
-    param = text_format.Parse(f'name: "L" type: "{layer_type}" {params}', messages("bvlc").LayerParameter())
-    ctx = LayerContext("L", layer_type, param, bottoms, top_names, [tuple(s) for s in shapes], "TRAIN")
-    return REGISTRY[layer_type].build(ctx)
 
 
 def loss_and_grads(module, arrays, weight=1.0):
@@ -81,7 +71,7 @@ def test_softmax_loss_normalizations_and_ignore_label(normalization, ignore):
     label[1] = 2
     params = f"loss_param {{ normalization: {normalization} " + ("" if ignore is None else
                                                                    f"ignore_label: {ignore}") + " }"
-    layer = make_layer("SoftmaxWithLoss", params, [x.shape, label.shape])
+    _, layer = build("SoftmaxWithLoss", params, [x.shape, label.shape])
     value, (dx, dlabel) = loss_and_grads(layer.module, [x, label], weight=0.7)
     expected, expected_dx, _ = caffe_softmax_loss(x, label, 1, ignore, normalization, 0.7)
     assert value == pytest.approx(expected, rel=1e-6)
@@ -92,8 +82,8 @@ def test_softmax_loss_normalizations_and_ignore_label(normalization, ignore):
 @pytest.mark.parametrize("normalize,mode", [("true", "VALID"), ("false", "BATCH_SIZE")])
 def test_softmax_loss_legacy_normalize_flag(normalize, mode):
     x, label = normal(2, 4, 3, 5), labels(30, 4)
-    layer = make_layer("SoftmaxWithLoss", f"loss_param {{ normalize: {normalize} ignore_label: 0 }}",
-                       [x.shape, (2, 1, 3, 5)])
+    _, layer = build("SoftmaxWithLoss", f"loss_param {{ normalize: {normalize} ignore_label: 0 }}",
+                     [x.shape, (2, 1, 3, 5)])
     value, (dx, _) = loss_and_grads(layer.module, [x, label.reshape(2, 1, 3, 5)])
     expected, expected_dx, _ = caffe_softmax_loss(x, label, 1, 0, mode, 1.0)
     assert value == pytest.approx(expected, rel=1e-6)
@@ -102,8 +92,8 @@ def test_softmax_loss_legacy_normalize_flag(normalize, mode):
 
 def test_softmax_loss_spatial_axis_and_probability_top():
     x, label = normal(2, 3, 4, 5), labels(2 * 3 * 5, 4)
-    layer = make_layer("SoftmaxWithLoss", "softmax_param { axis: 2 } loss_param { ignore_label: 1 }",
-                       [x.shape, (2, 3, 5)], tops=2)
+    _, layer = build("SoftmaxWithLoss", "softmax_param { axis: 2 } loss_param { ignore_label: 1 }",
+                     [x.shape, (2, 3, 5)], tops=2)
     assert layer.top_shapes == [(), (2, 3, 4, 5)]
     scores = torch.tensor(x, requires_grad=True)
     value, prob = layer.module(scores, torch.tensor(label.reshape(2, 3, 5)))
@@ -118,7 +108,7 @@ def test_softmax_loss_spatial_axis_and_probability_top():
 def test_softmax_loss_clamps_like_caffe_and_keeps_its_gradient():
     x = np.array([[0.0, 200.0, -200.0], [1.0, 2.0, 3.0]], np.float32)  # p(label 0) underflows to 0
     label = np.array([0, 2], np.float32)
-    layer = make_layer("SoftmaxWithLoss", "", [x.shape, label.shape])
+    _, layer = build("SoftmaxWithLoss", "", [x.shape, label.shape])
     value, (dx, _) = loss_and_grads(layer.module, [x, label])
     expected, expected_dx, _ = caffe_softmax_loss(x, label, 1, None, "VALID", 1.0)
     assert value == pytest.approx(expected, rel=1e-6)
@@ -130,14 +120,14 @@ def test_softmax_loss_clamps_like_caffe_and_keeps_its_gradient():
 
 def test_softmax_loss_all_ignored_is_zero_without_nan():
     x, label = normal(3, 4), np.full(3, 7, np.float32)
-    layer = make_layer("SoftmaxWithLoss", "loss_param { ignore_label: 7 }", [x.shape, label.shape])
+    _, layer = build("SoftmaxWithLoss", "loss_param { ignore_label: 7 }", [x.shape, label.shape])
     value, (dx, _) = loss_and_grads(layer.module, [x, label])
     assert value == 0 and np.all(dx == 0)
 
 
 def test_softmax_loss_rejects_mismatched_labels():
     with pytest.raises(CaffeCompatError, match="labels"):
-        make_layer("SoftmaxWithLoss", "", [(4, 5, 2), (4,)])
+        build("SoftmaxWithLoss", "", [(4, 5, 2), (4,)])
 
 
 # ---------------------------------------------------------------- Accuracy
@@ -173,7 +163,7 @@ def test_accuracy_with_ties_and_per_class_top(top_k, ignore):
     x = np.round(normal(9, 5, 2) * 2) / 2  # coarse values: ties with the true class
     label = labels(18, 5)
     params = f"accuracy_param {{ top_k: {top_k} " + ("" if ignore is None else f"ignore_label: {ignore}") + " }"
-    layer = make_layer("Accuracy", params, [x.shape, (9, 2)], tops=2)
+    _, layer = build("Accuracy", params, [x.shape, (9, 2)], tops=2)
     assert layer.top_shapes == [(), (5,)]
     accuracy, per_class = layer.module(torch.tensor(x, requires_grad=True), torch.tensor(label.reshape(9, 2)))
     expected, expected_per_class = caffe_accuracy(x, label, 1, top_k, ignore)
@@ -184,21 +174,21 @@ def test_accuracy_with_ties_and_per_class_top(top_k, ignore):
 
 def test_accuracy_on_another_axis():
     x, label = normal(2, 3, 6), labels(6, 6)
-    layer = make_layer("Accuracy", "accuracy_param { axis: -1 top_k: 3 }", [x.shape, (2, 3)])
+    _, layer = build("Accuracy", "accuracy_param { axis: -1 top_k: 3 }", [x.shape, (2, 3)])
     accuracy = layer.module(torch.tensor(x), torch.tensor(label.reshape(2, 3)))
     assert accuracy.item() == pytest.approx(caffe_accuracy(x, label, 2, 3, None)[0], abs=1e-7)
 
 
 def test_accuracy_rejects_top_k_above_the_class_count():
     with pytest.raises(CaffeCompatError, match="top_k"):
-        make_layer("Accuracy", "accuracy_param { top_k: 6 }", [(4, 5), (4,)])
+        build("Accuracy", "accuracy_param { top_k: 6 }", [(4, 5), (4,)])
 
 
 # ---------------------------------------------------------------- EuclideanLoss
 
 def test_euclidean_loss_and_both_gradients():
     a, b = normal(4, 3, 2), normal(4, 6)
-    layer = make_layer("EuclideanLoss", "", [a.shape, b.shape])
+    _, layer = build("EuclideanLoss", "", [a.shape, b.shape])
     value, (da, db) = loss_and_grads(layer.module, [a, b], weight=2.0)
     diff = a.reshape(4, 6).astype(np.float64) - b
     assert value == pytest.approx((diff ** 2).sum() / 4 / 2, rel=1e-6)
@@ -208,7 +198,7 @@ def test_euclidean_loss_and_both_gradients():
 
 def test_euclidean_loss_rejects_different_sizes():
     with pytest.raises(CaffeCompatError, match="size"):
-        make_layer("EuclideanLoss", "", [(4, 3), (4, 2)])
+        build("EuclideanLoss", "", [(4, 3), (4, 2)])
 
 
 # ---------------------------------------------------------------- ContrastiveLoss
@@ -240,8 +230,8 @@ def test_contrastive_loss_both_versions_with_caffes_backward(legacy, margin):
     a, b = normal(10, 3, 1, 1) * 0.5, normal(10, 3, 1, 1) * 0.5
     a[3] = b[3]  # a dissimilar pair at distance 0: Caffe's 1e-4 keeps the gradient finite
     sim = np.array([1, 0, 1, 0, 0, 0, 0.7, 1.2, 0, 1], np.float32).reshape(10, 1, 1, 1)  # 0.7 truncates to 0
-    layer = make_layer("ContrastiveLoss", f"contrastive_loss_param {{ margin: {margin} "
-                                          f"legacy_version: {str(legacy).lower()} }}", [a.shape, b.shape, sim.shape])
+    _, layer = build("ContrastiveLoss", f"contrastive_loss_param {{ margin: {margin} "
+                                        f"legacy_version: {str(legacy).lower()} }}", [a.shape, b.shape, sim.shape])
     value, (da, db, dsim) = loss_and_grads(layer.module, [a, b, sim])
     expected, expected_da = caffe_contrastive(a, b, sim.reshape(-1), margin, legacy)
     assert value == pytest.approx(expected, rel=1e-6)
@@ -252,7 +242,7 @@ def test_contrastive_loss_both_versions_with_caffes_backward(legacy, margin):
 
 def test_contrastive_loss_rejects_spatial_bottoms():
     with pytest.raises(CaffeCompatError, match="num, channels, 1, 1"):
-        make_layer("ContrastiveLoss", "", [(4, 3, 2, 1), (4, 3, 2, 1), (4, 1, 1, 1)])
+        build("ContrastiveLoss", "", [(4, 3, 2, 1), (4, 3, 2, 1), (4, 1, 1, 1)])
 
 
 # ---------------------------------------------------------------- SigmoidCrossEntropyLoss
@@ -286,7 +276,7 @@ def test_sigmoid_cross_entropy(params, mode, ignore):
     if ignore is not None:
         params = params.replace("loss_param {", "loss_param { ignore_label: -1") if params else \
             "loss_param { ignore_label: -1 }"
-    layer = make_layer("SigmoidCrossEntropyLoss", params, [x.shape, target.shape])
+    _, layer = build("SigmoidCrossEntropyLoss", params, [x.shape, target.shape])
     value, (dx, dtarget) = loss_and_grads(layer.module, [x, target], weight=1.5)
     expected, expected_dx = caffe_sigmoid_cross_entropy(x, target, ignore, mode, 1.5)
     assert value == pytest.approx(expected, rel=1e-6)
@@ -300,7 +290,7 @@ def test_sigmoid_cross_entropy(params, mode, ignore):
 def test_hinge_loss(norm):
     x, label = normal(5, 4, 2), labels(5, 8)
     x[0, 0, 0] = -1.0  # exactly on the hinge
-    layer = make_layer("HingeLoss", f"hinge_loss_param {{ norm: {norm} }}", [x.shape, (5, 1)])
+    _, layer = build("HingeLoss", f"hinge_loss_param {{ norm: {norm} }}", [x.shape, (5, 1)])
     value, (dx, dlabel) = loss_and_grads(layer.module, [x, label.reshape(5, 1)])
     flat = x.reshape(5, 8).astype(np.float64)
     sign = np.ones_like(flat)
@@ -319,7 +309,7 @@ def test_multinomial_logistic_loss_clamps_and_keeps_caffes_gradient():
     prob = RNG.random((4, 6)).astype(np.float32)
     label = np.array([2, 0, 5, 1], np.float32)
     prob[2, 5] = 0.0  # below kLOG_THRESHOLD
-    layer = make_layer("MultinomialLogisticLoss", "", [prob.shape, (4, 1, 1, 1)])
+    _, layer = build("MultinomialLogisticLoss", "", [prob.shape, (4, 1, 1, 1)])
     value, (dprob, _) = loss_and_grads(layer.module, [prob, label.reshape(4, 1, 1, 1)])
     picked = np.maximum(prob[np.arange(4), label.astype(int)].astype(np.float64), np.float32(1e-20))
     assert value == pytest.approx(-np.log(picked).sum() / 4, rel=1e-6)
@@ -342,7 +332,7 @@ def test_multinomial_logistic_loss_clamps_and_keeps_caffes_gradient():
     ("MultinomialLogisticLoss", "", [(4, 3), (4,)], lambda: [np.abs(normal(4, 3)), labels(4, 3)]),
 ])
 def test_losses_trace_with_fx_at_another_batch_size(layer_type, params, shapes, make_inputs):
-    module = make_layer(layer_type, params, shapes).module
+    module = build(layer_type, params, shapes)[1].module
     traced = torch.fx.symbolic_trace(module)
     inputs = [torch.tensor(np.concatenate([a, a])) for a in make_inputs()]  # batch 8, built for 4
     assert torch.equal(traced(*inputs), module(*inputs))

@@ -2,31 +2,13 @@
 from Caffe's layer sources (loops over Caffe's outer/channel/inner indexing, Caffe's own
 backward formulas), and their ONNX emitters run in onnxruntime."""
 import numpy as np
-import onnx
 import pytest
 import torch
-from google.protobuf import text_format
-from onnx import TensorProto, helper
 
 from caffe_compat.errors import CaffeCompatError
-from caffe_compat.io.schema import messages
-from caffe_compat.layers.onnx_graph import OnnxGraph
-from caffe_compat.layers.registry import REGISTRY, LayerContext
+from layer_harness import build, onnx_and_module_tops, onnx_model
 
 RNG = np.random.default_rng(7)
-
-
-def make_layer(layer_type, params="", shapes=((2, 3, 4, 5),), phase="TEST", tops=1):
-    """(ctx, module) for one layer reading bottoms b0, b1, ... of `shapes`."""
-    bottoms = [f"b{i}" for i in range(len(shapes))]
-    top_names = [f"t{i}" for i in range(tops)]
-    param = text_format.Parse(f'name: "L" type: "{layer_type}" {params}', messages("bvlc").LayerParameter())
-    param.bottom.extend(bottoms)
-    param.top.extend(top_names)
-    ctx = LayerContext("L", layer_type, param, bottoms, top_names, [tuple(s) for s in shapes], phase)
-    module = REGISTRY[layer_type].build(ctx).module
-    module.train(phase == "TRAIN")
-    return ctx, module
 
 
 def normal(*shape):
@@ -58,7 +40,7 @@ def set_stats(module, mean, variance, factor):
 @pytest.mark.parametrize("shape", [(2, 3), (2, 3, 5), (2, 3, 4, 5), (1, 3, 2, 2, 2)])
 @pytest.mark.parametrize("factor", [1.0, 2.5, 0.0])
 def test_batch_norm_stored_statistics(shape, factor):
-    _, bn = make_layer("BatchNorm", "batch_norm_param { eps: 0.001 }", [shape])
+    bn = build("BatchNorm", "batch_norm_param { eps: 0.001 }", [shape])[1].module
     c = shape[1]
     mean, variance = normal(c), np.abs(normal(c)) + 0.1
     set_stats(bn, mean, variance, factor)
@@ -75,8 +57,8 @@ def test_batch_norm_stored_statistics(shape, factor):
 
 def test_batch_norm_training_uses_batch_statistics_and_updates_caffes_sums():
     shape = (4, 3, 2, 5)
-    _, bn = make_layer("BatchNorm", "batch_norm_param { eps: 0.01 moving_average_fraction: 0.9 }",
-                       [shape], phase="TRAIN")
+    bn = build("BatchNorm", "batch_norm_param { eps: 0.01 moving_average_fraction: 0.9 }",
+               [shape], phase="TRAIN")[1].module
     old_mean, old_var = normal(3), np.abs(normal(3))
     set_stats(bn, old_mean, old_var, 2.0)
     x = normal(*shape) * 3 + 1
@@ -98,7 +80,7 @@ def test_batch_norm_training_uses_batch_statistics_and_updates_caffes_sums():
 
 
 def test_batch_norm_one_value_per_channel_keeps_statistics_finite():
-    _, bn = make_layer("BatchNorm", "", [(1, 4)], phase="TRAIN")
+    bn = build("BatchNorm", "", [(1, 4)], phase="TRAIN")[1].module
     set_stats(bn, np.ones(4, np.float32), np.ones(4, np.float32), 1.0)
     y = bn(torch.tensor(normal(1, 4)))
     assert torch.all(y == 0)
@@ -109,7 +91,7 @@ def test_batch_norm_one_value_per_channel_keeps_statistics_finite():
                                                     ("TEST", "use_global_stats: false", False),
                                                     ("TRAIN", "use_global_stats: true", True)])
 def test_batch_norm_use_global_stats_follows_phase_unless_set(phase, flag, uses_stored):
-    _, bn = make_layer("BatchNorm", f"batch_norm_param {{ {flag} }}", phase=phase)
+    bn = build("BatchNorm", f"batch_norm_param {{ {flag} }}", phase=phase)[1].module
     assert bn.uses_global_stats() == uses_stored
     if not flag:  # unset: the module's own train/eval switch decides
         bn.train(not bn.training)
@@ -118,8 +100,8 @@ def test_batch_norm_use_global_stats_follows_phase_unless_set(phase, flag, uses_
 
 def test_batch_norm_traces_with_fx_in_both_phases():
     for phase in ("TEST", "TRAIN"):
-        _, bn = make_layer("BatchNorm", "", [(2, 3, 4)], phase=phase)
-        _, twin = make_layer("BatchNorm", "", [(2, 3, 4)], phase=phase)
+        bn = build("BatchNorm", "", [(2, 3, 4)], phase=phase)[1].module
+        twin = build("BatchNorm", "", [(2, 3, 4)], phase=phase)[1].module
         for module in (bn, twin):
             set_stats(module, np.ones(3, np.float32), np.full(3, 2.0, np.float32), 1.0)
         traced = torch.fx.symbolic_trace(bn)
@@ -129,13 +111,13 @@ def test_batch_norm_traces_with_fx_in_both_phases():
 
 
 def test_batch_norm_blobs_and_errors():
-    _, bn = make_layer("BatchNorm")
+    bn = build("BatchNorm")[1].module
     assert [tuple(b.shape) for b in bn.caffe_blobs()] == [(3,), (3,), (1,)]
     assert not list(bn.parameters())
     with pytest.raises(CaffeCompatError, match="lr_mult"):
-        make_layer("BatchNorm", "param { lr_mult: 1 }")
+        build("BatchNorm", "param { lr_mult: 1 }")
     with pytest.raises(CaffeCompatError, match="rank"):
-        make_layer("BatchNorm", "", [(5,)])
+        build("BatchNorm", "", [(5,)])
 
 
 # ---------------------------------------------------------------- Scale and Bias
@@ -166,9 +148,9 @@ LEARNED_LAYOUTS = [  # (params, shape, axis Caffe lines the blob up at, blob sha
 
 @pytest.mark.parametrize("params,shape,axis,blob_shape", LEARNED_LAYOUTS)
 def test_scale_learned_with_bias(params, shape, axis, blob_shape):
-    _, layer = make_layer("Scale", f"scale_param {{ {params} bias_term: true "
-                                   f"filler {{ type: 'uniform' min: -2 max: 2 }} "
-                                   f"bias_filler {{ type: 'gaussian' }} }}", [shape])
+    layer = build("Scale", f"scale_param {{ {params} bias_term: true "
+                           f"filler {{ type: 'uniform' min: -2 max: 2 }} "
+                           f"bias_filler {{ type: 'gaussian' }} }}", [shape])[1].module
     assert layer.blob_names == ("weight", "bias")
     assert tuple(layer.weight.shape) == blob_shape and tuple(layer.bias.shape) == blob_shape
     w, b = layer.weight.detach().numpy(), layer.bias.detach().numpy()
@@ -183,9 +165,9 @@ def test_scale_learned_with_bias(params, shape, axis, blob_shape):
 
 
 def test_scale_default_fillers_are_identity():
-    _, layer = make_layer("Scale", "scale_param { bias_term: true }")
+    layer = build("Scale", "scale_param { bias_term: true }")[1].module
     assert torch.all(layer.weight == 1) and torch.all(layer.bias == 0)
-    _, layer = make_layer("Bias")
+    layer = build("Bias")[1].module
     assert torch.all(layer.bias == 0)
 
 
@@ -198,7 +180,7 @@ def test_scale_default_fillers_are_identity():
 ])
 def test_scale_and_bias_from_a_second_bottom(layer_type, params, shapes, axis):
     field = "scale_param" if layer_type == "Scale" else "bias_param"
-    _, layer = make_layer(layer_type, f"{field} {{ {params} }}", shapes)
+    layer = build(layer_type, f"{field} {{ {params} }}", shapes)[1].module
     assert layer.blob_names == ()
     x, operand = normal(*shapes[0]), normal(*shapes[1])
     y, dy, (dx, d_operand) = forward_backward(layer, [x, operand])
@@ -213,8 +195,8 @@ def test_scale_and_bias_from_a_second_bottom(layer_type, params, shapes, axis):
 
 
 def test_scale_with_second_bottom_and_bias_learns_only_the_bias():
-    _, layer = make_layer("Scale", "scale_param { axis: 1 bias_term: true bias_filler { type: 'constant' "
-                                   "value: 0.5 } }", [(2, 3, 4), (3,)])
+    layer = build("Scale", "scale_param { axis: 1 bias_term: true bias_filler { type: 'constant' "
+                           "value: 0.5 } }", [(2, 3, 4), (3,)])[1].module
     assert layer.blob_names == ("bias",) and tuple(layer.bias.shape) == (3,)
     x, s = normal(2, 3, 4), normal(3)
     assert rel_err(layer(torch.tensor(x), torch.tensor(s)).detach().numpy(), x * s[:, None] + 0.5) < 1e-6
@@ -227,8 +209,8 @@ def test_scale_with_second_bottom_and_bias_learns_only_the_bias():
     ("Bias", "bias_param { num_axes: -2 }", [(2, 3, 4, 5)]),
 ])
 def test_scale_and_bias_reject_misaligned_operands(layer_type, params, shapes):
-    with pytest.raises(CaffeCompatError, match="layer 'L'"):
-        make_layer(layer_type, params, shapes)
+    with pytest.raises(CaffeCompatError, match="layer 'layer'"):
+        build(layer_type, params, shapes)
 
 
 # ---------------------------------------------------------------- MVN
@@ -254,7 +236,7 @@ def caffe_mvn(x, across_channels, normalize_variance, eps, top_diff):
 def test_mvn_forward_and_caffes_backward(shape, across_channels, normalize_variance, eps):
     params = (f"mvn_param {{ across_channels: {str(across_channels).lower()} "
               f"normalize_variance: {str(normalize_variance).lower()} eps: {eps} }}")
-    _, layer = make_layer("MVN", params, [shape])
+    layer = build("MVN", params, [shape])[1].module
     x = normal(*shape) * 2 + 1
     y, dy, (dx,) = forward_backward(layer, [x])
     assert y.shape == shape + (1,) * (4 - len(shape))  # Caffe's top is 4-D
@@ -265,7 +247,7 @@ def test_mvn_forward_and_caffes_backward(shape, across_channels, normalize_varia
 
 def test_mvn_rejects_more_than_four_axes():
     with pytest.raises(CaffeCompatError, match="4 axes"):
-        make_layer("MVN", "", [(1, 2, 3, 4, 5)])
+        build("MVN", "", [(1, 2, 3, 4, 5)])
 
 
 # ---------------------------------------------------------------- Softmax
@@ -273,7 +255,7 @@ def test_mvn_rejects_more_than_four_axes():
 @pytest.mark.parametrize("axis", [0, 1, 2, 3, -1, -3])
 def test_softmax_on_any_axis_with_caffes_backward(axis):
     shape = (2, 3, 4, 5)
-    _, layer = make_layer("Softmax", f"softmax_param {{ axis: {axis} }}", [shape])
+    layer = build("Softmax", f"softmax_param {{ axis: {axis} }}", [shape])[1].module
     x = normal(*shape) * 10
     y, dy, (dx,) = forward_backward(layer, [x])
     xd = x.astype(np.float64)
@@ -286,7 +268,7 @@ def test_softmax_on_any_axis_with_caffes_backward(axis):
 
 def test_softmax_rejects_an_axis_out_of_range():
     with pytest.raises(CaffeCompatError, match="axis 4"):
-        make_layer("Softmax", "softmax_param { axis: 4 }")
+        build("Softmax", "softmax_param { axis: 4 }")
 
 
 # ---------------------------------------------------------------- Reduction
@@ -296,8 +278,8 @@ def test_softmax_rejects_an_axis_out_of_range():
 @pytest.mark.parametrize("coeff", [1.0, -0.5])
 def test_reduction(operation, axis, coeff):
     shape = (2, 3, 4, 5)
-    _, layer = make_layer("Reduction", f"reduction_param {{ operation: {operation} axis: {axis} "
-                                       f"coeff: {coeff} }}", [shape])
+    layer = build("Reduction", f"reduction_param {{ operation: {operation} axis: {axis} "
+                               f"coeff: {coeff} }}", [shape])[1].module
     x = normal(*shape)
     x.flat[::9] = 0  # ASUM's gradient is sign(x): 0 at 0
     y, dy, (dx,) = forward_backward(layer, [x])
@@ -317,27 +299,13 @@ def test_reduction(operation, axis, coeff):
 # ---------------------------------------------------------------- ONNX
 
 def export(layer_type, params, shapes, batched, opset, phase="TEST", prepare=None):
-    """The layer's emitter in a checked ONNX model, inputs whose first axis is the batch
-    (`batched`) left symbolic. Returns (module, onnxruntime session, input names)."""
-    import onnxruntime as ort
-
-    ctx, module = make_layer(layer_type, params, shapes, phase)
+    """(module, model): the layer's emitter in a checked ONNX model whose inputs marked
+    in `batched` have a symbolic first axis, the batch."""
+    ctx, converted = build(layer_type, params, shapes, phase=phase)
     if prepare is not None:
-        prepare(module)
-    g = OnnxGraph(opset)
-    for name in ctx.bottoms + ctx.tops:
-        g.reserve(name)
-    REGISTRY[layer_type].to_onnx(g, ctx, module, list(ctx.bottoms), list(ctx.tops))
-    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, (["N", *shape[1:]] if flag else list(shape)))
-              for name, shape, flag in zip(ctx.bottoms, shapes, batched)]
-    with torch.no_grad():
-        rank = module(*[torch.zeros(s) for s in shapes]).dim()
-    outputs = [helper.make_tensor_value_info(ctx.tops[0], TensorProto.FLOAT, [f"d{i}" for i in range(rank)])]
-    model = helper.make_model(helper.make_graph(g.nodes, "layer", inputs, outputs, g.initializers),
-                              opset_imports=[helper.make_opsetid("", opset)])
-    onnx.checker.check_model(model, full_check=True)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return module, session, list(ctx.bottoms)
+        prepare(converted.module)
+    input_dims = [["N", *shape[1:]] if flag else list(shape) for shape, flag in zip(shapes, batched)]
+    return converted.module, onnx_model(layer_type, ctx, converted, opset, input_dims=input_dims)
 
 
 def random_stats(module):
@@ -376,19 +344,14 @@ ONNX_CASES = [  # (type, params, shapes, which inputs are batched, phase, prepar
 @pytest.mark.parametrize("opset", [13, 17, 18])
 @pytest.mark.parametrize("layer_type,params,shapes,batched,phase,prepare", ONNX_CASES)
 def test_onnx_emitter_matches_module(layer_type, params, shapes, batched, phase, prepare, opset):
-    module, session, names = export(layer_type, params, shapes, batched, opset, phase, prepare)
+    module, model = export(layer_type, params, shapes, batched, opset, phase, prepare)
     for batch in (1, 5):
         arrays = [normal(*((batch, *s[1:]) if flag else s)) for s, flag in zip(shapes, batched)]
-        with torch.no_grad():
-            ours = module(*[torch.tensor(a) for a in arrays]).numpy()
-        (theirs,) = session.run(None, dict(zip(names, arrays)))
-        assert theirs.shape == ours.shape
+        ((theirs, ours),) = onnx_and_module_tops(model, module, arrays)
         assert rel_err(theirs, ours) < 1e-5
 
 
 def test_onnx_batch_norm_is_caffes_sub_then_div():
-    module, session, names = export("BatchNorm", "", [(2, 3, 4, 5)], [True], 17, prepare=random_stats)
-    x = normal(3, 3, 4, 5)
-    with torch.no_grad():
-        ours = module(torch.tensor(x)).numpy()
-    np.testing.assert_array_equal(session.run(None, {names[0]: x})[0], ours)
+    module, model = export("BatchNorm", "", [(2, 3, 4, 5)], [True], 17, prepare=random_stats)
+    ((theirs, ours),) = onnx_and_module_tops(model, module, [normal(3, 3, 4, 5)])
+    np.testing.assert_array_equal(theirs, ours)

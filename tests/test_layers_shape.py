@@ -2,34 +2,15 @@
 shapes and values against Caffe's rules written out here, gradients, a batch size other
 than the one built for, and the ONNX emitters."""
 import numpy as np
-import onnx
 import pytest
 import torch
-from google.protobuf import text_format
-from onnx import TensorProto, helper
 
 from caffe_compat.errors import CaffeCompatError
-from caffe_compat.io.schema import messages
 from caffe_compat.layers.onnx_graph import OnnxGraph
-from caffe_compat.layers.registry import REGISTRY, LayerContext
+from caffe_compat.layers.registry import REGISTRY
+from layer_harness import CallWithList, build, onnx_and_module_tops, onnx_model, tops_of
 
 RNG = np.random.default_rng(1)
-
-
-def build(layer_type, params="", shapes=((2, 3, 4, 5),), tops=1, top_names=None):
-    """Build one layer whose bottoms are b0, b1, ... of `shapes`; returns (ctx, converted)."""
-    bottoms = [f"b{i}" for i in range(len(shapes))]
-    top_names = top_names or [f"t{i}" for i in range(tops)]
-    text = f'name: "layer" type: "{layer_type}" {params} '
-    text += " ".join(f'bottom: "{b}"' for b in bottoms) + " " + " ".join(f'top: "{t}"' for t in top_names)
-    param = text_format.Parse(text, messages("bvlc").LayerParameter())
-    ctx = LayerContext("layer", layer_type, param, bottoms, top_names, [tuple(s) for s in shapes], "TEST")
-    return ctx, REGISTRY[layer_type].build(ctx)
-
-
-def tops_of(module, *tensors):
-    out = module(*tensors)
-    return out if isinstance(out, tuple) else (out,)
 
 
 def randn(*shape):
@@ -59,32 +40,15 @@ def check_against(converted, reference, shapes, batch_sizes=(None, 5)):
             np.testing.assert_allclose(ours_bottom.grad.numpy(), ref_bottom.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
-def export_and_run(layer_type, params, shapes, tops=1, batch_sizes=(1, 5), opset=17, arrays_of=None):
-    import onnxruntime as ort
-
+def export_and_run(layer_type, params, shapes, tops=1, opset=17, arrays_of=randn):
+    """Export one layer's emitter through a graph with a symbolic batch axis and compare
+    onnxruntime with the module at batch sizes 1 and 5, on bottoms from `arrays_of`."""
     ctx, converted = build(layer_type, params, shapes, tops)
-    g = OnnxGraph(opset)
-    inputs, outputs = list(ctx.bottoms), list(ctx.tops)
-    for name in inputs + outputs:
-        g.reserve(name)
-    REGISTRY[layer_type].to_onnx(g, ctx, converted.module, inputs, outputs)
-    graph = helper.make_graph(
-        g.nodes, "layer",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", *s[1:]]) for n, s in zip(inputs, shapes)],
-        # outputs: only the rank is fixed (symbolic sizes: some depend on the batch)
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [f"{n}_{i}" for i in range(len(s))])
-         for n, s in zip(outputs, converted.top_shapes)],
-        g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    onnx.checker.check_model(model, full_check=True)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    for batch in batch_sizes:
-        arrays = [(arrays_of or randn)(batch, *s[1:]) for s in shapes]
-        ours = tops_of(converted.module, *[torch.tensor(a) for a in arrays])
-        theirs = session.run(outputs, dict(zip(inputs, arrays)))
-        for a, b in zip(ours, theirs):
-            assert a.shape == b.shape
-            np.testing.assert_allclose(b, a.numpy(), rtol=1e-5, atol=1e-6)
+    model = onnx_model(layer_type, ctx, converted, opset)
+    for batch in (1, 5):
+        arrays = [arrays_of(batch, *s[1:]) for s in shapes]
+        for theirs, ours in onnx_and_module_tops(model, converted.module, arrays):
+            np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- Concat, Slice, Split
@@ -370,19 +334,6 @@ EXPORTED = [
     ("ArgMax", "argmax_param { top_k: 3 out_max_val: true }", [(3, 4, 2)], 1),
     ("ArgMax", "argmax_param { out_max_val: true }", [(3, 4)], 1),
 ]
-
-
-class CallWithList(torch.nn.Module):
-    """Calls `layer` with the bottoms of one list: fx cannot trace a *bottoms signature on
-    its own (a net's trace calls the layer with its bottoms, as here)."""
-
-    def __init__(self, layer, count):
-        super().__init__()
-        self.layer = layer
-        self.count = count
-
-    def forward(self, bottoms):
-        return self.layer(*[bottoms[i] for i in range(self.count)])
 
 
 @pytest.mark.parametrize("layer_type,params,shapes,tops", EXPORTED)

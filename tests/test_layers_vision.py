@@ -4,32 +4,17 @@ backward, plus the build-time errors and the ONNX emitters run in onnxruntime.""
 import itertools
 
 import numpy as np
-import onnx
 import pytest
 import torch
 import torch.fx
-from google.protobuf import text_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
 
 from caffe_compat.errors import CaffeCompatError
-from caffe_compat.io.schema import messages
-from caffe_compat.layers.onnx_graph import OnnxGraph
-from caffe_compat.layers.registry import REGISTRY, LayerContext
+from layer_harness import build, onnx_and_module_tops, onnx_model
 
 FLT_MAX = float(np.finfo(np.float32).max)
 RNG = np.random.default_rng(0)
-
-
-def build(layer_type, params="", shapes=((2, 3, 6, 7),), tops=1):
-    """Build one layer whose bottoms are b0, b1, ... of `shapes`; returns (ctx, converted)."""
-    bottoms = [f"b{i}" for i in range(len(shapes))]
-    top_names = [f"t{i}" for i in range(tops)]
-    text = f'name: "layer" type: "{layer_type}" {params}'
-    param = text_format.Parse(text, messages("bvlc").LayerParameter())
-    ctx = LayerContext("layer", layer_type, param, bottoms, top_names, [tuple(s) for s in shapes], "TEST")
-    return ctx, REGISTRY[layer_type].build(ctx)
 
 
 def forward_backward(module, arrays, top_diffs=None, dtype=torch.float32):
@@ -537,30 +522,18 @@ def test_modules_trace_with_fx(layer_type, params, shapes):
 # ---------------------------------------------------------------- ONNX
 
 def export_and_compare(layer_type, params, shapes, make_inputs=None, tops=1, opset=17):
-    """Export one layer through a graph whose batch axes are symbolic, check it, and run
-    it in onnxruntime at batch 1 and 5 against the module."""
-    import onnxruntime as ort
-
+    """Export one layer through a graph whose batch axes are symbolic, one name a bottom
+    (a Crop of the batch axis reads two batch sizes), check it, and run it in
+    onnxruntime at batch 1 and 5 against the module."""
     ctx, converted = build(layer_type, params, shapes, tops=tops)
-    g = OnnxGraph(opset)
-    for name in ctx.bottoms + ctx.tops:
-        g.reserve(name)
-    REGISTRY[layer_type].to_onnx(g, ctx, converted.module, list(ctx.bottoms), list(ctx.tops))
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [f"batch{i}", *s[1:]])
-              for i, (n, s) in enumerate(zip(ctx.bottoms, shapes))]
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [f"top_batch{i}", *s[1:]])
-               for i, (n, s) in enumerate(zip(ctx.tops, converted.top_shapes))]
-    model = helper.make_model(helper.make_graph(g.nodes, "layer", inputs, outputs, g.initializers),
-                              opset_imports=[helper.make_opsetid("", opset)])
-    onnx.checker.check_model(model, full_check=True)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    model = onnx_model(layer_type, ctx, converted, opset,
+                       input_dims=[[f"batch{i}", *s[1:]] for i, s in enumerate(shapes)],
+                       output_dims=[[f"top_batch{i}", *s[1:]] for i, s in enumerate(converted.top_shapes)])
     for batch in (1, 5):
         arrays = (make_inputs(batch) if make_inputs else
                   [RNG.standard_normal((batch, *s[1:])).astype(np.float32) for s in shapes])
-        ours = forward_backward(converted.module, arrays)
-        theirs = session.run(None, dict(zip(ctx.bottoms, arrays)))
-        for a, b in zip(theirs, ours):
-            assert_rel(a, b, 1e-5)
+        for theirs, ours in onnx_and_module_tops(model, converted.module, arrays):
+            assert_rel(theirs, ours, 1e-5)
 
 
 @pytest.mark.parametrize("opset", [13, 17])
@@ -616,20 +589,11 @@ def test_inner_product_onnx(shape, axis, transpose, bias):
 
 def test_inner_product_axis_0_onnx():
     # Axis 0 folds the batch into the input vector, so only the built batch size runs.
-    import onnxruntime as ort
-
     params = "inner_product_param { num_output: 3 axis: 0 weight_filler { type: 'gaussian' } }"
     ctx, converted = build("InnerProduct", params, [(2, 4)])
-    g = OnnxGraph(17)
-    REGISTRY["InnerProduct"].to_onnx(g, ctx, converted.module, ["b0"], ["t0"])
-    model = helper.make_model(helper.make_graph(
-        g.nodes, "layer", [helper.make_tensor_value_info("b0", TensorProto.FLOAT, [2, 4])],
-        [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [3])], g.initializers),
-        opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model, full_check=True)
+    model = onnx_model("InnerProduct", ctx, converted, 17, input_dims=[[2, 4]], output_dims=[[3]])
     x = RNG.standard_normal((2, 4)).astype(np.float32)
-    (theirs,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"b0": x})
-    (ours,) = forward_backward(converted.module, [x])
+    ((theirs, ours),) = onnx_and_module_tops(model, converted.module, [x])
     assert theirs.shape == (3,)
     assert_rel(theirs, ours)
 
