@@ -84,3 +84,12 @@ def test_demo_runs(tmp_path):
     result = run("demo", "--workdir", tmp_path / "demo", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "weights identical: True" in result.stdout
+
+
+def test_inspect_needs_no_torch(tmp_path):
+    # Floors 1-3 (schema, readers, graph) stand without torch: inspect still lists the net.
+    code = ("import sys; sys.modules['torch'] = None; from caffe_compat.cli import main; "
+            f"sys.exit(main(['inspect', {str(require(REFERENCE / 'nets' / 'v1_legacy' / 'v1.prototxt'))!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "conv1" in result.stdout and "upgraded from the legacy format" in result.stdout
