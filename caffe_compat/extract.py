@@ -27,6 +27,10 @@ def _data_layer(net, phase: str):
     raise CaffeCompatError(f"net '{net.name}' has no Data or ImageData layer in its {phase} phase to feed from")
 
 
+def _batch_size(layer) -> int:
+    return layer.data_param.batch_size if layer.type == "Data" else layer.image_data_param.batch_size
+
+
 def count_records(source: Path) -> int:
     if source.is_dir():
         try:
@@ -52,7 +56,7 @@ def point_at(net, data: Path, batch_size: Optional[int], phase: str = "TEST"):
     in order, without shuffling, with the layer's own transform_param."""
     net = type(net).FromString(net.SerializeToString())
     layer = _data_layer(net, phase)
-    old_batch = layer.data_param.batch_size if layer.type == "Data" else layer.image_data_param.batch_size
+    old_batch = _batch_size(layer)
     if data.is_dir():
         if layer.type != "Data":
             layer.ClearField("image_data_param")
@@ -79,7 +83,7 @@ def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc
     if total == 0:
         raise CaffeCompatError(f"{data}: holds no records")
     net_param, layer = point_at(net_file.net, data, batch_size)
-    batch = layer.data_param.batch_size if layer.type == "Data" else layer.image_data_param.batch_size
+    batch = _batch_size(layer)
     label_top = layer.top[1] if len(layer.top) > 1 else None
     net = CaffeNet(build_graph(net_param, "TEST", net_file.dialect), weights).to(device).eval()
     if blob not in net.blob_shapes:

@@ -27,9 +27,6 @@ class LayerNode:
     loss_weights: List[float]
     param_specs: List[ParamSpec]
 
-    def in_place(self, top: str) -> bool:
-        return top in self.bottoms
-
 
 @dataclass
 class Graph:

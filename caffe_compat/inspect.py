@@ -7,9 +7,9 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-from .graph import build_graph
+from .graph import Graph, build_graph
 from .io.blobs import blob_shape
-from .io.files import NetFile, read_caffemodel, read_net
+from .io.files import read_caffemodel, read_net
 from .io.upgrade import is_repeated
 
 PathLike = Union[str, Path]
@@ -40,7 +40,7 @@ def _key_params(layer) -> str:
     return " ".join(parts)
 
 
-def _output_shapes(net_file: NetFile, phase: str) -> Optional[Dict[str, tuple]]:
+def _output_shapes(graph: Graph) -> Optional[Dict[str, tuple]]:
     try:
         from .net import CaffeNet
     except ImportError:  # torch missing: shapes are an extra, not the point of inspect
@@ -48,7 +48,7 @@ def _output_shapes(net_file: NetFile, phase: str) -> Optional[Dict[str, tuple]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return dict(CaffeNet(build_graph(net_file.net, phase, net_file.dialect)).blob_shapes)
+            return dict(CaffeNet(graph).blob_shapes)
     except Exception as err:  # any layer we cannot build: show the table without shapes
         return {"__error__": str(err)}
 
@@ -62,8 +62,8 @@ def inspect_net(net_path: PathLike, weights_path: Optional[PathLike] = None, pha
     if blob_source is not None:
         stored = {l.name: [blob_shape(b) for b in l.blobs] for l in blob_source.net.layer if len(l.blobs)}
     graph = build_graph(net_file.net, phase, net_file.dialect)
-    top_shapes = _output_shapes(net_file, phase) if shapes else None
-    shape_error = (top_shapes or {}).pop("__error__", None) if top_shapes else None
+    top_shapes = _output_shapes(graph) if shapes else None
+    shape_error = top_shapes.pop("__error__", None) if top_shapes else None
     rows: List[dict] = []
     for node in graph.layers:
         blob_shapes = stored.get(node.name, [])

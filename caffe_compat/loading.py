@@ -17,7 +17,6 @@ def load_net(prototxt: Union[PathLike, NetFile], weights: Optional[PathLike] = N
     net_file = prototxt if isinstance(prototxt, NetFile) else read_prototxt(prototxt, dialect)
     blobs = None
     if weights is not None:
-        weights_file = read_caffemodel(weights, dialect if dialect else None)
-        blobs = weights_of(weights_file)
+        blobs = weights_of(read_caffemodel(weights, dialect))
     graph = build_graph(net_file.net, phase, net_file.dialect, level, stages)
     return CaffeNet(graph, blobs, input_shapes)

@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError
 
 from ..errors import CaffeCompatError
 from . import atomic
-from .blobs import blob_to_array
+from .blobs import array_to_blob, blob_to_array
 from .schema import detect_binary_dialect, detect_text_dialect, messages, unknown_fields
 from .upgrade import upgrade_net
 
@@ -69,12 +69,15 @@ def _parse_text(path: Path, data: bytes, message, what: str):
 def _warn_unknown(path: Path, unknown: List[str]) -> None:
     if unknown:
         warnings.warn(f"{path}: fields this schema does not know were kept but ignored: "
-                      + "; ".join(unknown), stacklevel=3)
+                      + "; ".join(unknown), stacklevel=4)
 
 
 def read_prototxt(path: PathLike, dialect: Optional[str] = None) -> NetFile:
     path = Path(path)
-    data = _read_bytes(path, "prototxt")
+    return _prototxt_from(path, _read_bytes(path, "prototxt"), dialect)
+
+
+def _prototxt_from(path: Path, data: bytes, dialect: Optional[str]) -> NetFile:
     if dialect is None and not _looks_binary(data):
         dialect = detect_text_dialect(data.decode("utf-8", errors="replace"))
     net = _parse_text(path, data, messages(dialect or "bvlc").NetParameter(), "prototxt")
@@ -84,7 +87,10 @@ def read_prototxt(path: PathLike, dialect: Optional[str] = None) -> NetFile:
 
 def read_caffemodel(path: PathLike, dialect: Optional[str] = None) -> NetFile:
     path = Path(path)
-    data = _read_bytes(path, "caffemodel")
+    return _caffemodel_from(path, _read_bytes(path, "caffemodel"), dialect)
+
+
+def _caffemodel_from(path: Path, data: bytes, dialect: Optional[str]) -> NetFile:
     if not _looks_binary(data) and data.lstrip()[:1].isalpha():
         raise CaffeCompatError(f"{path}: looks like a text prototxt, expected a binary caffemodel")
     try:
@@ -100,9 +106,10 @@ def read_caffemodel(path: PathLike, dialect: Optional[str] = None) -> NetFile:
 
 
 def read_net(path: PathLike, dialect: Optional[str] = None) -> NetFile:
-    """A prototxt or a caffemodel, told apart by content."""
+    """A prototxt or a caffemodel, told apart by content (the file is read once)."""
+    path = Path(path)
     data = _read_bytes(path, "net file")
-    return (read_caffemodel if _looks_binary(data) else read_prototxt)(path, dialect)
+    return (_caffemodel_from if _looks_binary(data) else _prototxt_from)(path, data, dialect)
 
 
 def weights_of(net_file: NetFile) -> Dict[str, List[np.ndarray]]:
@@ -146,8 +153,6 @@ def read_binaryproto(path: PathLike) -> np.ndarray:
 
 def with_weights(net, weights: Dict[str, List[np.ndarray]]):
     """A copy of `net` whose layers carry `weights` (by layer name) as their blobs."""
-    from .blobs import array_to_blob
-
     result = type(net)()
     result.CopyFrom(net)
     for layer in result.layer:

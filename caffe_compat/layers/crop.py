@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Tuple
 
-from .inner_product import canonical_axis
 from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
 
@@ -38,7 +37,7 @@ def build_crop(ctx: LayerContext):
     data, reference = ctx.bottom_shapes
     cp = ctx.param.crop_param
     rank = len(data)
-    start = canonical_axis(ctx, cp.axis, rank)
+    start = ctx.canonical_axis(cp.axis, rank)
     if len(reference) < rank:
         raise ctx.error(f"the reference bottom has rank {len(reference)}, below the data's {rank}")
     cropped = rank - start

@@ -1,6 +1,8 @@
 """InnerProduct (fully connected from an axis on) and Embed (one-hot lookup)."""
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from onnx import TensorProto
 from torch import nn
@@ -8,13 +10,6 @@ from torch import nn
 from . import fillers
 from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
-
-
-def canonical_axis(ctx: LayerContext, axis: int, rank: int) -> int:
-    """Caffe's CanonicalAxisIndex: negative axes count from the end."""
-    if not -rank <= axis < rank:
-        raise ctx.error(f"axis {axis} is out of range for a rank-{rank} bottom")
-    return axis % rank
 
 
 class InnerProduct(CaffeLayer):
@@ -38,10 +33,8 @@ def build_inner_product(ctx: LayerContext):
     ctx.expect_bottoms(1)
     ip = ctx.param.inner_product_param
     shape = ctx.bottom_shapes[0]
-    axis = canonical_axis(ctx, ip.axis, len(shape))
-    inputs = 1
-    for size in shape[axis:]:
-        inputs *= size
+    axis = ctx.canonical_axis(ip.axis, len(shape))
+    inputs = math.prod(shape[axis:])
     outputs = ip.num_output
     if outputs <= 0:
         raise ctx.error("num_output must be positive")

@@ -7,6 +7,7 @@ Caffe's value and takes Caffe's gradient from a surrogate (`_with_gradient`).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -22,13 +23,6 @@ _NORMALIZATIONS = {0: "FULL", 1: "VALID", 2: "BATCH_SIZE", 3: "NONE"}  # LossPar
 def _with_gradient(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
     """`value` in the forward pass, differentiated as `surrogate`."""
     return value.detach() + (surrogate - surrogate.detach())
-
-
-def _numel(shape) -> int:
-    count = 1
-    for d in shape:
-        count *= d
-    return count
 
 
 def _legacy_shape(ctx: LayerContext, index: int) -> Tuple[int, int, int, int]:
@@ -113,8 +107,8 @@ def build_softmax_with_loss(ctx: LayerContext):
     _check_same_num(ctx)
     shape = ctx.bottom_shapes[0]
     axis = canonical_softmax_axis(ctx)
-    outer, inner = _numel(shape[:axis]), _numel(shape[axis + 1:])
-    labels = _numel(ctx.bottom_shapes[1])
+    outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+    labels = math.prod(ctx.bottom_shapes[1])
     if outer * inner != labels:
         raise ctx.error(f"bottom '{ctx.bottoms[1]}' holds {labels} labels, the predictions {shape} along "
                         f"axis {axis} need {outer * inner}")
@@ -168,13 +162,13 @@ def build_accuracy(ctx: LayerContext):
     if not -rank <= p.axis < rank:
         raise ctx.error(f"axis {p.axis} is out of range for bottom '{ctx.bottoms[0]}' of rank {rank}")
     axis = p.axis % rank
-    outer, inner = _numel(shape[:axis]), _numel(shape[axis + 1:])
-    labels = _numel(ctx.bottom_shapes[1])
+    outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+    labels = math.prod(ctx.bottom_shapes[1])
     if outer * inner != labels:
         raise ctx.error(f"bottom '{ctx.bottoms[1]}' holds {labels} labels, the predictions {shape} along "
                         f"axis {axis} need {outer * inner}")
-    if p.top_k > _numel(shape) // labels:
-        raise ctx.error(f"top_k {p.top_k} exceeds the number of classes {_numel(shape) // labels}")
+    if p.top_k > math.prod(shape) // labels:
+        raise ctx.error(f"top_k {p.top_k} exceeds the number of classes {math.prod(shape) // labels}")
     module = Accuracy(shape[axis], inner, p.top_k, _ignore_label(p), len(ctx.tops) == 2)
     return ctx.wire(module, top_shapes=[()] + [(shape[axis],)] * (len(ctx.tops) - 1))
 
@@ -194,7 +188,7 @@ def build_euclidean_loss(ctx: LayerContext):
     ctx.expect_bottoms(2)
     _check_same_num(ctx)
     a, b = ctx.bottom_shapes
-    if _numel(a[1:]) != _numel(b[1:]):
+    if math.prod(a[1:]) != math.prod(b[1:]):
         raise ctx.error(f"bottoms '{ctx.bottoms[0]}' {a} and '{ctx.bottoms[1]}' {b} must have the same "
                         f"size per sample")
     return ctx.wire(EuclideanLoss(), top_shapes=[()])
@@ -267,7 +261,7 @@ class SigmoidCrossEntropyLoss(CaffeLayer):
 def build_sigmoid_cross_entropy_loss(ctx: LayerContext):
     ctx.expect_bottoms(2)
     _check_same_num(ctx)
-    if _numel(ctx.bottom_shapes[0]) != _numel(ctx.bottom_shapes[1]):
+    if math.prod(ctx.bottom_shapes[0]) != math.prod(ctx.bottom_shapes[1]):
         raise ctx.error(f"bottoms '{ctx.bottoms[0]}' {ctx.bottom_shapes[0]} and '{ctx.bottoms[1]}' "
                         f"{ctx.bottom_shapes[1]} must have the same count")
     # Unlike SoftmaxWithLoss, Caffe defaults to BATCH_SIZE here.
@@ -300,12 +294,12 @@ def build_hinge_loss(ctx: LayerContext):
     ctx.expect_bottoms(2)
     _check_same_num(ctx)
     shape = ctx.bottom_shapes[0]
-    if _numel(ctx.bottom_shapes[1]) != shape[0]:
+    if math.prod(ctx.bottom_shapes[1]) != shape[0]:
         raise ctx.error(f"bottom '{ctx.bottoms[1]}' {ctx.bottom_shapes[1]} must hold one label per sample")
     norm = ctx.param.hinge_loss_param.norm
     if norm not in (1, 2):  # HingeLossParameter.Norm L1, L2
         raise ctx.error(f"unknown norm {norm}")
-    return ctx.wire(HingeLoss(_numel(shape[1:]), norm == 2), top_shapes=[()])
+    return ctx.wire(HingeLoss(math.prod(shape[1:]), norm == 2), top_shapes=[()])
 
 
 # ---------------------------------------------------------------- MultinomialLogisticLoss
@@ -333,4 +327,4 @@ def build_multinomial_logistic_loss(ctx: LayerContext):
     _check_same_num(ctx)
     if _legacy_shape(ctx, 1)[1:] != (1, 1, 1):
         raise ctx.error(f"bottom '{ctx.bottoms[1]}' must have shape (num, 1, 1, 1), got {ctx.bottom_shapes[1]}")
-    return ctx.wire(MultinomialLogisticLoss(_numel(ctx.bottom_shapes[0][1:])), top_shapes=[()])
+    return ctx.wire(MultinomialLogisticLoss(math.prod(ctx.bottom_shapes[0][1:])), top_shapes=[()])

@@ -13,12 +13,6 @@ from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
 
 
-def _canonical_axis(ctx: LayerContext, axis: int, rank: int) -> int:
-    if not -rank <= axis < rank:
-        raise ctx.error(f"axis {axis} is out of range for bottom '{ctx.bottoms[0]}' of rank {rank}")
-    return axis % rank
-
-
 def onnx_reduce(g: OnnxGraph, op: str, x: str, axes: Sequence[int], keepdims: int,
                 output: Optional[str] = None, hint: str = "reduce") -> str:
     """One ONNX reduction: ReduceSum takes `axes` as an input from opset 13, the other
@@ -149,12 +143,12 @@ def _operand_layout(ctx: LayerContext, axis: int, num_axes: int) -> Tuple[Tuple[
         operand = tuple(ctx.bottom_shapes[1])
         if not operand:  # a scalar: Caffe ignores axis
             return operand, rank
-        start = _canonical_axis(ctx, axis, rank)
+        start = ctx.canonical_axis(axis, rank)
         if shape[start:start + len(operand)] != operand:
             raise ctx.error(f"bottom '{ctx.bottoms[1]}' of shape {operand} does not match the axes "
                             f"of '{ctx.bottoms[0]}' {shape} from axis {start}")
         return operand, rank - start - len(operand)
-    start = _canonical_axis(ctx, axis, rank)
+    start = ctx.canonical_axis(axis, rank)
     if num_axes < -1:
         raise ctx.error(f"num_axes must be non-negative or -1, got {num_axes}")
     if num_axes >= 0 and rank < start + num_axes:

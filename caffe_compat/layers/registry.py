@@ -39,6 +39,12 @@ class LayerContext:
         return Converted(module, list(self.bottoms if bottoms is None else bottoms), list(self.tops),
                          None if top_shapes is None else [tuple(s) for s in top_shapes])
 
+    def canonical_axis(self, axis: int, rank: int, what: str = "axis") -> int:
+        """Caffe's CanonicalAxisIndex: -rank <= axis < rank, negative counting from the end."""
+        if not -rank <= axis < rank:
+            raise self.error(f"{what} {axis} is out of range for bottom '{self.bottoms[0]}' of rank {rank}")
+        return axis % rank
+
     def expect_bottoms(self, *counts: int) -> None:
         if len(self.bottoms) not in counts:
             want = " or ".join(str(c) for c in counts)
@@ -72,7 +78,7 @@ class CaffeLayer(nn.Module):
     blob_names: Tuple[str, ...] = ()
 
     def caffe_blobs(self) -> List[torch.Tensor]:
-        return [getattr(self, name) for name in self.blob_names]
+        return caffe_blobs(self)
 
 
 def caffe_blobs(module: nn.Module) -> List[torch.Tensor]:

@@ -15,13 +15,6 @@ from .registry import CaffeLayer, Converted, LayerContext, register, register_on
 Shape = Tuple[int, ...]
 
 
-def _canonical_axis(ctx: LayerContext, axis: int, rank: int, what: str = "axis") -> int:
-    """Caffe's CanonicalAxisIndex: -rank <= axis < rank, negative counting from the end."""
-    if not -rank <= axis < rank:
-        raise ctx.error(f"{what} {axis} is out of range for bottom '{ctx.bottoms[0]}' of rank {rank}")
-    return axis % rank
-
-
 def _legacy_axis(ctx: LayerContext, param, legacy_field: str, rank: int) -> int:
     """The axis of Concat/Slice: `axis`, or the legacy non-negative `concat_dim`/`slice_dim`."""
     if param.HasField("axis") and param.HasField(legacy_field):
@@ -31,7 +24,7 @@ def _legacy_axis(ctx: LayerContext, param, legacy_field: str, rank: int) -> int:
         if axis >= rank:
             raise ctx.error(f"{legacy_field} {axis} is out of range for a bottom of rank {rank}")
         return axis
-    return _canonical_axis(ctx, param.axis, rank)
+    return ctx.canonical_axis(param.axis, rank)
 
 
 def _expect_tops(ctx: LayerContext, minimum: int, maximum: Optional[int] = None) -> None:
@@ -189,8 +182,8 @@ def build_flatten(ctx: LayerContext) -> Converted:
     _refuse_in_place(ctx)
     shape = tuple(ctx.bottom_shapes[0])
     param = ctx.param.flatten_param
-    start = _canonical_axis(ctx, param.axis, len(shape))
-    end = _canonical_axis(ctx, param.end_axis, len(shape), "end_axis")
+    start = ctx.canonical_axis(param.axis, len(shape))
+    end = ctx.canonical_axis(param.end_axis, len(shape), "end_axis")
     if end < start - 1:
         raise ctx.error(f"end_axis {param.end_axis} comes before axis {param.axis}")
     # end == start - 1 inserts a unit axis, as Caffe's count(start, end + 1) is then 1
@@ -287,7 +280,7 @@ def build_tile(ctx: LayerContext) -> Converted:
     _expect_tops(ctx, 1, 1)
     shape = tuple(ctx.bottom_shapes[0])
     param = ctx.param.tile_param
-    axis = _canonical_axis(ctx, param.axis, len(shape))
+    axis = ctx.canonical_axis(param.axis, len(shape))
     if not param.HasField("tiles"):
         raise ctx.error("tile_param.tiles must be given")
     if param.tiles <= 0:
@@ -367,7 +360,7 @@ def build_argmax(ctx: LayerContext) -> Converted:
     if top_k < 1:
         raise ctx.error(f"top_k must be at least 1, got {top_k}")
     if param.HasField("axis"):
-        axis = _canonical_axis(ctx, param.axis, len(shape))
+        axis = ctx.canonical_axis(param.axis, len(shape))
         if top_k > shape[axis]:
             raise ctx.error(f"top_k {top_k} exceeds the {shape[axis]} entries of axis {axis}")
         top = shape[:axis] + (top_k,) + shape[axis + 1:]

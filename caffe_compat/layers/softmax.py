@@ -19,11 +19,7 @@ class Softmax(CaffeLayer):
 
 def canonical_softmax_axis(ctx: LayerContext) -> int:
     """softmax_param.axis of bottom 0 made non-negative (SoftmaxWithLoss shares it)."""
-    axis = ctx.param.softmax_param.axis
-    rank = len(ctx.bottom_shapes[0])
-    if not -rank <= axis < rank:
-        raise ctx.error(f"softmax axis {axis} is out of range for bottom '{ctx.bottoms[0]}' of rank {rank}")
-    return axis % rank
+    return ctx.canonical_axis(ctx.param.softmax_param.axis, len(ctx.bottom_shapes[0]), "softmax axis")
 
 
 @register("Softmax")
