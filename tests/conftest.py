@@ -33,6 +33,13 @@ def pytest_runtest_logreport(report):
         _skipped.append(report.nodeid)
 
 
+def pytest_collectreport(report):
+    # A module skipped whole (importorskip at import time, allow_module_level) reports
+    # here, not through pytest_runtest_logreport.
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
 def pytest_sessionfinish(session, exitstatus):
     # In CI nothing may skip: every dependency is installed and the fixtures are present.
     if os.environ.get("CI") and _skipped and exitstatus == 0:

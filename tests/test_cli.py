@@ -84,6 +84,7 @@ def test_demo_runs(tmp_path):
     result = run("demo", "--workdir", tmp_path / "demo", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "weights identical: True" in result.stdout
+    assert "ONNX Runtime vs PyTorch on 4 images: relative error" in result.stdout  # not skipped for lack of ORT
 
 
 def test_inspect_needs_no_torch(tmp_path):

@@ -44,5 +44,5 @@ def test_googlenet_deploy(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_v1_legacy(device):
     folder = require(REFERENCE / "nets" / "v1_legacy")
-    _check(compare_case(folder / "v1.prototxt", folder / "v1.caffemodel", folder / "v1.npz", device=device,
-                        rtol=1e-4))
+    # Six layers: shallow, so the default forward tolerance (1e-5) applies, not GoogLeNet's 1e-4.
+    _check(compare_case(folder / "v1.prototxt", folder / "v1.caffemodel", folder / "v1.npz", device=device))

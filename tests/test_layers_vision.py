@@ -336,8 +336,8 @@ def test_convolution_applies_its_weights_to_each_bottom():
     _, converted = build("Convolution", f"convolution_param {{ {body} }}", [(1, 3, 5, 5)] * 2, tops=2)
     a, b = (RNG.standard_normal((1, 3, 5, 5)).astype(np.float32) for _ in range(2))
     top_a, top_b = forward_backward(converted.module, [a, b])
-    (single,) = forward_backward(converted.module, [b])
-    np.testing.assert_array_equal(top_b, single)
+    np.testing.assert_array_equal(top_a, forward_backward(converted.module, [a])[0])
+    np.testing.assert_array_equal(top_b, forward_backward(converted.module, [b])[0])
     assert converted.top_shapes == [(1, 2, 3, 3)] * 2 and top_a.shape == (1, 2, 3, 3)
 
 

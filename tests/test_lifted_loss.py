@@ -278,8 +278,9 @@ def test_builder_reads_the_margin():
 
 
 def test_builder_with_real_messages():
-    schema = pytest.importorskip("caffe_compat.io.schema")
     from google.protobuf import text_format
+
+    from caffe_compat.io import schema
     text = 'name: "loss" type: "LiftedStructSimilaritySoftmaxLoss" lifted_struct_sim_softmax_loss_param { margin: 0.25 }'
     lifted = text_format.Parse(text, schema.messages("lifted").LayerParameter())
     assert build_lifted(layer_context(lifted)).module.margin == 0.25
