@@ -1,5 +1,8 @@
 """Shared test helpers: where the Caffe reference fixtures live, and how their absence is handled."""
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,19 @@ def require(path: Path) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def run_cli(*args, cwd):
+    """`caffe-compat ARGS` in a subprocess, output captured."""
+    return subprocess.run([sys.executable, "-m", "caffe_compat", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True)
+
+
+def free_port() -> int:
+    """A localhost port for a torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """What the layer tests share: one Caffe layer built alone from its prototxt text, and
 that layer's ONNX emitter exported alone into a checked model that onnxruntime runs."""
+import numpy as np
 import onnx
 import torch
 from google.protobuf import text_format
@@ -9,6 +10,12 @@ from caffe_compat.io.schema import messages
 from caffe_compat.layers.onnx_graph import OnnxGraph
 from caffe_compat.layers.registry import REGISTRY, LayerContext
 from caffe_compat.net import infer_top_shapes
+
+
+def rel_err(ours, ref):
+    """max|ours - ref| / max|ref|, the reference README's relative error."""
+    ref = np.asarray(ref, np.float64)
+    return np.abs(np.asarray(ours, np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30)
 
 
 def build(layer_type, params="", shapes=((2, 3, 4, 5),), tops=1, top_names=None, phase="TEST"):

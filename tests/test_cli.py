@@ -5,12 +5,7 @@ import sys
 
 import pytest
 
-from conftest import require, REFERENCE
-
-
-def run(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "caffe_compat", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True)
+from conftest import REFERENCE, require, run_cli
 
 
 def _bad_inputs(tmp_path):
@@ -43,7 +38,7 @@ BAD = ["truncated caffemodel", "prototxt as caffemodel", "empty", "garbage", "wr
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_one_line_exit_2(tmp_path, case):
     args, needle = _bad_inputs(tmp_path)[case]
-    result = run(*args, cwd=tmp_path)
+    result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("caffe-compat: error:"), result.stderr
@@ -51,18 +46,18 @@ def test_bad_input_is_one_line_exit_2(tmp_path, case):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = run("--debug", "inspect", tmp_path / "nope.prototxt", cwd=tmp_path)
+    result = run_cli("--debug", "inspect", tmp_path / "nope.prototxt", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" in result.stderr
 
 
 def test_caffemodel_alone_is_inspected(tmp_path):
     # A caffemodel holds a whole net: inspect takes it in place of a prototxt.
-    result = run("inspect", require(REFERENCE / "layers" / "conv_basic.caffemodel"), cwd=tmp_path)
+    result = run_cli("inspect", require(REFERENCE / "layers" / "conv_basic.caffemodel"), cwd=tmp_path)
     assert result.returncode == 0 and "conv" in result.stdout
 
 
 def test_inspect_json_of_the_fork_net(tmp_path):
-    result = run("inspect", require(REFERENCE / "nets" / "solver" / "train.prototxt"),
+    result = run_cli("inspect", require(REFERENCE / "nets" / "solver" / "train.prototxt"),
                  REFERENCE / "nets" / "solver" / "init.caffemodel", "--phase", "TRAIN", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
@@ -74,14 +69,14 @@ def test_inspect_json_of_the_fork_net(tmp_path):
 
 
 def test_inspect_table_of_googlenet(tmp_path):
-    result = run("inspect", require(REFERENCE / "nets" / "googlenet_deploy.prototxt"),
+    result = run_cli("inspect", require(REFERENCE / "nets" / "googlenet_deploy.prototxt"),
                  REFERENCE / "nets" / "googlenet_deploy.caffemodel", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "inception_5b/output" in result.stdout and "total: " in result.stdout
 
 
 def test_demo_runs(tmp_path):
-    result = run("demo", "--workdir", tmp_path / "demo", cwd=tmp_path)
+    result = run_cli("demo", "--workdir", tmp_path / "demo", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "weights identical: True" in result.stdout
     assert "ONNX Runtime vs PyTorch on 4 images: relative error" in result.stdout  # not skipped for lack of ORT

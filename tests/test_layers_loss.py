@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from caffe_compat.errors import CaffeCompatError
-from layer_harness import build
+from layer_harness import build, rel_err
 
 RNG = np.random.default_rng(11)
 FLT_MIN = np.float32(1.17549435e-38)
@@ -31,11 +31,6 @@ def normal(*shape):
 
 def labels(count, classes):
     return RNG.integers(0, classes, count).astype(np.float32)
-
-
-def rel_err(ours, ref):
-    ref = np.asarray(ref, np.float64)
-    return np.abs(np.asarray(ours, np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30)
 
 
 # ---------------------------------------------------------------- SoftmaxWithLoss

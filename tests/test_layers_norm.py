@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from caffe_compat.errors import CaffeCompatError
-from layer_harness import build, onnx_and_module_tops, onnx_model
+from layer_harness import build, onnx_and_module_tops, onnx_model, rel_err
 
 RNG = np.random.default_rng(7)
 
@@ -22,11 +22,6 @@ def forward_backward(module, arrays, top_diff=None):
     seed = torch.tensor(normal(*top.shape) if top_diff is None else top_diff)
     top.backward(seed)
     return top.detach().numpy(), seed.numpy(), [None if b.grad is None else b.grad.numpy() for b in bottoms]
-
-
-def rel_err(ours, ref):
-    ref = np.asarray(ref, np.float64)
-    return np.abs(np.asarray(ours, np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30)
 
 
 # ---------------------------------------------------------------- BatchNorm

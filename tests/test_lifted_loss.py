@@ -2,7 +2,6 @@
 against a straightforward loop over pairs, and in the degenerate corners."""
 import math
 import re
-import socket
 import types
 import warnings
 from datetime import timedelta
@@ -13,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from conftest import REFERENCE, require
+from conftest import REFERENCE, free_port, require
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.layers.lifted import build_lifted, lifted_margin
 from caffe_compat.layers.registry import LayerContext
@@ -358,12 +357,6 @@ def distributed_worker(rank, port):
             DistributedLiftedStructSimilaritySoftmaxLoss()(bad, labels[rows])
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")

@@ -17,7 +17,7 @@ from caffe_compat.io.files import read_caffemodel, weights_of
 from caffe_compat.io.schema import messages
 from caffe_compat.loading import load_net
 from caffe_compat.net import CaffeNet
-from conftest import REFERENCE, require
+from conftest import REFERENCE, require, run_cli
 
 INPUT_4D = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }\n'
 
@@ -54,11 +54,6 @@ def net_of(prototxt: str, phase: str = "TEST", weights=None) -> CaffeNet:
     net = messages("bvlc").NetParameter()
     text_format.Parse(prototxt, net)
     return CaffeNet(build_graph(net, phase), weights)
-
-
-def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "caffe_compat", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True)
 
 
 def googlenet_files():

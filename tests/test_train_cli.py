@@ -5,7 +5,6 @@ import csv
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from caffe_compat.cli import main
 from caffe_compat.compare import compare_case
 from caffe_compat.io.files import read_caffemodel, weights_of
-from conftest import REFERENCE, require
+from conftest import REFERENCE, free_port, require
 
 
 @pytest.fixture
@@ -175,12 +174,6 @@ def test_ctrl_c_writes_a_snapshot_and_exits_cleanly(solver_dir):
     assert main(["train", "solver.prototxt", "--resume", str(stopped), "--max-iter", str(iteration + 1)]) == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_equal_one_process_on_the_joined_batch(solver_dir):
     edit(solver_dir / "solver.prototxt", "max_iter: 10", "max_iter: 4")
     shutil.copy("train.prototxt", "train_half.prototxt")
@@ -190,7 +183,7 @@ def test_two_gloo_processes_equal_one_process_on_the_joined_batch(solver_dir):
     assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--output", "single.caffemodel",
                  "--log", "single.csv"]) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                "-m", "caffe_compat", "train", "solver_half.prototxt", "--weights", "init.caffemodel",
                "--device", "cpu", "--output", "ddp.caffemodel", "--log-csv", "ddp.csv"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
