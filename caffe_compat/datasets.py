@@ -16,12 +16,18 @@ Output, fmt="list": OUT/images/<path in the archive> (JPEG, quality 95) and
 OUT/train.txt, OUT/test.txt with `images/<path> <label>` lines for Caffe's ImageData
 layer (root_folder: OUT/). fmt="lmdb": OUT/train_lmdb, OUT/test_lmdb of Datum records
 (3 x 256 x 256 uint8, BGR, keys %08d in list order), as the paper's
-imageset_to_leveldb.cpp writes them.
+imageset_to_leveldb.cpp writes them. OUT/prepare.json records what was prepared.
+
+Safety: index entries must be relative paths inside the archive (checked, with the
+index file and line, before anything is written); OUT is built as a hidden sibling
+(.OUT.prepare-PID.tmp) and renamed into place when complete, so a killed run leaves
+no half-built OUT and the next run removes its leftovers.
 """
 from __future__ import annotations
 
-import struct
-import zlib
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -29,8 +35,9 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .errors import CaffeCompatError
-from .io.atomic import write_text
 from .io.datum import write_datum_lmdb
+from .matfile import read_mat
+from .progress import progress
 
 PathLike = Union[str, Path]
 IMAGE_SIZE = 256
@@ -40,6 +47,7 @@ JPEG_QUALITY = 95
 LMDB_COMMIT_EVERY = 1000
 DATASETS = ("cub", "cars", "sop")
 FORMATS = ("list", "lmdb")
+MARKER = "prepare.json"  # written last: a folder holding it is a finished preparation
 
 
 @dataclass(frozen=True)
@@ -63,16 +71,22 @@ def _first_existing(source: Path, names: Tuple[str, ...], subfolder: Optional[st
     raise CaffeCompatError(f"{source / names[0]}: missing{elsewhere}")
 
 
-def _read_columns(path: Path, columns: int, header: bool = False) -> List[List[str]]:
+def _read_columns(path: Path, columns: int, header: bool = False) -> List[Tuple[int, List[str]]]:
+    """(line number, fields) of each non-blank line."""
     rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise CaffeCompatError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise CaffeCompatError(f"{path}: cannot read: {err.strerror}") from None
     for number, line in enumerate(lines[1:] if header else lines, start=2 if header else 1):
         fields = line.split()
         if not fields:
             continue
         if len(fields) != columns:
             raise CaffeCompatError(f"{path}:{number}: expected {columns} fields, found {len(fields)}")
-        rows.append(fields)
+        rows.append((number, fields))
     return rows
 
 
@@ -83,14 +97,28 @@ def _integer(text: str, where: str) -> int:
         raise CaffeCompatError(f"{where}: {text!r} is not an integer") from None
 
 
+def _inside(entry: str, where: str) -> str:
+    """An index entry as a normalised relative path. Absolute entries and ones that climb
+    out with '..' are refused: joined under OUT/images/ they would write elsewhere, even
+    over the archive's own images."""
+    normal = os.path.normpath(entry) if entry else ""
+    if (not normal or "\0" in entry or os.path.isabs(entry) or Path(entry).anchor or normal == "."
+            or normal == os.pardir or normal.startswith(os.pardir + os.sep)):
+        raise CaffeCompatError(f"{where}: entry {entry!r} is not a path inside the archive "
+                               f"(absolute, empty or climbing out with '..'); nothing was written")
+    return Path(normal).as_posix()
+
+
 def _cub_items(source: Path) -> Tuple[List[Item], List[Item]]:
     root = _first_existing(source, ("images.txt", "image_class_labels.txt", "images"), "CUB_200_2011")
-    names = {row[0]: row[1] for row in _read_columns(root / "images.txt", 2)}
+    index = root / "images.txt"
+    names = {image_id: _inside(name, f"{index}:{number}") for number, (image_id, name) in _read_columns(index, 2)}
+    labels_path = root / "image_class_labels.txt"
     train, test = [], []
-    for image_id, class_id in _read_columns(root / "image_class_labels.txt", 2):
+    for number, (image_id, class_id) in _read_columns(labels_path, 2):
         if image_id not in names:
-            raise CaffeCompatError(f"{root / 'image_class_labels.txt'}: image id {image_id} is not in images.txt")
-        label = _integer(class_id, f"{root / 'image_class_labels.txt'}: image {image_id}")
+            raise CaffeCompatError(f"{labels_path}:{number}: image id {image_id} is not in images.txt")
+        label = _integer(class_id, f"{labels_path}:{number}")
         item = Item(root / "images" / names[image_id], names[image_id], label)
         (train if label <= 100 else test).append(item)
     return train, test
@@ -104,13 +132,15 @@ def _cars_items(source: Path) -> Tuple[List[Item], List[Item]]:
         raise CaffeCompatError(f"{annos_path}: no struct array 'annotations'")
     train, test = [], []
     for number, record in enumerate(annotations, start=1):
+        where = f"{annos_path}: annotations({number})"
         for field in ("relative_im_path", "class"):
             if field not in record:
-                raise CaffeCompatError(f"{annos_path}: annotations({number}) has no field '{field}'")
+                raise CaffeCompatError(f"{where} has no field '{field}'")
         relative = record["relative_im_path"]
         label = np.asarray(record["class"]).reshape(-1)
-        if not isinstance(relative, str) or label.size != 1:
-            raise CaffeCompatError(f"{annos_path}: annotations({number}) needs a path string and one class")
+        if not isinstance(relative, str) or label.size != 1 or not np.isfinite(label[0]):
+            raise CaffeCompatError(f"{where} needs a path string and one class")
+        relative = _inside(relative, f"{where}.relative_im_path")
         item = Item(root / relative, relative, int(label[0]))
         (train if item.label <= 98 else test).append(item)
     return train, test
@@ -120,9 +150,12 @@ def _sop_items(source: Path) -> Tuple[List[Item], List[Item]]:
     root = _first_existing(source, ("Ebay_train.txt", "Ebay_test.txt"), "Stanford_Online_Products")
     splits = []
     for name in ("Ebay_train.txt", "Ebay_test.txt"):
-        rows = _read_columns(root / name, 4, header=True)
-        splits.append([Item(root / path, path, _integer(class_id, f"{root / name}: image {image_id}"))
-                       for image_id, class_id, _, path in rows])
+        items = []
+        for number, (_, class_id, _, path) in _read_columns(root / name, 4, header=True):
+            where = f"{root / name}:{number}"
+            relative = _inside(path, where)
+            items.append(Item(root / relative, relative, _integer(class_id, where)))
+        splits.append(items)
     return splits[0], splits[1]
 
 
@@ -171,27 +204,31 @@ def _load(item: Item, preprocess):
             return preprocess(image)
     except FileNotFoundError:
         raise CaffeCompatError(f"{item.image}: image listed in the archive's index is missing") from None
-    except OSError as err:
+    # Pillow reports damaged or hostile images as any of these.
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CaffeCompatError(f"{item.image}: not a readable image: {err}") from None
 
 
-def _write_list(items: List[Item], preprocess, out: Path, split: str) -> Path:
+def _write_list(items: List[Item], preprocess, out: Path, split: str, bar) -> str:
     lines = []
     for item in items:
         target = out / "images" / item.relative
         target.parent.mkdir(parents=True, exist_ok=True)
         _load(item, preprocess).save(target, format="JPEG", quality=JPEG_QUALITY)
         lines.append(f"images/{item.relative} {item.label}\n")
-    list_path = out / f"{split}.txt"
-    write_text(list_path, "".join(lines))
-    return list_path
+        bar.update()
+    (out / f"{split}.txt").write_text("".join(lines), encoding="utf-8")
+    return f"{split}.txt"
 
 
-def _write_lmdb(items: List[Item], preprocess, out: Path, split: str) -> Path:
-    db_path = out / f"{split}_lmdb"
-    records = (((np.asarray(_load(item, preprocess))[:, :, ::-1].transpose(2, 0, 1)), item.label) for item in items)
-    write_datum_lmdb(db_path, records, commit_every=LMDB_COMMIT_EVERY)
-    return db_path
+def _write_lmdb(items: List[Item], preprocess, out: Path, split: str, bar) -> str:
+    def records():
+        for item in items:
+            yield np.asarray(_load(item, preprocess))[:, :, ::-1].transpose(2, 0, 1), item.label
+            bar.update()
+
+    write_datum_lmdb(out / f"{split}_lmdb", records(), commit_every=LMDB_COMMIT_EVERY)
+    return f"{split}_lmdb"
 
 
 def _require(module: str, extra: str) -> None:
@@ -201,9 +238,76 @@ def _require(module: str, extra: str) -> None:
         raise CaffeCompatError(f"dataset preparation needs {module}: pip install 'caffe-compat[{extra}]'") from None
 
 
+def _check_output(out: Path, source: Path) -> None:
+    """`out` must be a new or empty folder outside the archive."""
+    if out.exists() and not out.is_dir():
+        raise CaffeCompatError(f"{out}: is a file; -o names the folder prepare writes")
+    if out.is_dir() and any(out.iterdir()):
+        if (out / MARKER).is_file():
+            raise CaffeCompatError(f"{out}: already holds a prepared dataset ({MARKER}); remove it or give "
+                                   f"another -o")
+        raise CaffeCompatError(f"{out}: exists and is not empty; give a new or empty folder")
+    archive, target = source.resolve(), out.resolve()
+    if target == archive or archive in target.parents:
+        raise CaffeCompatError(f"{out}: is inside --source {source}; prepare never writes into the archive")
+
+
+def _staging_folder(out: Path) -> Path:
+    """A fresh sibling of `out` to build in, named for this process; the staging folders
+    of killed runs (their process gone) are removed first."""
+    prefix = f".{out.name}.prepare-"
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(prefix + "*.tmp"):
+            pid = stale.name[len(prefix):-len(".tmp")]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = parent / f"{prefix}{os.getpid()}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as err:
+        raise CaffeCompatError(f"{out}: cannot create the output folder's staging folder in {parent}: "
+                               f"{err.strerror}") from None
+    return staging
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # an earlier run of ours that reused this pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _publish(staging: Path, out: Path) -> None:
+    if out.is_dir():
+        out.rmdir()  # checked empty before the build; fails loudly if something appeared since
+    os.replace(staging, out)
+
+
+def prepared(out: PathLike, name: str, source: PathLike, fmt: str = "list") -> Optional[Dict[str, dict]]:
+    """The summary of a finished `prepare(name, source, out, fmt)` found in `out`, else None."""
+    out = Path(out)
+    try:
+        record = json.loads((out / MARKER).read_text(encoding="utf-8"))
+        same = (record["dataset"], record["format"], record["source"]) == (name, fmt, str(Path(source).resolve()))
+        return {split: {**info, "path": str(out / info["path"])} for split, info in record["splits"].items()} \
+            if same else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def prepare(name: str, source: PathLike, out: PathLike, fmt: str = "list") -> Dict[str, dict]:
     """Write `name`'s train and test splits from the official archive extracted at
-    `source` into `out`. Returns {split: {"path", "images", "classes"}}."""
+    `source` into `out` (a new or empty folder outside the archive). Everything is
+    checked before anything is written, the folder is built as a hidden sibling and
+    renamed into place when complete, and nothing under `source` is ever written.
+    Returns {split: {"path", "images", "classes"}}."""
     readers = {"cub": (_cub_items, _resized_square), "cars": (_cars_items, _resized_square),
                "sop": (_sop_items, _cropped_padded_square)}
     if name not in readers:
@@ -218,126 +322,25 @@ def prepare(name: str, source: PathLike, out: PathLike, fmt: str = "list") -> Di
         raise CaffeCompatError(f"{source}: dataset folder not found")
     read_items, preprocess = readers[name]
     splits = dict(zip(("train", "test"), read_items(source)))
-    out.mkdir(parents=True, exist_ok=True)
-    write = _write_list if fmt == "list" else _write_lmdb
-    summary = {}
     for split, items in splits.items():
         if not items:
             raise CaffeCompatError(f"{source}: the {name} archive has no {split} images")
-        written = write(items, preprocess, out, split)
-        summary[split] = {"path": str(written), "images": len(items),
-                          "classes": len({item.label for item in items})}
-    return summary
+        missing = next((item for item in items if not item.image.is_file()), None)
+        if missing is not None:
+            raise CaffeCompatError(f"{missing.image}: image listed in the archive's index is missing")
+    _check_output(out, source)
 
-
-# MATLAB level 5 MAT-files (cars_annos.mat), read without scipy. Format: MathWorks,
-# "MAT-File Format", ch. 1: a 128-byte header, then tagged data elements.
-_MI_NUMERIC = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
-_MI_MATRIX, _MI_COMPRESSED, _MI_UTF8, _MI_UTF16, _MI_UTF32 = 14, 15, 16, 17, 18
-_MX_CELL, _MX_STRUCT, _MX_CHAR = 1, 2, 4
-_MX_NUMERIC = {6: "f8", 7: "f4", 8: "i1", 9: "u1", 10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8", 15: "u8"}
-
-
-class _MatReader:
-    def __init__(self, path: Path, data: bytes):
-        self.path = path
-        if len(data) < 128 or data[126:128] not in (b"IM", b"MI"):
-            raise CaffeCompatError(f"{path}: not a MATLAB level 5 MAT-file (v7.3/HDF5 and v4 files are not read)")
-        self.order = "<" if data[126:128] == b"IM" else ">"
-
-    def fail(self, message: str) -> CaffeCompatError:
-        return CaffeCompatError(f"{self.path}: {message}")
-
-    def elements(self, data: bytes, pos: int = 0, end: int = None):
-        """(type, payload) of each data element in data[pos:end]."""
-        end = len(data) if end is None else end
-        while pos < end:
-            if end - pos < 8:
-                raise self.fail("truncated data element")
-            kind, size = struct.unpack_from(self.order + "II", data, pos)
-            if kind >> 16:  # small element: size and type share the first word
-                kind, size = kind & 0xFFFF, kind >> 16
-                yield kind, data[pos + 4:pos + 4 + size]
-                pos += 8
-                continue
-            payload = data[pos + 8:pos + 8 + size]
-            if len(payload) != size:
-                raise self.fail("truncated data element")
-            if kind == _MI_COMPRESSED:
-                try:
-                    yield from self.elements(zlib.decompress(payload))
-                except zlib.error as err:
-                    raise self.fail(f"damaged compressed element: {err}") from None
-                pos += 8 + size
-            else:
-                yield kind, payload
-                pos += 8 + size + (-size % 8)
-
-    def numbers(self, kind: int, payload: bytes) -> np.ndarray:
-        if kind not in _MI_NUMERIC:
-            raise self.fail(f"unexpected data type {kind} in a numeric element")
-        return np.frombuffer(payload, dtype=self.order + _MI_NUMERIC[kind])
-
-    def matrix(self, payload: bytes):
-        """The value of one miMATRIX element: ndarray, str, list (cell) or list of dicts (struct)."""
-        if not payload:
-            return np.zeros((0, 0))
-        parts = self.elements(payload)
-        flags = self.numbers(*next(parts))
-        dims = tuple(int(d) for d in self.numbers(*next(parts)))
-        next(parts)  # the array's name
-        mx_class = int(flags[0]) & 0xFF
-        count = int(np.prod(dims))
-        if mx_class == _MX_CELL:
-            return [self.matrix(body) for _, body in parts]
-        if mx_class == _MX_STRUCT:
-            width = int(self.numbers(*next(parts))[0])
-            raw = next(parts)[1]
-            names = [raw[i:i + width].split(b"\0", 1)[0].decode("ascii") for i in range(0, len(raw), width)]
-            fields = [self.matrix(body) for _, body in parts]
-            if len(fields) != count * len(names):
-                raise self.fail(f"struct array of {count} elements holds {len(fields)} field values")
-            return [dict(zip(names, fields[i * len(names):(i + 1) * len(names)])) for i in range(count)]
-        if mx_class == _MX_CHAR:
-            kind, body = next(parts)
-            if count == 0:
-                return ""
-            if kind in (_MI_UTF8, _MI_UTF16, _MI_UTF32):
-                encoding = {_MI_UTF8: "utf-8", _MI_UTF16: "utf-16", _MI_UTF32: "utf-32"}[kind]
-                text = body.decode(encoding + ("" if kind == _MI_UTF8 else "-le" if self.order == "<" else "-be"))
-                codes = np.array([ord(c) for c in text], dtype=np.uint32)
-            else:
-                codes = self.numbers(kind, body)
-            chars = np.array([chr(c) for c in codes]).reshape(dims, order="F")
-            if len(dims) == 2 and dims[0] == 1:
-                return "".join(chars.reshape(-1))
-            return ["".join(row) for row in chars.reshape(dims[0], -1)]
-        if mx_class in _MX_NUMERIC:
-            if int(flags[0]) & 0x800:
-                raise self.fail("complex arrays are not supported")
-            values = self.numbers(*next(parts)).astype(_MX_NUMERIC[mx_class])
-            if values.size != count:
-                raise self.fail(f"array of shape {dims} holds {values.size} values")
-            return values.reshape(dims, order="F")
-        raise self.fail(f"MATLAB array class {mx_class} (sparse, object or function) is not supported")
-
-
-def read_mat(path: PathLike) -> Dict[str, object]:
-    """Variables of a level 5 MAT-file (as MATLAB's save writes by default, compressed or
-    not): numeric arrays as ndarrays (MATLAB shape), char arrays as str, cell arrays as
-    lists and struct arrays as lists of dicts, both in MATLAB's column-major order."""
-    path = Path(path)
+    staging = _staging_folder(out)
+    write = _write_list if fmt == "list" else _write_lmdb
+    record = {"dataset": name, "format": fmt, "source": str(source.resolve()), "splits": {}}
     try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise CaffeCompatError(f"{path}: cannot read: {err}") from None
-    reader = _MatReader(path, data)
-    variables = {}
-    for kind, payload in reader.elements(data, 128):
-        if kind != _MI_MATRIX:
-            continue
-        name_parts = reader.elements(payload)
-        next(name_parts), next(name_parts)
-        name = next(name_parts)[1].decode("ascii")
-        variables[name] = reader.matrix(payload)
-    return variables
+        with progress(total=sum(map(len, splits.values())), desc=f"prepare {name}", unit="img") as bar:
+            for split, items in splits.items():
+                record["splits"][split] = {"path": write(items, preprocess, staging, split, bar),
+                                           "images": len(items), "classes": len({item.label for item in items})}
+        (staging / MARKER).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {split: {**info, "path": str(out / info["path"])} for split, info in record["splits"].items()}

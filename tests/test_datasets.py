@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from caffe_compat import datasets
+from caffe_compat.matfile import read_mat
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.io.schema import messages
 
@@ -75,7 +76,7 @@ def test_mat_reader_reads_structs_cells_strings_numbers(tmp_path, compressed):
         "matrix": np.arange(6, dtype="f8").reshape(2, 3) * 1.5,
     }
     write_mat(tmp_path / "a.mat", variables, compressed)
-    got = datasets.read_mat(tmp_path / "a.mat")
+    got = read_mat(tmp_path / "a.mat")
     assert got["annotations"][1]["relative_im_path"] == "car_ims/000002.jpg"
     assert got["annotations"][1]["class"].dtype == np.uint8 and got["annotations"][1]["class"][0, 0] == 196
     assert got["annotations"][0]["bbox_x1"][0, 0] == 112.0 and got["annotations"][1]["bbox_x1"][0, 0] == 2.5
@@ -86,7 +87,7 @@ def test_mat_reader_reads_structs_cells_strings_numbers(tmp_path, compressed):
 def test_mat_reader_refuses_other_files(tmp_path):
     (tmp_path / "x.mat").write_bytes(b"\x89HDF\r\n" + b"\0" * 200)
     with pytest.raises(CaffeCompatError, match="x.mat: not a MATLAB level 5 MAT-file"):
-        datasets.read_mat(tmp_path / "x.mat")
+        read_mat(tmp_path / "x.mat")
 
 
 def make_cub(root):
@@ -183,11 +184,17 @@ def test_sop_lmdb_holds_bgr_datums(tmp_path):
     assert tuple(pixels[:, 128, 128]) == (50, 100, 200)
 
 
-def test_existing_lmdb_is_not_mixed(tmp_path):
+def test_existing_output_is_not_mixed(tmp_path):
     make_sop(tmp_path / "src")
     (tmp_path / "out" / "train_lmdb").mkdir(parents=True)
-    with pytest.raises(CaffeCompatError, match="train_lmdb: already exists"):
+    with pytest.raises(CaffeCompatError, match="out: exists and is not empty"):
         datasets.prepare("sop", tmp_path / "src", tmp_path / "out", fmt="lmdb")
+    (tmp_path / "out" / "train_lmdb").rmdir()  # an empty folder is filled
+    datasets.prepare("sop", tmp_path / "src", tmp_path / "out", fmt="lmdb")
+    with pytest.raises(CaffeCompatError, match="already holds a prepared dataset"):
+        datasets.prepare("sop", tmp_path / "src", tmp_path / "out", fmt="lmdb")
+    assert datasets.prepared(tmp_path / "out", "sop", tmp_path / "src", "lmdb")["test"]["images"] == 2
+    assert datasets.prepared(tmp_path / "out", "cub", tmp_path / "src", "lmdb") is None
 
 
 def test_sop_without_test_list_names_the_file(tmp_path):
