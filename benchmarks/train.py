@@ -149,7 +149,7 @@ def measure_data(batch: int, count: int, batches: int, threads: Optional[int]) -
 
     from caffe_compat.graph import build_graph
     from caffe_compat.io.schema import messages
-    from caffe_compat.layers.data import data_layers
+    from caffe_compat.data import data_layers
     from caffe_compat.net import CaffeNet
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,11 +12,11 @@ from google.protobuf import text_format
 from PIL import Image
 
 from caffe_compat.compare import compare_case
+from caffe_compat.data import (Transformer, data_layers, load_reader_states, reader_states, resize_linear,
+                               set_sampler, shard_data_layers)
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.graph import build_graph
 from caffe_compat.io.schema import messages
-from caffe_compat.layers.data import (Transformer, data_layers, load_reader_states, reader_states,
-                                      resize_linear, set_sampler, shard_data_layers)
 from caffe_compat.net import CaffeNet
 from conftest import REFERENCE, require
 

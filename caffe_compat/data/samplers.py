@@ -1,0 +1,57 @@
+"""Batches for metric learning from image lists, in place of the list order:
+  "pairs"   batch_size/2 pairs of same-class images (the paper's layout), or
+  "pk:P,K"  P classes x K images per batch (P*K == batch_size).
+Caffe's schema has no field for this, hence an option outside the prototxt (`--sampler`).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import CaffeCompatError
+
+SAMPLER_SPECS = "sequential, pairs or pk:P,K"
+
+
+def parse_sampler(spec: str, batch_size: int, where: str) -> Optional[Tuple[int, int]]:
+    """(classes, images per class) of a batch for `spec`; None for 'sequential' (Caffe's order)."""
+    spec = spec.strip().lower()
+    if spec == "sequential":
+        return None
+    if spec == "pairs":
+        if batch_size % 2:
+            raise CaffeCompatError(f"{where}: the pairs sampler needs an even batch_size, got {batch_size}")
+        return batch_size // 2, 2
+    if spec.startswith("pk:"):
+        try:
+            classes, per_class = (int(v) for v in spec[3:].split(","))
+        except ValueError:
+            raise CaffeCompatError(f"sampler '{spec}': expected pk:P,K with two integers") from None
+        if classes < 1 or per_class < 1 or classes * per_class != batch_size:
+            raise CaffeCompatError(f"{where}: sampler pk:{classes},{per_class} gives {classes * per_class} "
+                                   f"images per batch, batch_size is {batch_size}")
+        return classes, per_class
+    raise CaffeCompatError(f"unknown sampler '{spec}': expected {SAMPLER_SPECS}")
+
+
+class BatchSampler:
+    """Draws the indices of one batch: `classes` labels, then `per_class` images of each
+    (with replacement only where a label has too few)."""
+
+    def __init__(self, classes: int, per_class: int, labels: Sequence[int], where: str, spec: str):
+        labels = np.asarray(labels)
+        self.classes, self.per_class = classes, per_class
+        self.members: Dict[int, np.ndarray] = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
+        if len(self.members) < 2:
+            raise CaffeCompatError(f"{where} has {len(self.members)} class(es); the {spec} sampler needs at "
+                                   f"least 2")
+        self.names = np.asarray(sorted(self.members))
+
+    def draw(self, rng: np.random.Generator) -> List[int]:
+        chosen = rng.choice(self.names, size=self.classes, replace=len(self.names) < self.classes)
+        indices = []
+        for label in chosen:
+            members = self.members[int(label)]
+            indices.extend(rng.choice(members, size=self.per_class, replace=len(members) < self.per_class).tolist())
+        return indices

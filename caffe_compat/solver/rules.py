@@ -1,0 +1,202 @@
+"""Caffe's update rules: the SGDSolver family's arithmetic (not torch.optim), per
+iteration as SGDSolver::ApplyUpdate:
+    rate = lr_policy(iter); ClipGradients();
+    for each learnable param: Normalize (1/iter_size), Regularize (L2 or L1 decay),
+                              ComputeUpdateValue (SGD, Nesterov, AdaGrad, ...);
+    then w -= update for every param.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import CaffeCompatError
+from ..net import CaffeNet
+from .policies import check_policy, learning_rate
+
+SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
+LEGACY_SOLVER_TYPES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
+
+f32 = np.float32
+
+
+def solver_type(param, where: str = "solver") -> str:
+    """The solver type, after Caffe's UpgradeSolverType (legacy `solver_type` enum)."""
+    if param.HasField("solver_type"):
+        if param.HasField("type"):
+            raise CaffeCompatError(f"{where}: give either type (string) or the legacy solver_type (enum), "
+                                   f"not both")
+        return LEGACY_SOLVER_TYPES[param.solver_type]
+    if param.type not in SOLVER_TYPES:
+        raise CaffeCompatError(f"{where}: unknown solver type '{param.type}'; known: {', '.join(SOLVER_TYPES)}")
+    return param.type
+
+
+def check_solver(param, where: str = "solver") -> str:
+    """Caffe's checks on a SolverParameter, as errors naming the field; returns the type."""
+    kind = solver_type(param, where)
+    check_policy(param, where)
+    if param.iter_size < 1:
+        raise CaffeCompatError(f"{where}: iter_size must be >= 1, got {param.iter_size}")
+    if param.average_loss < 1:
+        raise CaffeCompatError(f"{where}: average_loss must be >= 1, got {param.average_loss}")
+    if param.max_iter < 0:
+        raise CaffeCompatError(f"{where}: max_iter must be >= 0, got {param.max_iter}")
+    if param.display < 0 or param.snapshot < 0 or param.test_interval < 0:
+        raise CaffeCompatError(f"{where}: display, snapshot and test_interval must be >= 0")
+    if param.regularization_type not in ("L1", "L2"):
+        raise CaffeCompatError(f"{where}: unknown regularization_type '{param.regularization_type}' "
+                               f"(L1 or L2)")
+    if kind in ("AdaGrad", "RMSProp") and param.momentum != 0:
+        raise CaffeCompatError(f"{where}: momentum cannot be used with {kind} (got {param.momentum})")
+    if kind == "RMSProp" and not 0 <= param.rms_decay < 1:
+        raise CaffeCompatError(f"{where}: rms_decay must lie in [0, 1), got {param.rms_decay}")
+    if param.snapshot and not param.HasField("snapshot_prefix"):
+        raise CaffeCompatError(f"{where}: snapshot is {param.snapshot} but snapshot_prefix is missing")
+    if param.snapshot_format != param.BINARYPROTO:
+        raise CaffeCompatError(f"{where}: snapshot_format HDF5 is not supported; use BINARYPROTO")
+    return kind
+
+
+
+@dataclass
+class LearnableParam:
+    name: str
+    tensor: torch.Tensor
+    lr_mult: float
+    decay_mult: float
+
+
+def learnable_params(net: CaffeNet) -> List[LearnableParam]:
+    """The params the solver updates, in Caffe's order. lr_mult 0 params are left out
+    (Caffe computes no gradient for them and their update is 0) and stop requiring grad."""
+    params = dict(net.named_parameters())
+    result = []
+    for name, (lr_mult, decay_mult) in net.param_multipliers.items():
+        tensor = params[name]
+        if lr_mult == 0:
+            tensor.requires_grad_(False)
+            continue
+        result.append(LearnableParam(name, tensor, lr_mult, decay_mult))
+    return result
+
+
+class CaffeSolver:
+    """Caffe's SGDSolver family on a list of params whose `.grad` holds Caffe's diffs."""
+
+    def __init__(self, param, params: Sequence[LearnableParam], where: str = "solver"):
+        self.kind = check_solver(param, where)
+        self.param = param
+        self.params = list(params)
+        self.iter = 0
+        self.current_step = 0
+        slots = 2 if self.kind in ("AdaDelta", "Adam") else 1
+        self.history = [[torch.zeros_like(p.tensor) for _ in range(slots)] for p in self.params]
+    def learning_rate(self) -> float:
+        """SGDSolver::GetLearningRate for the current iteration; advances `current_step`
+        for multistep as Caffe does: call once per update."""
+        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
+        return rate
+
+    @torch.no_grad()
+    def step(self) -> float:
+        """One ApplyUpdate plus Net::Update; returns the rate used. Grads are consumed."""
+        rate = self.learning_rate()
+        grads = [p.tensor.grad if p.tensor.grad is not None else torch.zeros_like(p.tensor) for p in self.params]
+        self._clip(grads)
+        updates = []
+        for p, grad, history in zip(self.params, grads, self.history):
+            self._normalize(grad)
+            self._regularize(p, grad)
+            updates.append(self._update_value(p, grad, history, rate))
+        for p, update in zip(self.params, updates):
+            p.tensor.sub_(update)
+        self.iter += 1
+        return rate
+
+    def _clip(self, grads: List[torch.Tensor]) -> None:
+        clip = float(self.param.clip_gradients)
+        if clip < 0 or not grads:
+            return
+        sumsq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        norm = float(torch.sqrt(sumsq))
+        if norm > clip:
+            scale = float(f32(clip) / f32(norm))
+            for g in grads:
+                g.mul_(scale)
+
+    def _normalize(self, grad: torch.Tensor) -> None:
+        if self.param.iter_size > 1:
+            grad.mul_(float(f32(1) / f32(self.param.iter_size)))
+
+    def _regularize(self, p: LearnableParam, grad: torch.Tensor) -> None:
+        local_decay = float(f32(self.param.weight_decay) * f32(p.decay_mult))
+        if not local_decay:
+            return
+        if self.param.regularization_type == "L2":
+            grad.add_(p.tensor, alpha=local_decay)
+        else:
+            grad.add_(torch.sign(p.tensor), alpha=local_decay)
+
+    def _update_value(self, p: LearnableParam, grad: torch.Tensor, history: List[torch.Tensor],
+                      rate: float) -> torch.Tensor:
+        """ComputeUpdateValue of each solver: the value Net::Update subtracts."""
+        prm = self.param
+        local_rate = float(f32(rate) * f32(p.lr_mult))
+        momentum = float(prm.momentum)
+        delta = float(prm.delta)
+        h = history[0]
+        if self.kind == "SGD":
+            h.mul_(momentum).add_(grad, alpha=local_rate)
+            return h.clone()
+        if self.kind == "Nesterov":
+            previous = h.clone()
+            h.mul_(momentum).add_(grad, alpha=local_rate)
+            return h * (1 + momentum) - previous * momentum
+        if self.kind == "AdaGrad":
+            h.add_(grad * grad)
+            return grad / (h.sqrt() + delta) * local_rate
+        if self.kind == "RMSProp":
+            decay = float(prm.rms_decay)
+            h.mul_(decay).add_(grad * grad, alpha=1 - decay)
+            return grad / (h.sqrt() + delta) * local_rate
+        if self.kind == "AdaDelta":
+            updates_history = history[1]
+            h.mul_(momentum).add_(grad * grad, alpha=1 - momentum)
+            step = grad * ((updates_history + delta) / (h + delta)).sqrt()
+            updates_history.mul_(momentum).add_(step * step, alpha=1 - momentum)
+            return step * local_rate
+        # Adam: history[0] is m, history[1] is v; t counts from 1.
+        beta1, beta2 = momentum, float(prm.momentum2)
+        v = history[1]
+        t = self.iter + 1
+        correction = float(f32(math.sqrt(1 - math.pow(beta2, t)) / (1 - math.pow(beta1, t))))  # double, as Caffe
+        h.mul_(beta1).add_(grad, alpha=1 - beta1)
+        v.mul_(beta2).add_(grad * grad, alpha=1 - beta2)
+        return h / (v.sqrt() + delta) * float(f32(local_rate) * f32(correction))
+
+    def state_dict(self) -> dict:
+        return {"type": self.kind, "iter": self.iter, "current_step": self.current_step,
+                "history": {p.name: [h.detach().cpu().clone() for h in hist]
+                            for p, hist in zip(self.params, self.history)}}
+
+    def load_state_dict(self, state: dict, where: str = "solver state") -> None:
+        if state.get("type") != self.kind:
+            raise CaffeCompatError(f"{where}: written by a {state.get('type')} solver, this one is {self.kind}")
+        saved = state["history"]
+        names = [p.name for p in self.params]
+        if sorted(saved) != sorted(names):
+            raise CaffeCompatError(f"{where}: its learnable params ({', '.join(sorted(saved))}) differ from "
+                                   f"the net's ({', '.join(sorted(names))})")
+        for p, hist in zip(self.params, self.history):
+            for target, value in zip(hist, saved[p.name]):
+                if tuple(value.shape) != tuple(target.shape):
+                    raise CaffeCompatError(f"{where}: history of {p.name} has shape {tuple(value.shape)}, "
+                                           f"the param {tuple(target.shape)}")
+                target.copy_(value)
+        self.iter = int(state["iter"])
+        self.current_step = int(state["current_step"])

@@ -1,0 +1,396 @@
+"""The training loop, as Caffe's Solver::Solve: forward/backward `iter_size` times,
+display, update (caffe_compat.solver.rules), snapshot; test passes with TEST-phase nets
+sharing the weights; SIGINT/SIGTERM stop at an iteration boundary with a snapshot;
+`--resume` continues from a `.solverstate.pt` bit for bit.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, TextIO, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..data import (close_data_layers, data_layers, load_reader_states, reader_states, seed_data_layers,
+                    set_sampler, shard_data_layers)
+from ..errors import CaffeCompatError
+from ..io import atomic
+from ..io.files import read_caffemodel, read_solver, weights_of, with_weights, write_caffemodel
+from ..net import CaffeNet
+from .distributed import Distributed, distribute_lifted_losses
+from .nets import build_net, net_source, share_weights, test_sources
+from .rules import CaffeSolver, check_solver, learnable_params
+from .state import STATE_FORMAT, STATE_VERSION, numpy_rng_state, read_state, set_numpy_rng_state
+
+PathLike = Union[str, Path]
+
+
+@dataclass
+class TrainResult:
+    iterations: int
+    last_loss: Optional[float]
+    stopped_early: bool
+    snapshots: List[Path] = field(default_factory=list)
+
+
+class _StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM (torchrun stopping its workers) asks for a stop at the
+    next iteration boundary, then a snapshot; a second signal interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        # os.write, not print: a signal handler may interrupt a print in progress.
+        os.write(2, b"caffe-compat: stopping after this iteration to write a snapshot "
+                    b"(signal again to abort at once)\n")
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+
+def _check_writable(prefix: str, where: str) -> None:
+    """Fail now, not at the first snapshot hours later (Caffe's CheckSnapshotWritePermissions)."""
+    folder = Path(prefix).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CaffeCompatError(f"{where}: snapshot_prefix '{prefix}': cannot create {folder}: "
+                               f"{err.strerror or err}") from None
+    if not os.access(folder, os.W_OK):
+        raise CaffeCompatError(f"{where}: snapshot_prefix '{prefix}': {folder} is not writable")
+
+
+def _default_device(param) -> str:
+    return "cuda" if param.solver_mode == param.GPU and torch.cuda.is_available() else "cpu"
+
+
+class Trainer:
+    """Caffe's Solver::Solve for one solver prototxt."""
+
+    def __init__(self, solver_path: PathLike, weights: Optional[PathLike] = None,
+                 resume: Optional[PathLike] = None, device: Optional[str] = None,
+                 max_iter: Optional[int] = None, sampler: Optional[str] = None,
+                 log_path: Optional[PathLike] = None, output: Optional[PathLike] = None,
+                 stream: Optional[TextIO] = None):
+        if weights is not None and resume is not None:
+            raise CaffeCompatError("give --weights to fine-tune or --resume to continue, not both")
+        self.solver_path = Path(solver_path)
+        where = str(self.solver_path)
+        self.param = read_solver(solver_path)
+        if max_iter is not None:
+            if max_iter < 0:
+                raise CaffeCompatError(f"--max-iter must be >= 0, got {max_iter}")
+            self.param.max_iter = max_iter
+        check_solver(self.param, where)
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.output = Path(output) if output is not None else None
+        self.stream = stream if stream is not None else sys.stdout
+        self.dist = Distributed.from_env()
+        device_name = device or _default_device(self.param)
+        if device_name.startswith("cuda") and not torch.cuda.is_available():
+            raise CaffeCompatError(f"--device {device_name}: CUDA is not available here")
+        if self.dist.active and device_name.startswith("cuda"):
+            device_name = f"cuda:{self.dist.local_rank}"
+            torch.cuda.set_device(self.dist.local_rank)
+        self.device = torch.device(device_name)
+        seed = int(self.param.random_seed)
+        if seed >= 0:
+            torch.manual_seed(seed)  # same fillers on every rank
+            np.random.seed(seed % 2 ** 32)
+
+        train_source, self.net_file = net_source(self.param, where)
+        test_nets = test_sources(self.param, (train_source, self.net_file), where)
+        train_state = self.param.train_state if self.param.HasField("train_state") else None
+        self.net = build_net(self.net_file, "TRAIN", train_state, train_source)
+        if not self.net.loss_terms:
+            raise CaffeCompatError(f"{train_source}: the TRAIN net has no loss layer")
+        self.test_nets: List[Tuple[CaffeNet, int]] = []
+        for i, (description, net_file) in enumerate(test_nets):
+            test_state = self.param.test_state[i] if self.param.test_state else None
+            self.test_nets.append((build_net(net_file, "TEST", test_state, description), int(self.param.test_iter[i])))
+        if weights is not None:
+            self.net.load_caffe_weights(weights_of(read_caffemodel(weights)))
+        if sampler is not None:
+            takers = set_sampler(self.net, sampler)
+            if not takers:
+                raise CaffeCompatError(f"--sampler {sampler}: the TRAIN net has no ImageData layer")
+        if self.dist.active:
+            self.dist.init(self.device)
+            shard_data_layers(self.net, self.dist.rank, self.dist.world_size)
+            distribute_lifted_losses(self.net)
+        if seed >= 0:
+            seed_data_layers(self.net, seed + self.dist.rank)
+            for i, (net, _) in enumerate(self.test_nets):
+                seed_data_layers(net, seed + 1 + i)
+            torch.manual_seed(seed + self.dist.rank)  # dropout and the like differ per rank, as Caffe's
+        if self.param.snapshot or self.param.snapshot_after_train:
+            _check_writable(self.param.snapshot_prefix, where)
+        self.net.to(self.device)
+        if self.dist.active:
+            self.dist.broadcast_module(self.net)
+        for net, _ in self.test_nets:
+            net.to(self.device)
+            share_weights(net, self.net)
+        self.params = learnable_params(self.net)
+        self.solver = CaffeSolver(self.param, self.params, where)
+        self.log_rows: List[Tuple[int, float, float]] = []
+        self.images_per_iter = self._images_per_iteration()
+        if resume is not None:
+            self.load_state(resume)
+
+    # ---- running
+    def run(self) -> TrainResult:
+        param = self.param
+        snapshots: List[Path] = []
+        losses: List[float] = []
+        smoothed = 0.0
+        start_iter = self.solver.iter
+        last_loss: Optional[float] = None
+        stopped = False
+        self._announce()
+        window_start, window_iters = time.perf_counter(), 0
+        try:
+            with _StopRequest() as stop:
+                while self.solver.iter < param.max_iter:
+                    if self._agree(stop.requested):
+                        stopped = True
+                        break
+                    it = self.solver.iter
+                    if param.test_interval and it % param.test_interval == 0 and (it > 0 or param.test_initialization):
+                        self.test()
+                    total, last_loss = self._forward_backward()
+                    smoothed = _smoothed_loss(losses, smoothed, total / param.iter_size, it - start_iter,
+                                              param.average_loss)
+                    if self.dist.active:
+                        # Caffe's multi-GPU rule: the ranks' gradients are averaged.
+                        self.dist.reduce_gradients(self.params, 1.0 / self.dist.world_size)
+                    rate = self.solver.step()
+                    self.log_rows.append((it, last_loss, rate))
+                    window_iters += 1
+                    elapsed = time.perf_counter() - window_start
+                    self._progress(it, last_loss, smoothed, rate, window_iters / elapsed if elapsed else 0.0)
+                    if param.display and it % param.display == 0:
+                        window_start, window_iters = time.perf_counter(), 0
+                    if param.snapshot and self.solver.iter % param.snapshot == 0:
+                        snapshots.append(self.snapshot())
+            if self.stream_is_tty:
+                self._print("")
+            if stopped:
+                snapshots.append(self.snapshot())
+                self._print(f"stopped at iteration {self.solver.iter}: resume with --resume {snapshots[-1]}")
+                return TrainResult(self.solver.iter, last_loss, True, snapshots)
+            if param.snapshot_after_train and (not param.snapshot or self.solver.iter % param.snapshot != 0):
+                snapshots.append(self.snapshot())
+            if param.test_interval and self.solver.iter % param.test_interval == 0 and self.test_nets:
+                self.test()
+            if self.output is not None and self.is_root:
+                self.write_caffemodel(self.output)
+                self._print(f"wrote {self.output}")
+            self._write_log()
+            return TrainResult(self.solver.iter, last_loss, False, snapshots)
+        finally:
+            close_data_layers(self.net)
+            for net, _ in self.test_nets:
+                close_data_layers(net)
+
+    def _forward_backward(self) -> Tuple[float, float]:
+        """iter_size forward/backward passes accumulating grads; (sum of losses, last loss)."""
+        for p in self.params:
+            p.tensor.grad = None
+        total, last = 0.0, 0.0
+        for _ in range(self.param.iter_size):
+            blobs = self.net.run({})
+            loss = self.net.loss(blobs)
+            loss.backward()
+            last = float(loss.detach())
+            if self.dist.active:  # the global lifted loss is the same on every rank anyway
+                last = self.dist.mean(last, self.device)
+            total += last
+        return total, last
+
+    def _agree(self, flag: bool) -> bool:
+        return self.dist.any(flag, self.device) if self.dist.active else flag
+
+    def test(self) -> None:
+        """Solver::Test: mean of every output of each test net over test_iter batches."""
+        if not self.is_root:
+            return
+        for index, (net, iters) in enumerate(self.test_nets):
+            sums: Dict[str, torch.Tensor] = {}
+            total_loss = 0.0
+            with torch.no_grad():
+                for _ in range(iters):
+                    blobs = net.run({})
+                    if self.param.test_compute_loss and net.loss_terms:
+                        total_loss += float(net.loss(blobs))
+                    for name in net.output_names:
+                        value = blobs[name].detach().double().reshape(-1)
+                        sums[name] = sums[name] + value if name in sums else value
+            self._print(f"Iteration {self.solver.iter}, Testing net (#{index})")
+            if self.param.test_compute_loss:
+                self._print(f"    Test loss: {total_loss / max(iters, 1):.6g}")
+            weights = dict(net.loss_terms)
+            for name, total in sums.items():
+                mean = (total / max(iters, 1)).cpu()
+                if mean.numel() > 16:
+                    self._print(f"    Test net output: {name} ({mean.numel()} values, mean {float(mean.mean()):.6g})")
+                    continue
+                for k, value in enumerate(mean.tolist()):
+                    suffix = f" (* {weights[name]:g} = {weights[name] * value:.6g} loss)" if name in weights else ""
+                    label = name if mean.numel() == 1 else f"{name}[{k}]"
+                    self._print(f"    Test net output: {label} = {value:.6g}{suffix}")
+
+    # ---- snapshots
+    def state_dict(self) -> dict:
+        states = reader_states(self.net)
+        train_readers = self.dist.gather(states) if self.dist.active else [states]
+        rng = {"torch": torch.get_rng_state(), "numpy": numpy_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": STATE_FORMAT, "version": STATE_VERSION,
+            "solver": self.solver.state_dict(),
+            "weights": {name: [torch.from_numpy(a) for a in arrays]
+                        for name, arrays in self.net.caffe_weights().items()},
+            "rng": rng,
+            "readers": {"train": train_readers, "test": [reader_states(net) for net, _ in self.test_nets]},
+            "log": [list(row) for row in self.log_rows],
+            "world_size": self.dist.world_size,
+        }
+
+    def load_state(self, path: PathLike) -> None:
+        path = Path(path)
+        state = read_state(path)
+        if state["world_size"] != self.dist.world_size:
+            raise CaffeCompatError(f"{path}: written by {state['world_size']} process(es), resumed with "
+                                   f"{self.dist.world_size}; the data positions would not line up")
+        self.net.load_caffe_weights({name: [t.numpy() for t in blobs] for name, blobs in state["weights"].items()})
+        self.solver.load_state_dict(state["solver"], str(path))
+        for hist in self.solver.history:
+            for h in hist:
+                h.data = h.data.to(self.device)
+        load_reader_states(self.net, state["readers"]["train"][self.dist.rank])
+        for (net, _), readers in zip(self.test_nets, state["readers"]["test"]):
+            load_reader_states(net, readers)
+        torch.set_rng_state(state["rng"]["torch"])
+        set_numpy_rng_state(state["rng"]["numpy"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.log_rows = [(int(i), float(loss), float(lr)) for i, loss, lr in state["log"]]
+
+    def snapshot(self) -> Path:
+        """Write <prefix>_iter_<N>.caffemodel and .solverstate.pt (rank 0); returns the state path."""
+        base = f"{self.param.snapshot_prefix}_iter_{self.solver.iter}"
+        state = self.state_dict()  # every rank takes part in gathering reader states
+        state_path = Path(base + ".solverstate.pt")
+        if self.is_root:
+            self.write_caffemodel(base + ".caffemodel")
+            with atomic.atomic_path(state_path) as tmp:
+                torch.save(state, tmp)
+            self._write_log()
+            self._print(f"Snapshotting to {base}.caffemodel and {state_path}")
+        return state_path
+
+    def write_caffemodel(self, path: PathLike) -> None:
+        write_caffemodel(with_weights(self.net_file.net, self.net.caffe_weights()), path)
+
+    def _write_log(self) -> None:
+        if self.log_path is None or not self.is_root:
+            return
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["iteration", "loss", "lr"])
+        for it, loss, lr in self.log_rows:
+            writer.writerow([it, repr(loss), repr(lr)])
+        atomic.write_text(self.log_path, text.getvalue())
+
+    # ---- output
+    @property
+    def is_root(self) -> bool:
+        return self.dist.rank == 0
+
+    @property
+    def stream_is_tty(self) -> bool:
+        return self.is_root and hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def _print(self, line: str) -> None:
+        if self.is_root:
+            print(line, file=self.stream, flush=True)
+
+    def _images_per_iteration(self) -> Optional[int]:
+        layers = data_layers(self.net)
+        if not layers:
+            return None
+        return layers[0][1].batch_size * self.param.iter_size * self.dist.world_size
+
+    def _announce(self) -> None:
+        world = f", {self.dist.world_size} processes" if self.dist.active else ""
+        self._print(f"Solving {self.net.graph.name or self.solver_path.name}: {self.solver.kind}, lr_policy "
+                    f"{self.param.lr_policy}, iterations {self.solver.iter} to {self.param.max_iter}, "
+                    f"device {self.device}{world}")
+
+    def _progress(self, it: int, loss: float, smoothed: float, rate: float, iters_per_s: float) -> None:
+        if not self.is_root:
+            return
+        speed = (f"{iters_per_s * self.images_per_iter:.1f} img/s" if self.images_per_iter
+                 else f"{iters_per_s:.2f} it/s")
+        text = f"iteration {it} loss {loss:.6g} (smoothed {smoothed:.6g}) lr {rate:.6g} {speed}"
+        if self.stream_is_tty:
+            done = (it + 1) / max(self.param.max_iter, 1)
+            bar = "#" * int(done * 30)
+            self.stream.write(f"\r[{bar:<30}] {it + 1}/{self.param.max_iter} {text}\x1b[K")
+            self.stream.flush()
+        elif self.param.display and it % self.param.display == 0:
+            self._print(text)
+
+
+def _smoothed_loss(losses: List[float], smoothed: float, loss: float, index: int, window: int) -> float:
+    """Solver::UpdateSmoothedLoss: the mean of the last `window` losses."""
+    if len(losses) < window:
+        losses.append(loss)
+        return (smoothed * (len(losses) - 1) + loss) / len(losses)
+    slot = index % window
+    smoothed += (loss - losses[slot]) / window
+    losses[slot] = loss
+    return smoothed
+
+
+def train(solver_path: PathLike, weights: Optional[PathLike] = None, resume: Optional[PathLike] = None,
+          device: Optional[str] = None, max_iter: Optional[int] = None, output: Optional[PathLike] = None,
+          log_path: Optional[PathLike] = None, sampler: Optional[str] = None,
+          stream: Optional[TextIO] = None) -> TrainResult:
+    """Train as `caffe train --solver=SOLVER [--weights W | --snapshot S]` would."""
+    dist = Distributed.from_env()
+    try:
+        with warnings.catch_warnings():
+            # Layers of the weights file that the TRAIN net lacks are normal when fine-tuning.
+            warnings.filterwarnings("ignore", message="weights for layers not in the")
+            trainer = Trainer(solver_path, weights=weights, resume=resume, device=device, max_iter=max_iter,
+                              sampler=sampler, log_path=log_path, output=output, stream=stream)
+        return trainer.run()
+    finally:
+        if dist.active:
+            dist.shutdown()
