@@ -61,6 +61,7 @@ def _cmd_compare(args) -> int:
 
 def _cmd_convert(args) -> int:
     from .converters.artifact import model_to_caffemodel, save_model
+    from .converters.preprocess import describe as describe_preprocess, preprocess_metadata
     from .loading import load_net
     from .io.files import read_prototxt
 
@@ -74,10 +75,29 @@ def _cmd_convert(args) -> int:
         raise CaffeCompatError("convert takes NET.prototxt WEIGHTS.caffemodel -o OUT, or MODEL -o NET.caffemodel")
     net_file = read_prototxt(source, args.dialect)
     net = load_net(net_file, args.weights, phase=args.phase, dialect=args.dialect)
-    save_model(net, out, net_file.dialect)
+    preprocess = preprocess_metadata(net_file.net, source.resolve().parent, _preprocess_overrides(args),
+                                     {name: net.blob_shapes[name] for name in net.input_names})
+    save_model(net, out, net_file.dialect, preprocess)
     count = sum(p.numel() for p in net.state_dict().values())
     print(f"wrote {out}: {len(net.layers)} layers, {count:,} values, phase {net.phase}, dialect {net_file.dialect}")
+    print(f"preprocess: {describe_preprocess(preprocess)}")
     return 0
+
+
+def _preprocess_overrides(args):
+    from .converters.preprocess import PreprocessOverrides
+
+    return PreprocessOverrides(args.mean_value, args.mean_file, args.scale, args.crop_size)
+
+
+def _add_preprocess_options(p, what: str, crop: bool = True) -> None:
+    """--mean-value/--mean-file/--scale (and --crop-size): preprocessing to `what`."""
+    p.add_argument("--mean-value", type=float, nargs="+", metavar="B G R",
+                   help=f"per-channel mean, B G R (or one for all), to {what}")
+    p.add_argument("--mean-file", metavar="MEAN.binaryproto", help=f"mean image to {what}")
+    p.add_argument("--scale", type=float, help=f"factor applied after the mean, to {what}")
+    if crop:
+        p.add_argument("--crop-size", type=int, help=f"centre crop, to {what}")
 
 
 def _cmd_export_onnx(args) -> int:
@@ -86,7 +106,8 @@ def _cmd_export_onnx(args) -> int:
     summary = export_files(args.source, args.weights, args.onnx_file,
                            input_shape=parse_shape(args.input_shape) if args.input_shape else None,
                            dialect=args.dialect, outputs=args.outputs, opset=args.opset,
-                           l2_normalize=args.l2_normalize, static_batch=args.static_batch)
+                           l2_normalize=args.l2_normalize, static_batch=args.static_batch,
+                           preprocess=_preprocess_overrides(args))
     print(summary.describe())
     return 0
 
@@ -176,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], type=str.upper)
     p.add_argument("--dialect", choices=["bvlc", "lifted"])
+    _add_preprocess_options(p, "record in the model (shown by export-onnx and caffe_compat.load)")
     p.set_defaults(run=_cmd_convert)
 
     p = sub.add_parser("export-onnx", help="Caffe net (or a converted/trained model) -> ONNX")
@@ -193,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", metavar="N,C,H,W",
                    help="shape of the image input (needed for data layers without crop_size)")
     p.add_argument("--dialect", choices=["bvlc", "lifted"])
+    _add_preprocess_options(p, "record in metadata_props")
     p.set_defaults(run=_cmd_export_onnx)
 
     p = sub.add_parser("train", help="train a net with a Caffe solver prototxt, as `caffe train`")

@@ -1,71 +1,235 @@
 """The converted model: one self-contained file holding the net definition (prototxt
-text, with its dialect and phase) and the weights by Caffe layer name. It is a plain
-dict of strings and tensors, so `torch.load(path, weights_only=True)` reads it and no
-pickled code travels with it."""
+text, with its dialect and phase), the weights by Caffe layer name, the preprocessing
+the net expects, and sha256 checksums of the net text and the weights.
+
+Two containers hold the same content:
+- `.pt` (any name but .safetensors): a plain dict of strings and tensors, so
+  `torch.load(path, weights_only=True)` reads it and no pickled code travels with it;
+- `.safetensors`: the tensors keyed '<layer>/<index>', everything else in the header's
+  metadata (strings; the layer list and the preprocessing as JSON).
+
+Both are validated on load: every key present with its type, the checksums matching,
+the net text parsing; anything else is one CaffeCompatError naming the file and key.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
-import torch
 from google.protobuf import text_format
 
 from .. import __version__
 from ..errors import CaffeCompatError
 from ..graph import build_graph
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_path, write_bytes
 from ..io.files import NetFile, with_weights, write_caffemodel
 from ..io.schema import messages
 from ..net import CaffeNet
 
 FORMAT = "caffe-compat-model"
+FORMAT_VERSION = 2  # 2: checksums and preprocessing
+SAFETENSORS_SUFFIX = ".safetensors"
+DIALECTS = ("bvlc", "lifted")
+PHASES = ("TRAIN", "TEST")
+WEIGHT_DTYPES = (np.dtype("float32"), np.dtype("float64"))  # a caffemodel's data and double_data
 PathLike = Union[str, Path]
+Weights = Dict[str, List[np.ndarray]]
 
 
-def save_model(net: CaffeNet, path: PathLike, dialect: str) -> None:
-    payload = {
+def weights_sha256(weights: Mapping[str, Sequence[np.ndarray]]) -> str:
+    """Over layer names (sorted), and each blob's dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode("utf-8") + b"\0")
+        for array in weights[name]:
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype.str}{array.shape}".encode("ascii") + b"\0")
+            digest.update(array.data)
+    return digest.hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def model_payload(net: CaffeNet, dialect: str, preprocess: Optional[Mapping[str, str]] = None) -> dict:
+    net_text = text_format.MessageToString(net.graph.net)
+    weights = net.caffe_weights()
+    return {
         "format": FORMAT,
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "caffe_compat_version": __version__,
         "dialect": dialect,
         "phase": net.phase,
-        "net_prototxt": text_format.MessageToString(net.graph.net),
-        "weights": {name: [torch.from_numpy(a) for a in arrays] for name, arrays in net.caffe_weights().items()},
+        "net_prototxt": net_text,
+        "net_sha256": text_sha256(net_text),
+        "preprocess": dict(preprocess or {}),
+        "weights": weights,
+        "weights_sha256": weights_sha256(weights),
     }
+
+
+def save_model(net: CaffeNet, path: PathLike, dialect: str, preprocess: Optional[Mapping[str, str]] = None) -> None:
+    """Write `net` as a model file: safetensors for a '.safetensors' path, else `.pt`."""
+    payload = model_payload(net, dialect, preprocess)
+    if Path(path).suffix == SAFETENSORS_SUFFIX:
+        write_bytes(path, _to_safetensors(payload))
+        return
+    import torch
+
+    payload = {**payload, "weights": {name: [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+                                      for name, arrays in payload["weights"].items()}}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
+def _to_safetensors(payload: dict) -> bytes:
+    from safetensors.numpy import save
+
+    tensors = {f"{name}/{i}": np.ascontiguousarray(a) for name, arrays in payload["weights"].items()
+               for i, a in enumerate(arrays)}
+    metadata = {key: value if isinstance(value, str) else json.dumps(value)
+                for key, value in payload.items() if key != "weights"}
+    metadata["layers"] = json.dumps([[name, len(arrays)] for name, arrays in payload["weights"].items()])
+    return save(tensors, metadata=metadata)
+
+
+# ---------------------------------------------------------------- reading
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{err.__class__.__name__}: {text[0]}" if text else err.__class__.__name__
+
+
+def _read_pt(path: Path) -> object:
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own text is many lines and advises weights_only=False, which would run
+        # whatever code the file carries: never that.
+        raise CaffeCompatError(f"{path}: not a caffe-compat model: it holds pickled Python objects beyond "
+                               f"tensors and plain data, which caffe-compat refuses to load") from None
+    except Exception as err:  # torch raises many types for foreign or damaged files
+        raise CaffeCompatError(f"{path}: not a caffe-compat model, or damaged ({_first_line(err)})") from None
+    if isinstance(payload, dict) and isinstance(payload.get("weights"), dict):
+        weights = {}
+        for name, tensors in payload["weights"].items():
+            if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in tensors):
+                raise CaffeCompatError(f"{path}: key 'weights' / {name!r}: expected a list of tensors")
+            if any(t.layout != torch.strided or t.dtype not in (torch.float32, torch.float64) for t in tensors):
+                raise CaffeCompatError(f"{path}: key 'weights' / {name!r}: tensors must be dense float32 or "
+                                       f"float64")
+            weights[name] = [t.numpy() for t in tensors]
+        payload = {**payload, "weights": weights}
+    return payload
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as err:  # the Rust reader raises its own error types
+        raise CaffeCompatError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+    payload: Dict[str, object] = dict(metadata)
+    for key in ("format_version", "preprocess", "layers"):
+        if key in payload:
+            try:
+                payload[key] = json.loads(payload[key])
+            except ValueError:
+                raise CaffeCompatError(f"{path}: metadata key '{key}' is not JSON") from None
+    layers = payload.pop("layers", None)
+    if not isinstance(layers, list) or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
+                                               and isinstance(e[1], int) for e in layers):
+        raise CaffeCompatError(f"{path}: metadata key 'layers': expected a list of [layer, blob count]")
+    weights = {}
+    for name, count in layers:
+        keys = [f"{name}/{i}" for i in range(count)]
+        absent = [k for k in keys if k not in tensors]
+        if absent:
+            raise CaffeCompatError(f"{path}: tensor '{absent[0]}' (listed in 'layers') is missing")
+        weights[name] = [tensors.pop(k) for k in keys]
+    if tensors:
+        raise CaffeCompatError(f"{path}: tensor '{next(iter(tensors))}' belongs to no listed layer")
+    payload["weights"] = weights
+    return payload
+
+
+_FIELDS = {"format": str, "format_version": int, "caffe_compat_version": str, "dialect": str, "phase": str,
+           "net_prototxt": str, "net_sha256": str, "preprocess": dict, "weights": dict, "weights_sha256": str}
+
+
+def _validate(payload: object, path: Path) -> dict:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CaffeCompatError(f"{path}: not a caffe-compat model (written by 'caffe-compat convert' or 'train')")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CaffeCompatError(f"{path}: model format version {version!r}; this caffe-compat reads version "
+                               f"{FORMAT_VERSION} (convert the Caffe files again)")
+    for key, kind in _FIELDS.items():
+        if key not in payload:
+            raise CaffeCompatError(f"{path}: key '{key}' is missing")
+        if not isinstance(payload[key], kind) or (kind is int and isinstance(payload[key], bool)):
+            raise CaffeCompatError(f"{path}: key '{key}': expected {kind.__name__}, found "
+                                   f"{type(payload[key]).__name__}")
+    if payload["dialect"] not in DIALECTS:
+        raise CaffeCompatError(f"{path}: key 'dialect': {payload['dialect']!r} is not one of {', '.join(DIALECTS)}")
+    if payload["phase"] not in PHASES:
+        raise CaffeCompatError(f"{path}: key 'phase': {payload['phase']!r} is not one of {', '.join(PHASES)}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in payload["preprocess"].items()):
+        raise CaffeCompatError(f"{path}: key 'preprocess': expected strings by strings")
+    for name, arrays in payload["weights"].items():
+        if not isinstance(name, str) or not all(isinstance(a, np.ndarray) and a.dtype in WEIGHT_DTYPES
+                                                for a in arrays):
+            raise CaffeCompatError(f"{path}: key 'weights' / {name!r}: expected float32 or float64 arrays")
+    if text_sha256(payload["net_prototxt"]) != payload["net_sha256"]:
+        raise CaffeCompatError(f"{path}: the stored net text does not match its checksum (key 'net_sha256'): "
+                               f"the file is damaged")
+    if weights_sha256(payload["weights"]) != payload["weights_sha256"]:
+        raise CaffeCompatError(f"{path}: the stored weights do not match their checksum (key 'weights_sha256'): "
+                               f"the file is damaged")
+    return payload
+
+
 def read_model(path: PathLike) -> dict:
+    """A model file's content, validated: the keys of `model_payload`, weights as numpy."""
     path = Path(path)
     if not path.is_file():
         raise CaffeCompatError(f"{path}: no such model file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for foreign or damaged files
-        raise CaffeCompatError(f"{path}: not a caffe-compat model ({err.__class__.__name__}: {err})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CaffeCompatError(f"{path}: not a caffe-compat model (written by 'caffe-compat convert' or 'train')")
-    return payload
+    payload = _read_safetensors(path) if path.suffix == SAFETENSORS_SUFFIX else _read_pt(path)
+    return _validate(payload, path)
 
 
 def model_net_file(payload: dict, path: PathLike) -> NetFile:
     net = messages(payload["dialect"]).NetParameter()
-    text_format.Parse(payload["net_prototxt"], net)
+    try:
+        text_format.Parse(payload["net_prototxt"], net)
+    except text_format.ParseError as err:
+        raise CaffeCompatError(f"{path}: key 'net_prototxt': not a valid net ({_first_line(err)})") from None
     return NetFile(net, payload["dialect"], Path(path))
 
 
-def model_weights(payload: dict) -> Dict[str, List[np.ndarray]]:
-    return {name: [t.numpy() for t in tensors] for name, tensors in payload["weights"].items()}
+def model_weights(payload: dict) -> Weights:
+    return {name: list(arrays) for name, arrays in payload["weights"].items()}
 
 
 def load(path: PathLike, phase: Optional[str] = None) -> CaffeNet:
-    """The `CaffeNet` a model file holds, in its saved phase unless `phase` is given."""
+    """The `CaffeNet` a model file holds, in its saved phase unless `phase` is given. Its
+    `preprocess` attribute holds the recorded preprocessing (`preprocess.*` entries)."""
     payload = read_model(path)
     net_file = model_net_file(payload, path)
     graph = build_graph(net_file.net, phase or payload["phase"], payload["dialect"])
-    return CaffeNet(graph, model_weights(payload))
+    net = CaffeNet(graph, model_weights(payload))
+    net.preprocess = dict(payload["preprocess"])
+    return net
 
 
 def model_to_caffemodel(model_path: PathLike, out: PathLike) -> None:

@@ -23,12 +23,13 @@ from ..deploy import data_layers_of, deploy_net, in_test_phase, is_training_only
 from ..errors import CaffeCompatError
 from ..graph import build_graph
 from ..io.atomic import write_bytes
-from ..io.files import read_binaryproto, read_caffemodel, read_prototxt, weights_of
+from ..io.files import read_caffemodel, read_prototxt, weights_of
 from ..layers.normalization import onnx_reduce
 from ..layers.onnx_graph import OnnxGraph
 from ..layers.registry import REGISTRY, LayerContext, caffe_blobs
 from ..net import CaffeNet
 from .artifact import model_net_file, model_weights, read_model
+from .preprocess import PreprocessOverrides, preprocess_metadata, with_overrides
 
 PathLike = Union[str, Path]
 DEFAULT_OPSET = 17
@@ -85,60 +86,6 @@ def _needed_steps(steps: List[_Step], wanted: List[Version]) -> Tuple[List[_Step
     return kept, needed
 
 
-def _number(value: float) -> str:
-    text = f"{float(value):.7g}"
-    return text if any(c in text for c in ".en") else text + ".0"
-
-
-def _inference_data_layer(net_param):
-    """The data layer whose transform an inference input should get: the TEST one if any."""
-    layers = [layer for layer in data_layers_of(net_param) if layer.HasField("transform_param")]
-    return next((layer for layer in layers if in_test_phase(layer)), layers[0] if layers else None)
-
-
-def _resolve(path: str, base_dir: Optional[Path]) -> Path:
-    """A path as Caffe reads it (from the working directory), else beside the net file."""
-    candidate = Path(path)
-    if candidate.is_absolute() or candidate.exists() or base_dir is None:
-        return candidate
-    return base_dir / candidate
-
-
-def preprocess_metadata(net_param, base_dir: Optional[PathLike] = None) -> Dict[str, str]:
-    """`preprocess.*` metadata from the net's data layer's transform_param; empty for a
-    net without one. A mean file that cannot be read here is recorded with the reason."""
-    layer = _inference_data_layer(net_param)
-    if layer is None:
-        return {}
-    transform = layer.transform_param
-    gray = layer.type == "ImageData" and not layer.image_data_param.is_color
-    channels = 1 if gray else 3
-    props = {"preprocess.channel_order": "gray" if gray else "BGR", "preprocess.pixel_range": "0-255"}
-    if transform.HasField("mean_file"):
-        props["preprocess.mean_file"] = transform.mean_file
-        try:
-            mean = read_binaryproto(_resolve(transform.mean_file, None if base_dir is None else Path(base_dir)))
-        except CaffeCompatError as err:
-            props["preprocess.mean_file_error"] = f"not readable here: {err}"
-        else:
-            image = mean.reshape(mean.shape[-3:]) if mean.ndim >= 3 else mean.reshape(1, *mean.shape)
-            # Caffe subtracts the whole mean image (cropped like the input); ONNX
-            # consumers usually take a per-channel mean, so both are recorded.
-            props["preprocess.mean"] = ",".join(_number(v) for v in image.reshape(image.shape[0], -1).mean(1))
-            props["preprocess.mean_kind"] = "mean_file channel average"
-            props["preprocess.mean_file_shape"] = ",".join(str(d) for d in image.shape)
-    elif len(transform.mean_value):
-        values = list(transform.mean_value)
-        if len(values) == 1:  # Caffe applies a single mean_value to every channel
-            values *= channels
-        props["preprocess.mean"] = ",".join(_number(v) for v in values)
-        props["preprocess.mean_kind"] = "mean_value"
-    props["preprocess.scale"] = _number(transform.scale)
-    if transform.crop_size:
-        props["preprocess.crop_size"] = str(transform.crop_size)
-    return props
-
-
 def _value_info(name: str, shape: Optional[Sequence]):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, None if shape is None else list(shape))
 
@@ -163,15 +110,20 @@ def export_onnx(net: CaffeNet, outputs: Optional[Sequence[str]] = None, opset: i
     `net`'s layers with their inference (TEST) behaviour.
 
     Only the layers the outputs depend on are exported, so losses, Accuracy, Silence
-    and data layers drop out. The batch axis is the symbolic 'N' unless
-    `static_batch`. `l2_normalize` replaces each output by x / max(||x||_2, 1e-12),
+    and data layers drop out. The batch axis of inputs of rank 2 or more is the
+    symbolic 'N' unless `static_batch`. `l2_normalize` replaces each output by x / max(||x||_2, 1e-12),
     the norm taken per example over all axes but the first, named '<blob>/l2_normalized'.
     `metadata` adds to (and overrides) the model's metadata_props.
     """
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise CaffeCompatError(f"opset {opset} is not supported: give one from {MIN_OPSET} to "
                                f"{onnx.defs.onnx_opset_version()}")
-    props = {"caffe_compat.version": __version__, **preprocess_metadata(net.graph.net), **(metadata or {})}
+    given = dict(metadata or {})
+    props = {"caffe_compat.version": __version__}
+    if not any(key.startswith("preprocess.") for key in given):  # else the caller's account stands whole
+        props.update(preprocess_metadata(net.graph.net,
+                                         input_shapes={name: net.blob_shapes[name] for name in net.input_names}))
+    props.update(given)
     net = _with_inputs(net)
     outputs = list(outputs) if outputs else default_outputs(net)
     if not outputs:
@@ -233,8 +185,9 @@ def export_onnx(net: CaffeNet, outputs: Optional[Sequence[str]] = None, opset: i
         props["postprocess.l2_normalize"] = f"x / max(||x||_2, {L2_EPS:g}) per example"
 
     def declared(blob: str) -> List:
+        # 0-d and 1-d inputs (a Scale's or Bias's second bottom) have no batch axis.
         shape = list(net.blob_shapes[blob])
-        if not static_batch:
+        if not static_batch and len(shape) >= 2:
             shape[0] = BATCH_DIM
         return shape
 
@@ -294,16 +247,18 @@ def _sha256(data: bytes) -> str:
 
 
 def load_for_export(source: PathLike, weights: Optional[PathLike] = None,
-                    input_shape: Optional[Sequence[int]] = None,
-                    dialect: Optional[str] = None) -> Tuple[CaffeNet, Dict[str, str]]:
+                    input_shape: Optional[Sequence[int]] = None, dialect: Optional[str] = None,
+                    preprocess: Optional[PreprocessOverrides] = None) -> Tuple[CaffeNet, Dict[str, str]]:
     """The TEST-phase net of NET.prototxt + WEIGHTS.caffemodel (or of a MODEL written by
     `convert`/`train` when `weights` is None), made a deploy net where it has data
-    layers, and the metadata of its source: preprocessing and the prototxt's sha256 (of
-    the file's bytes; for a MODEL, of the prototxt text it holds).
+    layers, and the metadata of its source: preprocessing (the net's, a MODEL's
+    recorded one, then `preprocess`'s overrides) and the prototxt's sha256 (of the
+    file's bytes; for a MODEL, of the prototxt text it holds).
 
     `input_shape` shapes the image input: the data layers' first tops, or else the
     net's first Input blob."""
     source = Path(source)
+    recorded = None
     if weights is None:
         if source.suffix == ".prototxt":
             raise CaffeCompatError(f"{source}: give the weights (NET.prototxt WEIGHTS.caffemodel), "
@@ -312,12 +267,11 @@ def load_for_export(source: PathLike, weights: Optional[PathLike] = None,
         net_file = model_net_file(payload, source)
         blobs = model_weights(payload)
         digest = _sha256(payload["net_prototxt"].encode("utf-8"))
+        recorded = payload["preprocess"]
     else:
         net_file = read_prototxt(source, dialect)
         blobs = weights_of(read_caffemodel(weights, dialect))  # each file's dialect is detected on its own
         digest = _sha256(source.read_bytes())
-    base_dir = source.resolve().parent
-    metadata = {**preprocess_metadata(net_file.net, base_dir), "source.prototxt_sha256": digest}
     has_data_layers = bool(data_layers_of(net_file.net))
     net_param = deploy_net(net_file.net, input_shape) if has_data_layers else net_file.net
     graph = build_graph(net_param, "TEST", net_file.dialect)
@@ -332,7 +286,12 @@ def load_for_export(source: PathLike, weights: Optional[PathLike] = None,
     if unweighted:
         warnings.warn(f"{weights or source}: no weights for layer(s) {', '.join(unweighted)}; they keep "
                       f"their filler initialisation", stacklevel=2)
-    return net, metadata
+    if recorded is not None:
+        props = with_overrides(recorded, preprocess, net_file.net.name)
+    else:
+        props = preprocess_metadata(net_file.net, source.resolve().parent, preprocess,
+                                    {name: net.blob_shapes[name] for name in net.input_names})
+    return net, {**props, "source.prototxt_sha256": digest}
 
 
 def _dim(dim) -> str:
@@ -356,9 +315,9 @@ class ExportSummary:
 
 def export_files(source: PathLike, weights: Optional[PathLike], out: PathLike,
                  input_shape: Optional[Sequence[int]] = None, dialect: Optional[str] = None,
-                 **options) -> ExportSummary:
+                 preprocess: Optional[PreprocessOverrides] = None, **options) -> ExportSummary:
     """`caffe-compat export-onnx`: load (see `load_for_export`), export, write."""
-    net, metadata = load_for_export(source, weights, input_shape, dialect)
+    net, metadata = load_for_export(source, weights, input_shape, dialect, preprocess)
     metadata.update(options.pop("metadata", None) or {})
     try:
         model = write_onnx(net, out, metadata=metadata, **options)
