@@ -1,9 +1,11 @@
 """LRN forward+backward against a ReLU of the same size and against the unfused
 autograd chain (square, window pool, pow, mul), at GoogLeNet's two LRN shapes.
-Interleaved repeats in one process; medians. Prints a markdown table."""
+Interleaved repeats in one process; medians. Prints a markdown table and writes the
+section "## LRN" of benchmarks/RESULTS.md (unless --no-write)."""
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -11,6 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from caffe_compat.layers.lrn import AcrossChannelLRN
+from results_file import machine_line, write_section
+
+SECTION = "## LRN"
 
 
 def unfused(x, size=5, alpha=1e-4, beta=0.75, k=1.0):
@@ -32,11 +37,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    load_average_start = os.getloadavg()
     fused = AcrossChannelLRN(5, 1e-4, 0.75, 1.0)
     candidates = {"ReLU": torch.relu, "LRN unfused": unfused, "LRN fused": fused}
-    print("| input (N, C, H, W) | ReLU ms | LRN unfused ms | LRN fused ms | fused / ReLU | unfused / ReLU |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    rows = ["| input (N, C, H, W) | ReLU ms | LRN unfused ms | LRN fused ms | fused / ReLU | unfused / ReLU |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for channels in (64, 192):
         shape = (args.batch, channels, 56, 56)
         x = torch.randn(shape, device=args.device, requires_grad=True)
@@ -48,8 +55,15 @@ def main() -> None:
                     torch.cuda.synchronize()
                 times[name].append(fwd_bwd_seconds(fn, x, top_diff))
         ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-        print(f"| {shape} | {ms['ReLU']:.1f} | {ms['LRN unfused']:.1f} | {ms['LRN fused']:.1f} "
+        rows.append(f"| {shape} | {ms['ReLU']:.1f} | {ms['LRN unfused']:.1f} | {ms['LRN fused']:.1f} "
               f"| {ms['LRN fused'] / ms['ReLU']:.2f}x | {ms['LRN unfused'] / ms['ReLU']:.2f}x |")
+    text = "\n".join([SECTION, "", f"`python benchmarks/lrn.py --device {args.device}`: forward + backward "
+                      f"(local_size 5, ACROSS_CHANNELS), {args.repeats} interleaved repeats, medians.", "",
+                      machine_line(load_average_start), "", *rows, "",
+                      "Load average at the end: " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + "."]) + "\n"
+    print(text)
+    if not args.no_write:
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":
