@@ -1,7 +1,8 @@
 """BlobProto <-> numpy, including the legacy 4-D num/channels/height/width dims."""
 from __future__ import annotations
 
-from typing import Tuple
+import math
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -22,17 +23,34 @@ def blob_shape(blob) -> Tuple[int, ...]:
     return tuple(int(d) for d in blob.shape.dim)  # no dims: a scalar blob
 
 
+_MAX_COUNT = 2 ** 63 - 1
+
+
+def element_count(shape: Sequence[int], where: str) -> int:
+    """How many values `shape` holds; raises on negative dims or a count past int64."""
+    if any(d < 0 for d in shape):
+        raise CaffeCompatError(f"{where}: shape {tuple(shape)} has a negative dimension")
+    count = math.prod(shape)
+    if count > _MAX_COUNT:
+        raise CaffeCompatError(f"{where}: shape {tuple(shape)} holds more values than int64 can count")
+    return count
+
+
+def shaped(values: np.ndarray, shape: Tuple[int, ...], where: str) -> np.ndarray:
+    """`values` (flat) as an array of `shape`, which must hold exactly as many."""
+    count = element_count(shape, where)
+    if values.size != count:
+        raise CaffeCompatError(f"{where}: holds {values.size} values but its shape {shape} needs {count}")
+    return values.reshape(shape)
+
+
 def blob_to_array(blob, where: str = "blob") -> np.ndarray:
     """The blob's data as a float32 array (float64 when stored as double_data)."""
-    shape = blob_shape(blob)
     if len(blob.double_data):
         values = np.asarray(blob.double_data, dtype=np.float64)
     else:
         values = np.asarray(blob.data, dtype=np.float32)
-    count = int(np.prod(shape)) if shape else 1
-    if values.size != count:
-        raise CaffeCompatError(f"{where}: holds {values.size} values but its shape {shape} needs {count}")
-    return values.reshape(shape)
+    return shaped(values, blob_shape(blob), where)
 
 
 def array_to_blob(array: np.ndarray, blob) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ..errors import CaffeCompatError
+from .blobs import shaped
 from .schema import messages
 
 
@@ -44,9 +45,7 @@ def datum_to_array(datum, where: str) -> Tuple[np.ndarray, int]:
         array = np.asarray(datum.float_data, dtype=np.float32)
     else:
         raise CaffeCompatError(f"{where}: Datum holds no data")
-    if array.size != int(np.prod(shape)):
-        raise CaffeCompatError(f"{where}: Datum holds {array.size} values but declares shape {shape}")
-    return array.reshape(shape), datum.label
+    return shaped(array, shape, f"{where}: Datum"), datum.label
 
 
 def array_to_datum(array: np.ndarray, label: int):

@@ -12,9 +12,10 @@ from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from ..errors import CaffeCompatError
-from . import atomic
-from .blobs import array_to_blob, blob_to_array
-from .schema import detect_binary_dialect, detect_text_dialect, messages, unknown_fields
+from . import atomic, wire
+from .blobs import array_to_blob, blob_shape, blob_to_array, shaped
+from .schema import check_strings, detect_binary_dialect, detect_text_dialect, messages, unknown_fields
+from .text import looks_binary, parse_text
 from .upgrade import upgrade_net
 
 PathLike = Union[str, Path]
@@ -22,48 +23,34 @@ PathLike = Union[str, Path]
 
 @dataclass
 class NetFile:
-    """A net read from a file, upgraded to the current format."""
+    """A net read from a file, upgraded to the current format. For a caffemodel, the
+    layers' BlobProtos keep their shapes only: the values are in `weights`, arrays over
+    the mapped file (read them with `weights_of`)."""
 
     net: object  # NetParameter of `dialect`
     dialect: str
     path: Path
     upgraded: bool = False
     unknown: List[str] = field(default_factory=list)
+    weights: Optional[Dict[str, List[np.ndarray]]] = None
 
 
-def _read_bytes(path: PathLike, what: str) -> bytes:
-    path = Path(path)
+def _check_file(path: Path, what: str) -> None:
     if not path.exists():
         raise CaffeCompatError(f"{path}: no such file ({what})")
     if path.is_dir():
         raise CaffeCompatError(f"{path}: is a directory, expected a {what}")
-    data = path.read_bytes()
-    if not data:
+    if not path.stat().st_size:
         raise CaffeCompatError(f"{path}: empty file, expected a {what}")
-    return data
 
 
-def _looks_binary(data: bytes) -> bool:
-    head = data[:4096]
-    if b"\0" in head:
-        return True
+def _read_bytes(path: Path, what: str, limit: int = -1) -> bytes:
+    _check_file(path, what)
     try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as err:
-        # A multi-byte character cut at the 4096-byte boundary is still text.
-        return err.start < len(head) - 4
-    return False
-
-
-def _parse_text(path: Path, data: bytes, message, what: str):
-    if _looks_binary(data):
-        raise CaffeCompatError(f"{path}: looks like a binary file, expected a text {what}"
-                               + (" (is it a caffemodel? pass it as the weights)" if what == "prototxt" else ""))
-    try:
-        text_format.Parse(data.decode("utf-8"), message)
-    except text_format.ParseError as err:
-        raise CaffeCompatError(f"{path}: not a valid {what}: {err}") from None
-    return message
+        with open(path, "rb") as handle:
+            return handle.read(limit)
+    except OSError as err:
+        raise CaffeCompatError(f"{path}: cannot be read ({err.strerror}), expected a {what}") from None
 
 
 def _warn_unknown(path: Path, unknown: List[str]) -> None:
@@ -78,42 +65,66 @@ def read_prototxt(path: PathLike, dialect: Optional[str] = None) -> NetFile:
 
 
 def _prototxt_from(path: Path, data: bytes, dialect: Optional[str]) -> NetFile:
-    if dialect is None and not _looks_binary(data):
+    if dialect is None and not looks_binary(data):
         dialect = detect_text_dialect(data.decode("utf-8", errors="replace"))
-    net = _parse_text(path, data, messages(dialect or "bvlc").NetParameter(), "prototxt")
+    net = parse_text(path, data, messages(dialect or "bvlc").NetParameter(), "prototxt")
     upgraded = upgrade_net(net)
     return NetFile(net, dialect or "bvlc", path, upgraded)
 
 
 def read_caffemodel(path: PathLike, dialect: Optional[str] = None) -> NetFile:
+    """The net and its weights; the weights are views over the mapped file, never decoded by protobuf."""
     path = Path(path)
-    return _caffemodel_from(path, _read_bytes(path, "caffemodel"), dialect)
-
-
-def _caffemodel_from(path: Path, data: bytes, dialect: Optional[str]) -> NetFile:
-    if not _looks_binary(data) and data.lstrip()[:1].isalpha():
-        raise CaffeCompatError(f"{path}: looks like a text prototxt, expected a binary caffemodel")
+    _check_file(path, "caffemodel")
     try:
-        dialect = dialect or detect_binary_dialect(data)
+        buffer = wire.map_file(path)
+    except OSError as err:
+        raise CaffeCompatError(f"{path}: cannot be read ({err.strerror}), expected a caffemodel") from None
+    head = buffer[:4096]
+    if not looks_binary(head) and head.lstrip()[:1].isalpha():
+        raise CaffeCompatError(f"{path}: looks like a text prototxt, expected a binary caffemodel")
+    invalid = f"{path}: not a valid caffemodel (truncated or not a Caffe NetParameter)"
+    try:
+        split = wire.split_net(buffer)
+    except wire.WireError as err:
+        raise CaffeCompatError(f"{invalid}: {err}") from None
+    try:
+        dialect = dialect or detect_binary_dialect(split.definitions)
         net = messages(dialect).NetParameter()
-        net.ParseFromString(data)
+        net.ParseFromString(split.definitions)
     except DecodeError as err:
-        raise CaffeCompatError(f"{path}: not a valid caffemodel (truncated or not a Caffe NetParameter): {err}") from None
+        raise CaffeCompatError(f"{invalid}: {err}") from None
+    check_strings(net, str(path))
     unknown = unknown_fields(net)
     _warn_unknown(path, unknown)
+    weights = _weights_over(path, net, split, buffer)
     upgraded = upgrade_net(net)
-    return NetFile(net, dialect, path, upgraded, unknown)
+    return NetFile(net, dialect, path, upgraded, unknown, weights)
+
+
+def _weights_over(path: Path, net, split: wire.SplitNet, buffer) -> Dict[str, List[np.ndarray]]:
+    weights = {}
+    for layers, values in ((net.layer, split.values[wire.NET_LAYER]), (net.layers, split.values[wire.NET_V1_LAYERS])):
+        # protobuf keeps every occurrence of a repeated message field, in order: layer i is values[i].
+        for layer, blobs in zip(layers, values):
+            if blobs:
+                weights[layer.name] = [shaped(v.array(buffer), blob_shape(b), f"{path}: layer '{layer.name}' blob {i}")
+                                       for i, (b, v) in enumerate(zip(layer.blobs, blobs))]
+    return weights
 
 
 def read_net(path: PathLike, dialect: Optional[str] = None) -> NetFile:
-    """A prototxt or a caffemodel, told apart by content (the file is read once)."""
+    """A prototxt or a caffemodel, told apart by content."""
     path = Path(path)
-    data = _read_bytes(path, "net file")
-    return (_caffemodel_from if _looks_binary(data) else _prototxt_from)(path, data, dialect)
+    if looks_binary(_read_bytes(path, "net file", 4096)):
+        return read_caffemodel(path, dialect)
+    return _prototxt_from(path, _read_bytes(path, "net file"), dialect)
 
 
 def weights_of(net_file: NetFile) -> Dict[str, List[np.ndarray]]:
     """Blobs by layer name, in the order the layer keeps them."""
+    if net_file.weights is not None:
+        return {name: list(arrays) for name, arrays in net_file.weights.items()}
     weights = {}
     for layer in net_file.net.layer:
         if len(layer.blobs):
@@ -134,7 +145,7 @@ def read_solver(path: PathLike):
     """A SolverParameter (the BVLC schema: solvers carry no dialect-specific fields)."""
     path = Path(path)
     data = _read_bytes(path, "solver prototxt")
-    return _parse_text(path, data, messages("bvlc").SolverParameter(), "solver prototxt")
+    return parse_text(path, data, messages("bvlc").SolverParameter(), "solver prototxt")
 
 
 def read_binaryproto(path: PathLike) -> np.ndarray:

@@ -68,6 +68,39 @@ def dialect_of(message: Message) -> str:
     raise CaffeCompatError(f"{message.DESCRIPTOR.full_name} is not a message of either Caffe dialect")
 
 
+def is_repeated(field) -> bool:
+    """FieldDescriptor.label is gone in protobuf 7 (is_repeated replaced it in 5.x)."""
+    flag = getattr(field, "is_repeated", None)
+    return flag if flag is not None else field.label == field.LABEL_REPEATED
+
+
+def _item_label(where: str, index: int, item: Message) -> str:
+    label = f"{where}[{index}]"
+    if item.DESCRIPTOR.full_name in _NAMED_LAYERS:
+        label += f" {item.name!r}"
+    return label
+
+
+def check_strings(message: Message, source: str) -> None:
+    """Raise naming the first string field that holds no valid UTF-8 (upb parses such a
+    value without complaint and hands it over as bytes, which nothing downstream expects)."""
+    _check_strings(message, "", source)
+
+
+def _check_strings(message: Message, path: str, source: str) -> None:
+    for field, value in message.ListFields():
+        where = f"{path}.{field.name}" if path else field.name
+        items = value if is_repeated(field) else [value]
+        if field.type == field.TYPE_STRING:
+            for index, item in enumerate(items):
+                if isinstance(item, bytes):
+                    place = f"{where}[{index}]" if is_repeated(field) else where
+                    raise CaffeCompatError(f"{source}: {place}: not valid UTF-8 text: {item[:40]!r}")
+        elif field.message_type is not None:
+            for index, item in enumerate(items):
+                _check_strings(item, _item_label(where, index, item) if is_repeated(field) else where, source)
+
+
 def unknown_fields(message: Message) -> List[str]:
     """Every field the parser kept without knowing it, anywhere in the tree, as
     "layer[2] 'conv1'.convolution_param: field 77" (one entry per number and place)."""
@@ -89,10 +122,7 @@ def _collect_unknown(message: Message, path: str, found: List[str]) -> None:
             _collect_unknown(value, where, found)
             continue
         for index, item in enumerate(value):
-            label = f"{where}[{index}]"
-            if item.DESCRIPTOR.full_name in _NAMED_LAYERS:
-                label += f" {item.name!r}"
-            _collect_unknown(item, label, found)
+            _collect_unknown(item, _item_label(where, index, item), found)
 
 
 def detect_binary_dialect(data: bytes) -> str:

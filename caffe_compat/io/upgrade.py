@@ -4,6 +4,7 @@ V1 `layers` (enum types, blobs_lr / weight_decay) become `layer`, and the net-le
 from __future__ import annotations
 
 from ..errors import CaffeCompatError
+from .schema import is_repeated
 
 # V1LayerParameter.LayerType enum names -> the layer type strings of the current format.
 V1_TYPE_NAMES = {
@@ -19,12 +20,6 @@ V1_TYPE_NAMES = {
     "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split", "SLICE": "Slice", "TANH": "TanH",
     "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
 }
-
-def is_repeated(field) -> bool:
-    """FieldDescriptor.label is gone in protobuf 7 (is_repeated replaced it in 5.x)."""
-    flag = getattr(field, "is_repeated", None)
-    return flag if flag is not None else field.label == field.LABEL_REPEATED
-
 
 # V1 fields handled by hand; every other set field is copied by name.
 _V1_SPECIAL = {"type", "blobs_lr", "weight_decay", "param", "blob_share_mode", "layer"}
