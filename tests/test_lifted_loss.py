@@ -171,7 +171,10 @@ def test_zero_distance_pair_is_finite_by_default():
 
 
 def test_zero_distance_pair_is_nan_with_caffe_exact():
+    # Small integers: every product and sum is exact, so the fork's |x_i|^2 + |x_j|^2 -
+    # 2 x_i.x_j is exactly 0 for the coincident pair (with random floats it is rounding).
     x, labels = coincident_pair_batch()
+    x = torch.round(x * 2)
     loss, grad = loss_and_grad(lifted_struct_loss, x, labels, 1.0, caffe_exact=True)
     assert torch.isnan(grad[:2]).all(), "the fork divides by the zero distance"
 
@@ -204,7 +207,8 @@ def test_no_positive_pair_gives_zero_and_one_warning():
     (torch.tensor([[0., 1], [math.nan, 0], [1, 1], [2, 2]]), torch.tensor([0., 0, 1, 1]), r"NaN or inf"),
     (torch.tensor([[0., 1], [math.inf, 0], [1, 1], [2, 2]]), torch.tensor([0., 0, 1, 1]), r"NaN or inf"),
     (torch.zeros(4, 2), torch.tensor([0., math.nan, 1, 1]), r"labels contain NaN"),
-    (torch.full((4, 2), 1e20), torch.tensor([0., 0, 1, 1]), r"overflow torch.float32"),
+    (torch.tensor([[1e20, 0], [-1e20, 0], [0, 1e20], [0, -1e20]]), torch.tensor([0., 0, 1, 1]),
+     r"overflow torch.float32"),
 ])
 def test_bad_inputs_raise(embeddings, labels, message):
     with pytest.raises(CaffeCompatError, match=message):

@@ -7,12 +7,11 @@ P the number of positive pairs i < j (y_i == y_j):
     J_ij = max(0, log(sum_{k: y_k != y_i} exp(m - D_ik) + sum_{l: y_l != y_j} exp(m - D_jl)) + D_ij)
     loss = sum_{i<j positive} J_ij^2 / (2 P)
 
-How it is computed, in O(n^2 d) time and O(n^2) memory without a loop over pairs:
-D from one Gram matrix (as the fork does: |x_i|^2 + |x_j|^2 - 2 x_i.x_j), one masked
-log-sum-exp per anchor, a_i = log sum_k exp(m - D_ik), and per pair
-log(e^a_i + e^a_j) = logaddexp(a_i, a_j), which stays finite for any distance and
-margin. The backward is written by hand (the exact derivative, checked against autograd
-in the tests): with the Gram matrix, three n x n x d products in all.
+How it is computed (caffe_compat.losses.blockwise): pure tensor algebra over row blocks
+of the distance matrix, one masked log-sum-exp per anchor, a_i = log sum_k exp(m - D_ik),
+and per pair log(e^a_i + e^a_j) = logaddexp(a_i, a_j), which stays finite for any
+distance and margin; a hand-written backward (the exact derivative, checked against
+autograd in the tests); O(n^2 d) time, O(n x block) memory beyond the positive pairs.
 """
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CaffeCompatError
+from .blockwise import LiftedStructLoss
 
 __all__ = ["LiftedStructSimilaritySoftmaxLoss", "NoPositivePairsWarning", "lifted_struct_loss",
            "lifted_shape_error"]
@@ -47,75 +47,6 @@ def lifted_shape_error(embedding_shape: Tuple[int, ...], label_shape: Tuple[int,
         return (f"{label_shape[0]} labels for {embedding_shape[0]} embeddings: "
                 f"need one label per embedding")
     return None
-
-
-def _distances(x: Tensor, caffe_exact: bool) -> Tensor:
-    gram = x @ x.T
-    # Squared norms from the Gram diagonal (not a separate sum): then coincident rows,
-    # the diagonal included, get a squared distance of exactly 0, not rounding noise.
-    sq_norms = gram.diagonal()
-    dist_sq = torch.sub(sq_norms.unsqueeze(1) + sq_norms, gram, alpha=2)
-    if not caffe_exact:
-        # The fork takes sqrt of a rounding-negative value and gets NaN.
-        dist_sq.clamp_min_(0)
-    return dist_sq.sqrt_()
-
-
-class _LiftedStructLoss(torch.autograd.Function):
-    """The loss over flat (n, d) embeddings, given the label structure: `same` (n x n,
-    1.0 where y_i == y_j, the diagonal included) and the number of ordered positive
-    pairs (i != j), which is 2P."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, same: Tensor, num_ordered: int, margin: float, caffe_exact: bool):
-        dist = _distances(x, caffe_exact)
-        # Per-anchor log-sum-exp over negatives, a_i = log sum_k exp(m - D_ik), shifted by
-        # the nearest negative: a_i = m - nearest_i + log s_i with every exponent <= 0
-        # and s_i >= 1. Same-label entries are pushed beyond any distance (+max, so
-        # that their exponent underflows to exactly 0), which masks them for free.
-        shifted = torch.add(dist, same, alpha=torch.finfo(x.dtype).max)
-        nearest = shifted.amin(1, keepdim=True)
-        scaled_softmax = torch.sub(nearest, shifted).exp_()
-        sums = scaled_softmax.sum(1, keepdim=True)
-        # A batch of one class has no negatives: there every a_i is about -max, finite,
-        # so all its hinges are 0 with no inf - inf anywhere.
-        anchor_lse = sums.log().sub_(nearest).add_(margin)
-        # J over ordered pairs: both (i, j) and (j, i) of each positive pair, so the sum
-        # of squares is 2 * sum_{i<j} and the divisor 2 * (2P).
-        hinge = torch.logaddexp(anchor_lse, anchor_lse.T).add_(dist).clamp_min_(0).mul_(same)
-        hinge.diagonal().zero_()
-        flat = hinge.view(-1)
-        loss = torch.dot(flat, flat) / (2 * max(num_ordered, 1))
-        ctx.save_for_backward(x, dist, scaled_softmax, sums, anchor_lse, hinge)
-        ctx.num_ordered = num_ordered
-        ctx.caffe_exact = caffe_exact
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        x, dist, scaled_softmax, sums, anchor_lse, hinge = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            # d logaddexp(a_i, a_j) / d a_i = sigmoid(a_i - a_j); weighted by the pair's
-            # hinge and summed over the anchor's positive partners.
-            anchor_weight = torch.sigmoid(anchor_lse - anchor_lse.T).mul_(hinge).sum(1, keepdim=True)
-            # dLoss/dD_ij over ordered entries, times 2P: the hinge on positives, minus
-            # 2 * weight * softmax on negatives (disjoint masks); then / D_ij, as
-            # dD_ij/dx_i = (x_i - x_j) / D_ij.
-            coef = torch.addcmul(hinge, anchor_weight.div_(sums), scaled_softmax, value=-2)
-            coef.div_(dist)
-            if ctx.caffe_exact:
-                coef.diagonal().zero_()  # the fork never visits (i, i)
-            else:
-                # At D_ij = 0 the direction is undefined: use the zero subgradient.
-                coef.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            # D_ij and D_ji are one distance: grad_i = sum_j (C_ij + C_ji)(x_i - x_j),
-            # with C and C^T as two products rather than a transposed (slow) add.
-            row_weight = coef.sum(1) + coef.sum(0)
-            grad = torch.addmm(x * row_weight.unsqueeze(1), coef, x, alpha=-1)
-            grad.addmm_(coef.T, x, alpha=-1).mul_(grad_loss / max(ctx.num_ordered, 1))
-        return grad, None, None, None, None
 
 
 def _flatten_checked(embeddings: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
@@ -156,9 +87,10 @@ def lifted_struct_loss(embeddings: Tensor, labels: Tensor, margin: float = 1.0,
     """The loss as a 0-d tensor (float64 for float64 embeddings, else float32).
 
     embeddings: (n, d) or (n, d, 1, 1); labels: (n,) or (n, 1, 1, 1), compared for
-    equality as floats (see _label_keys). caffe_exact=False (default) clamps squared
-    distances at 0 and gives a zero subgradient at a zero distance; True reproduces the
-    fork, NaN included (a positive pair at distance 0 makes its gradient NaN). A batch
+    equality as floats (see _label_keys). caffe_exact=False (default) computes as exactly as
+    the dtype allows (centred batch, small distances from differences; see blockwise)
+    and gives a zero subgradient at a zero distance; True reproduces the fork's
+    arithmetic, NaN included (a positive pair at distance 0 makes its gradient NaN). A batch
     without positive pairs gives 0 (zero gradient, still connected to the graph) and a
     NoPositivePairsWarning.
     """
@@ -167,19 +99,17 @@ def lifted_struct_loss(embeddings: Tensor, labels: Tensor, margin: float = 1.0,
         raise CaffeCompatError(f"LiftedStructSimilaritySoftmaxLoss: margin must be finite, got {margin}")
     x, labels = _flatten_checked(embeddings, labels)
     n = x.shape[0]
-    same = torch.empty((n, n), dtype=x.dtype, device=x.device)  # 1.0 where y_i == y_j
-    torch.eq(labels.unsqueeze(1), labels, out=same)
-    # Row sums are exact small integers; their total in float64 stays exact.
-    num_ordered = int(same.sum(1).sum(dtype=torch.float64).item()) - n
+    class_sizes = torch.unique(labels, return_counts=True)[1]
+    num_ordered = int((class_sizes * (class_sizes - 1)).sum().item())
     if num_ordered == 0:
         warnings.warn(f"LiftedStructSimilaritySoftmaxLoss: no positive pair among {n} samples "
                       f"(every label distinct); the loss is 0", NoPositivePairsWarning, stacklevel=2)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):  # distances in full precision
-            loss = _LiftedStructLoss.apply(x, same, num_ordered, margin, caffe_exact)
+            loss = LiftedStructLoss.apply(x, labels, num_ordered, margin, caffe_exact)
     else:
-        loss = _LiftedStructLoss.apply(x, same, num_ordered, margin, caffe_exact)
+        loss = LiftedStructLoss.apply(x, labels, num_ordered, margin, caffe_exact)
     # Checked after the fact, as one non-finite input makes the loss non-finite, and
     # this costs nothing in the usual case.
     if not math.isfinite(loss.item()):
