@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from caffe_compat.cli import main
-from caffe_compat.converters.onnx import (L2_SUFFIX, default_outputs, export_onnx, load_for_export,
-                                          preprocess_metadata)
+from caffe_compat.converters.onnx import L2_SUFFIX, default_outputs, export_onnx, load_for_export
+from caffe_compat.converters.preprocess import preprocess_metadata
 from caffe_compat.deploy import deploy_net
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.graph import build_graph
@@ -330,3 +330,64 @@ def test_cli_static_batch_and_input_shape(tmp_path):
     model = check(onnx.load(str(out)))
     assert model.opset_import[0].version == 13
     assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [4, 1000]
+
+
+# ---------------------------------------------------------------- 0-d and 1-d inputs, recorded preprocessing
+
+def test_zero_and_one_d_inputs_export_and_run(tmp_path):
+    # A Scale by a 0-d blob and a Bias by a 1-d one: their second bottoms as graph inputs.
+    proto = tmp_path / "scalar_inputs.prototxt"
+    proto.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 5 } } }\n'
+                     'layer { name: "s" type: "Input" top: "s" input_param { shape { } } }\n'
+                     'layer { name: "b" type: "Input" top: "b" input_param { shape { dim: 3 } } }\n'
+                     'layer { name: "scale" type: "Scale" bottom: "x" bottom: "s" top: "y" }\n'
+                     'layer { name: "bias" type: "Bias" bottom: "y" bottom: "b" top: "z" }\n')
+    net = CaffeNet(build_graph(read_prototxt(proto).net, "TEST"))
+    model = check(export_onnx(net, ["z"]))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims == {"x": ["N", 3, 4, 5], "s": [], "b": [3]}
+    rng = np.random.default_rng(12)
+    for batch in (2, 5):
+        feeds = {"x": rng.normal(size=(batch, 3, 4, 5)).astype(np.float32), "s": np.array(-2.5, np.float32),
+                 "b": np.array([1, 2, 3], np.float32)}
+        ours = run_onnx(model, feeds)["z"]
+        assert_close(ours, feeds["x"] * -2.5 + feeds["b"][None, :, None, None], TORCH_RTOL, f"batch {batch}")
+        assert_close(ours, torch_outputs(net, feeds, ["z"])["z"], TORCH_RTOL, f"batch {batch} vs PyTorch")
+
+
+def _props(path):
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_deploy_net_records_caffe_convention_and_what_the_user_gives(tmp_path, capsys):
+    nets = require(REFERENCE / "nets")
+    proto, weights = nets / "googlenet_deploy.prototxt", nets / "googlenet_deploy.caffemodel"
+    plain, given = tmp_path / "plain.onnx", tmp_path / "given.onnx"
+    assert main(["export-onnx", str(proto), str(weights), "-o", str(plain), "--output", "prob"]) == 0
+    props = _props(plain)
+    assert (props["preprocess.channel_order"], props["preprocess.pixel_range"], props["preprocess.input"]) == \
+        ("BGR", "0-255", "data")
+    assert "preprocess.mean" not in props and "mean and scale" in props["preprocess.unstated"]
+    assert main(["export-onnx", str(proto), str(weights), "-o", str(given), "--output", "prob",
+                 "--mean-value", "104", "117", "123", "--scale", "1", "--crop-size", "224"]) == 0
+    props = _props(given)
+    assert props["preprocess.mean"] == "104.0,117.0,123.0" and props["preprocess.mean_kind"] == "mean_value"
+    assert props["preprocess.scale"] == "1.0" and props["preprocess.crop_size"] == "224"
+    assert "preprocess.unstated" not in props
+    capsys.readouterr()
+    assert main(["export-onnx", str(proto), str(weights), "-o", str(tmp_path / "x.onnx"), "--mean-value", "1", "2"]) == 2
+    assert "give 1 or 3 values" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
+
+
+def test_mean_file_override_and_model_records_travel_to_onnx(tmp_path):
+    folder = require(REFERENCE / "nets" / "data_layer")
+    nets = REFERENCE / "nets"
+    model, out = tmp_path / "g.safetensors", tmp_path / "g.onnx"
+    assert main(["convert", str(nets / "googlenet_deploy.prototxt"), str(nets / "googlenet_deploy.caffemodel"),
+                 "-o", str(model), "--mean-file", str(folder / "mean.binaryproto")]) == 0
+    assert main(["export-onnx", str(model), "-o", str(out), "--output", "prob", "--scale", "0.5"]) == 0
+    props = _props(out)
+    mean = read_binaryproto(folder / "mean.binaryproto").reshape(3, -1).mean(1)
+    np.testing.assert_allclose([float(v) for v in props["preprocess.mean"].split(",")], mean, rtol=1e-6)
+    assert props["preprocess.mean_file_shape"] == "3,32,30" and props["preprocess.scale"] == "0.5"
+    assert "preprocess.unstated" not in props
