@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
+from . import __version__
 from .errors import CaffeCompatError
 
 EXIT_BAD_INPUT = 2
@@ -17,8 +18,18 @@ EXIT_BAD_INPUT = 2
 def _cmd_inspect(args) -> int:
     from .inspect import format_inspection, inspect_net
 
-    info = inspect_net(args.net, args.weights, args.phase, args.dialect)
+    info = inspect_net(args.net, args.weights, args.phase, args.dialect, show_all=args.all)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0
+
+
+def _cmd_layers(args) -> int:
+    from .layers import catalog
+
+    if args.json:
+        print(json.dumps(catalog.as_json(), indent=2))
+    else:
+        print(catalog.format_markdown() if args.markdown else catalog.format_table())
     return 0
 
 
@@ -174,6 +185,7 @@ def _cmd_train(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caffe-compat", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"caffe-compat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="list a net's layers, blobs and parameters")
@@ -182,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], type=str.upper)
     p.add_argument("--dialect", choices=["bvlc", "lifted"], help="override the detected schema dialect")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="also show the split layers Caffe inserted (in caffemodels)")
     p.set_defaults(run=_cmd_inspect)
+
+    p = sub.add_parser("layers", help="list the supported Caffe layer types and their ONNX mappings")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="machine-readable output")
+    form.add_argument("--markdown", action="store_true", help="as the README's table")
+    p.set_defaults(run=_cmd_layers)
 
     p = sub.add_parser("compare", help="compare a converted net with Caffe's recorded numbers")
     p.add_argument("files", nargs="+", help="NET.prototxt [WEIGHTS.caffemodel] REF.npz, or a directory of cases")

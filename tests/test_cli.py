@@ -64,7 +64,7 @@ def test_inspect_json_of_the_fork_net(tmp_path):
     assert info["dialect"] == "lifted" and info["weights_dialect"] == "lifted"
     by_name = {r["name"]: r for r in info["layers"]}
     assert by_name["fc_embedding"]["blobs"] == [[8, 16], [8]] and by_name["fc_embedding"]["param_count"] == 136
-    assert "margin=1" in by_name["loss"]["params"]
+    assert by_name["loss"]["params"]["lifted_struct_sim_softmax_loss_param"] == {"margin": 1.0}
     assert info["total_params"] == 8 * 27 + 8 + 16 * 72 + 16 + 136
 
 

@@ -2,17 +2,22 @@
 
 Each type has a builder (layer -> PyTorch module plus its blob wiring) and, where
 ONNX has an equivalent, an emitter (layer -> ONNX nodes). Both are registered by
-decorators that refuse a second registration of the same type.
+decorators that refuse a second registration of the same type. The built-in types'
+family modules are imported on the first lookup of one of their types (the catalog
+says which module), so that only the families a net uses are imported.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import CaffeCompatError
+from .catalog import CATALOG
 
 Shape = Tuple[int, ...]
 
@@ -96,17 +101,50 @@ class LayerEntry:
     to_onnx: Optional[Callable] = None
 
 
-REGISTRY: Dict[str, LayerEntry] = {}
+class Registry(Mapping[str, LayerEntry]):
+    """Caffe type -> LayerEntry. Looking up a built-in type imports its family module,
+    whose decorators fill the entry; iterating imports every module of the package."""
+
+    def __init__(self):
+        self._entries: Dict[str, LayerEntry] = {}
+
+    def __getitem__(self, layer_type: str) -> LayerEntry:
+        if layer_type not in self._entries and layer_type in CATALOG:
+            importlib.import_module(CATALOG[layer_type].module)
+        return self._entries[layer_type]
+
+    def __iter__(self) -> Iterator[str]:
+        load_all()
+        return iter(dict(self._entries))
+
+    def __len__(self) -> int:
+        load_all()
+        return len(self._entries)
+
+    def entry(self, layer_type: str) -> LayerEntry:
+        """The entry to register into, created if new."""
+        return self._entries.setdefault(layer_type, LayerEntry())
 
 
-def _entry(layer_type: str) -> LayerEntry:
-    return REGISTRY.setdefault(layer_type, LayerEntry())
+REGISTRY = Registry()
+
+
+def load_all() -> None:
+    """Import every module of the package, registering every built-in type."""
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{__package__}.{module.name}")
 
 
 def _registrar(slot: str, what: str, layer_types):
     def decorate(fn):
         for layer_type in layer_types:
-            entry = _entry(layer_type)
+            home = CATALOG.get(layer_type)
+            if home is not None and home.module != fn.__module__:
+                # a built-in type registered from elsewhere: load its own family first,
+                # so that a duplicate is refused now, not when the family loads later
+                importlib.import_module(home.module)
+            entry = REGISTRY.entry(layer_type)
             existing = getattr(entry, slot)
             if existing is not None:
                 raise ValueError(f"{what} for Caffe type '{layer_type}' is already registered "

@@ -1,0 +1,74 @@
+"""The built-in Caffe layer types, without importing their builders.
+
+For each type: the family module under `caffe_compat.layers` that registers its builder
+(imported on the first lookup of the type, see `registry.REGISTRY`) and whether that
+module also registers an ONNX emitter. Listing types (`caffe-compat layers`) and
+inspecting nets thus need neither torch nor onnx. tests/test_registry.py keeps this
+table equal to what the family modules register.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+# family module -> {Caffe type: has an ONNX emitter}
+FAMILIES: Dict[str, Dict[str, bool]] = {
+    "activation": {"ReLU": True, "PReLU": True, "ELU": True, "Sigmoid": True, "TanH": True, "AbsVal": True,
+                   "BNLL": True, "Power": True, "Exp": True, "Log": True, "Threshold": True, "Dropout": True,
+                   "Eltwise": True},
+    "convolution": {"Convolution": True, "Deconvolution": True},
+    "crop": {"Crop": True},
+    "data": {"Data": False, "ImageData": False},
+    "inner_product": {"InnerProduct": True, "Embed": True},
+    "lifted": {"LiftedStructSimilaritySoftmaxLoss": False},
+    "loss": {"SoftmaxWithLoss": False, "Accuracy": False, "EuclideanLoss": False, "ContrastiveLoss": False,
+             "SigmoidCrossEntropyLoss": False, "HingeLoss": False, "MultinomialLogisticLoss": False},
+    "lrn": {"LRN": True},
+    "normalization": {"BatchNorm": True, "Scale": True, "Bias": True, "MVN": True},
+    "pooling": {"Pooling": True},
+    "reduction": {"Reduction": True},
+    "shape": {"Concat": True, "Slice": True, "Split": True, "Flatten": True, "Reshape": True, "Tile": True,
+              "Silence": True, "ArgMax": True},
+    "softmax": {"Softmax": True},
+}
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    type: str
+    family: str  # module name under caffe_compat.layers
+    onnx: bool
+
+    @property
+    def module(self) -> str:
+        return f"{__package__}.{self.family}"
+
+
+CATALOG: Dict[str, CatalogEntry] = {
+    layer_type: CatalogEntry(layer_type, family, onnx)
+    for family, types in FAMILIES.items() for layer_type, onnx in types.items()
+}
+
+
+def entries() -> List[CatalogEntry]:
+    return [CATALOG[t] for t in sorted(CATALOG, key=str.lower)]
+
+
+def format_table() -> str:
+    rows = [(e.type, "yes" if e.onnx else "no", e.family) for e in entries()]
+    width = max(len("type"), *(len(r[0]) for r in rows))
+    lines = [f"{'type':<{width}}  onnx  family", f"{'-' * width}  ----  ------"]
+    lines += [f"{t:<{width}}  {o:<4}  {f}" for t, o, f in rows]
+    lines.append(f"{len(rows)} Caffe layer types, {sum(e.onnx for e in entries())} with an ONNX mapping")
+    return "\n".join(lines)
+
+
+def format_markdown() -> str:
+    """The README's table of supported layers."""
+    lines = ["| Caffe type | ONNX | family |", "| --- | --- | --- |"]
+    lines += [f"| `{e.type}` | {'yes' if e.onnx else 'no'} | `layers/{e.family}.py` |" for e in entries()]
+    return "\n".join(lines)
+
+
+def as_json() -> List[dict]:
+    return [{"type": e.type, "onnx": e.onnx, "family": e.family} for e in entries()]

@@ -1,0 +1,137 @@
+"""Shape rules of the layers that hold parameter blobs: their tops and, in Caffe's order,
+their blobs."""
+from __future__ import annotations
+
+import math
+
+from .base import LayerView, rule
+from .windows import conv_window
+
+
+@rule("Convolution", "Deconvolution")
+def _convolution(v: LayerView):
+    if len(v.bottoms) < 1 or len(v.bottoms) != len(v.tops):
+        raise v.error("needs one top per bottom")
+    cp = v.param.convolution_param
+    shape = v.bottom_shapes[0]
+    if not 3 <= len(shape) <= 5 or v.axis(cp.axis, len(shape)) != 1:
+        raise v.error(f"needs channel axis 1 and 1 to 3 spatial axes, got shape {shape}")
+    kernel, stride, pad, dilation = conv_window(v, len(shape) - 2)
+    channels, outputs, group = shape[1], cp.num_output, cp.group
+    if outputs <= 0:
+        raise v.error("num_output must be positive")
+    if group <= 0 or channels % group or outputs % group:
+        raise v.error(f"group {group} must divide both the {channels} input channels and num_output {outputs}")
+    extents = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
+    if v.type == "Deconvolution":
+        weight = (channels, outputs // group) + kernel
+        out = [s * (n - 1) + e - 2 * p for n, s, e, p in zip(shape[2:], stride, extents, pad)]
+    else:
+        weight = (outputs, channels // group) + kernel
+        out = [(n + 2 * p - e) // s + 1 if n + 2 * p >= e else 0
+               for n, s, e, p in zip(shape[2:], stride, extents, pad)]
+    if min(out) <= 0:
+        raise v.error(f"kernel {kernel} gives an empty output on the {tuple(shape[2:])} input")
+    top = (shape[0], outputs, *out)
+    return [top] * len(v.tops), [weight] + ([(outputs,)] if cp.bias_term else [])
+
+
+@rule("InnerProduct")
+def _inner_product(v):
+    v.expect_bottoms(1)
+    ip = v.param.inner_product_param
+    shape = v.bottom_shapes[0]
+    axis = v.axis(ip.axis, len(shape))
+    inputs, outputs = math.prod(shape[axis:]), ip.num_output
+    if outputs <= 0:
+        raise v.error("num_output must be positive")
+    weight = (inputs, outputs) if ip.transpose else (outputs, inputs)
+    return [tuple(shape[:axis]) + (outputs,)], [weight] + ([(outputs,)] if ip.bias_term else [])
+
+
+@rule("Embed")
+def _embed(v):
+    ep = v.param.embed_param
+    if ep.num_output <= 0 or ep.input_dim <= 0:
+        raise v.error("num_output and input_dim must be positive")
+    blobs = [(ep.input_dim, ep.num_output)] + ([(ep.num_output,)] if ep.bias_term else [])
+    return [tuple(v.bottom_shapes[0]) + (ep.num_output,)], blobs
+
+
+@rule("PReLU")
+def _prelu(v):
+    shape = v.bottom_shapes[0]
+    if len(shape) < 2:
+        raise v.error(f"needs a bottom of rank >= 2, got shape {shape}")
+    return [shape], [() if v.param.prelu_param.channel_shared else (shape[1],)]
+
+
+@rule("BatchNorm")
+def _batch_norm(v):
+    shape = v.bottom_shapes[0]
+    if len(shape) < 2:
+        raise v.error(f"needs a bottom with a channel axis, got shape {shape}")
+    return [shape], [(shape[1],), (shape[1],), (1,)]  # mean, variance, their scale factor
+
+
+def _operand(v, axis: int, num_axes: int):
+    """The shape of Scale's/Bias's operand: the second bottom, else the learned blob."""
+    shape = v.bottom_shapes[0]
+    if len(v.bottoms) == 2:
+        return tuple(v.bottom_shapes[1])
+    start = v.axis(axis, len(shape))
+    return tuple(shape[start:] if num_axes == -1 else shape[start:start + num_axes])
+
+
+@rule("Scale")
+def _scale(v):
+    v.expect_bottoms(1, 2)
+    p = v.param.scale_param
+    operand = _operand(v, p.axis, p.num_axes)
+    blobs = ([operand] if len(v.bottoms) == 1 else []) + ([operand] if p.bias_term else [])
+    return [v.bottom_shapes[0]], blobs
+
+
+@rule("Bias")
+def _bias(v):
+    v.expect_bottoms(1, 2)
+    p = v.param.bias_param
+    return [v.bottom_shapes[0]], [_operand(v, p.axis, p.num_axes)] if len(v.bottoms) == 1 else []
+
+
+def _recurrent(v, states: int):
+    """(hidden, input dim, static input dim or None, tops) of an RNN or LSTM layer."""
+    param = v.param.recurrent_param
+    hidden = param.num_output
+    if hidden <= 0:
+        raise v.error("recurrent_param.num_output must be positive")
+    exposed = states if param.expose_hidden else 0
+    x = v.bottom_shapes[0]
+    if len(x) < 2 or len(v.bottoms) not in (2 + exposed, 3 + exposed):
+        raise v.error(f"expects bottoms x (timesteps, streams, ...), cont[, x_static][, states], got {v.bottoms}")
+    static = math.prod(v.bottom_shapes[2][1:]) if len(v.bottoms) == 3 + exposed else None
+    tops = [(x[0], x[1], hidden)] + [(1, x[1], hidden)] * exposed
+    return hidden, math.prod(x[2:]), static, tops
+
+
+@rule("LSTM")
+def _lstm(v):
+    hidden, inputs, static, tops = _recurrent(v, 2)
+    gates = 4 * hidden  # input, forget, output, candidate
+    blobs = [(gates, inputs), (gates,)] + ([(gates, static)] if static is not None else []) + [(gates, hidden)]
+    return tops, blobs
+
+
+@rule("RNN")
+def _rnn(v):
+    hidden, inputs, static, tops = _recurrent(v, 1)
+    blobs = [(hidden, inputs), (hidden,)] + ([(hidden, static)] if static is not None else [])
+    return tops, blobs + [(hidden, hidden), (hidden, hidden), (hidden,)]
+
+
+@rule("Parameter")
+def _parameter(v):
+    if "parameter_param" not in v.param.DESCRIPTOR.fields_by_name:
+        raise v.error("needs BVLC's parameter_param (field 145), which the lifted-loss dialect uses otherwise")
+    shape = tuple(int(d) for d in v.param.parameter_param.shape.dim)
+    return [shape], [shape]

@@ -1,0 +1,66 @@
+"""Shape rules of the layers that bring data in (data layers, DummyData, Python layers)
+or score the net (losses, Accuracy)."""
+from __future__ import annotations
+
+from ..deploy import _batch_size, _data_shape
+from .base import rule
+
+
+@rule("EuclideanLoss", "ContrastiveLoss", "SigmoidCrossEntropyLoss", "HingeLoss", "MultinomialLogisticLoss",
+      "LiftedStructSimilaritySoftmaxLoss")
+def _loss(v):
+    return [()], []
+
+
+@rule("SoftmaxWithLoss", "InfogainLoss")
+def _softmax_with_loss(v):
+    return [()] + [v.bottom_shapes[0]] * (len(v.tops) - 1), []
+
+
+@rule("Accuracy")
+def _accuracy(v):
+    shape = v.bottom_shapes[0]
+    axis = v.axis(v.param.accuracy_param.axis, len(shape))
+    return [()] + [(shape[axis],)] * (len(v.tops) - 1), []
+
+
+@rule("HDF5Output")
+def _hdf5_output(v):
+    return [], []
+
+
+@rule("Data", "ImageData")
+def _data(v):
+    # the size the layer declares (crop_size, new_height/new_width), as a deploy net's input has
+    shape = _data_shape(v.param)
+    if shape is None:
+        where = "image_data_param.new_height/new_width or " if v.type == "ImageData" else ""
+        v.unknown(f"the image size is in the records, not the prototxt (no {where}transform_param.crop_size)")
+    return [shape, (_batch_size(v.param),)][:len(v.tops)], []
+
+
+@rule("HDF5Data")
+def _hdf5_data(v):
+    for top in v.tops:
+        v.unknown(f"top '{top}': its shape is in the HDF5 files, not the prototxt")
+    return [None] * len(v.tops), []
+
+
+@rule("DummyData")
+def _dummy_data(v):
+    param = v.param.dummy_data_param
+    count = len(v.tops)
+    legacy = [list(getattr(param, f)) for f in ("num", "channels", "height", "width")]
+    if any(legacy):
+        if any(len(values) not in (1, count) for values in legacy):
+            raise v.error(f"dummy_data_param.num/channels/height/width: give each once or once per top ({count})")
+        return [tuple(values[0 if len(values) == 1 else i] for values in legacy) for i in range(count)], []
+    if len(param.shape) not in (1, count):
+        raise v.error(f"dummy_data_param.shape must be given once or once per top ({count})")
+    return [tuple(param.shape[0 if len(param.shape) == 1 else i].dim) for i in range(count)], []
+
+
+@rule("Python")
+def _python(v):
+    v.unknown(f"a Python layer ({v.param.python_param.module}.{v.param.python_param.layer}): its code shapes its tops")
+    return [None] * len(v.tops), []

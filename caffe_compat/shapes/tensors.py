@@ -1,0 +1,149 @@
+"""Shape rules of the layers without parameters that keep, combine, move or pick values:
+element-wise maps, Eltwise, MVN, Reduction, Concat ... ArgMax, Filter, BatchReindex."""
+from __future__ import annotations
+
+import math
+
+from .base import rule, same_shape
+
+rule("ReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Threshold", "Dropout",
+     "Softmax", "Clip", "Swish")(same_shape)
+
+
+@rule("Eltwise")
+def _eltwise(v):
+    if len(v.bottoms) < 2:
+        raise v.error(f"expects at least 2 bottoms, got {len(v.bottoms)}")
+    if any(tuple(s) != tuple(v.bottom_shapes[0]) for s in v.bottom_shapes[1:]):
+        raise v.error(f"all bottoms must have the same shape, got {v.bottom_shapes}")
+    return same_shape(v)
+
+
+@rule("MVN")
+def _mvn(v):
+    shape = v.expect_rank(1, 2, 3, 4)
+    return [tuple(shape) + (1,) * (4 - len(shape))], []  # Caffe's 4-D (num, channels, height, width) view
+
+
+@rule("Reduction")
+def _reduction(v):
+    shape = v.bottom_shapes[0]
+    return [tuple(shape[:v.axis(v.param.reduction_param.axis, len(shape))])], []
+
+
+def _legacy_axis(v, param, legacy: str, rank: int) -> int:
+    return getattr(param, legacy) if param.HasField(legacy) else v.axis(param.axis, rank)
+
+
+@rule("Concat")
+def _concat(v):
+    if not v.bottoms:
+        raise v.error("expects at least 1 bottom")
+    first = tuple(v.bottom_shapes[0])
+    axis = _legacy_axis(v, v.param.concat_param, "concat_dim", len(first))
+    top = list(first)
+    for name, shape in zip(v.bottoms[1:], v.bottom_shapes[1:]):
+        if len(shape) != len(first) or tuple(shape[:axis]) + tuple(shape[axis + 1:]) != first[:axis] + first[axis + 1:]:
+            raise v.error(f"bottom '{name}' has shape {shape}, which does not match {first} outside axis {axis}")
+        top[axis] += shape[axis]
+    return [tuple(top)], []
+
+
+@rule("Slice")
+def _slice(v):
+    shape = tuple(v.bottom_shapes[0])
+    param = v.param.slice_param
+    axis = _legacy_axis(v, param, "slice_dim", len(shape))
+    points = list(param.slice_point)
+    if points:
+        if len(points) != len(v.tops) - 1:
+            raise v.error(f"{len(points)} slice_point(s) for {len(v.tops)} tops")
+        bounds = [0] + points + [shape[axis]]
+        sizes = [end - start for start, end in zip(bounds, bounds[1:])]
+    else:
+        if shape[axis] % len(v.tops):
+            raise v.error(f"{len(v.tops)} tops do not divide axis {axis} of length {shape[axis]}")
+        sizes = [shape[axis] // len(v.tops)] * len(v.tops)
+    return [shape[:axis] + (size,) + shape[axis + 1:] for size in sizes], []
+
+
+@rule("Split")
+def _split(v):
+    return [v.bottom_shapes[0]] * len(v.tops), []
+
+
+@rule("Flatten")
+def _flatten(v):
+    shape = tuple(v.bottom_shapes[0])
+    start = v.axis(v.param.flatten_param.axis, len(shape))
+    end = v.axis(v.param.flatten_param.end_axis, len(shape), "end_axis")
+    return [shape[:start] + (math.prod(shape[start:end + 1]),) + shape[end + 1:]], []
+
+
+@rule("Reshape")
+def _reshape(v):
+    shape = tuple(v.bottom_shapes[0])
+    rank = len(shape)
+    param = v.param.reshape_param
+    dims = [int(d) for d in param.shape.dim]
+    start = param.axis if param.axis >= 0 else rank + param.axis + 1
+    end = rank if param.num_axes == -1 else start + param.num_axes
+    if not 0 <= start <= end <= rank or dims.count(-1) > 1:
+        raise v.error(f"shape {dims} (axis {param.axis}, num_axes {param.num_axes}) does not fit bottom {shape}")
+    new = [shape[start + i] if d == 0 else d for i, d in enumerate(dims)]
+    top = list(shape[:start]) + new + list(shape[end:])
+    if -1 in dims:
+        inferred = start + dims.index(-1)
+        known = math.prod(d for i, d in enumerate(top) if i != inferred)
+        if known == 0 or math.prod(shape) % known:
+            raise v.error(f"bottom of shape {shape} cannot be reshaped to {dims}")
+        top[inferred] = math.prod(shape) // known
+    if math.prod(top) != math.prod(shape):
+        raise v.error(f"bottom of shape {shape} cannot be reshaped to {tuple(top)}")
+    return [tuple(top)], []
+
+
+@rule("Tile")
+def _tile(v):
+    shape = list(v.bottom_shapes[0])
+    param = v.param.tile_param
+    shape[v.axis(param.axis, len(shape))] *= param.tiles
+    return [tuple(shape)], []
+
+
+@rule("Silence")
+def _silence(v):
+    return [], []
+
+
+@rule("ArgMax")
+def _argmax(v):
+    shape = tuple(v.bottom_shapes[0])
+    param = v.param.argmax_param
+    if param.HasField("axis"):
+        axis = v.axis(param.axis, len(shape))
+        return [shape[:axis] + (param.top_k,) + shape[axis + 1:]], []
+    top = [1] * max(3, len(shape))
+    top[0], top[1], top[2] = shape[0], 2 if param.out_max_val else 1, param.top_k
+    return [tuple(top)], []
+
+
+@rule("Filter")
+def _filter(v):
+    if len(v.bottoms) < 2:
+        raise v.error(f"expects at least 2 bottoms (data..., selector), got {len(v.bottoms)}")
+    # the selected count is known only at run time: the declared shapes are Caffe's first reshape
+    return list(v.bottom_shapes[:-1]), []
+
+
+@rule("BatchReindex")
+def _batch_reindex(v):
+    v.expect_bottoms(2)
+    data, index = (tuple(s) for s in v.bottom_shapes)
+    return [index[:1] + data[1:]], []
+
+
+@rule("LSTMUnit")
+def _lstm_unit(v):
+    v.expect_bottoms(3)
+    return [v.bottom_shapes[0]] * 2, []  # c_t and h_t, shaped as c_{t-1}

@@ -1,0 +1,175 @@
+"""`inspect` by arithmetic: the torch-free shapes and parameter counts equal the built
+CaffeNet's, nothing is allocated, the table fits the terminal, JSON holds objects."""
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from caffe_compat.graph import build_graph
+from caffe_compat.inspect import format_inspection, inspect_net
+from caffe_compat.io.files import read_net
+from caffe_compat.layers.catalog import CATALOG
+from caffe_compat.shapes import RULES, net_shapes
+from conftest import REFERENCE, SHARED, require, run_cli
+
+PAPER = SHARED / "paper-model"
+EMBED64 = "train_val_googlenet_finetune_liftedstructsim_softmax_pair_m128_multilabel_embed64.prototxt"
+EXTRACT64 = "extract_googlenet_ebay_feature_embed64.prototxt"
+
+
+def _fixture_nets():
+    cases = [(p, "TEST") for p in sorted((REFERENCE / "layers").glob("*.prototxt"))]
+    cases += [(REFERENCE / "nets" / "googlenet_deploy.prototxt", "TEST"),
+              (REFERENCE / "nets" / "v1_legacy" / "v1.prototxt", "TEST"),
+              (REFERENCE / "nets" / "data_layer" / "data.prototxt", "TEST"),
+              (REFERENCE / "nets" / "solver" / "train.prototxt", "TRAIN"),
+              (PAPER / EMBED64, "TRAIN"), (PAPER / EXTRACT64, "TEST")]
+    return [pytest.param(p, phase, id=f"{p.parent.name}/{p.stem}-{phase}") for p, phase in cases]
+
+
+def test_every_catalogued_type_has_a_shape_rule():
+    missing = sorted(set(CATALOG) - set(RULES))
+    assert not missing, ("add a shape rule (@rule(...)) in caffe_compat/shapes.py for: " + ", ".join(missing))
+
+
+def _built(net_file, phase):
+    """The CaffeNet of `phase`, and whether its data layers had to become inputs (their
+    sources are absent: the paper's nets) with the layers scoring the net dropped."""
+    from caffe_compat.deploy import deploy_net
+    from caffe_compat.graph import layer_included
+    from caffe_compat.net import CaffeNet
+
+    sources = [layer.data_param.source if layer.type == "Data" else layer.image_data_param.source
+               for layer in net_file.net.layer if layer.type in ("Data", "ImageData") and layer_included(layer, phase)]
+    absent = any(not Path(source).exists() for source in sources)
+    net_param = deploy_net(net_file.net) if absent else net_file.net
+    return CaffeNet(build_graph(net_param, phase, net_file.dialect)), absent
+
+
+@pytest.mark.parametrize("path, phase", _fixture_nets())
+def test_shapes_and_parameters_equal_the_built_net(path, phase, monkeypatch):
+    from caffe_compat.layers.registry import caffe_blobs
+
+    monkeypatch.chdir(require(path).parent)  # data sources resolve from the working directory
+    net_file = read_net(path)
+    arithmetic = net_shapes(build_graph(net_file.net, phase, net_file.dialect))
+    net, deployed = _built(net_file, phase)
+    compared = 0
+    for blob, shape in net.blob_shapes.items():
+        if arithmetic.blobs.get(blob) is None:
+            # only where the prototxt does not give the size (a Data layer without crop_size)
+            assert any("the image size is in the records" in note for note in arithmetic.notes), (blob, shape)
+            continue
+        assert arithmetic.blobs[blob] == tuple(shape), blob
+        compared += 1
+    assert compared == len(net.blob_shapes) or arithmetic.notes
+    unique = {}
+    for module_name, module in net.layers.items():
+        layer = net.layer_names[module_name]
+        blobs = [tuple(t.shape) for t in caffe_blobs(module)]
+        assert arithmetic.params[layer] == blobs or (arithmetic.params[layer] is None and arithmetic.notes), layer
+        unique.update({id(t): t.numel() for t in caffe_blobs(module)})
+    if not arithmetic.notes and not deployed:  # shared blobs counted once, as the built net holds them once
+        assert arithmetic.total_params() == (sum(unique.values()), True)
+
+
+def test_the_paper_net_counts_its_parameters_from_the_prototxt(tmp_path):
+    result = run_cli("inspect", require(PAPER / EMBED64), "--phase", "TRAIN", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["total_params"] == 6_039_152 and info["total_params_complete"]
+    fc = {r["name"]: r for r in info["layers"]}["fc_embedding"]
+    assert fc["blobs"] == [[64, 1024], [64]] and fc["top_shapes"] == {"fc_embedding": [128, 64]}
+
+
+def test_a_phase_without_data_suggests_the_other(tmp_path):
+    result = run_cli("inspect", require(PAPER / EMBED64), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "produced by no layer of the TEST net" in lines[0] and "--phase TRAIN" in lines[0]
+
+
+def test_json_gives_parameters_as_objects():
+    info = inspect_net(require(PAPER / EMBED64), phase="TRAIN")
+    conv = info["layers"][1]["params"]["convolution_param"]
+    assert conv["num_output"] == 64 and conv["kernel_size"] == [7] and conv["pad"] == [3]
+    assert conv["weight_filler"] == {"type": "xavier", "std": 0.1}  # float32 0.1, not 0.10000000149
+    data = info["layers"][0]["params"]
+    assert data["data_param"]["backend"] == "LMDB" and data["transform_param"]["crop_size"] == 227
+    assert info["layers"][-1]["params"]["lifted_struct_sim_softmax_loss_param"] == {"margin": 1.0}
+
+
+@pytest.mark.parametrize("columns", [60, 80, 120, 400])
+def test_the_table_fits_the_terminal(columns):
+    info = inspect_net(require(REFERENCE / "nets" / "googlenet_deploy.prototxt"))
+    lines = format_inspection(info, columns=columns).splitlines()
+    assert max(len(line) for line in lines) <= columns
+    text = "\n".join(lines)
+    assert "inception_5b/output" in text and "1,025,000" in text and "total: 143 layers, 6,998,552 parameters" in text
+    if columns == 400:  # wide enough: one line per layer
+        assert len(lines) == 1 + 2 + 143 + 1
+
+
+def test_automatic_split_layers_are_hidden_unless_all(tmp_path):
+    caffemodel = require(REFERENCE / "layers" / "concat.caffemodel")
+    shown = inspect_net(caffemodel)
+    assert [r["name"] for r in shown["layers"]] == ["a", "b", "c1", "c2"] and shown["hidden_split_layers"] == 1
+    assert {r["name"]: r["bottoms"] for r in shown["layers"]}["c2"] == ["a", "a"]  # the split's source
+    everything = inspect_net(caffemodel, show_all=True)
+    assert "a_a_0_split" in [r["name"] for r in everything["layers"]]
+    # a Split the prototxt declares itself stays
+    assert "split" in [r["name"] for r in inspect_net(require(REFERENCE / "layers" / "shape_ops.caffemodel"))["layers"]]
+    result = run_cli("inspect", caffemodel, "--all", cwd=tmp_path)
+    assert result.returncode == 0 and "a_a_0_split" in result.stdout
+
+
+def test_stored_blobs_that_do_not_fit_are_named(tmp_path):
+    net = tmp_path / "net.prototxt"
+    net.write_text(require(REFERENCE / "layers" / "conv_basic.prototxt").read_text().replace(
+        "num_output: 5", "num_output: 6"))
+    if "num_output: 6" not in net.read_text():
+        pytest.fail("conv_basic.prototxt changed: adapt this test")
+    info = inspect_net(net, REFERENCE / "layers" / "conv_basic.caffemodel")
+    assert len(info["weights_mismatched"]) == 1 and "the net needs" in info["weights_mismatched"][0]
+
+
+def test_a_type_without_a_shape_rule_shows_question_marks(tmp_path):
+    net = tmp_path / "net.prototxt"
+    net.write_text(textwrap.dedent("""
+        layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
+        layer { name: "mine" type: "MyPythonLayer" bottom: "x" top: "y" }
+        layer { name: "fc" type: "InnerProduct" bottom: "y" top: "z" inner_product_param { num_output: 4 } }
+        layer { name: "fc0" type: "InnerProduct" bottom: "x" top: "w" inner_product_param { num_output: 4 } }
+    """))
+    info = inspect_net(net)
+    rows = {r["name"]: r for r in info["layers"]}
+    assert rows["fc"]["top_shapes"] == {"z": None} and rows["fc"]["param_count"] is None
+    assert rows["fc0"]["param_count"] == 16
+    assert info["total_params"] == 16 and not info["total_params_complete"]
+    text = format_inspection(info, columns=200)
+    assert "no shape rule for type 'MyPythonLayer'" in text and "at least 16 parameters" in text
+
+
+def test_a_huge_layer_is_counted_not_allocated(tmp_path):
+    # 10 million outputs on 301 inputs: 3 billion weights (12 GB), under a 300 MB address space.
+    net = tmp_path / "huge.prototxt"
+    net.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 dim: 301 } } }\n'
+                   'layer { name: "fc" type: "InnerProduct" bottom: "x" top: "y" '
+                   'inner_product_param { num_output: 10000000 } }\n')
+    code = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (300 * 2 ** 20, 300 * 2 ** 20))
+        from caffe_compat.cli import main
+        sys.exit(main(["inspect", {str(net)!r}, "--json"]))
+    """)
+    env = {"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    fc = json.loads(result.stdout)["layers"][1]
+    assert fc["param_count"] == 301 * 10_000_000 + 10_000_000 and fc["top_shapes"] == {"y": [1, 10_000_000]}
+    assert math.prod(fc["blobs"][0]) == 3_010_000_000
+
