@@ -34,7 +34,7 @@ def _cmd_layers(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from .compare import HEADER, cases_in, compare_case
+    from .compare import HEADER, cases_in, compare_case, failed_case
 
     paths = [Path(p) for p in args.files]
     if len(paths) == 1 and paths[0].is_dir():
@@ -59,9 +59,9 @@ def _cmd_compare(args) -> int:
         except CaffeCompatError as err:
             if len(cases) == 1:
                 raise
-            print(f"{npz.stem:<24} ERROR: {err}")
-            failed += 1
-            continue
+            rows = [failed_case(npz.stem, err)]
+        except Exception as err:  # a case that breaks is one FAIL row; the others still run
+            rows = [failed_case(npz.stem, err)]
         for row in rows:
             print(row.format())
             passed += row.ok

@@ -32,10 +32,22 @@ class Row:
     note: str = ""
 
     def format(self) -> str:
+        if self.key == CASE_ERROR_KEY:
+            return f"{self.case:<24} {self.key:<40} {'-':>14} {'-':>11} {'-':>11} FAIL  {self.note}"
         status = "ok" if self.ok else "FAIL"
         shape = "x".join(str(s) for s in self.shape) or "scalar"
         return (f"{self.case:<24} {self.key:<40} {shape:>14} {self.max_abs:>11.3e} {self.rel:>11.3e} "
                 f"{status}{('  ' + self.note) if self.note else ''}")
+
+
+CASE_ERROR_KEY = "(case)"
+
+
+def failed_case(case: str, err: BaseException) -> Row:
+    """The one FAIL row of a case that could not be built or run, naming the error."""
+    detail = str(err) if isinstance(err, CaffeCompatError) else f"{type(err).__name__}: {err}"
+    return Row(case, CASE_ERROR_KEY, (), float("nan"), float("nan"), float("nan"), False,
+               detail.splitlines()[0] if detail else type(err).__name__)
 
 
 HEADER = f"{'case':<24} {'key':<40} {'shape':>14} {'max abs err':>11} {'rel err':>11} status"
@@ -73,7 +85,8 @@ def _numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
 
 def compare_case(prototxt: Optional[PathLike], weights: Optional[PathLike], reference: PathLike,
                  device: str = "cpu", rtol: Optional[float] = None, grad_rtol: Optional[float] = None,
-                 name: Optional[str] = None) -> List[Row]:
+                 name: Optional[str] = None, allow_missing_weights: bool = False,
+                 max_memory=None) -> List[Row]:
     """Compare one reference .npz; returns one Row per compared key."""
     reference = Path(reference)
     try:
@@ -92,10 +105,14 @@ def compare_case(prototxt: Optional[PathLike], weights: Optional[PathLike], refe
     net_file = read_prototxt(prototxt)
     phase = meta.get("phase", "TEST")
     batch_keys = sorted({int(m.group(1)) for k in keys if (m := re.match(r"batch(\d+)/", k))})
-    net = load_net(net_file, weights, phase=phase).to(device)
+    net = load_net(net_file, weights, phase=phase, allow_missing_weights=allow_missing_weights,
+                   max_memory=max_memory).to(device)
     deep = sum(1 for n in net.graph.layers if n.type != "Input") > DEEP_NET_LAYERS
     fwd_tol = rtol if rtol is not None else (1e-4 if deep else 1e-5)
     bwd_tol = grad_rtol if grad_rtol is not None else 1e-4
+    if batch_keys and net.input_names:
+        raise CaffeCompatError(f"{reference}: its batch references need the net's data layers, but "
+                               f"{', '.join(net.input_names)} has no source here (see the note above)")
     if batch_keys:
         return _compare_batches(case, net, ref, batch_keys, fwd_tol, device)
     return _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device)
@@ -160,7 +177,10 @@ def _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device) -> List[
     for module_name, module in net.layers.items():
         for i, tensor in enumerate(caffe_blobs(module)):
             params[f"{net.layer_names[module_name]}/{i}"] = tensor
-    objective.backward()
+    if objective.requires_grad:
+        objective.backward()
+    # else nothing the seeds reach depends on an input or parameter: every gradient is
+    # zero, which the rows below report as "no gradient here"
     for key, value in ref.items():
         if key.startswith("diff/"):
             blob = key[len("diff/"):]

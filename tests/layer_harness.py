@@ -92,7 +92,7 @@ def onnx_and_module_tops(model, module, arrays):
     (onnx, module) pairs of numpy arrays, checked to have the same shape."""
     with torch.no_grad():
         ours = tops_of(module, *[torch.tensor(a) for a in arrays])
-    pairs = [(theirs, top.numpy()) for theirs, top in zip(run_onnx(model, arrays), ours)]
+    pairs = [(theirs, top.detach().numpy()) for theirs, top in zip(run_onnx(model, arrays), ours)]
     for theirs, top in pairs:
         assert theirs.shape == top.shape
     return pairs

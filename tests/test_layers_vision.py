@@ -42,20 +42,21 @@ def assert_rel(ours, ref, tol=1e-5):
 
 # ---------------------------------------------------------------- Caffe's loops, transcribed
 
-def caffe_pool_size(size, kernel, stride, pad, clip):
-    pooled = int(np.ceil(np.float32(size + 2 * pad - kernel) / np.float32(stride))) + 1
+def caffe_pool_size(size, kernel, stride, pad, clip, ceil=True):
+    rounded = np.ceil if ceil else np.floor
+    pooled = int(rounded(np.float32(size + 2 * pad - kernel) / np.float32(stride))) + 1
     if clip and (pooled - 1) * stride >= size + pad:
         pooled -= 1
     return pooled
 
 
-def caffe_pool(x, method, kernel, stride, pad):
-    """PoolingLayer::Forward_cpu: (top, mask); mask only for MAX."""
+def caffe_pool(x, method, kernel, stride, pad, ceil=True):
+    """PoolingLayer::Forward_cpu: (top, mask); mask only for MAX. `ceil`: round_mode CEIL."""
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
     n, c, height, width = x.shape
     clip = ph or pw
-    out_h = caffe_pool_size(height, kh, sh, ph, clip)
-    out_w = caffe_pool_size(width, kw, sw, pw, clip)
+    out_h = caffe_pool_size(height, kh, sh, ph, clip, ceil)
+    out_w = caffe_pool_size(width, kw, sw, pw, clip, ceil)
     top = np.zeros((n, c, out_h, out_w), np.float32)
     mask = np.full(top.shape, -1, np.int64)
     for i, j, oh, ow in itertools.product(range(n), range(c), range(out_h), range(out_w)):

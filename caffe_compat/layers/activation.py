@@ -183,9 +183,16 @@ def fixed_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
 
 # ---------------------------------------------------------------- Power, Exp, Log
 
+def constant_like(x: torch.Tensor, value: float) -> torch.Tensor:
+    """A tensor of x's shape filled with `value` that still depends on x, with a zero
+    gradient (Caffe's, for a top that does not depend on its bottom), so that a backward
+    pass through it runs. Non-finite entries of x do not leak into the value."""
+    return torch.nan_to_num(x * 0.0, nan=0.0, posinf=0.0, neginf=0.0) + value
+
+
 class Power(CaffeLayer):
     """(shift + scale * x) ^ power. When power or scale is 0 the top is a constant, and
-    its gradient (zero in Caffe) does not flow."""
+    its gradient is zero, as in Caffe."""
 
     def __init__(self, power: float, scale: float, shift: float):
         super().__init__()
@@ -201,7 +208,7 @@ class Power(CaffeLayer):
 
     def forward(self, x):
         if self.constant is not None:
-            return torch.full_like(x, self.constant)
+            return constant_like(x, self.constant)
         if self.identity:
             return x.view_as(x)  # a distinct tensor, so that top and bottom keep their own gradients
         base = x

@@ -6,8 +6,10 @@ Convolution, (in, out/group, *kernel) for Deconvolution.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Tuple
 
+import numpy as np
 import torch.nn.functional as F
 from torch import nn
 
@@ -148,3 +150,77 @@ def convolution_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
         # stride * (in - 1) + extent - 2 * pad.
         g.node(op, [x, *weights], [top], kernel_shape=list(geometry.kernel), strides=list(geometry.stride),
                pads=list(geometry.pad) * 2, dilations=list(geometry.dilation), group=geometry.group)
+
+
+# ---------------------------------------------------------------- Im2col
+
+class Im2col(CaffeLayer):
+    """Caffe's im2col per example: for channel axis `axis`, each spatial window of the
+    zero-padded input laid out along the channel axis as (channel, kernel offsets) in
+    row-major order, windows along the spatial axes. No weights."""
+
+    def __init__(self, axis: int, kernel, stride, pad, dilation):
+        super().__init__()
+        self.axis = axis
+        self.kernel = tuple(kernel)
+        self.stride = tuple(stride)
+        self.pad = tuple(pad)
+        self.dilation = tuple(dilation)
+
+    def forward(self, x):
+        lead = x.shape[:self.axis]
+        spatial = len(self.kernel)
+        x = x.reshape((-1,) + tuple(x.shape[self.axis:]))  # (num, C, *spatial)
+        pads = [p for pad in reversed(self.pad) for p in (pad, pad)]
+        x = F.pad(x, pads)
+        for i, (k, s, d) in enumerate(zip(self.kernel, self.stride, self.dilation)):
+            # windows of extent d (k - 1) + 1 along axis 2 + i, then every d-th tap
+            x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+        # (num, C, *out, *kernel) -> (num, C, *kernel, *out)
+        order = [0, 1] + list(range(2 + spatial, 2 + 2 * spatial)) + list(range(2, 2 + spatial))
+        x = x.permute(order)
+        out = x.shape[2 + spatial:]
+        return x.reshape(tuple(lead) + (-1,) + tuple(out))
+
+
+@register("Im2col")
+def build_im2col(ctx: LayerContext):
+    ctx.expect_bottoms(1)
+    if len(ctx.tops) != 1:
+        raise ctx.error(f"expects 1 top, got {len(ctx.tops)}")
+    cp = ctx.param.convolution_param
+    shape = tuple(ctx.bottom_shapes[0])
+    axis = ctx.canonical_axis(cp.axis, len(shape))
+    spatial = len(shape) - axis - 1
+    if spatial < 1:
+        raise ctx.error(f"needs at least one spatial axis after channel axis {axis}, bottom shape {shape}")
+    kernel = _hw_or_repeated(ctx, cp, "kernel_size", "kernel", None, spatial)
+    stride = _hw_or_repeated(ctx, cp, "stride", "stride", 1, spatial)
+    pad = _hw_or_repeated(ctx, cp, "pad", "pad", 0, spatial)
+    dilation = _per_axis(ctx, "dilation", cp.dilation, 1, spatial)
+    for name, values in (("kernel", kernel), ("stride", stride), ("dilation", dilation)):
+        if min(values) <= 0:
+            raise ctx.error(f"{name} {values} must be positive")
+    out = []
+    for n, k, s, p, d in zip(shape[axis + 1:], kernel, stride, pad, dilation):
+        extent = d * (k - 1) + 1
+        if n + 2 * p < extent:
+            raise ctx.error(f"kernel {kernel} (dilation {dilation}, pad {pad}) does not fit the input {shape}")
+        out.append((n + 2 * p - extent) // s + 1)
+    top = shape[:axis] + (shape[axis] * math.prod(kernel),) + tuple(out)
+    return ctx.wire(Im2col(axis, kernel, stride, pad, dilation), top_shapes=[top])
+
+
+@register_onnx("Im2col")
+def im2col_to_onnx(g: OnnxGraph, ctx, module: Im2col, inputs, outputs):
+    if module.axis != 1:
+        raise ctx.error(f"channel axis {module.axis} has no ONNX export (only axis 1)")
+    # A grouped convolution with one-hot filters, one group per channel: output channel
+    # c * K + j copies kernel tap j of channel c, Caffe's column order.
+    channels = ctx.bottom_shapes[0][1]
+    taps = math.prod(module.kernel)
+    one_hot = np.eye(taps, dtype=np.float32).reshape((taps, 1) + module.kernel)
+    weight = np.tile(one_hot, (channels,) + (1,) * (1 + len(module.kernel)))
+    g.node("Conv", [inputs[0], g.initializer(weight, ctx.name + "/taps")], outputs,
+           kernel_shape=list(module.kernel), strides=list(module.stride), pads=list(module.pad) * 2,
+           dilations=list(module.dilation), group=channels)

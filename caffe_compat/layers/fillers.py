@@ -17,7 +17,7 @@ def _fans(shape: Sequence[int]):
     return fan_in, fan_out
 
 
-def _variance_denominator(filler, shape) -> float:
+def variance_denominator(filler, shape) -> float:
     fan_in, fan_out = _fans(shape)
     norm = filler.variance_norm  # 0 FAN_IN, 1 FAN_OUT, 2 AVERAGE
     if norm == 1:
@@ -51,10 +51,10 @@ def fill(filler, shape: Sequence[int], layer_name: str = "?") -> torch.Tensor:
             raise CaffeCompatError(f"layer '{layer_name}': sparse must be -1 or a count, got {filler.sparse}")
         return values
     if kind == "xavier":
-        bound = math.sqrt(3.0 / _variance_denominator(filler, shape))
+        bound = math.sqrt(3.0 / variance_denominator(filler, shape))
         return torch.empty(shape).uniform_(-bound, bound)
     if kind == "msra":
-        return torch.empty(shape).normal_(0.0, math.sqrt(2.0 / _variance_denominator(filler, shape)))
+        return torch.empty(shape).normal_(0.0, math.sqrt(2.0 / variance_denominator(filler, shape)))
     if kind == "positive_unitball":
         values = torch.rand(shape)
         rows = values.reshape(shape[0], -1)

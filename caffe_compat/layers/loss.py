@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..io.files import read_binaryproto
 from .registry import CaffeLayer, LayerContext, register
 from .softmax import canonical_softmax_axis
 
@@ -328,3 +329,72 @@ def build_multinomial_logistic_loss(ctx: LayerContext):
     if _legacy_shape(ctx, 1)[1:] != (1, 1, 1):
         raise ctx.error(f"bottom '{ctx.bottoms[1]}' must have shape (num, 1, 1, 1), got {ctx.bottom_shapes[1]}")
     return ctx.wire(MultinomialLogisticLoss(math.prod(ctx.bottom_shapes[0][1:])), top_shapes=[()])
+
+
+# ---------------------------------------------------------------- InfogainLoss
+
+class InfogainLoss(CaffeLayer):
+    """-sum_l H[label, l] log(max(softmax(x)_l, 1e-20)) over the labels, normalised as
+    SoftmaxWithLoss. H (classes x classes) is the third bottom, or the `source` file's
+    blob held here. A second top gets the probabilities (Caffe's backward ignores its
+    diff); H gets no gradient. Caffe's gradient, p rowsum(H)[label] - H[label], ignores
+    the clamp."""
+
+    def __init__(self, axis: int, classes: int, inner: int, ignore_label: Optional[int], normalization: str,
+                 with_prob: bool, infogain: Optional[torch.Tensor]):
+        super().__init__()
+        self.axis = axis
+        self.classes = classes
+        self.inner = inner
+        self.ignore_label = ignore_label
+        self.normalization = normalization
+        self.with_prob = with_prob
+        self.register_buffer("infogain", infogain, persistent=False)
+
+    def forward(self, scores, label, infogain=None):
+        weights = (self.infogain if infogain is None else infogain).detach()
+        weights = weights.reshape(self.classes, self.classes).to(scores.dtype)
+        prob = torch.softmax(scores, self.axis)
+        labels = label.detach().reshape(-1, self.inner).long()
+        valid = None if self.ignore_label is None else labels != self.ignore_label
+        index = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
+        rows = weights[index].transpose(1, 2)  # (outer, classes, inner): H[label, l]
+        log_prob = torch.log_softmax(scores, self.axis).reshape(-1, self.classes, self.inner)
+        clamped = torch.log(prob.reshape(-1, self.classes, self.inner).clamp_min(LOG_THRESHOLD))
+        per_label = _with_gradient(-(rows * clamped).sum(1), -(rows * log_prob).sum(1))
+        if valid is not None:
+            per_label = torch.where(valid, per_label, torch.zeros_like(per_label))
+        loss = _normalize(per_label.sum(), self.normalization, valid, labels)
+        return (loss, prob.detach()) if self.with_prob else loss
+
+
+@register("InfogainLoss")
+def build_infogain_loss(ctx: LayerContext):
+    ctx.expect_bottoms(2, 3)
+    if len(ctx.tops) not in (1, 2):
+        raise ctx.error(f"has one or two tops (loss, probabilities), got {len(ctx.tops)}")
+    _check_same_num(ctx)
+    if ctx.param.loss_param.HasField("normalize"):
+        raise ctx.error("loss_param.normalize is deprecated here; use normalization")
+    shape = ctx.bottom_shapes[0]
+    axis = ctx.canonical_axis(ctx.param.infogain_loss_param.axis, len(shape))
+    classes = shape[axis]
+    outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+    labels = math.prod(ctx.bottom_shapes[1])
+    if outer * inner != labels:
+        raise ctx.error(f"bottom '{ctx.bottoms[1]}' holds {labels} labels, the predictions {shape} along "
+                        f"axis {axis} need {outer * inner}")
+    infogain = None
+    if len(ctx.bottoms) == 3:
+        count = math.prod(ctx.bottom_shapes[2])
+    else:
+        source = ctx.param.infogain_loss_param.source
+        if not source:
+            raise ctx.error("needs the infogain matrix: a third bottom or infogain_loss_param.source")
+        infogain = torch.from_numpy(read_binaryproto(source).astype("float32").reshape(-1))
+        count = infogain.numel()
+    if count != classes * classes:
+        raise ctx.error(f"the infogain matrix holds {count} values, {classes} classes need {classes * classes}")
+    module = InfogainLoss(axis, classes, inner, _ignore_label(ctx.param.loss_param),
+                          _normalization(ctx, "VALID"), len(ctx.tops) == 2, infogain)
+    return ctx.wire(module, top_shapes=[()] + [shape] * (len(ctx.tops) - 1))

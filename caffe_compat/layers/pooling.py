@@ -17,17 +17,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto
+from torch import nn
 
 from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
 
 FLT_MAX = float(np.finfo(np.float32).max)
 MAX, AVE, STOCHASTIC = 0, 1, 2  # PoolingParameter.PoolMethod
+CEIL, FLOOR = 0, 1  # PoolingParameter.RoundMode
 
 
-def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, clip: bool) -> int:
-    """Caffe 1.0's output size along one axis; `clip` is Caffe's `pad_h || pad_w`."""
-    pooled = -(-(size + 2 * pad - kernel) // stride) + 1
+def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, clip: bool, ceil: bool = True) -> int:
+    """Caffe's output size along one axis, rounded up (round_mode CEIL) or down (FLOOR);
+    `clip` is Caffe's `pad_h || pad_w`."""
+    span = size + 2 * pad - kernel
+    pooled = (-(-span // stride) if ceil else span // stride) + 1
     if clip and (pooled - 1) * stride >= size + pad:
         pooled -= 1
     return pooled
@@ -109,13 +113,20 @@ def pool_geometry(ctx: LayerContext) -> PoolGeometry:
         raise ctx.error(f"stride {stride} must be positive")
     if pp.global_pooling and (pad != (0, 0) or stride != (1, 1)):
         raise ctx.error("with global_pooling only pad 0 and stride 1 are allowed")
+    if pp.round_mode not in (CEIL, FLOOR):
+        raise ctx.error(f"unknown round_mode {pp.round_mode}")
+    return make_geometry(ctx, (height, width), kernel, stride, pad, pp.round_mode == CEIL)
+
+
+def make_geometry(ctx: LayerContext, size, kernel, stride, pad, ceil: bool = True) -> PoolGeometry:
+    """The geometry of checked (h, w) settings on an input of `size`."""
     if pad[0] >= kernel[0] or pad[1] >= kernel[1]:
         raise ctx.error(f"pad {pad} must be smaller than the kernel {kernel}")
     clip = pad != (0, 0)
-    pooled = tuple(caffe_pooled_size(n, k, s, p, clip) for n, k, s, p in zip((height, width), kernel, stride, pad))
+    pooled = tuple(caffe_pooled_size(n, k, s, p, clip, ceil) for n, k, s, p in zip(size, kernel, stride, pad))
     if min(pooled) < 1:
-        raise ctx.error(f"kernel {kernel} with pad {pad} does not fit the {height}x{width} input")
-    return PoolGeometry((height, width), kernel, stride, pad, pooled)
+        raise ctx.error(f"kernel {kernel} with pad {pad} does not fit the {size[0]}x{size[1]} input")
+    return PoolGeometry(tuple(size), tuple(kernel), tuple(stride), tuple(pad), pooled)
 
 
 class MaxPooling(CaffeLayer):
@@ -202,6 +213,53 @@ def build_pooling(ctx: LayerContext):
     return ctx.wire(module, top_shapes=[top_shape] * len(ctx.tops))
 
 
+class SpatialPyramidPooling(CaffeLayer):
+    """Caffe's SPP: one pooling per pyramid level l, in 2^l x 2^l bins (kernel and stride
+    ceil(size / 2^l), the padding that spreads the overhang), each flattened per
+    example and concatenated; a one-level pyramid gives its pooling's top unflattened."""
+
+    def __init__(self, levels):
+        super().__init__()
+        self.levels = nn.ModuleList(levels)
+
+    def forward(self, x):
+        if len(self.levels) == 1:
+            return self.levels[0](x)
+        return torch.cat([level(x).flatten(1) for level in self.levels], dim=1)
+
+
+def spp_level_geometry(ctx: LayerContext, size, level: int) -> PoolGeometry:
+    """SPPLayer::GetPoolingParam's pooling for one level."""
+    bins = 2 ** level
+    kernel = tuple(-(-n // bins) for n in size)
+    pad = tuple((k * bins - n + 1) // 2 for k, n in zip(kernel, size))
+    return make_geometry(ctx, size, kernel, kernel, pad)
+
+
+@register("SPP")
+def build_spp(ctx: LayerContext):
+    ctx.expect_bottoms(1)
+    ctx.expect_rank(0, 4)
+    if len(ctx.tops) != 1:
+        raise ctx.error(f"expects 1 top, got {len(ctx.tops)}")
+    param = ctx.param.spp_param
+    if param.pyramid_height < 1:
+        raise ctx.error(f"spp_param.pyramid_height must be at least 1, got {param.pyramid_height}")
+    if param.pool == STOCHASTIC:
+        raise ctx.error("STOCHASTIC pooling is not supported")
+    size = tuple(ctx.bottom_shapes[0][2:])
+    if min(size) <= 0:
+        raise ctx.error(f"needs a non-empty input, got {ctx.bottom_shapes[0]}")
+    geometries = [spp_level_geometry(ctx, size, level) for level in range(param.pyramid_height)]
+    levels = [MaxPooling(g, with_mask=False) if param.pool == MAX else AvePooling(g) for g in geometries]
+    num, channels = ctx.bottom_shapes[0][:2]
+    if len(levels) == 1:
+        top = (num, channels) + geometries[0].pooled
+    else:
+        top = (num, sum(channels * g.pooled[0] * g.pooled[1] for g in geometries))
+    return ctx.wire(SpatialPyramidPooling(levels), top_shapes=[top])
+
+
 def onnx_pool_input(g: OnnxGraph, ctx, geometry: PoolGeometry, x: str, pad_value: float):
     """The pooling input and the `pads` attribute that give floor-mode ONNX pooling
     exactly Caffe's windows. ONNX runtimes refuse pads not smaller than the kernel,
@@ -247,3 +305,16 @@ def pooling_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
     with np.errstate(divide="ignore"):
         correction = np.float32(full) / divisor
     g.node("Mul", [mean, g.floats(correction, ctx.name + "/divisor_correction")], outputs)
+
+
+@register_onnx("SPP")
+def spp_to_onnx(g: OnnxGraph, ctx, module: SpatialPyramidPooling, inputs, outputs):
+    if len(module.levels) == 1:
+        pooling_to_onnx(g, ctx, module.levels[0], inputs, outputs)
+        return
+    flat = []
+    for index, level in enumerate(module.levels):
+        pooled = g.fresh(f"{ctx.name}/level{index}")
+        pooling_to_onnx(g, ctx, level, inputs, [pooled])
+        flat += g.node("Flatten", [pooled], hint=f"{ctx.name}/level{index}_flat", axis=1)
+    g.node("Concat", flat, outputs, axis=1)

@@ -1,0 +1,26 @@
+"""`Python` layers: Caffe runs python_param.layer from python_param.module in its
+embedded interpreter, code this project does not have. A user who ports such a layer
+to PyTorch registers its builder under "Python:<module>.<layer>" with the usual hook,
+`@caffe_compat.layers.register("Python:pyloss.EuclideanLossLayer")`; the Python type
+hands each layer to the builder of its class, and names the class when none is
+registered."""
+from __future__ import annotations
+
+from .registry import REGISTRY, Converted, LayerContext, register
+
+
+def python_type(module: str, layer: str) -> str:
+    """The registry key of one ported Python layer class."""
+    return f"Python:{module}.{layer}"
+
+
+@register("Python")
+def build_python(ctx: LayerContext) -> Converted:
+    param = ctx.param.python_param
+    key = python_type(param.module, param.layer)
+    entry = REGISTRY.get(key)
+    if entry is None or entry.build is None:
+        raise ctx.error(f"is a Python layer, class '{param.layer}' of module '{param.module}', whose code "
+                        f"Caffe imports at run time; port it to PyTorch and register its builder with "
+                        f"@caffe_compat.layers.register('{key}') before building the net")
+    return entry.build(ctx)

@@ -1,0 +1,222 @@
+"""Caffe's recurrent layers: RNN and LSTM (over T timesteps of N streams, bottoms x
+(T, N, ...) and cont (T, N), then an optional static input x_static (N, ...), then with
+expose_hidden the initial states), and LSTMUnit (one LSTM step).
+
+As in Caffe's unrolled nets (recurrent_layer.cpp, rnn_layer.cpp, lstm_layer.cpp):
+- h_{t-1} is multiplied by cont_t before it enters step t, so cont_t = 0 starts a new
+  sequence; the LSTM's cell c_{t-1} is cut by the forget gate, f_t = cont_t sigmoid(.);
+- the LSTM's gate pre-activations are W_xc x_t + b_c + W_hc h + W_xc_static x_static,
+  4 H wide in the order input, forget, output, candidate (i, f, o, g);
+- blobs: LSTM W_xc, b_c, [W_xc_static], W_hc; RNN W_xh, b_h, [W_xh_static], W_hh, W_ho, b_o;
+- without expose_hidden the initial states are the final states of the previous
+  forward pass (zeros at first); with it they are bottoms and the final states extra
+  tops (h_T, then c_T), through which, as in Caffe, no gradient flows (Caffe shares
+  only their data);
+- cont gets no gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import fillers
+from .loss import _with_gradient
+from .registry import CaffeLayer, Converted, LayerContext, register
+
+
+def lstm_unit(c_prev: torch.Tensor, gates: torch.Tensor, cont: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One LSTMUnit step: (c_t, h_t) from c_{t-1} (..., H), the gate pre-activations
+    (..., 4H) and cont (...). Caffe differentiates the forget gate f = cont sigmoid(x_f)
+    as f (1 - f), which is exact for binary cont; so does this."""
+    hidden = c_prev.shape[-1]
+    i = torch.sigmoid(gates[..., :hidden])
+    forget_x = gates[..., hidden:2 * hidden]
+    o = torch.sigmoid(gates[..., 2 * hidden:3 * hidden])
+    g = torch.tanh(gates[..., 3 * hidden:])
+    f_value = cont.detach().unsqueeze(-1) * torch.sigmoid(forget_x.detach())
+    f = _with_gradient(f_value, (f_value * (1 - f_value)) * forget_x)
+    c = f * c_prev + i * g
+    return c, o * torch.tanh(c)
+
+
+class _Recurrent(CaffeLayer):
+    """What RNN and LSTM share: the input transforms, the state carried between forward
+    passes, the bottom and top layout."""
+
+    states = 1  # recurrent state blobs (h; LSTM: h, c)
+
+    def __init__(self, hidden: int, static: bool, expose_hidden: bool):
+        super().__init__()
+        self.hidden = hidden
+        self.static = static
+        self.expose_hidden = expose_hidden
+        self.carried: Optional[List[torch.Tensor]] = None
+
+    def _initial(self, x: torch.Tensor, given) -> List[torch.Tensor]:
+        shape = (1, x.shape[1], self.hidden)
+        if self.expose_hidden:
+            return [state.detach().reshape(shape) for state in given]
+        carried = self.carried
+        if carried is None or tuple(carried[0].shape) != shape or carried[0].device != x.device:
+            return [x.new_zeros(shape) for _ in range(self.states)]
+        return [state.to(x.dtype) for state in carried]
+
+    def forward(self, x, cont, *rest):
+        static = rest[0] if self.static else None
+        initial = self._initial(x, rest[1:] if self.static else rest)
+        top, final = self.unroll(x, cont.detach(), static, initial)
+        self.carried = [state.detach() for state in final]
+        if not self.expose_hidden:
+            return top
+        return (top, *self.carried)
+
+    def unroll(self, x, cont, static, initial):
+        raise NotImplementedError
+
+
+class LSTM(_Recurrent):
+    states = 2
+
+    def __init__(self, hidden: int, static: bool, expose_hidden: bool, w_xc, b_c, w_xc_static, w_hc):
+        super().__init__(hidden, static, expose_hidden)
+        self.w_xc = nn.Parameter(w_xc)
+        self.b_c = nn.Parameter(b_c)
+        self.w_hc = nn.Parameter(w_hc)
+        if static:
+            self.w_xc_static = nn.Parameter(w_xc_static)
+            self.blob_names = ("w_xc", "b_c", "w_xc_static", "w_hc")
+        else:
+            self.blob_names = ("w_xc", "b_c", "w_hc")
+
+    def unroll(self, x, cont, static, initial):
+        x_gates = F.linear(x.flatten(2), self.w_xc, self.b_c)
+        static_gates = None if static is None else F.linear(static.flatten(1), self.w_xc_static).unsqueeze(0)
+        h, c = initial
+        tops = []
+        for t in range(x.shape[0]):
+            cont_t = cont[t:t + 1]
+            gates = F.linear(h * cont_t.unsqueeze(-1), self.w_hc) + x_gates[t:t + 1]
+            if static_gates is not None:
+                gates = gates + static_gates
+            c, h = lstm_unit(c, gates, cont_t)
+            tops.append(h)
+        return torch.cat(tops, 0), (h, c)
+
+
+class RNN(_Recurrent):
+    def __init__(self, hidden: int, static: bool, expose_hidden: bool, w_xh, b_h, w_xh_static, w_hh, w_ho, b_o):
+        super().__init__(hidden, static, expose_hidden)
+        self.w_xh = nn.Parameter(w_xh)
+        self.b_h = nn.Parameter(b_h)
+        self.w_hh = nn.Parameter(w_hh)
+        self.w_ho = nn.Parameter(w_ho)
+        self.b_o = nn.Parameter(b_o)
+        if static:
+            self.w_xh_static = nn.Parameter(w_xh_static)
+            self.blob_names = ("w_xh", "b_h", "w_xh_static", "w_hh", "w_ho", "b_o")
+        else:
+            self.blob_names = ("w_xh", "b_h", "w_hh", "w_ho", "b_o")
+
+    def unroll(self, x, cont, static, initial):
+        x_in = F.linear(x.flatten(2), self.w_xh, self.b_h)
+        static_in = None if static is None else F.linear(static.flatten(1), self.w_xh_static).unsqueeze(0)
+        (h,) = initial
+        tops = []
+        for t in range(x.shape[0]):
+            pre = F.linear(h * cont[t:t + 1].unsqueeze(-1), self.w_hh) + x_in[t:t + 1]
+            if static_in is not None:
+                pre = pre + static_in
+            h = torch.tanh(pre)
+            tops.append(torch.tanh(F.linear(h, self.w_ho, self.b_o)))
+        return torch.cat(tops, 0), (h,)
+
+
+def _check_recurrent(ctx: LayerContext, states: int) -> Tuple[int, int, Optional[int]]:
+    """(hidden, input dim, static input dim or None), the bottoms and tops checked."""
+    param = ctx.param.recurrent_param
+    hidden = param.num_output
+    if hidden <= 0:
+        raise ctx.error("recurrent_param.num_output must be positive")
+    exposed = states if param.expose_hidden else 0
+    if len(ctx.bottoms) not in (2 + exposed, 3 + exposed):
+        raise ctx.error(f"expects bottoms x, cont, [x_static]{', and the initial states' if exposed else ''}: "
+                        f"{2 + exposed} or {3 + exposed}, got {len(ctx.bottoms)}")
+    if len(ctx.tops) != 1 + exposed:
+        raise ctx.error(f"expects {1 + exposed} top(s), got {len(ctx.tops)}")
+    x, cont = (tuple(s) for s in ctx.bottom_shapes[:2])
+    if len(x) < 2:
+        raise ctx.error(f"bottom '{ctx.bottoms[0]}' must have at least 2 axes (timesteps, streams, ...), got {x}")
+    if cont != x[:2]:
+        raise ctx.error(f"bottom '{ctx.bottoms[1]}' (cont) must have shape {x[:2]} (timesteps, streams), got {cont}")
+    static = len(ctx.bottoms) == 3 + exposed
+    static_dim = None
+    if static:
+        shape = tuple(ctx.bottom_shapes[2])
+        if not shape or shape[0] != x[1]:
+            raise ctx.error(f"static input '{ctx.bottoms[2]}' must have {x[1]} streams first, got {shape}")
+        static_dim = math.prod(shape[1:])
+    for name, shape in zip(ctx.bottoms[2 + static:], ctx.bottom_shapes[2 + static:]):
+        if tuple(shape) != (1, x[1], hidden):
+            raise ctx.error(f"initial state '{name}' must have shape {(1, x[1], hidden)}, got {tuple(shape)}")
+    return hidden, math.prod(x[2:]), static_dim
+
+
+def _tops(ctx: LayerContext, hidden: int, states: int) -> List[Tuple[int, ...]]:
+    x = ctx.bottom_shapes[0]
+    exposed = states if ctx.param.recurrent_param.expose_hidden else 0
+    return [(x[0], x[1], hidden)] + [(1, x[1], hidden)] * exposed
+
+
+@register("LSTM")
+def build_lstm(ctx: LayerContext) -> Converted:
+    hidden, inputs, static = _check_recurrent(ctx, LSTM.states)
+    param = ctx.param.recurrent_param
+
+    def weight(*shape):
+        return fillers.fill(param.weight_filler, shape, ctx.name)
+
+    module = LSTM(hidden, static is not None, param.expose_hidden, weight(4 * hidden, inputs),
+                  fillers.fill(param.bias_filler, (4 * hidden,), ctx.name),
+                  None if static is None else weight(4 * hidden, static), weight(4 * hidden, hidden))
+    return ctx.wire(module, top_shapes=_tops(ctx, hidden, LSTM.states))
+
+
+@register("RNN")
+def build_rnn(ctx: LayerContext) -> Converted:
+    hidden, inputs, static = _check_recurrent(ctx, RNN.states)
+    param = ctx.param.recurrent_param
+
+    def weight(*shape):
+        return fillers.fill(param.weight_filler, shape, ctx.name)
+
+    bias = fillers.fill(param.bias_filler, (hidden,), ctx.name)
+    module = RNN(hidden, static is not None, param.expose_hidden, weight(hidden, inputs), bias,
+                 None if static is None else weight(hidden, static), weight(hidden, hidden),
+                 weight(hidden, hidden), fillers.fill(param.bias_filler, (hidden,), ctx.name))
+    return ctx.wire(module, top_shapes=_tops(ctx, hidden, RNN.states))
+
+
+class LSTMUnit(CaffeLayer):
+    """Bottoms c_{t-1} (1, N, H), gates (1, N, 4H), cont (1, N); tops c_t, h_t."""
+
+    def forward(self, c_prev, gates, cont):
+        return lstm_unit(c_prev, gates, cont.detach())
+
+
+@register("LSTMUnit")
+def build_lstm_unit(ctx: LayerContext) -> Converted:
+    ctx.expect_bottoms(3)
+    if len(ctx.tops) != 2:
+        raise ctx.error(f"expects 2 tops (c, h), got {len(ctx.tops)}")
+    c_prev, gates, cont = (tuple(s) for s in ctx.bottom_shapes)
+    if len(c_prev) != 3 or c_prev[0] != 1:
+        raise ctx.error(f"bottom '{ctx.bottoms[0]}' must have shape (1, N, H), got {c_prev}")
+    if gates != (1, c_prev[1], 4 * c_prev[2]):
+        raise ctx.error(f"bottom '{ctx.bottoms[1]}' must have shape {(1, c_prev[1], 4 * c_prev[2])}, got {gates}")
+    if cont != (1, c_prev[1]):
+        raise ctx.error(f"bottom '{ctx.bottoms[2]}' must have shape {(1, c_prev[1])}, got {cont}")
+    return ctx.wire(LSTMUnit(), top_shapes=[c_prev, c_prev])

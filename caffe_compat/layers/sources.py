@@ -1,0 +1,154 @@
+"""Layers with no bottoms that are not readers of a dataset: DummyData (tops drawn by
+fillers) and Parameter (a learned blob as a top)."""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from . import fillers
+from .onnx_graph import OnnxGraph
+from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
+
+Shape = Tuple[int, ...]
+
+
+def _shape_of(blob_shape) -> Shape:
+    return tuple(int(d) for d in blob_shape.dim)
+
+
+# ---------------------------------------------------------------- DummyData
+
+class DummyData(CaffeLayer):
+    """Each top filled by its filler (None: zeros): once for a constant filler, at every
+    forward pass for the others, as Caffe refills them. The tops take gradients (under
+    force_backward Caffe computes diffs for them like for any blob)."""
+
+    def __init__(self, name: str, shapes: Sequence[Shape], filler_params: Sequence):
+        super().__init__()
+        self.layer_name = name
+        self.shapes = [tuple(s) for s in shapes]
+        self.filler_params = list(filler_params)
+        self.constant = [f is None or f.type == "constant" for f in self.filler_params]
+        for index, (shape, filler, constant) in enumerate(zip(self.shapes, self.filler_params, self.constant)):
+            value = torch.zeros(shape) if filler is None else fillers.fill(filler, shape, name)
+            if not constant:  # drawn anew at every pass; this draw only checked the filler
+                value = torch.empty(0)
+            self.register_buffer(f"constant{index}", value, persistent=False)
+
+    def forward(self):
+        tops = []
+        for index, (shape, filler, constant) in enumerate(zip(self.shapes, self.filler_params, self.constant)):
+            held = getattr(self, f"constant{index}")
+            value = held.clone() if constant else fillers.fill(filler, shape, self.layer_name).to(held.device)
+            tops.append(value.requires_grad_(torch.is_grad_enabled()))
+        return tops[0] if len(tops) == 1 else tuple(tops)
+
+
+def _legacy_dims(ctx: LayerContext, param, count: int) -> List[Shape]:
+    fields = ("num", "channels", "height", "width")
+    values = {f: list(getattr(param, f)) for f in fields}
+    for field, given in values.items():
+        if len(given) not in (1, count):
+            raise ctx.error(f"dummy_data_param.{field} must be given once or once per top ({count}), "
+                            f"got {len(given)}")
+    return [tuple(values[f][0 if len(values[f]) == 1 else i] for f in fields) for i in range(count)]
+
+
+@register("DummyData")
+def build_dummy_data(ctx: LayerContext) -> Converted:
+    if ctx.bottoms:
+        raise ctx.error("takes no bottoms")
+    count = len(ctx.tops)
+    if not count:
+        raise ctx.error("expects at least 1 top")
+    param = ctx.param.dummy_data_param
+    given = list(param.data_filler)
+    if len(given) not in (0, 1, count):
+        raise ctx.error(f"needs 0, 1 or {count} (one per top) data_filler, got {len(given)}")
+    if not given:
+        given = [None]  # Caffe's default, constant 0
+    filler_params = given * count if len(given) == 1 else given
+    legacy = any(len(getattr(param, f)) for f in ("num", "channels", "height", "width"))
+    if legacy:
+        if len(param.shape):
+            raise ctx.error("give either shape or the legacy num/channels/height/width, not both")
+        shapes = _legacy_dims(ctx, param, count)
+    else:
+        if len(param.shape) not in (1, count):
+            raise ctx.error(f"dummy_data_param.shape must be given once or once per top ({count}), "
+                            f"got {len(param.shape)}")
+        shapes = [_shape_of(param.shape[0 if len(param.shape) == 1 else i]) for i in range(count)]
+    for shape in shapes:
+        if any(d < 0 for d in shape):
+            raise ctx.error(f"shape {shape} has a negative dimension")
+    return ctx.wire(DummyData(ctx.name, shapes, filler_params), top_shapes=shapes)
+
+
+def _random_node(g: OnnxGraph, filler, shape: Shape, output: str, hint: str) -> bool:
+    """ONNX's own random generators for the fillers that are one uniform or normal draw;
+    False for the others."""
+    if filler.type == "uniform":
+        g.node("RandomUniform", [], [output], shape=list(shape), low=filler.min, high=filler.max)
+    elif filler.type == "xavier":
+        bound = math.sqrt(3.0 / fillers.variance_denominator(filler, shape))
+        g.node("RandomUniform", [], [output], shape=list(shape), low=-bound, high=bound)
+    elif filler.type == "gaussian" and filler.sparse < 0:
+        g.node("RandomNormal", [], [output], shape=list(shape), mean=filler.mean, scale=filler.std)
+    elif filler.type == "msra":
+        std = math.sqrt(2.0 / fillers.variance_denominator(filler, shape))
+        g.node("RandomNormal", [], [output], shape=list(shape), mean=0.0, scale=std)
+    else:
+        return False
+    return True
+
+
+@register_onnx("DummyData")
+def dummy_data_to_onnx(g: OnnxGraph, ctx, module: DummyData, inputs, outputs):
+    for index, (output, shape, filler) in enumerate(zip(outputs, module.shapes, module.filler_params)):
+        if module.constant[index] or filler.type == "bilinear":
+            held = getattr(module, f"constant{index}")
+            value = (held if module.constant[index] else fillers.fill(filler, shape, ctx.name)).numpy()
+            g.node("Constant", [], [output], value=numpy_helper.from_array(value, g.fresh(output + "/value")))
+        elif not _random_node(g, filler, shape, output, ctx.name):
+            raise ctx.error(f"the '{filler.type}' filler of top '{output}' has no ONNX equivalent")
+
+
+# ---------------------------------------------------------------- Parameter
+
+class Parameter(CaffeLayer):
+    """Its one blob as its top; the top's diff is the blob's gradient."""
+
+    blob_names = ("blob",)
+
+    def __init__(self, shape: Shape):
+        super().__init__()
+        # Caffe allocates the blob zeroed; weights usually come from a caffemodel
+        self.blob = nn.Parameter(torch.zeros(shape))
+
+    def forward(self):
+        return self.blob.view_as(self.blob)
+
+
+@register("Parameter")
+def build_parameter(ctx: LayerContext) -> Converted:
+    if ctx.bottoms:
+        raise ctx.error("takes no bottoms")
+    if len(ctx.tops) != 1:
+        raise ctx.error(f"expects 1 top, got {len(ctx.tops)}")
+    if "parameter_param" not in ctx.param.DESCRIPTOR.fields_by_name:
+        raise ctx.error("needs BVLC's parameter_param (LayerParameter field 145), which this net's dialect "
+                        "(the lifted-loss fork) uses for lifted_struct_sim_softmax_loss_param")
+    shape = _shape_of(ctx.param.parameter_param.shape)
+    if any(d < 0 for d in shape):
+        raise ctx.error(f"shape {shape} has a negative dimension")
+    return ctx.wire(Parameter(shape), top_shapes=[shape])
+
+
+@register_onnx("Parameter")
+def parameter_to_onnx(g: OnnxGraph, ctx, module: Parameter, inputs, outputs):
+    g.node("Identity", [g.initializer(module.blob, ctx.name + "/blob")], outputs)
+
