@@ -1,20 +1,29 @@
 """`caffe-compat extract`: run a net in its TEST phase over a dataset (an LMDB of
-Datum records or a Caffe image list) and save one blob per image, with labels."""
+Datum records or a Caffe image list) and save one blob per image, with labels.
+
+Image lists: relative paths in the list resolve against `root` when given, else the
+list file's own folder (where `prepare` puts them); absolute paths stand as they are.
+The prototxt's root_folder is not used: it belongs to the source `data` replaces. The
+saved `paths` resolve from the features file: relative to its folder for images
+under it, absolute otherwise.
+"""
 from __future__ import annotations
 
 import math
-import sys
+import os
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from .devices import resolve_device
 from .errors import CaffeCompatError
 from .graph import build_graph, layer_included
 from .io.atomic import atomic_path
 from .io.files import NetFile
 from .net import CaffeNet
+from .progress import progress
 
 PathLike = Union[str, Path]
 DATA_TYPES = ("Data", "ImageData")
@@ -47,17 +56,62 @@ def count_records(source: Path) -> int:
     return sum(1 for line in source.read_text().splitlines() if line.strip())
 
 
-def list_paths(source: Path, root_folder: str = ""):
-    return [root_folder + line.rsplit(None, 1)[0] for line in source.read_text().splitlines() if line.strip()]
+def list_entries(source: Path):
+    """The image paths of a Caffe image list, split from their labels at the last space as
+    Caffe's ImageData layer does."""
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise CaffeCompatError(f"{source}: not a readable image list: {err}") from None
+    return [line.rstrip().rpartition(" ")[0] for line in text.splitlines() if line.strip()]
 
 
-def point_at(net, data: Path, batch_size: Optional[int], phase: str = "TEST"):
+def list_root(source: Path, root: Optional[Path] = None) -> str:
+    """The root_folder that makes the list's entries resolve as the module docstring says."""
+    absolute = [os.path.isabs(entry) for entry in list_entries(source)]
+    if all(absolute):
+        return ""
+    if any(absolute):
+        raise CaffeCompatError(f"{source}: mixes absolute and relative image paths (Caffe prepends one "
+                               f"root_folder to all); make them all one kind")
+    folder = Path(root) if root is not None else source.parent
+    if not folder.is_dir():
+        raise CaffeCompatError(f"{folder}: --root is not a folder")
+    return os.path.abspath(folder) + os.sep
+
+
+def override_mean(net, mean_file: Optional[Union[str, Path]] = None,
+                  mean_values: Optional[Sequence[float]] = None) -> None:
+    """Make every Data/ImageData layer of `net` (a NetParameter, changed in place) subtract
+    `mean_file` or `mean_values` instead of what its transform_param says."""
+    if mean_file is None and mean_values is None:
+        return
+    if mean_file is not None and mean_values is not None:
+        raise CaffeCompatError("give --mean-file or --mean-value, not both")
+    if mean_values is not None and len(mean_values) not in (1, 3):
+        raise CaffeCompatError(f"--mean-value: give 1 or 3 values (B G R), not {len(mean_values)}")
+    if mean_file is not None and not Path(mean_file).is_file():
+        raise CaffeCompatError(f"{mean_file}: no such mean file")
+    for layer in net.layer:
+        if layer.type in DATA_TYPES:
+            layer.transform_param.ClearField("mean_file")
+            del layer.transform_param.mean_value[:]
+            if mean_file is not None:
+                layer.transform_param.mean_file = os.path.abspath(mean_file)
+            else:
+                layer.transform_param.mean_value.extend(mean_values)
+
+
+def point_at(net, data: Path, batch_size: Optional[int], phase: str = "TEST", root: Optional[Path] = None):
     """A copy of `net` whose data layer reads `data` (LMDB folder -> Data, file -> ImageData)
-    in order, without shuffling, with the layer's own transform_param."""
+    in order, without shuffling, with the layer's own transform_param; an image list's
+    paths resolve as the module docstring says."""
     net = type(net).FromString(net.SerializeToString())
     layer = _data_layer(net, phase)
     old_batch = _batch_size(layer)
     if data.is_dir():
+        if root is not None:
+            raise CaffeCompatError(f"--root applies to image lists; {data} is an LMDB folder")
         if layer.type != "Data":
             layer.ClearField("image_data_param")
             layer.type = "Data"
@@ -71,18 +125,33 @@ def point_at(net, data: Path, batch_size: Optional[int], phase: str = "TEST"):
         layer.image_data_param.source = str(data)
         layer.image_data_param.shuffle = False
         layer.image_data_param.batch_size = batch_size or old_batch
+        layer.image_data_param.root_folder = list_root(data, root)
     return net, layer
 
 
+def _check_mean_file(layer) -> None:
+    mean_file = layer.transform_param.mean_file if layer.transform_param.HasField("mean_file") else None
+    if mean_file and not os.path.exists(mean_file):
+        raise CaffeCompatError(f"layer '{layer.name}': transform_param.mean_file {mean_file} does not exist here; "
+                               f"give --mean-file PATH or --mean-value B G R")
+
+
 def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc_embedding",
-                     device: str = "cpu", batch_size: Optional[int] = None,
-                     progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """{'embeddings': n x d float32, 'labels': n, 'paths' (image lists)} in dataset order."""
+                     device: str = "cpu", batch_size: Optional[int] = None, root: Optional[PathLike] = None,
+                     mean_file: Optional[PathLike] = None, mean_values: Optional[Sequence[float]] = None,
+                     show_progress: bool = False) -> dict:
+    """{'embeddings': n x d float32, 'labels': n, 'paths' (image lists; absolute)} in
+    dataset order. `mean_file`/`mean_values` replace the data layer's mean."""
+    device = resolve_device(device)
+    if batch_size is not None and batch_size <= 0:
+        raise CaffeCompatError(f"--batch-size {batch_size}: must be positive")
     data = Path(data)
     total = count_records(data)
     if total == 0:
         raise CaffeCompatError(f"{data}: holds no records")
-    net_param, layer = point_at(net_file.net, data, batch_size)
+    net_param, layer = point_at(net_file.net, data, batch_size, root=None if root is None else Path(root))
+    override_mean(net_param, mean_file, mean_values)
+    _check_mean_file(layer)
     batch = _batch_size(layer)
     label_top = layer.top[1] if len(layer.top) > 1 else None
     net = CaffeNet(build_graph(net_param, "TEST", net_file.dialect), weights).to(device).eval()
@@ -91,31 +160,54 @@ def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc
                                f"(blobs: {', '.join(list(net.blob_shapes)[:12])}, ...)")
     wanted = [blob] + ([label_top] if label_top else [])
     embeddings, labels = [], []
-    batches = math.ceil(total / batch)
+    bar = progress(total=total, desc="extract", unit="img") if show_progress else None
     with torch.inference_mode():
-        for i in range(batches):
+        for i in range(math.ceil(total / batch)):
             out = net(blobs=wanted)
             embeddings.append(out[blob].float().reshape(out[blob].shape[0], -1).cpu().numpy())
             if label_top:
                 labels.append(out[label_top].cpu().numpy().reshape(-1))
-            if progress:
-                progress(i + 1, batches)
+            if bar is not None:
+                bar.update(min(batch, total - i * batch))
+    if bar is not None:
+        bar.close()
     # The data layer wraps around at the end, as Caffe's does: drop the repeats.
     result = {"embeddings": np.concatenate(embeddings)[:total].astype(np.float32)}
     if labels:
         result["labels"] = np.concatenate(labels)[:total]
     if layer.type == "ImageData":
-        result["paths"] = np.array(list_paths(data, layer.image_data_param.root_folder))
+        root_folder = layer.image_data_param.root_folder
+        result["paths"] = np.array([os.path.abspath(root_folder + entry) for entry in list_entries(data)])
     return result
 
 
+def check_output_file(out: PathLike, what: str = "-o") -> Path:
+    """`out`, if a file can be written there (checked before any work)."""
+    out = Path(out)
+    if out.is_dir():
+        raise CaffeCompatError(f"{out}: {what} is a folder; give a file name")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise CaffeCompatError(f"{out}: {what} cannot be written ({folder} is not a writable folder)")
+    return out
+
+
 def save_features(features: dict, out: PathLike) -> None:
+    """Write `features` as an .npz; image paths are stored relative to its folder where
+    they lie under it, else absolute, so they resolve from the file wherever it is read."""
+    out = Path(out)
+    features = dict(features)
+    if "paths" in features:
+        folder = os.path.abspath(out.parent)
+        features["paths"] = np.array([_from_folder(str(p), folder) for p in features["paths"]])
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, **features)
 
 
-def print_progress(done: int, total: int) -> None:
-    end = "\n" if done == total or not sys.stderr.isatty() else "\r"
-    if sys.stderr.isatty() or done == total or done % 50 == 0:
-        print(f"batch {done}/{total}", end=end, file=sys.stderr, flush=True)
+def _from_folder(path: str, folder: str) -> str:
+    path = os.path.abspath(path)
+    relative = os.path.relpath(path, folder)
+    return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative

@@ -7,11 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
+from caffe_compat.cli import main
 from caffe_compat.deploy import deploy_net
 from caffe_compat.graph import build_graph
 from caffe_compat.io.datum import datum_to_array, parse_datum
 from caffe_compat.io.files import read_caffemodel, read_prototxt, weights_of, write_prototxt
 from caffe_compat.net import CaffeNet
+from caffe_compat.errors import CaffeCompatError
 from conftest import REFERENCE, require
 
 lmdb = pytest.importorskip("lmdb", reason="lmdb is in the test extra")
@@ -78,13 +80,97 @@ def test_extract_image_list_records_paths(tmp_path):
     np.testing.assert_allclose(features["embeddings"], _expected_embeddings(weights, records), rtol=1e-5, atol=1e-6)
 
 
-def test_extract_errors_name_the_problem(tmp_path):
+def test_extract_errors_name_the_problem(tmp_path, capsys):
     net = _test_phase_net(tmp_path, batch_size=4)
     model = REFERENCE / "nets" / "solver" / "final.caffemodel"
     for args, needle in [(["--data", str(tmp_path / "missing")], "no such LMDB folder or image list"),
                          (["--data", str(REFERENCE / "nets" / "solver" / "train_lmdb"), "--blob", "nope"],
                           "has no blob 'nope'")]:
-        result = subprocess.run([sys.executable, "-m", "caffe_compat", "extract", str(net), str(model), *args,
-                                 "-o", str(tmp_path / "f.npz")], capture_output=True, text=True, cwd=tmp_path)
-        assert result.returncode == 2 and needle in result.stderr, result.stderr
+        code, lines = run_here(capsys, "extract", net, model, *args, "-o", tmp_path / "f.npz")
+        assert code == 2 and len(lines) == 1 and needle in lines[0], lines
+    assert not (tmp_path / "f.npz").exists()
+
+
+def _image_folder(tmp_path, records):
+    """The records as PNG files under tmp_path/imgs, and a list of relative paths."""
+    (tmp_path / "imgs").mkdir(exist_ok=True)
+    lines = []
+    for i, (array, label) in enumerate(records):
+        Image.fromarray(array.transpose(1, 2, 0)[:, :, ::-1]).save(tmp_path / "imgs" / f"{i}.png")
+        lines.append(f"imgs/{i}.png {label}\n")
+    return "".join(lines)
+
+
+def run_here(capsys, *args):
+    """`caffe-compat ARGS` in this process: (exit code, stderr lines)."""
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_relative_workdir_paths_resolve_from_the_npz_and_root_rule(tmp_path, capsys, monkeypatch):
+    source = require(REFERENCE / "nets" / "solver" / "train_lmdb")
+    records = _records(source)[:4]
+    model = REFERENCE / "nets" / "solver" / "final.caffemodel"
+    net_file = read_prototxt(_test_phase_net(tmp_path, batch_size=3))
+    net_file.net.layer[0].type = "ImageData"  # a root_folder that must not win over --data's folder
+    net_file.net.layer[0].ClearField("data_param")
+    net_file.net.layer[0].image_data_param.root_folder = "/cvgl/u/hsong/"
+    write_prototxt(net_file.net, tmp_path / "extract.prototxt")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "list.txt").write_text(_image_folder(tmp_path / "data", records))
+    # Relative everything, as reproduce's default workdir: paths must resolve from the npz.
+    monkeypatch.chdir(tmp_path)
+    code, err = run_here(capsys, "extract", "extract.prototxt", model, "--data", "data/list.txt",
+                         "-o", "work/out/f.npz")
+    assert code == 0, err
+    npz = tmp_path / "work" / "out" / "f.npz"
+    paths = np.load(npz)["paths"].tolist()
+    assert paths == [str(tmp_path / "data" / "imgs" / f"{i}.png") for i in range(4)]  # not under the npz: absolute
+    # Progress: whole lines in a log, ending with the count.
+    assert not any("\r" in line for line in err) and err[-1].startswith("extract: 4/4 (100%)")
+
+    # --root: the list's paths resolve against it; the npz beside the images stores them relative.
+    (tmp_path / "elsewhere.txt").write_text((tmp_path / "data" / "list.txt").read_text())
+    from caffe_compat.extract import extract_features, save_features
+    weights = weights_of(read_caffemodel(model))
+    features = extract_features(read_prototxt(tmp_path / "extract.prototxt"), weights, tmp_path / "elsewhere.txt",
+                                root=tmp_path / "data")
+    save_features(features, tmp_path / "data" / "g.npz")
+    assert np.load(tmp_path / "data" / "g.npz")["paths"].tolist() == [f"imgs/{i}.png" for i in range(4)]
+    np.testing.assert_allclose(features["embeddings"], _expected_embeddings(weights, records), rtol=1e-5, atol=1e-6)
+    with pytest.raises(CaffeCompatError, match="--root is not a folder"):
+        extract_features(read_prototxt(tmp_path / "extract.prototxt"), weights, tmp_path / "elsewhere.txt",
+                         root=tmp_path / "nope")
+
+
+def test_mean_overrides_for_a_net_whose_mean_file_is_elsewhere(tmp_path, capsys):
+    source = require(REFERENCE / "nets" / "solver" / "train_lmdb")
+    model = REFERENCE / "nets" / "solver" / "final.caffemodel"
+    net_file = read_prototxt(_test_phase_net(tmp_path, batch_size=32))
+    transform = net_file.net.layer[0].transform_param
+    del transform.mean_value[:]
+    transform.mean_file = "/cvgl/u/hsong/cache/imagenet_mean.binaryproto"  # as the paper's prototxt has it
+    write_prototxt(net_file.net, tmp_path / "paper_like.prototxt")
+    records = _records(source)  # before the net opens the LMDB: lmdb allows one open per process
+    base = ["extract", tmp_path / "paper_like.prototxt", model, "--data", source, "-o", tmp_path / "f.npz"]
+    code, lines = run_here(capsys, *base)
+    assert code == 2 and len(lines) == 1 and "give --mean-file PATH or --mean-value" in lines[0]
+    code, lines = run_here(capsys, *base, "--mean-value", "128", "120", "110")
+    assert code == 0, lines
+    expected = _expected_embeddings(weights_of(read_caffemodel(model)), records)
+    np.testing.assert_allclose(np.load(tmp_path / "f.npz")["embeddings"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_extract_command_line_mistakes_before_any_work(tmp_path, capsys):
+    net = _test_phase_net(tmp_path, batch_size=4)
+    model = REFERENCE / "nets" / "solver" / "final.caffemodel"
+    source = require(REFERENCE / "nets" / "solver" / "train_lmdb")
+    (tmp_path / "folder").mkdir()
+    for args, needle in [(["-o", tmp_path / "folder"], "is a folder"),
+                         (["-o", tmp_path / "f.npz", "--mean-value", "1", "2"], "give 1 or 3 values"),
+                         (["-o", tmp_path / "f.npz", "--root", tmp_path], "--root applies to image lists"),
+                         (["-o", tmp_path / "f.npz", "--batch-size", "0"], "must be positive"),
+                         (["-o", tmp_path / "f.npz", "--device", "tpu"], "not a device")]:
+        code, lines = run_here(capsys, "extract", net, model, "--data", source, *args)
+        assert code == 2 and len(lines) == 1 and needle in lines[0], lines
     assert not (tmp_path / "f.npz").exists()
