@@ -1,13 +1,13 @@
 """RNN, LSTM and LSTMUnit against loops written here from Caffe's unrolled nets
 (rnn_layer.cpp, lstm_layer.cpp) and LSTMUnitLayer's own forward and backward: gate order
 i, f, o, g; cont_t multiplying h_{t-1} and the forget gate; state carried between
-forward passes; exposed states that pass no gradient; blob order."""
+forward passes; exposed states that pass no gradient; blob order; the ONNX Scan."""
 import numpy as np
 import pytest
 import torch
 
 from caffe_compat.errors import CaffeCompatError
-from layer_harness import build, rel_err, tops_of
+from layer_harness import build, onnx_and_module_tops, onnx_model, rel_err, tops_of
 
 RNG = np.random.default_rng(7)
 FILLERS = 'weight_filler { type: "uniform" min: -0.5 max: 0.5 } bias_filler { type: "uniform" min: -0.5 max: 0.5 }'
@@ -220,3 +220,28 @@ def test_bad_recurrent_configurations_name_the_problem(layer_type, params, shape
     tops = 3 if "expose_hidden" in params else (2 if layer_type == "LSTMUnit" else 1)
     with pytest.raises(CaffeCompatError, match=message):
         build(layer_type, params, shapes, tops=tops)
+
+
+@pytest.mark.parametrize("layer_type,params,shapes,tops", [
+    ("LSTM", "", [(5, 3, 2, 2), (5, 3)], 1),
+    ("LSTM", "", [(4, 2, 3), (4, 2), (2, 5)], 1),
+    ("LSTM", "expose_hidden: true", [(4, 2, 3), (4, 2), (1, 2, 6), (1, 2, 6)], 3),
+    ("RNN", "", [(5, 3, 4), (5, 3)], 1),
+    ("RNN", "expose_hidden: true", [(4, 2, 3), (4, 2), (2, 2, 2), (1, 2, 6)], 2),
+])
+def test_recurrent_onnx_scans_the_steps(layer_type, params, shapes, tops):
+    ctx, converted = build(layer_type, f"recurrent_param {{ num_output: 6 {params} {FILLERS} }}", shapes, tops=tops)
+    model = onnx_model(layer_type, ctx, converted, 17)
+    arrays = [RNG.standard_normal(s).astype(np.float32) for s in shapes]
+    arrays[1] = cont_of(*shapes[1]).astype(np.float32)
+    for theirs, ours in onnx_and_module_tops(model, converted.module, arrays):
+        assert rel_err(theirs, ours) < 1e-5
+
+
+def test_lstm_unit_onnx():
+    shapes = [(1, 3, 4), (1, 3, 16), (1, 3)]
+    ctx, converted = build("LSTMUnit", "", shapes, tops=2)
+    model = onnx_model("LSTMUnit", ctx, converted, 17, input_dims=[list(s) for s in shapes])
+    arrays = [RNG.standard_normal(s).astype(np.float32) for s in shapes[:2]] + [np.array([[0, 1, 0.5]], np.float32)]
+    for theirs, ours in onnx_and_module_tops(model, converted.module, arrays):
+        assert rel_err(theirs, ours) < 1e-6

@@ -30,7 +30,7 @@ FAMILIES: Dict[str, Dict[str, bool]] = {
     "normalization": {"BatchNorm": True, "Scale": True, "Bias": True, "MVN": True},
     "pooling": {"Pooling": True, "SPP": True},
     "python_layer": {"Python": False},
-    "recurrent": {"RNN": False, "LSTM": False, "LSTMUnit": False},
+    "recurrent": {"RNN": True, "LSTM": True, "LSTMUnit": True},
     "reduction": {"Reduction": True},
     "shape": {"Concat": True, "Slice": True, "Split": True, "Flatten": True, "Reshape": True, "Tile": True,
               "Silence": True, "ArgMax": True},

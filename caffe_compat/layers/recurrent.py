@@ -17,15 +17,18 @@ As in Caffe's unrolled nets (recurrent_layer.cpp, rnn_layer.cpp, lstm_layer.cpp)
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from . import fillers
 from .loss import _with_gradient
-from .registry import CaffeLayer, Converted, LayerContext, register
+from .onnx_graph import OnnxGraph
+from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
 
 
 def lstm_unit(c_prev: torch.Tensor, gates: torch.Tensor, cont: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -220,3 +223,133 @@ def build_lstm_unit(ctx: LayerContext) -> Converted:
     if cont != (1, c_prev[1]):
         raise ctx.error(f"bottom '{ctx.bottoms[2]}' must have shape {(1, c_prev[1])}, got {cont}")
     return ctx.wire(LSTMUnit(), top_shapes=[c_prev, c_prev])
+
+
+# ---------------------------------------------------------------- ONNX
+# A Scan over the timesteps carrying the states; ONNX's own LSTM and RNN have no cont
+# (and another gate order). The model is stateless: without expose_hidden it starts
+# from zero states, as Caffe's first forward pass does.
+
+def _onnx_gate_slices(g: OnnxGraph, gates: str, hidden: int, axis: int, hint: str) -> List[str]:
+    """The four H-wide blocks (i, f, o, g) of the gate pre-activations along `axis`."""
+    return [g.node("Slice", [gates, g.ints([k * hidden], f"{hint}/start{k}"), g.ints([(k + 1) * hidden], f"{hint}/end{k}"),
+                             g.ints([axis], f"{hint}/axis{k}")], hint=f"{hint}/gate{k}")[0] for k in range(4)]
+
+
+def _onnx_lstm_unit(g: OnnxGraph, c_prev: str, gates: str, cont: str, hidden: int, axis: int, hint: str,
+                    outputs: Sequence[str]) -> None:
+    """c_t, h_t into `outputs` from c_{t-1}, the gates (blocks along `axis`) and cont
+    (one axis short of them)."""
+    cont = g.node("Unsqueeze", [cont, g.ints([axis], hint + "/cont_axis")], hint=hint + "/cont")[0]
+    i_x, f_x, o_x, g_x = _onnx_gate_slices(g, gates, hidden, axis, hint)
+    i = g.node("Sigmoid", [i_x], hint=hint + "/i")[0]
+    f = g.node("Mul", [g.node("Sigmoid", [f_x], hint=hint + "/f_raw")[0], cont], hint=hint + "/f")[0]
+    o = g.node("Sigmoid", [o_x], hint=hint + "/o")[0]
+    candidate = g.node("Tanh", [g_x], hint=hint + "/g")[0]
+    kept = g.node("Mul", [f, c_prev], hint=hint + "/kept")[0]
+    written = g.node("Mul", [i, candidate], hint=hint + "/written")[0]
+    g.node("Add", [kept, written], [outputs[0]])
+    g.node("Mul", [o, g.node("Tanh", [outputs[0]], hint=hint + "/tanh_c")[0]], [outputs[1]])
+
+
+def _onnx_linear(g: OnnxGraph, x: str, weight: torch.Tensor, bias: Optional[torch.Tensor], hint: str) -> str:
+    y = g.node("MatMul", [x, g.initializer(weight.detach().t().contiguous(), hint + "/weight_t")], hint=hint)[0]
+    if bias is None:
+        return y
+    return g.node("Add", [y, g.initializer(bias.detach(), hint + "/bias")], hint=hint + "/biased")[0]
+
+
+def _onnx_flat_input(g: OnnxGraph, x: str, rank: int, keep: int, size: int, hint: str) -> str:
+    """`x` with its axes from `keep` on flattened (InnerProduct's view), leading ones kept."""
+    if rank == keep + 1:
+        return x
+    return g.node("Reshape", [x, g.ints([0] * keep + [size], hint + "/shape")], hint=hint)[0]
+
+
+def _onnx_initial_states(g: OnnxGraph, ctx, module: _Recurrent, inputs, hint: str) -> List[str]:
+    if module.expose_hidden:
+        given = inputs[2 + module.static:]
+        return [g.node("Squeeze", [state, g.ints([0], f"{hint}/axis{k}")], hint=f"{hint}/state{k}")[0]
+                for k, state in enumerate(given)]
+    shape = g.node("Shape", [inputs[0]], hint=hint + "/x_shape")[0]
+    streams = g.node("Slice", [shape, g.ints([1], hint + "/one"), g.ints([2], hint + "/two")], hint=hint + "/streams")[0]
+    size = g.node("Concat", [streams, g.ints([module.hidden], hint + "/hidden")], hint=hint + "/state_shape", axis=0)[0]
+    zero = numpy_helper.from_array(np.zeros(1, np.float32))
+    return [g.node("ConstantOfShape", [size], hint=f"{hint}/zeros{k}", value=zero)[0] for k in range(module.states)]
+
+
+def _onnx_scan(g: OnnxGraph, ctx, module: _Recurrent, inputs, outputs, body_build) -> None:
+    """Scan over (per-step input, cont) with the module's states; `body_build(body, states,
+    step_input, cont, new_states, scanned)` fills the body graph."""
+    hint = ctx.name
+    x_shape = ctx.bottom_shapes[0]
+    flat = _onnx_flat_input(g, inputs[0], len(x_shape), 2, math.prod(x_shape[2:]), hint + "/x_flat")
+    weights, bias = (module.w_xc, module.b_c) if isinstance(module, LSTM) else (module.w_xh, module.b_h)
+    step_inputs = _onnx_linear(g, flat, weights, bias, hint + "/x_transform")
+    static = None
+    if module.static:
+        static_shape = ctx.bottom_shapes[2]
+        static_flat = _onnx_flat_input(g, inputs[2], len(static_shape), 1, math.prod(static_shape[1:]),
+                                       hint + "/static_flat")
+        static_weight = module.w_xc_static if isinstance(module, LSTM) else module.w_xh_static
+        static = _onnx_linear(g, static_flat, static_weight, None, hint + "/static_transform")
+    initial = _onnx_initial_states(g, ctx, module, inputs, hint)
+
+    body = OnnxGraph(g.opset)
+    body._used = g._used  # one namespace: the body reads outer names (weights, static)
+    states = [body.fresh(f"{hint}/step_state{k}") for k in range(module.states)]
+    step_input, cont = body.fresh(hint + "/step_input"), body.fresh(hint + "/step_cont")
+    new_states = [body.fresh(f"{hint}/step_new_state{k}") for k in range(module.states)]
+    scanned = body.fresh(hint + "/step_top")
+    body_build(body, states, step_input, cont, static, new_states, scanned)
+    float_info = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                  for name in states + [step_input, cont]]
+    out_info = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in new_states + [scanned]]
+    g.initializers.extend(body.initializers)
+    graph = helper.make_graph(body.nodes, hint + "/step", float_info, out_info)
+    finals = [g.fresh(f"{hint}/final_state{k}") for k in range(module.states)]
+    g.node("Scan", initial + [step_inputs, inputs[1]], finals + [outputs[0]], body=graph, num_scan_inputs=2)
+    for k, (final, top) in enumerate(zip(finals, outputs[1:])):
+        g.node("Unsqueeze", [final, g.ints([0], f"{hint}/final_axis{k}")], [top])
+
+
+@register_onnx("LSTM")
+def lstm_to_onnx(g: OnnxGraph, ctx, module: LSTM, inputs, outputs):
+    def step(body, states, x_gates, cont, static, new_states, scanned):
+        h, c = states
+        cont_column = body.node("Unsqueeze", [cont, body.ints([1], ctx.name + "/cont_column_axis")],
+                                hint=ctx.name + "/cont_column")[0]
+        carried = body.node("Mul", [h, cont_column], hint=ctx.name + "/h_conted")[0]
+        gates = body.node("Add", [_onnx_linear(body, carried, module.w_hc, None, ctx.name + "/transform"), x_gates],
+                          hint=ctx.name + "/gate_input")[0]
+        if static is not None:
+            gates = body.node("Add", [gates, static], hint=ctx.name + "/gate_input_static")[0]
+        h_new, c_new = new_states
+        _onnx_lstm_unit(body, c, gates, cont, module.hidden, 1, ctx.name + "/unit", [c_new, h_new])
+        body.node("Identity", [h_new], [scanned])
+
+    _onnx_scan(g, ctx, module, inputs, outputs, step)
+
+
+@register_onnx("RNN")
+def rnn_to_onnx(g: OnnxGraph, ctx, module: RNN, inputs, outputs):
+    def step(body, states, x_in, cont, static, new_states, scanned):
+        (h,) = states
+        cont_column = body.node("Unsqueeze", [cont, body.ints([1], ctx.name + "/cont_column_axis")],
+                                hint=ctx.name + "/cont_column")[0]
+        carried = body.node("Mul", [h, cont_column], hint=ctx.name + "/h_conted")[0]
+        pre = body.node("Add", [_onnx_linear(body, carried, module.w_hh, None, ctx.name + "/w_hh"), x_in],
+                        hint=ctx.name + "/h_input")[0]
+        if static is not None:
+            pre = body.node("Add", [pre, static], hint=ctx.name + "/h_input_static")[0]
+        body.node("Tanh", [pre], [new_states[0]])
+        output = _onnx_linear(body, new_states[0], module.w_ho, module.b_o, ctx.name + "/w_ho")
+        body.node("Tanh", [output], [scanned])
+
+    _onnx_scan(g, ctx, module, inputs, outputs, step)
+
+
+@register_onnx("LSTMUnit")
+def lstm_unit_to_onnx(g: OnnxGraph, ctx, module: LSTMUnit, inputs, outputs):
+    hidden = ctx.bottom_shapes[0][2]
+    _onnx_lstm_unit(g, inputs[0], inputs[1], inputs[2], hidden, 2, ctx.name, outputs)
