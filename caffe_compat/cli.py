@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import sys
 import traceback
 import warnings
@@ -179,9 +181,16 @@ def _cmd_train(args) -> int:
 
     result = train(args.solver, weights=args.weights, resume=args.resume, device=args.device,
                    max_iter=args.max_iter, output=args.output, log_path=args.log, sampler=args.sampler)
-    if result.stopped_early:
-        print(f"caffe-compat: training stopped at iteration {result.iterations}", file=sys.stderr)
-    return 0
+    if not result.stopped_early:
+        return 0
+    state = str(result.snapshots[-1])
+    again = ["caffe-compat", "train", args.solver, "--resume", state]
+    for option in ("device", "max_iter", "output", "log", "sampler"):
+        if getattr(args, option) is not None:
+            again += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    print(f"caffe-compat: stopped by {signal.Signals(result.stop_signal).name} at iteration {result.iterations}; "
+          f"snapshot {state}; resume with: {shlex.join(again)}", file=sys.stderr)
+    return 128 + result.stop_signal  # the shell's code for a process ended by that signal
 
 
 def build_parser() -> argparse.ArgumentParser:

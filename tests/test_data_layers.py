@@ -2,6 +2,9 @@
 DataTransformer arithmetic, wrap-around, encodings, resumable positions, sharding,
 samplers and the errors users meet."""
 import io
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import lmdb
@@ -368,3 +371,78 @@ def test_image_list_errors(image_list):
     (folder / "list.txt").write_text("broken.png 0\n")
     with pytest.raises(CaffeCompatError, match="broken.png.*cannot decode"):
         image_net(folder, 1)
+
+
+# ---- damaged LMDBs and mean files
+
+READ_ONE_BATCH = """
+import sys
+from google.protobuf import text_format
+from caffe_compat.errors import CaffeCompatError
+from caffe_compat.graph import build_graph
+from caffe_compat.io.schema import messages
+from caffe_compat.net import CaffeNet
+net = messages("bvlc").NetParameter()
+text_format.Parse(sys.argv[1], net)
+try:
+    CaffeNet(build_graph(net, "TEST")).run({})
+except CaffeCompatError as err:
+    print(err)
+"""
+
+
+def test_a_truncated_lmdb_is_one_error_not_sigbus(tmp_path):
+    db = write_lmdb(tmp_path / "db", [raw_datum(a, i % 3) for i, a in enumerate(images(60))])
+    data = db / "data.mdb"
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+    text = f'layer {{ name: "data" type: "Data" top: "data" data_param {{ source: "{db}" batch_size: 4 backend: LMDB }} }}'
+    # A subprocess: LMDB reading past the file's end kills the process with SIGBUS.
+    result = subprocess.run([sys.executable, "-c", READ_ONE_BATCH, text], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"the LMDB {db} is damaged" in result.stdout and "truncated" in result.stdout
+
+
+def overflow_pages(data: bytearray, psize: int = 4096) -> list:
+    """The pages holding values too big for a leaf page (LMDB's P_OVERFLOW, flags at byte 10)."""
+    return [p for p in range(2, len(data) // psize) if struct.unpack_from("<H", data, p * psize + 10)[0] == 0x04]
+
+
+def test_a_corrupt_page_names_the_folder_and_the_key(tmp_path):
+    db = write_lmdb(tmp_path / "db", [raw_datum(a, i % 3) for i, a in enumerate(images(8, (3, 40, 40)))])
+    data = bytearray((db / "data.mdb").read_bytes())
+    struct.pack_into("<H", data, overflow_pages(data)[3] * 4096 + 10, 0x02)  # the 4th value's page now says leaf
+    (db / "data.mdb").write_bytes(bytes(data))
+    net = data_net(db, 2)
+    with pytest.raises(CaffeCompatError, match=rf"the LMDB {db} is damaged at the record after key '00000002': .*"
+                                               rf"MDB_CORRUPTED"):
+        batches(net, 2)
+
+
+def test_a_node_outside_its_page_is_refused_before_lmdb_reads_it(tmp_path):
+    db = write_lmdb(tmp_path / "db", [raw_datum(a, i % 3) for i, a in enumerate(images(12))])
+    data = bytearray((db / "data.mdb").read_bytes())
+    leaf = next(p for p in range(2, len(data) // 4096) if struct.unpack_from("<H", data, p * 4096 + 10)[0] == 0x02)
+    struct.pack_into("<H", data, leaf * 4096 + 16, 4095)  # the first node's offset: past the page's end
+    (db / "data.mdb").write_bytes(bytes(data))
+    with pytest.raises(CaffeCompatError, match=rf"the LMDB {db} is damaged: page {leaf}, node 0: offset 4095"):
+        data_net(db, 2)
+
+
+def test_a_damaged_record_names_the_folder_and_the_key(tmp_path):
+    good = raw_datum(images(1)[0], 1)
+    bad = raw_datum(images(1)[0], 1)
+    bad.data = bad.data[:-7]
+    db = write_lmdb(tmp_path / "db", [good, good, bad, good])
+    net = data_net(db, 2)
+    with pytest.raises(CaffeCompatError, match=rf"{db}: record '00000002': Datum: holds 233 values"):
+        batches(net, 2)
+
+
+@pytest.mark.parametrize("shape", [(12,), (3, 4), (2, 3, 4, 4)])
+def test_a_mean_file_that_is_not_one_image_names_the_file(tmp_path, shape):
+    blob = pb.BlobProto()
+    blob.shape.dim.extend(shape)
+    blob.data.extend([0.0] * int(np.prod(shape)))
+    (tmp_path / "mean.binaryproto").write_bytes(blob.SerializeToString())
+    with pytest.raises(CaffeCompatError, match=rf"mean_file '{tmp_path}/mean.binaryproto' holds a blob of shape"):
+        Transformer(transform_param(f'mean_file: "{tmp_path}/mean.binaryproto"'), "TEST", "t")

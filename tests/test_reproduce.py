@@ -39,6 +39,6 @@ def test_reproduce_cub_layout(tmp_path, capsys):
     assert sorted(set(features["labels"].tolist())) == [101, 102, 103]
     assert (tmp_path / "work" / "cub_embed64.caffemodel").exists()
     log = (tmp_path / "work" / "train_log.csv").read_text().splitlines()
-    assert log[0] == "iteration,loss,lr" and len(log) == 2
+    assert log[0] == "iteration,loss,lr,smoothed_loss" and len(log) == 2
     printed = capsys.readouterr().out
     assert f"{PUBLISHED['cub']['recall'][0]:.1f}" in printed and "R@8" in printed

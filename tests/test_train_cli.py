@@ -34,7 +34,7 @@ def solver_dir(tmp_path, monkeypatch):
 def logged(path) -> list:
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
-    return [(int(r["iteration"]), float(r["loss"]), float(r["lr"])) for r in rows]
+    return [(int(r["iteration"]), float(r["loss"]), float(r["lr"]), float(r["smoothed_loss"])) for r in rows]
 
 
 def edit(path: Path, old: str, new: str) -> None:
@@ -56,6 +56,19 @@ def test_solver_fixture_equals_caffe(solver_dir, capsys):
     np.testing.assert_allclose([r[1] for r in log], expected, rtol=1e-4)
     assert [r[2] for r in log] == pytest.approx([0.01] * 4 + [0.005] * 4 + [0.0025] * 2)
     assert not list(Path(".").glob("*_iter_*"))  # snapshot: 0, snapshot_after_train: false
+    lines = Path("log.csv").read_text().splitlines()
+    assert lines[0] == "iteration,loss,lr,smoothed_loss"
+    assert [line.split(",")[2] for line in lines[1:]] == ["0.01"] * 4 + ["0.005"] * 4 + ["0.0025"] * 2  # %.6g
+
+
+def test_the_log_has_caffes_smoothed_loss(solver_dir):
+    edit(solver_dir / "solver.prototxt", "max_iter: 10", "max_iter: 6 average_loss: 3")
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--log", "log.csv"]) == 0
+    log = logged("log.csv")
+    losses = [r[1] for r in log]
+    for i, row in enumerate(log):
+        window = losses[max(0, i - 2):i + 1]
+        assert row[3] == pytest.approx(sum(window) / len(window), rel=2e-5)
 
 
 def randomised_solver(folder: Path, max_iter: int = 6) -> None:
@@ -154,24 +167,110 @@ def test_resume_from_a_foreign_file_is_refused(solver_dir, capsys):
     assert "not a caffe-compat solver state" in capsys.readouterr().err
 
 
-def test_ctrl_c_writes_a_snapshot_and_exits_cleanly(solver_dir):
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_snapshots_and_exits_with_the_signals_code(solver_dir, stop, code):
     randomised_solver(solver_dir, max_iter=100000)
     process = subprocess.Popen([sys.executable, "-m", "caffe_compat", "train", "solver.prototxt", "--weights",
-                                "init.caffemodel"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "init.caffemodel", "--log", "log.csv"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:
         if line.startswith("iteration 4 "):
             break
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
-    assert "Traceback" not in err and "stopped at iteration" in err
-    states = sorted(Path("snaps").glob("*.solverstate.pt"))
-    stopped = max(states, key=lambda p: int(p.name.split("_iter_")[1].split(".")[0]))
+    assert process.returncode == code, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    stopped = Path(last.split("; snapshot ")[1].split(";")[0])
+    assert last.endswith(f"resume with: caffe-compat train solver.prototxt --resume {stopped} --log log.csv")
     state = torch.load(stopped, weights_only=True)
-    assert state["solver"]["iter"] >= 5
-    assert Path(str(stopped).replace(".solverstate.pt", ".caffemodel")).exists()
     iteration = state["solver"]["iter"]
+    assert iteration >= 5 and f"at iteration {iteration};" in last
+    assert stopped == Path(f"snaps/run_iter_{iteration}.solverstate.pt")
+    assert Path(f"snaps/run_iter_{iteration}.caffemodel").exists()
+    assert len(logged("log.csv")) == iteration
     assert main(["train", "solver.prototxt", "--resume", str(stopped), "--max-iter", str(iteration + 1)]) == 0
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--output", ".", "--output .: is a directory"),
+    ("--log", "snaps", "--log snaps: is a directory"),
+    ("--output", "/proc/final.caffemodel", "--output /proc/final.caffemodel: cannot write in /proc"),
+    ("--log", "init.caffemodel/log.csv", "--log init.caffemodel/log.csv: cannot write in init.caffemodel"),
+])
+def test_output_paths_are_refused_before_any_training(solver_dir, capsys, option, value, message):
+    Path("snaps").mkdir()
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", option, value]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1
+    assert captured.out == ""  # no net was built, no iteration ran
+
+
+def test_snapshot_prefix_in_an_unwritable_place_is_refused_before_training(solver_dir, capsys):
+    edit(solver_dir / "solver.prototxt", "snapshot: 0", 'snapshot: 3 snapshot_prefix: "/proc/caffe/run"')
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel"]) == 2
+    captured = capsys.readouterr()
+    assert "snapshot_prefix '/proc/caffe/run': cannot write in /proc/caffe" in captured.err
+    assert captured.err.count("\n") == 1 and captured.out == ""
+
+
+@pytest.mark.parametrize("device", ["gpu0", "tpu", "cuda:99"])
+def test_a_device_that_is_not_here_is_one_line(solver_dir, capsys, device):
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and device in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("spec, message", [("bogus", "unknown sampler 'bogus'"),
+                                           ("pk:2", "expected pk:P,K with two integers"),
+                                           ("pk:0,4", "P and K must be at least 1")])
+def test_a_misspelt_sampler_is_one_line_before_any_work(solver_dir, capsys, spec, message):
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--sampler", spec]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1 and captured.out == ""
+
+
+def test_resume_from_a_caffemodel_says_to_use_weights(solver_dir, capsys):
+    assert main(["train", "solver.prototxt", "--resume", "final.caffemodel"]) == 2
+    err = capsys.readouterr().err
+    assert "final.caffemodel: not a caffe-compat solver state" in err and "--weights" in err
+    assert err.count("\n") == 1
+
+
+class Payload:
+    """Anything torch can pickle but weights_only refuses."""
+
+
+def test_resume_from_a_pickled_file_is_refused_in_one_line_of_ours(solver_dir, capsys):
+    torch.save({"format": "caffe-compat solverstate", "payload": Payload()}, "pickled.solverstate.pt")
+    assert main(["train", "solver.prototxt", "--resume", "pickled.solverstate.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "pickled.solverstate.pt: refused" in err and err.count("\n") == 1
+    assert "weights_only" not in err and "Weights only" not in err
+
+
+def saved_state(solver_dir) -> dict:
+    randomised_solver(solver_dir, max_iter=3)
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel"]) == 0
+    return torch.load("snaps/run_iter_3.solverstate.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s["solver"].pop("history"), "key 'solver.history' is missing"),
+    (lambda s: s["rng"].update(torch="seed"), "key 'rng.torch' is a str, expected tensor"),
+    (lambda s: s["weights"]["conv1"].pop(), "layer 'conv1' has blob shapes"),
+    (lambda s: s["readers"]["train"][0]["data"]["cursor"].update(position=10 ** 6), "read position 1000000"),
+    (lambda s: s["readers"]["train"][0]["data"].update(rng={"bit_generator": "MT19937"}), "not a PCG64"),
+    (lambda s: s.update(log=[[0, 1.0]]), "key 'log[0]' is not a row"),
+])
+def test_a_damaged_solver_state_names_the_file_and_key(solver_dir, capsys, damage, message):
+    state = saved_state(solver_dir)
+    damage(state)
+    torch.save(state, "damaged.solverstate.pt")
+    capsys.readouterr()
+    assert main(["train", "solver.prototxt", "--resume", "damaged.solverstate.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged.solverstate.pt" in err and message in err and err.count("\n") == 1
 
 
 def test_two_gloo_processes_equal_one_process_on_the_joined_batch(solver_dir):

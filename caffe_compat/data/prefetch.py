@@ -67,6 +67,10 @@ class PrefetchingDataLayer(nn.Module):
         """The item's C x H x W array and a description naming it for errors."""
         raise NotImplementedError
 
+    def _check_cursor(self, cursor: dict, what: str) -> None:
+        """Raise CaffeCompatError(what...) unless `cursor` is a position this layer can read from."""
+        raise NotImplementedError
+
     def _records(self, cursor: dict):
         """Whatever `_items` reads from (an open cursor), created in the producer thread."""
         return None
@@ -87,9 +91,22 @@ class PrefetchingDataLayer(nn.Module):
         """The read position and random state after the last consumed batch (plain data)."""
         return copy.deepcopy(self._state)
 
-    def load_reader_state(self, state: dict) -> None:
+    def load_reader_state(self, state: dict, where: str = "reader state") -> None:
+        """Continue from `state` (what reader_state returned), checked first: a bad one
+        would fail only later, in the producer thread."""
+        what = f"{where}: data layer '{self.name}'"
         if not isinstance(state, dict) or set(state) != {"cursor", "rng"}:
-            raise CaffeCompatError(f"layer '{self.name}': not a reader state of this layer")
+            raise CaffeCompatError(f"{what}: not a reader state of this layer")
+        cursor = state["cursor"]
+        expected = self._initial_cursor()
+        if not isinstance(cursor, dict) or set(cursor) != set(expected):
+            raise CaffeCompatError(f"{what}: its read position is not one of this layer "
+                                   f"(keys {', '.join(sorted(expected))})")
+        self._check_cursor(cursor, what)
+        try:
+            np.random.Generator(np.random.PCG64()).bit_generator.state = state["rng"]
+        except (TypeError, ValueError, KeyError, OverflowError):
+            raise CaffeCompatError(f"{what}: its random state is not a PCG64 generator's") from None
         self._restart(copy.deepcopy(state))
 
     # running
@@ -232,12 +249,14 @@ def reader_states(net) -> Dict[str, dict]:
     return {name: module.reader_state() for name, module in data_layers(net)}
 
 
-def load_reader_states(net, states: Dict[str, dict]) -> None:
+def load_reader_states(net, states: Dict[str, dict], where: str = "reader states") -> None:
     layers = dict(data_layers(net))
+    if not isinstance(states, dict) or sorted(states) != sorted(layers):
+        names = sorted(states) if isinstance(states, dict) else []
+        raise CaffeCompatError(f"{where}: reader states for data layers ({', '.join(map(str, names))}), the net "
+                               f"has ({', '.join(sorted(layers))})")
     for name, state in states.items():
-        if name not in layers:
-            raise CaffeCompatError(f"the saved reader state names data layer '{name}', which the net lacks")
-        layers[name].load_reader_state(state)
+        layers[name].load_reader_state(state, where)
 
 
 def seed_data_layers(net, seed: int) -> None:

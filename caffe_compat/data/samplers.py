@@ -14,12 +14,15 @@ from ..errors import CaffeCompatError
 SAMPLER_SPECS = "sequential, pairs or pk:P,K"
 
 
-def parse_sampler(spec: str, batch_size: int, where: str) -> Optional[Tuple[int, int]]:
-    """(classes, images per class) of a batch for `spec`; None for 'sequential' (Caffe's order)."""
+def parse_sampler(spec: str, batch_size: Optional[int], where: str) -> Optional[Tuple[int, int]]:
+    """(classes, images per class) of a batch for `spec`; None for 'sequential' (Caffe's
+    order). With batch_size None only the spelling is checked."""
     spec = spec.strip().lower()
     if spec == "sequential":
         return None
     if spec == "pairs":
+        if batch_size is None:
+            return None
         if batch_size % 2:
             raise CaffeCompatError(f"{where}: the pairs sampler needs an even batch_size, got {batch_size}")
         return batch_size // 2, 2
@@ -28,7 +31,9 @@ def parse_sampler(spec: str, batch_size: int, where: str) -> Optional[Tuple[int,
             classes, per_class = (int(v) for v in spec[3:].split(","))
         except ValueError:
             raise CaffeCompatError(f"sampler '{spec}': expected pk:P,K with two integers") from None
-        if classes < 1 or per_class < 1 or classes * per_class != batch_size:
+        if classes < 1 or per_class < 1:
+            raise CaffeCompatError(f"sampler '{spec}': P and K must be at least 1")
+        if batch_size is not None and classes * per_class != batch_size:
             raise CaffeCompatError(f"{where}: sampler pk:{classes},{per_class} gives {classes * per_class} "
                                    f"images per batch, batch_size is {batch_size}")
         return classes, per_class

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import CaffeCompatError
 from ..io.datum import datum_to_array, parse_datum
+from .lmdb_pages import check_lmdb_file
 from .prefetch import PrefetchingDataLayer, data_layers
 from .samplers import BatchSampler, parse_sampler
 from .transform import Transformer, describe_path
@@ -68,12 +69,7 @@ class LmdbDataLayer(PrefetchingDataLayer):
         self._where = where
         self._path = _check_lmdb(self.source, data_param, where)
         self._force = True if transform_param.force_color else False if transform_param.force_gray else None
-        with _ENVIRONMENTS.use(self._path, where) as env, env.begin() as txn:
-            self.entries = txn.stat()["entries"]
-            if not self.entries:
-                raise CaffeCompatError(f"{where}: data_param.source {describe_path(self.source)}: the LMDB holds "
-                                       f"no records")
-            key, value = next(iter(txn.cursor()))
+        key, value = self._first_record()
         transformer = Transformer(transform_param, phase, where)
         first, record = self._load((key, parse_datum(value, self._record_name(key))))
         transformer.check(tuple(first.shape), record)
@@ -82,8 +78,28 @@ class LmdbDataLayer(PrefetchingDataLayer):
         super().__init__(name, int(data_param.batch_size), transformer, tuple(first.shape),
                          output_labels, int(data_param.prefetch))
 
+    def _first_record(self) -> Tuple[bytes, bytes]:
+        """(key, value) of the first record; sets `entries`."""
+        import lmdb
+
+        with _ENVIRONMENTS.use(self._path, self._where) as env, env.begin() as txn:
+            try:
+                self.entries = txn.stat()["entries"]
+                record = next(iter(txn.cursor()), None)
+            except lmdb.Error as err:
+                raise _damaged(self._path, self._where, None, err) from None
+        if not self.entries or record is None:
+            raise CaffeCompatError(f"{self._where}: data_param.source {describe_path(self.source)}: the LMDB "
+                                   f"holds no records")
+        return record
+
     def _initial_cursor(self) -> dict:
         return {"position": 0}
+
+    def _check_cursor(self, cursor: dict, what: str) -> None:
+        if not _is_index(cursor["position"], self.entries):
+            raise CaffeCompatError(f"{what}: read position {cursor['position']!r} outside the LMDB's "
+                                   f"{self.entries} records")
 
     def _records(self, cursor: dict) -> Iterator[Tuple[bytes, bytes]]:
         return _lmdb_records(self._path, cursor["position"] % self.entries, self._where)
@@ -103,7 +119,7 @@ class LmdbDataLayer(PrefetchingDataLayer):
         return items
 
     def _record_name(self, key: bytes) -> str:
-        return f"{self._where}: {self.source}: record {key.decode('utf-8', 'replace')!r}"
+        return f"{self._where}: {self.source}: record {_key_text(key)}"
 
     def _load(self, item) -> Tuple[np.ndarray, str]:
         key, datum = item
@@ -145,6 +161,7 @@ class _Environments:
         with self._lock:
             entry = self._open.get(path)
             if entry is None:
+                check_lmdb_file(path, where)  # before LMDB maps it: a damaged file would kill the process
                 try:
                     env = lmdb.open(path, readonly=True, lock=False, readahead=False, max_readers=256)
                 except lmdb.Error as err:
@@ -167,15 +184,34 @@ _ENVIRONMENTS = _Environments()
 def _lmdb_records(path: str, start: int, where: str) -> Iterator[Tuple[bytes, bytes]]:
     """(key, value) in key order from the start-th record, wrapping around forever; the
     environment stays open while the generator lives."""
-    with _ENVIRONMENTS.use(path, where) as env, env.begin(buffers=False) as txn:
-        cursor = txn.cursor()
-        cursor.first()
-        for _ in range(start):
-            cursor.next()
-        while True:
-            yield cursor.key(), cursor.value()
-            if not cursor.next():
-                cursor.first()
+    import lmdb
+
+    key = None
+    try:
+        with _ENVIRONMENTS.use(path, where) as env, env.begin(buffers=False) as txn:
+            cursor = txn.cursor()
+            cursor.first()  # LMDB reads each record as the cursor moves: a damaged one fails here
+            for _ in range(start):
+                key = cursor.key()
+                cursor.next()
+            while True:
+                key = cursor.key()
+                yield key, cursor.value()
+                if not cursor.next():
+                    key = None
+                    cursor.first()
+    except lmdb.Error as err:
+        raise _damaged(path, where, key, err) from None
+
+
+def _damaged(path: str, where: str, key: Optional[bytes], err: Exception) -> CaffeCompatError:
+    """LMDB's own error (a corrupt page and the like), naming the folder and the key."""
+    after = "its first record" if key is None else f"the record after key {_key_text(key)}"
+    return CaffeCompatError(f"{where}: the LMDB {path} is damaged at {after}: {err}")
+
+
+def _key_text(key: bytes) -> str:
+    return repr(key.decode("utf-8", "replace"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,6 +244,17 @@ class ImageListLayer(PrefetchingDataLayer):
 
     def _initial_cursor(self) -> dict:
         return {"position": 0, "order": None, "started": False}
+
+    def _check_cursor(self, cursor: dict, what: str) -> None:
+        count = len(self.lines)
+        if not _is_index(cursor["position"], count):
+            raise CaffeCompatError(f"{what}: read position {cursor['position']!r} outside the list's {count} images")
+        order = cursor["order"]
+        if order is not None and (not isinstance(order, list) or not all(isinstance(i, int) for i in order)
+                                  or sorted(order) != list(range(count))):
+            raise CaffeCompatError(f"{what}: its shuffled order is not an order of the list's {count} images")
+        if not isinstance(cursor["started"], bool):
+            raise CaffeCompatError(f"{what}: 'started' is not true or false")
 
     def set_sampler(self, spec: str) -> None:
         """Batch order: 'sequential' (Caffe's), 'pairs' or 'pk:P,K' (see caffe_compat.data.samplers)."""
@@ -252,6 +299,10 @@ class ImageListLayer(PrefetchingDataLayer):
         if self.new_size[0]:
             image = resize_linear(image, *self.new_size)
         return image, where
+
+
+def _is_index(value, count: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < count
 
 
 def _read_list(source: str, where: str) -> List[Tuple[str, int]]:

@@ -38,8 +38,7 @@ class Transformer:
             if not os.path.exists(param.mean_file):
                 raise CaffeCompatError(f"{where}: transform_param.mean_file {describe_path(param.mean_file)} "
                                        f"does not exist")
-            mean = read_binaryproto(param.mean_file).astype(np.float32)
-            self.mean_file = mean.reshape(mean.shape[-3:]) if mean.ndim >= 3 else mean.reshape(1, *mean.shape[-2:])
+            self.mean_file = _mean_image(read_binaryproto(param.mean_file), param.mean_file, where)
             # Mirrored crops read a mirrored copy: contiguous rows subtract several times faster.
             self.mean_file_mirrored = np.ascontiguousarray(self.mean_file[:, :, ::-1])
         elif len(param.mean_value):
@@ -94,3 +93,11 @@ class Transformer:
             np.subtract(pixels, mean, out=out, dtype=np.float32)
         np.multiply(out, self.scale, out=out)
 
+
+
+def _mean_image(mean: np.ndarray, path: str, where: str) -> np.ndarray:
+    """The mean file's blob as one float32 C x H x W image (Caffe's are 1 x C x H x W)."""
+    if mean.ndim < 3 or int(np.prod(mean.shape[:-3])) != 1:
+        raise CaffeCompatError(f"{where}: transform_param.mean_file {describe_path(path)} holds a blob of shape "
+                               f"{tuple(mean.shape)}; a mean file is one C x H x W image (1 x C x H x W)")
+    return mean.reshape(mean.shape[-3:]).astype(np.float32)

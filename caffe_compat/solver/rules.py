@@ -193,6 +193,9 @@ class CaffeSolver:
             raise CaffeCompatError(f"{where}: its learnable params ({', '.join(sorted(saved))}) differ from "
                                    f"the net's ({', '.join(sorted(names))})")
         for p, hist in zip(self.params, self.history):
+            if len(saved[p.name]) != len(hist):
+                raise CaffeCompatError(f"{where}: {len(saved[p.name])} history blobs for {p.name}, a {self.kind} "
+                                       f"solver keeps {len(hist)}")
             for target, value in zip(hist, saved[p.name]):
                 if tuple(value.shape) != tuple(target.shape):
                     raise CaffeCompatError(f"{where}: history of {p.name} has shape {tuple(value.shape)}, "

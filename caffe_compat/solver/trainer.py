@@ -5,8 +5,6 @@ sharing the weights; SIGINT/SIGTERM stop at an iteration boundary with a snapsho
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 import signal
 import sys
@@ -20,13 +18,15 @@ from typing import Dict, List, Optional, TextIO, Tuple, Union
 import numpy as np
 import torch
 
-from ..data import (close_data_layers, data_layers, load_reader_states, reader_states, seed_data_layers,
-                    set_sampler, shard_data_layers)
+from ..data import (close_data_layers, data_layers, load_reader_states, parse_sampler, reader_states,
+                    seed_data_layers, set_sampler, shard_data_layers)
+from ..devices import resolve_device
 from ..errors import CaffeCompatError
 from ..io import atomic
 from ..io.files import read_caffemodel, read_solver, weights_of, with_weights, write_caffemodel
 from ..net import CaffeNet
 from .distributed import Distributed, distribute_lifted_losses
+from .outputs import LogRow, check_output_file, check_snapshot_prefix, snapshot_prefix, write_training_log
 from .nets import build_net, net_source, share_weights, test_sources
 from .rules import CaffeSolver, check_solver, learnable_params
 from .state import STATE_FORMAT, STATE_VERSION, numpy_rng_state, read_state, set_numpy_rng_state
@@ -40,6 +40,7 @@ class TrainResult:
     last_loss: Optional[float]
     stopped_early: bool
     snapshots: List[Path] = field(default_factory=list)
+    stop_signal: Optional[int] = None  # the signal that stopped the run early
 
 
 class _StopRequest:
@@ -49,7 +50,7 @@ class _StopRequest:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
+        self.requested: Optional[int] = None  # the signal number once one came
         self._previous = {}
 
     def __enter__(self):
@@ -60,7 +61,7 @@ class _StopRequest:
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signum
         # os.write, not print: a signal handler may interrupt a print in progress.
         os.write(2, b"caffe-compat: stopping after this iteration to write a snapshot "
                     b"(signal again to abort at once)\n")
@@ -68,19 +69,6 @@ class _StopRequest:
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
-
-
-
-def _check_writable(prefix: str, where: str) -> None:
-    """Fail now, not at the first snapshot hours later (Caffe's CheckSnapshotWritePermissions)."""
-    folder = Path(prefix).parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CaffeCompatError(f"{where}: snapshot_prefix '{prefix}': cannot create {folder}: "
-                               f"{err.strerror or err}") from None
-    if not os.access(folder, os.W_OK):
-        raise CaffeCompatError(f"{where}: snapshot_prefix '{prefix}': {folder} is not writable")
 
 
 def _default_device(param) -> str:
@@ -94,7 +82,7 @@ class Trainer:
                  resume: Optional[PathLike] = None, device: Optional[str] = None,
                  max_iter: Optional[int] = None, sampler: Optional[str] = None,
                  log_path: Optional[PathLike] = None, output: Optional[PathLike] = None,
-                 stream: Optional[TextIO] = None):
+                 stream: Optional[TextIO] = None, allow_missing_weights: bool = False):
         if weights is not None and resume is not None:
             raise CaffeCompatError("give --weights to fine-tune or --resume to continue, not both")
         self.solver_path = Path(solver_path)
@@ -107,15 +95,15 @@ class Trainer:
         check_solver(self.param, where)
         self.log_path = Path(log_path) if log_path is not None else None
         self.output = Path(output) if output is not None else None
+        self._check_outputs(where)
+        if sampler is not None:
+            parse_sampler(sampler, None, "--sampler")  # its spelling, before any work
         self.stream = stream if stream is not None else sys.stdout
         self.dist = Distributed.from_env()
-        device_name = device or _default_device(self.param)
-        if device_name.startswith("cuda") and not torch.cuda.is_available():
-            raise CaffeCompatError(f"--device {device_name}: CUDA is not available here")
-        if self.dist.active and device_name.startswith("cuda"):
-            device_name = f"cuda:{self.dist.local_rank}"
-            torch.cuda.set_device(self.dist.local_rank)
-        self.device = torch.device(device_name)
+        self.device = resolve_device(device or _default_device(self.param))
+        if self.dist.active and self.device.type == "cuda":
+            self.device = resolve_device(f"cuda:{self.dist.local_rank}")
+            torch.cuda.set_device(self.device)
         seed = int(self.param.random_seed)
         if seed >= 0:
             torch.manual_seed(seed)  # same fillers on every rank
@@ -132,7 +120,8 @@ class Trainer:
             test_state = self.param.test_state[i] if self.param.test_state else None
             self.test_nets.append((build_net(net_file, "TEST", test_state, description), int(self.param.test_iter[i])))
         if weights is not None:
-            self.net.load_caffe_weights(weights_of(read_caffemodel(weights)))
+            self.net.load_caffe_weights(weights_of(read_caffemodel(weights)), source=str(weights),
+                                        allow_missing=allow_missing_weights)
         if sampler is not None:
             takers = set_sampler(self.net, sampler)
             if not takers:
@@ -146,8 +135,6 @@ class Trainer:
             for i, (net, _) in enumerate(self.test_nets):
                 seed_data_layers(net, seed + 1 + i)
             torch.manual_seed(seed + self.dist.rank)  # dropout and the like differ per rank, as Caffe's
-        if self.param.snapshot or self.param.snapshot_after_train:
-            _check_writable(self.param.snapshot_prefix, where)
         self.net.to(self.device)
         if self.dist.active:
             self.dist.broadcast_module(self.net)
@@ -156,18 +143,27 @@ class Trainer:
             share_weights(net, self.net)
         self.params = learnable_params(self.net)
         self.solver = CaffeSolver(self.param, self.params, where)
-        self.log_rows: List[Tuple[int, float, float]] = []
+        self.log_rows: List[LogRow] = []
+        # Caffe's average_loss window; kept in the solver state so a resumed run logs as a straight one.
+        self.loss_window: List[float] = []
+        self.smoothed_loss = 0.0
         self.images_per_iter = self._images_per_iteration()
         if resume is not None:
             self.load_state(resume)
+
+    def _check_outputs(self, where: str) -> None:
+        """Every path this run will write, checked before any training work."""
+        if self.output is not None:
+            check_output_file(self.output, "--output")
+        if self.log_path is not None:
+            check_output_file(self.log_path, "--log")
+        if self.param.snapshot or self.param.snapshot_after_train:
+            check_snapshot_prefix(snapshot_prefix(self.param, self.solver_path), where)
 
     # ---- running
     def run(self) -> TrainResult:
         param = self.param
         snapshots: List[Path] = []
-        losses: List[float] = []
-        smoothed = 0.0
-        start_iter = self.solver.iter
         last_loss: Optional[float] = None
         stopped = False
         self._announce()
@@ -175,20 +171,19 @@ class Trainer:
         try:
             with _StopRequest() as stop:
                 while self.solver.iter < param.max_iter:
-                    if self._agree(stop.requested):
+                    if self._agree(stop.requested is not None):
                         stopped = True
                         break
                     it = self.solver.iter
                     if param.test_interval and it % param.test_interval == 0 and (it > 0 or param.test_initialization):
                         self.test()
                     total, last_loss = self._forward_backward()
-                    smoothed = _smoothed_loss(losses, smoothed, total / param.iter_size, it - start_iter,
-                                              param.average_loss)
+                    smoothed = self._smooth(total / param.iter_size, it)
                     if self.dist.active:
                         # Caffe's multi-GPU rule: the ranks' gradients are averaged.
                         self.dist.reduce_gradients(self.params, 1.0 / self.dist.world_size)
                     rate = self.solver.step()
-                    self.log_rows.append((it, last_loss, rate))
+                    self.log_rows.append(LogRow(it, last_loss, rate, smoothed))
                     window_iters += 1
                     elapsed = time.perf_counter() - window_start
                     self._progress(it, last_loss, smoothed, rate, window_iters / elapsed if elapsed else 0.0)
@@ -200,8 +195,8 @@ class Trainer:
                 self._print("")
             if stopped:
                 snapshots.append(self.snapshot())
-                self._print(f"stopped at iteration {self.solver.iter}: resume with --resume {snapshots[-1]}")
-                return TrainResult(self.solver.iter, last_loss, True, snapshots)
+                # Ranks stopped by another rank's signal report SIGTERM, as torchrun sends.
+                return TrainResult(self.solver.iter, last_loss, True, snapshots, stop.requested or signal.SIGTERM)
             if param.snapshot_after_train and (not param.snapshot or self.solver.iter % param.snapshot != 0):
                 snapshots.append(self.snapshot())
             if param.test_interval and self.solver.iter % param.test_interval == 0 and self.test_nets:
@@ -215,6 +210,20 @@ class Trainer:
             close_data_layers(self.net)
             for net, _ in self.test_nets:
                 close_data_layers(net)
+
+    def _smooth(self, loss: float, it: int) -> float:
+        """Solver::UpdateSmoothedLoss: the mean of the last average_loss losses. (Caffe counts
+        the slot from the run's first iteration and restarts the window on resume; here it
+        counts from iteration 0 and the window is restored, so resumed logs equal straight ones.)"""
+        window, losses = self.param.average_loss, self.loss_window
+        if len(losses) < window:
+            losses.append(loss)
+            self.smoothed_loss = (self.smoothed_loss * (len(losses) - 1) + loss) / len(losses)
+        else:
+            slot = it % window
+            self.smoothed_loss += (loss - losses[slot]) / window
+            losses[slot] = loss
+        return self.smoothed_loss
 
     def _forward_backward(self) -> Tuple[float, float]:
         """iter_size forward/backward passes accumulating grads; (sum of losses, last loss)."""
@@ -278,6 +287,7 @@ class Trainer:
             "rng": rng,
             "readers": {"train": train_readers, "test": [reader_states(net) for net, _ in self.test_nets]},
             "log": [list(row) for row in self.log_rows],
+            "smoothing": {"window": list(self.loss_window), "smoothed": self.smoothed_loss},
             "world_size": self.dist.world_size,
         }
 
@@ -287,23 +297,32 @@ class Trainer:
         if state["world_size"] != self.dist.world_size:
             raise CaffeCompatError(f"{path}: written by {state['world_size']} process(es), resumed with "
                                    f"{self.dist.world_size}; the data positions would not line up")
-        self.net.load_caffe_weights({name: [t.numpy() for t in blobs] for name, blobs in state["weights"].items()})
+        readers = state["readers"]
+        if len(readers["train"]) != self.dist.world_size or len(readers["test"]) != len(self.test_nets):
+            raise CaffeCompatError(f"{path}: damaged solver state: key 'readers' holds {len(readers['train'])} "
+                                   f"train and {len(readers['test'])} test reader sets, the run needs "
+                                   f"{self.dist.world_size} and {len(self.test_nets)}")
+        weights = {name: [t.numpy() for t in blobs] for name, blobs in state["weights"].items()}
+        _check_same_blobs(weights, self.net.caffe_weights(), f"{path}: key 'weights'")
+        self.net.load_caffe_weights(weights)
         self.solver.load_state_dict(state["solver"], str(path))
         for hist in self.solver.history:
             for h in hist:
                 h.data = h.data.to(self.device)
-        load_reader_states(self.net, state["readers"]["train"][self.dist.rank])
-        for (net, _), readers in zip(self.test_nets, state["readers"]["test"]):
-            load_reader_states(net, readers)
+        load_reader_states(self.net, readers["train"][self.dist.rank], str(path))
+        for (net, _), net_readers in zip(self.test_nets, readers["test"]):
+            load_reader_states(net, net_readers, str(path))
         torch.set_rng_state(state["rng"]["torch"])
         set_numpy_rng_state(state["rng"]["numpy"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.log_rows = [(int(i), float(loss), float(lr)) for i, loss, lr in state["log"]]
+        self.log_rows = [LogRow(int(i), float(loss), float(lr), float(smoothed)) for i, loss, lr, smoothed in state["log"]]
+        self.loss_window = [float(v) for v in state["smoothing"]["window"]][:self.param.average_loss]
+        self.smoothed_loss = float(state["smoothing"]["smoothed"])
 
     def snapshot(self) -> Path:
         """Write <prefix>_iter_<N>.caffemodel and .solverstate.pt (rank 0); returns the state path."""
-        base = f"{self.param.snapshot_prefix}_iter_{self.solver.iter}"
+        base = f"{snapshot_prefix(self.param, self.solver_path)}_iter_{self.solver.iter}"
         state = self.state_dict()  # every rank takes part in gathering reader states
         state_path = Path(base + ".solverstate.pt")
         if self.is_root:
@@ -318,14 +337,8 @@ class Trainer:
         write_caffemodel(with_weights(self.net_file.net, self.net.caffe_weights()), path)
 
     def _write_log(self) -> None:
-        if self.log_path is None or not self.is_root:
-            return
-        text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(["iteration", "loss", "lr"])
-        for it, loss, lr in self.log_rows:
-            writer.writerow([it, repr(loss), repr(lr)])
-        atomic.write_text(self.log_path, text.getvalue())
+        if self.log_path is not None and self.is_root:
+            write_training_log(self.log_path, self.log_rows)
 
     # ---- output
     @property
@@ -367,21 +380,24 @@ class Trainer:
             self._print(text)
 
 
-def _smoothed_loss(losses: List[float], smoothed: float, loss: float, index: int, window: int) -> float:
-    """Solver::UpdateSmoothedLoss: the mean of the last `window` losses."""
-    if len(losses) < window:
-        losses.append(loss)
-        return (smoothed * (len(losses) - 1) + loss) / len(losses)
-    slot = index % window
-    smoothed += (loss - losses[slot]) / window
-    losses[slot] = loss
-    return smoothed
+def _check_same_blobs(saved: Dict[str, list], expected: Dict[str, list], where: str) -> None:
+    """The saved weights cover exactly the net's layers, blob for blob, shape for shape."""
+    if sorted(saved) != sorted(expected):
+        raise CaffeCompatError(f"{where}: its layers ({', '.join(sorted(saved))}) differ from the net's "
+                               f"({', '.join(sorted(expected))})")
+    for name, blobs in expected.items():
+        shapes = [tuple(b.shape) for b in saved[name]]
+        if shapes != [tuple(b.shape) for b in blobs]:
+            raise CaffeCompatError(f"{where}: layer '{name}' has blob shapes {shapes}, the net "
+                                   f"{[tuple(b.shape) for b in blobs]}")
+
+
 
 
 def train(solver_path: PathLike, weights: Optional[PathLike] = None, resume: Optional[PathLike] = None,
           device: Optional[str] = None, max_iter: Optional[int] = None, output: Optional[PathLike] = None,
           log_path: Optional[PathLike] = None, sampler: Optional[str] = None,
-          stream: Optional[TextIO] = None) -> TrainResult:
+          stream: Optional[TextIO] = None, allow_missing_weights: bool = False) -> TrainResult:
     """Train as `caffe train --solver=SOLVER [--weights W | --snapshot S]` would."""
     dist = Distributed.from_env()
     try:
@@ -389,7 +405,8 @@ def train(solver_path: PathLike, weights: Optional[PathLike] = None, resume: Opt
             # Layers of the weights file that the TRAIN net lacks are normal when fine-tuning.
             warnings.filterwarnings("ignore", message="weights for layers not in the")
             trainer = Trainer(solver_path, weights=weights, resume=resume, device=device, max_iter=max_iter,
-                              sampler=sampler, log_path=log_path, output=output, stream=stream)
+                              sampler=sampler, log_path=log_path, output=output, stream=stream,
+                              allow_missing_weights=allow_missing_weights)
         return trainer.run()
     finally:
         if dist.active:

@@ -1,0 +1,67 @@
+"""What training writes besides its snapshots' contents: the checks that every output
+path can be written, made before any training work (a run that trains for hours and
+then cannot write its result loses it), and the training log CSV."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+from ..errors import CaffeCompatError
+from ..io import atomic
+
+LOG_HEADER = ("iteration", "loss", "lr", "smoothed_loss")
+
+
+class LogRow(NamedTuple):
+    iteration: int
+    loss: float
+    lr: float
+    smoothed_loss: float
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """Refuse now a path that a file cannot be written to at the end: a directory, a
+    folder that cannot take a new file (read-only, /proc, a file in the way)."""
+    if path.is_dir():
+        raise CaffeCompatError(f"{what} {path}: is a directory; give a file name")
+    _check_folder(path.parent, f"{what} {path}")
+
+
+def snapshot_prefix(param, solver_path: Path) -> str:
+    """Caffe's UpgradeSnapshotPrefixProperty: no snapshot_prefix means the solver file's
+    path without its extension; a folder means that folder plus the solver file's stem."""
+    if not param.HasField("snapshot_prefix"):
+        return str(solver_path.with_suffix(""))
+    if Path(param.snapshot_prefix).is_dir():
+        return str(Path(param.snapshot_prefix) / solver_path.stem)
+    return param.snapshot_prefix
+
+
+def check_snapshot_prefix(prefix: str, where: str) -> None:
+    """Caffe's CheckSnapshotWritePermissions, by writing a probe file in the prefix's folder."""
+    _check_folder(Path(prefix).parent, f"{where}: snapshot_prefix '{prefix}'")
+
+
+def _check_folder(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".caffe-compat-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CaffeCompatError(f"{what}: cannot write in {folder}: {err.strerror or err}") from None
+
+
+def write_training_log(path: Path, rows: Sequence[LogRow]) -> None:
+    """The training log CSV: one row per iteration, numbers as %.6g (the precision of the
+    float32 values behind them, without artefacts such as 9.999999747378752e-05)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(LOG_HEADER)
+    for row in rows:
+        writer.writerow([row.iteration] + [f"{value:.6g}" for value in row[1:]])
+    atomic.write_text(path, text.getvalue())
