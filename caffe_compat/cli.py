@@ -147,8 +147,10 @@ def _cmd_evaluate(args) -> int:
 
     if args.train_log and not args.figure_dir:
         raise CaffeCompatError("--train-log draws a figure: give --figure-dir too")
+    if args.dataset and not args.figure_dir:
+        raise CaffeCompatError("--dataset draws the paper's curve in a figure: give --figure-dir too")
     result = run_evaluate(args.features, args.recall_k, args.use_assignments, args.json, args.figure_dir,
-                          args.device, args.train_log)
+                          args.device, args.train_log, args.dataset)
     print(format_table(result))
     return 0
 
@@ -173,7 +175,7 @@ def _cmd_reproduce(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.workdir)
+    return run_demo(args.workdir, args.iterations)
 
 
 def _cmd_train(args) -> int:
@@ -286,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results as JSON here")
     p.add_argument("--figure-dir", help="write a Recall@K curve and a retrieval grid here (needs matplotlib)")
     p.add_argument("--train-log", help="also plot this training log (the CSV of `train --log`)")
+    p.add_argument("--dataset", choices=["cub", "cars", "sop"],
+                   help="draw the paper's published Recall@K for this dataset beside ours")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=_cmd_evaluate)
 
@@ -309,8 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean-file", help="imagenet_mean.binaryproto (default: its channel means 104,117,123)")
     p.set_defaults(run=_cmd_reproduce)
 
-    p = sub.add_parser("demo", help="run the built-in example end to end")
-    p.add_argument("--workdir", help="keep the demo's files here (default: a temporary folder)")
+    p = sub.add_parser("demo", help="train, evaluate and export a digits embedder end to end (about a minute)")
+    p.add_argument("--workdir", default="caffe-compat-demo", help="where the demo writes (default ./caffe-compat-demo)")
+    p.add_argument("--iterations", type=int, default=500, help="training iterations (default 500)")
     p.set_defaults(run=_cmd_demo)
     return parser
 

@@ -1,208 +1,303 @@
-"""`caffe-compat demo`: the product's main path on a built-in example, end to end,
-with nothing downloaded: Caffe files written, read back and inspected; the paper's
-GoogLeNet embedder trained a few iterations on generated images as Caffe would train
-it; features extracted and evaluated as the paper does; the trained embedder exported
-to ONNX and checked in ONNX Runtime."""
+"""`caffe-compat demo`: the product's main path on real data, end to end, nothing
+downloaded. A LeNet embedder written as Caffe prototxts is trained with the paper's
+loss (LiftedStructSimilaritySoftmaxLoss) by Caffe's SGD solver, on scikit-learn's
+handwritten digits stored in LMDBs in the paper's pair layout (see demo_digits.py),
+evaluated before and after training as the paper evaluates (Recall@K, NMI), exported
+to ONNX and checked in ONNX Runtime, and drawn as figures. Everything stays in the
+work folder."""
 from __future__ import annotations
 
-import tempfile
+import json
+import shutil
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List
 
 import numpy as np
-from google.protobuf import text_format
 
-from .inspect import format_inspection, inspect_net
-from .io.files import read_caffemodel, read_prototxt, weights_of, with_weights, write_caffemodel, write_prototxt
-from .io.schema import messages
+from .errors import CaffeCompatError
+from .io.atomic import write_text
 
-# The paper's embedder shrunk: conv, ReLU, max pool, LRN, conv, global average pool,
-# fc_embedding (lr_mult 10/20), the lifted loss in TRAIN.
-DEMO_NET = """
-name: "demo_embedder"
-layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 8 dim: 3 dim: 32 dim: 32 } } }
-layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 8 } } include { phase: TRAIN } }
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-  param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
-  convolution_param { num_output: 16 kernel_size: 3 pad: 1 stride: 2
-    weight_filler { type: "xavier" } bias_filler { type: "constant" value: 0.1 } } }
-layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
-layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
-layer { name: "norm1" type: "LRN" bottom: "pool1" top: "norm1" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 } }
-layer { name: "conv2" type: "Convolution" bottom: "norm1" top: "conv2"
-  param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
-  convolution_param { num_output: 32 kernel_size: 3 pad: 1
-    weight_filler { type: "xavier" } bias_filler { type: "constant" value: 0.1 } } }
-layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
-layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2" pooling_param { pool: AVE global_pooling: true } }
-layer { name: "fc_embedding" type: "InnerProduct" bottom: "pool2" top: "fc_embedding"
-  param { lr_mult: 10 decay_mult: 1 } param { lr_mult: 20 decay_mult: 0 }
-  inner_product_param { num_output: 16 weight_filler { type: "xavier" } bias_filler { type: "constant" value: 0 } } }
-layer { name: "loss" type: "LiftedStructSimilaritySoftmaxLoss" bottom: "fc_embedding" bottom: "label" top: "loss"
-  lifted_struct_sim_softmax_loss_param { margin: 1 } include { phase: TRAIN } }
+DEFAULT_WORKDIR = "caffe-compat-demo"
+DEFAULT_ITERATIONS = 500
+BATCH = 64  # 32 same-class pairs
+EMBEDDING = 64
+RECALL_K = (1, 2, 4, 8)
+SEED = 1
+
+# LeNet (Caffe's examples/mnist) with a 64-d fc_embedding and the paper's loss. Both
+# phases read LMDBs of Datum records; TEST is the net features are extracted with.
+NET = """name: "lenet_embedder"
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TRAIN }}
+  transform_param {{ scale: 0.00390625 }}
+  data_param {{ source: "{train}" batch_size: {batch} backend: LMDB }} }}
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TEST }}
+  transform_param {{ scale: 0.00390625 }}
+  data_param {{ source: "{test}" batch_size: 100 backend: LMDB }} }}
+layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1" param {{ lr_mult: 1 }} param {{ lr_mult: 2 }}
+  convolution_param {{ num_output: 20 kernel_size: 5 stride: 1
+    weight_filler {{ type: "xavier" }} bias_filler {{ type: "constant" }} }} }}
+layer {{ name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}
+layer {{ name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2" param {{ lr_mult: 1 }} param {{ lr_mult: 2 }}
+  convolution_param {{ num_output: 50 kernel_size: 5 stride: 1
+    weight_filler {{ type: "xavier" }} bias_filler {{ type: "constant" }} }} }}
+layer {{ name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2" pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}
+layer {{ name: "ip1" type: "InnerProduct" bottom: "pool2" top: "ip1" param {{ lr_mult: 1 }} param {{ lr_mult: 2 }}
+  inner_product_param {{ num_output: 500 weight_filler {{ type: "xavier" }} bias_filler {{ type: "constant" }} }} }}
+layer {{ name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }}
+layer {{ name: "fc_embedding" type: "InnerProduct" bottom: "ip1" top: "fc_embedding" param {{ lr_mult: 1 }} param {{ lr_mult: 2 }}
+  inner_product_param {{ num_output: {embedding} weight_filler {{ type: "xavier" }} bias_filler {{ type: "constant" }} }} }}
+layer {{ name: "loss" type: "LiftedStructSimilaritySoftmaxLoss" bottom: "fc_embedding" bottom: "label" top: "loss"
+  lifted_struct_sim_softmax_loss_param {{ margin: 1 }} include {{ phase: TRAIN }} }}
 """
 
-DEMO_BLOB_SHAPES = {
-    "conv1": [(16, 3, 3, 3), (16,)],
-    "conv2": [(32, 16, 3, 3), (32,)],
-    "fc_embedding": [(16, 32), (16,)],
-}
+# LeNet's solver with a tenth of its learning rate: at 0.01 the lifted loss diverges.
+SOLVER = """net: "{net}"
+base_lr: 0.001
+momentum: 0.9
+weight_decay: 0.0005
+lr_policy: "inv"
+gamma: 0.0001
+power: 0.75
+display: 100
+max_iter: {iterations}
+snapshot: 0
+snapshot_after_train: false
+snapshot_prefix: "{prefix}"
+random_seed: {seed}
+solver_mode: CPU
+"""
 
-
-def demo_net():
-    net = messages("lifted").NetParameter()
-    text_format.Parse(DEMO_NET, net)
-    return net
-
-
-def demo_weights(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return {name: [(rng.standard_normal(shape) * 0.1).astype(np.float32) for shape in shapes]
-            for name, shapes in DEMO_BLOB_SHAPES.items()}
-
-
-IMAGE_SIZE = 240  # stored images; the paper's net crops 227
-TRAIN_CLASSES, TEST_CLASSES, IMAGES_PER_CLASS = 6, 4, 6
-BATCH = 12
-ITERATIONS = 3
-
-
-def synthetic_images(classes: range, per_class: int, seed: int):
-    """BGR uint8 C x H x W images, consecutive same-class pairs (the paper's LMDB layout):
-    each class is a colour and a stripe orientation; images vary by phase and noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) / IMAGE_SIZE
-    images = []
-    for pair in range(per_class // 2):
-        for c in classes:
-            colour = np.array([(37 * c) % 200 + 40, (91 * c) % 200 + 40, (53 * c) % 200 + 40], np.float32)
-            angle = np.pi * c / 7.0
-            for _ in range(2):
-                stripes = np.sin(2 * np.pi * 6 * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 6.3))
-                image = colour[:, None, None] * (0.75 + 0.25 * stripes) + rng.normal(0, 8, (3, IMAGE_SIZE, IMAGE_SIZE))
-                images.append((np.clip(image, 0, 255).astype(np.uint8), c))
-    return images
-
-
-def _write_mean(images, path: Path) -> None:
-    from .io.blobs import array_to_blob
-
-    blob = messages("bvlc").BlobProto()
-    array_to_blob(np.mean([a for a, _ in images], axis=0, dtype=np.float64)[None].astype(np.float32), blob)
-    path.write_bytes(blob.SerializeToString())
+# Everything the demo writes, so that a rerun replaces its own files and nothing else.
+OUTPUTS = ("train_lmdb", "held_out_lmdb", "unseen_lmdb", "lenet_embedder.prototxt", "deploy.prototxt",
+           "solver.prototxt", "init.caffemodel", "trained.caffemodel", "train_log.csv", "features_held_out.npz",
+           "features_unseen.npz", "results.json", "embedder.onnx", "figures")
 
 
 def _step(title: str) -> None:
-    print(f"\n== {title}")
+    print(f"\n== {title}", flush=True)
 
 
-def run_demo(workdir: Optional[str] = None) -> int:
-    with tempfile.TemporaryDirectory(prefix="caffe-compat-demo-") as tmp:
-        folder = Path(workdir or tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        _step(f"1. write a small embedder as Caffe files in {folder}")
-        net = demo_net()
-        weights = demo_weights()
-        write_prototxt(net, folder / "demo.prototxt")
-        write_caffemodel(with_weights(net, weights), folder / "demo.caffemodel")
-        print(f"wrote demo.prototxt and demo.caffemodel ({(folder / 'demo.caffemodel').stat().st_size:,} bytes)")
-
-        _step("2. read both back (no Caffe needed) and check the round trip")
-        text_back = read_prototxt(folder / "demo.prototxt")
-        model_back = read_caffemodel(folder / "demo.caffemodel")
-        back = weights_of(model_back)
-        same = all(np.array_equal(a, b) for name in weights for a, b in zip(weights[name], back[name]))
-        print(f"prototxt dialect: {text_back.dialect}; caffemodel dialect: {model_back.dialect}; "
-              f"weights identical: {same}")
-        if not same or text_back.net != net:
-            print("round trip FAILED")
-            return 1
-
-        _step("3. inspect")
-        print(format_inspection(inspect_net(folder / "demo.prototxt", folder / "demo.caffemodel", phase="TRAIN")))
-        return _train_evaluate_export(folder)
+def prepare_workdir(workdir) -> Path:
+    folder = Path(workdir)
+    if folder.exists() and not folder.is_dir():
+        raise CaffeCompatError(f"--workdir {folder}: is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:
+        old = folder / name
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+    return folder
 
 
-def _train_evaluate_export(folder: Path) -> int:
-    import time
-
+def run_demo(workdir=DEFAULT_WORKDIR, iterations: int = DEFAULT_ITERATIONS) -> int:
+    if iterations < 1:
+        raise CaffeCompatError(f"--iterations {iterations}: must be at least 1")
     import torch
 
-    from .evaluate import format_table
-    from .extract import extract_features
+    # LeNet's layers are too small to share among threads: one thread is as fast on an
+    # idle machine and several times faster on a busy one (measured on 2 cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(workdir, iterations)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(workdir, iterations: int) -> int:
+    start = time.perf_counter()
+    folder = prepare_workdir(workdir).resolve()
+    data = _write_data(folder, iterations)
+    weights = _write_net(folder, iterations)
+    if weights is None:
+        return 1
+
+    _step("4. the embedder with random weights, as Caffe's fillers draw them (the 'before')")
+    before = _evaluate_both(folder, "init.caffemodel", save=False)
+
+    _step(f"5. train with Caffe's SGD solver: {iterations} iterations of {BATCH} images "
+          f"({BATCH // 2} same-class pairs), the lifted structured loss, margin 1")
+    _train(folder, iterations)
+
+    _step("6. the trained embedder (the 'after')")
+    after = _evaluate_both(folder, "trained.caffemodel", save=True)
+
+    _step("7. before and after, as the paper reports them (%)")
+    print(comparison_table(before, after, iterations))
+    write_text(folder / "results.json", json.dumps({"iterations": iterations, "before": before, "after": after},
+                                                   indent=2) + "\n")
+
+    _step("8. export the trained embedder to ONNX at fc_embedding and run it in ONNX Runtime")
+    onnx_ok = _check_onnx(folder, data["unseen"])
+
+    _step("9. figures")
+    _figures(folder, data["unseen"], iterations)
+
+    _step(f"10. what the demo wrote in {folder} ({time.perf_counter() - start:.0f} s in all)")
+    print(listing(folder))
+    return 0 if onnx_ok else 1
+
+
+def _write_data(folder: Path, iterations: int) -> Dict[str, list]:
+    from .demo_digits import TRAIN_CLASSES, load_splits, pair_records, rendered
     from .io.datum import write_datum_lmdb
-    from .io.files import read_caffemodel
+
+    _step("1. the data: scikit-learn's handwritten digits (bundled with the package), each drawn at a random "
+          "place on a 28x28 canvas of noise")
+    splits = load_splits(seed=0)
+    records = {
+        "train": pair_records(splits, iterations * BATCH, seed=1),
+        "held_out": rendered(splits, splits.held_out, seed=2),
+        "unseen": rendered(splits, splits.unseen, seed=3),
+    }
+    for name, items in records.items():
+        write_datum_lmdb(folder / f"{name}_lmdb", items)
+    seen = "-".join(map(str, (TRAIN_CLASSES[0], TRAIN_CLASSES[-1])))
+    print(f"train_lmdb: {len(records['train'])} records in same-class pairs, drawn from {len(splits.train)} "
+          f"images of classes {seen}\n"
+          f"held_out_lmdb: {len(records['held_out'])} other images of classes {seen} (never trained on)\n"
+          f"unseen_lmdb: {len(records['unseen'])} images of classes 5-9 (the paper's test: classes never seen)")
+    return records
+
+
+def _write_net(folder: Path, iterations: int):
+    from .deploy import deploy_net
+    from .inspect import format_inspection, inspect_net
+    from .io.files import read_caffemodel, read_prototxt, weights_of, with_weights, write_caffemodel, write_prototxt
+    from .loading import load_net
+
+    _step("2. the net and its solver as Caffe files")
+    net_path = folder / "lenet_embedder.prototxt"
+    write_text(net_path, NET.format(train=folder / "train_lmdb", test=folder / "held_out_lmdb", batch=BATCH,
+                                    embedding=EMBEDDING))
+    write_text(folder / "solver.prototxt", SOLVER.format(net=net_path, iterations=iterations,
+                                                         prefix=folder / "snapshot", seed=SEED))
+    net_file = read_prototxt(net_path)
+    write_prototxt(deploy_net(net_file.net, (1, 1, 28, 28)), folder / "deploy.prototxt")
+    print(f"lenet_embedder.prototxt (TRAIN and TEST phases, dialect {net_file.dialect}), solver.prototxt, "
+          f"deploy.prototxt (its inference net, Input layer instead of Data)")
+
+    _step("3. initial weights from the prototxt's fillers, written as a caffemodel and read back")
+    import torch
+
+    torch.manual_seed(SEED)
+    weights = load_net(folder / "deploy.prototxt").caffe_weights()
+    write_caffemodel(with_weights(net_file.net, weights), folder / "init.caffemodel")
+    back = weights_of(read_caffemodel(folder / "init.caffemodel"))
+    same = weights.keys() == back.keys() and all(
+        np.array_equal(a, b) for name in weights for a, b in zip(weights[name], back[name]))
+    print(f"init.caffemodel: {sum(a.size for blobs in weights.values() for a in blobs):,} values; "
+          f"weights identical: {same}")
+    if not same:
+        print("round trip FAILED")
+        return None
+    print(format_inspection(inspect_net(folder / "deploy.prototxt", folder / "init.caffemodel")))
+    return weights
+
+
+def _evaluate_both(folder: Path, weights_name: str, save: bool) -> Dict[str, dict]:
+    from .extract import extract_features, save_features
+    from .io.files import read_caffemodel, read_prototxt, weights_of
     from .metrics import evaluate
-    from .recipes import paper_net, paper_solver
+
+    net_file = read_prototxt(folder / "lenet_embedder.prototxt")
+    weights = weights_of(read_caffemodel(folder / weights_name))
+    results = {}
+    for split, what in (("held_out", "held-out images of the training classes 0-4"),
+                        ("unseen", "unseen classes 5-9")):
+        features = extract_features(net_file, weights, folder / f"{split}_lmdb")
+        if save:
+            save_features(features, folder / f"features_{split}.npz")
+        results[split] = evaluate(features["embeddings"], features["labels"], RECALL_K)
+        recall = results[split]["recall"]
+        print(f"{what}: Recall@1 {100 * recall['1']:.1f}%, NMI {100 * results[split]['nmi']:.1f}% "
+              f"({results[split]['n']} images)")
+    return results
+
+
+def _train(folder: Path, iterations: int) -> None:
+    import torch
+
     from .solver import train
 
-    _step(f"4. generate a dataset: {TRAIN_CLASSES} training and {TEST_CLASSES} unseen test classes, "
-          f"{IMAGE_SIZE}x{IMAGE_SIZE} BGR images in LMDBs of Datum records")
-    train_images = synthetic_images(range(TRAIN_CLASSES), IMAGES_PER_CLASS, seed=1)
-    test_images = synthetic_images(range(TRAIN_CLASSES, TRAIN_CLASSES + TEST_CLASSES), IMAGES_PER_CLASS, seed=2)
-    for name, images in (("train_lmdb", train_images), ("test_lmdb", test_images)):
-        if (folder / name).exists():
-            import shutil
-            shutil.rmtree(folder / name)
-        print(f"{name}: {write_datum_lmdb(folder / name, images)} records")
-    _write_mean(train_images, folder / "mean.binaryproto")
-
-    _step(f"5. train the paper's GoogLeNet embedder (64-d, lifted loss, SGD as Caffe) for {ITERATIONS} "
-          f"iterations of {BATCH} images (random initial weights: no ImageNet weights are shipped)")
-    train_net = paper_net(64, "TRAIN", source=str(folder / "train_lmdb"), batch_size=BATCH,
-                          mean_file=str(folder / "mean.binaryproto"))
-    write_prototxt(train_net, folder / "train_val.prototxt")
-    solver = paper_solver(str(folder / "train_val.prototxt"), max_iter=ITERATIONS, snapshot=0,
-                          snapshot_prefix=str(folder / "snapshot"))
-    solver.display = 1
-    solver.random_seed = 1
-    write_prototxt(solver, folder / "solver.prototxt")
-    torch.manual_seed(1)
+    torch.manual_seed(SEED)
     start = time.perf_counter()
-    train(folder / "solver.prototxt", output=folder / "trained.caffemodel", log_path=folder / "log.csv",
-          device="cpu")
-    print(f"trained in {time.perf_counter() - start:.1f} s; loss per iteration in log.csv")
-
-    _step("6. extract fc_embedding for the unseen test classes (TEST phase: centre crop, no dropout)")
-    extract_net = paper_net(64, "TEST", source=str(folder / "test_lmdb"), batch_size=BATCH,
-                            mean_file=str(folder / "mean.binaryproto"))
-    write_prototxt(extract_net, folder / "extract.prototxt")
-    trained = weights_of(read_caffemodel(folder / "trained.caffemodel"))
-    features = extract_features(read_prototxt(folder / "extract.prototxt"), trained, folder / "test_lmdb")
-    print(f"embeddings {features['embeddings'].shape}, labels {sorted(set(features['labels'].tolist()))}")
-
-    _step("7. evaluate as the paper's MATLAB code does (Recall@K, k-means NMI, pair F1)")
-    print(format_table(evaluate(features["embeddings"], features["labels"], (1, 2, 4, 8))))
-
-    _step("8. export the trained embedder to ONNX at fc_embedding and check it in ONNX Runtime")
-    return _check_onnx(folder, test_images)
+    train(folder / "solver.prototxt", weights=folder / "init.caffemodel", output=folder / "trained.caffemodel",
+          log_path=folder / "train_log.csv", device="cpu")
+    print(f"trained in {time.perf_counter() - start:.1f} s; the loss of every iteration is in train_log.csv")
 
 
-def _check_onnx(folder: Path, test_images) -> int:
+def comparison_table(before: Dict[str, dict], after: Dict[str, dict], iterations: int) -> str:
+    columns = [f"R@{k}" for k in RECALL_K] + ["NMI"]
+    lines = [f"{'':<30}" + "".join(f"{c:>8}" for c in columns)]
+    for split, title in (("held_out", "held-out images, classes 0-4"), ("unseen", "unseen classes 5-9")):
+        lines.append(title)
+        for name, result in (("random weights", before[split]), (f"after {iterations} iterations", after[split])):
+            values = [result["recall"][str(k)] for k in RECALL_K] + [result["nmi"]]
+            lines.append(f"  {name:<28}" + "".join(f"{100 * v:8.1f}" for v in values))
+    return "\n".join(lines)
+
+
+def _check_onnx(folder: Path, records: List) -> bool:
     import torch
 
     from .converters.onnx import load_for_export, write_onnx
 
-    net, metadata = load_for_export(folder / "extract.prototxt", folder / "trained.caffemodel")
+    batch = np.stack([image for image, _ in records[:BATCH]]).astype(np.float32) * np.float32(0.00390625)
+    net, metadata = load_for_export(folder / "lenet_embedder.prototxt", folder / "trained.caffemodel",
+                                    input_shape=batch.shape)
     model = write_onnx(net.eval(), folder / "embedder.onnx", outputs=["fc_embedding"], metadata=metadata)
-    recorded = {p.key: p.value for p in model.metadata_props}
-    print("preprocessing recorded in the model: " + ", ".join(
-        f"{k.split('.', 1)[1]}={v}" for k, v in recorded.items() if k.startswith("preprocess.")
-        and k != "preprocess.mean_file"))
+    recorded = {p.key: p.value for p in model.metadata_props if p.key.startswith("preprocess.")}
+    print("preprocessing recorded in the model: " + ", ".join(f"{k.split('.', 1)[1]}={v}"
+                                                               for k, v in recorded.items()))
     try:
         import onnxruntime
     except ImportError:
         print("wrote embedder.onnx; onnxruntime is not installed, so it was not run "
               "(pip install 'caffe-compat[onnxruntime]')")
-        return 0
-    offset = (IMAGE_SIZE - 227) // 2
-    batch = np.stack([a[:, offset:offset + 227, offset:offset + 227] for a, _ in test_images[:4]]).astype(np.float32)
-    batch -= batch.mean()
+        return True
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     ours = session.run(None, {session.get_inputs()[0].name: batch})[0]
     with torch.inference_mode():
         reference = net(torch.from_numpy(batch))["fc_embedding"].numpy()
-    error = float(np.abs(ours - reference).max() / np.abs(reference).max())
-    print(f"wrote embedder.onnx ({(folder / 'embedder.onnx').stat().st_size:,} bytes); ONNX Runtime vs "
-          f"PyTorch on 4 images: relative error {error:.2e}")
-    return 0 if error < 1e-4 else 1
+    difference = float(np.abs(ours - reference).max())
+    scale = float(np.abs(reference).max())
+    print(f"embedder.onnx ({(folder / 'embedder.onnx').stat().st_size:,} bytes): ONNX Runtime vs PyTorch on "
+          f"{len(batch)} unseen images: max abs difference {difference:.2e} (values up to {scale:.2f})")
+    return difference <= 1e-4 * max(scale, 1.0)
+
+
+def _figures(folder: Path, unseen_records: List, iterations: int) -> None:
+    from .evaluate import load_features
+    from .figures import loss_curve, recall_curve, retrieval_figure
+
+    figures = folder / "figures"
+    results = json.loads((folder / "results.json").read_text())
+    loss_curve(folder / "train_log.csv", figures / "training_loss.png",
+               title=f"lenet_embedder, lifted structured loss, digits 0-4 ({iterations} iterations)")
+    curves = {}
+    for split, name in (("held_out", "held-out 0-4"), ("unseen", "unseen 5-9")):
+        curves[f"{name}, random weights"] = results["before"][split]["recall"]
+        curves[f"{name}, trained"] = results["after"][split]["recall"]
+    recall_curve(curves, figures / "recall_at_k.png", title="Recall@K on the digits, before and after training",
+                 paired=True)
+    features = load_features(folder / "features_unseen.npz")
+    retrieval_figure(features.embeddings, features.labels, [image[0] for image, _ in unseen_records],
+                     figures / "retrieval_unseen.png", title="Unseen classes 5-9: nearest neighbours after training")
+    print("\n".join(f"figures/{p.name}" for p in sorted(figures.iterdir())))
+
+
+def listing(folder: Path) -> str:
+    rows = []
+    for name in OUTPUTS:
+        path = folder / name
+        if not path.exists():
+            continue
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in files)
+        label = name + ("/" if path.is_dir() else "")
+        rows.append(f"  {label:<26}{size:>12,} bytes" + (f"  ({len(files)} files)" if path.is_dir() else ""))
+    return "\n".join(rows)

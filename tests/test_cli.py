@@ -75,13 +75,6 @@ def test_inspect_table_of_googlenet(tmp_path):
     assert "inception_5b/output" in result.stdout and "total: " in result.stdout
 
 
-def test_demo_runs(tmp_path):
-    result = run_cli("demo", "--workdir", tmp_path / "demo", cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "weights identical: True" in result.stdout
-    assert "ONNX Runtime vs PyTorch on 4 images: relative error" in result.stdout  # not skipped for lack of ORT
-
-
 def test_inspect_needs_no_torch(tmp_path):
     # Floors 1-3 (schema, readers, graph) stand without torch: inspect still lists the net.
     code = ("import sys; sys.modules['torch'] = None; from caffe_compat.cli import main; "

@@ -4,6 +4,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from caffe_compat import evaluate as ev
@@ -100,36 +102,6 @@ def test_figures_need_matplotlib(tmp_path, monkeypatch):
         ev.run_evaluate(features(tmp_path), figure_dir=tmp_path / "figs")
 
 
-def test_retrieval_grid_frames_neighbours_by_class(tmp_path):
-    x = np.array([[0.0], [0.1], [5.0], [0.2]], dtype=np.float32)
-    labels = np.array([1, 1, 2, 2])
-    images = [np.full((20, 10, 3), 60 * i, np.uint8) for i in range(4)]
-    ev.retrieval_grid(x, labels, images, tmp_path / "grid.png", queries=[0], k=2, tile=32)
-    with Image.open(tmp_path / "grid.png") as grid:
-        pixels = np.asarray(grid.convert("RGB"))
-    cell, gap = 32 + 12, 4
-    corner = lambda column: tuple(pixels[gap + 1, gap + column * (cell + gap) + 1])  # noqa: E731
-    assert corner(0) == (128, 128, 128)  # the query
-    assert corner(1) == (0, 160, 0)  # item 1, same class
-    assert corner(2) == (210, 0, 0)  # item 3, other class
-
-
-def test_retrieval_grid_names_missing_images(tmp_path):
-    x = np.arange(4, dtype=np.float32)[:, None]
-    with pytest.raises(CaffeCompatError, match="gone.png: image not found"):
-        ev.retrieval_grid(x, [1, 1, 2, 2], [tmp_path / "gone.png"] * 4, tmp_path / "g.png", queries=1, k=1)
-
-
-def test_loss_log_header_and_rows_are_checked(tmp_path):
-    log = tmp_path / "log.csv"
-    log.write_text("iter,loss\n1,2\n")
-    with pytest.raises(CaffeCompatError, match="log.csv: expected the header 'iteration,loss,lr'"):
-        ev.loss_curve(log, tmp_path / "loss.png")
-    log.write_text("iteration,loss,lr\n1,2,0.1\n2,x,0.1\n")
-    with pytest.raises(CaffeCompatError, match="log.csv:3: expected three numbers"):
-        ev.loss_curve(log, tmp_path / "loss.png")
-
-
 def test_figures_are_written(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is in the test extra")
     for i in range(30):
@@ -137,7 +109,42 @@ def test_figures_are_written(tmp_path):
     path = features(tmp_path, paths=np.array([f"{i}.png" for i in range(30)]))
     log = tmp_path / "log.csv"
     log.write_text("iteration,loss,lr\n" + "".join(f"{i},{3 / (i + 1)},{0.01 if i < 5 else 0.001}\n" for i in range(10)))
-    ev.run_evaluate(path, [1, 2, 4], figure_dir=tmp_path / "figs", train_log=log)
+    ev.run_evaluate(path, [1, 2, 4], figure_dir=tmp_path / "figs", train_log=log, dataset="cub")
     for name in (ev.RECALL_FIGURE, ev.RETRIEVAL_FIGURE, ev.LOSS_FIGURE):
         with Image.open(tmp_path / "figs" / name) as image:
             assert image.width > 100 and image.height > 100
+
+
+def test_paper_curve_needs_a_paper_dataset(tmp_path):
+    with pytest.raises(CaffeCompatError, match="dataset 'mnist': the paper reports cub, cars and sop"):
+        ev.run_evaluate(features(tmp_path), figure_dir=tmp_path / "figs", dataset="mnist")
+
+
+def _valid_npz_bytes(tmp_path):
+    path = features(tmp_path, paths=np.array([f"{i}.png" for i in range(30)]), assignments=np.arange(30) % 6)
+    return path.read_bytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_features_files_give_a_result_or_a_clean_error(tmp_path, data):
+    original = _valid_npz_bytes(tmp_path)
+    mutated = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 8), label="mutations")):
+        kind = data.draw(st.sampled_from(["flip", "truncate", "insert"]), label="kind")
+        where = data.draw(st.integers(0, len(mutated) - 1), label="where")
+        if kind == "flip":
+            mutated[where] ^= data.draw(st.integers(1, 255), label="bits")
+        elif kind == "truncate":
+            del mutated[where:]
+        else:
+            mutated[where:where] = data.draw(st.binary(min_size=1, max_size=16), label="bytes")
+        if not mutated:
+            break
+    path = tmp_path / "mutated.npz"
+    path.write_bytes(bytes(mutated))
+    try:
+        loaded = ev.load_features(path)
+    except CaffeCompatError:
+        return
+    assert loaded.embeddings.dtype == np.float32 and len(loaded.labels) == len(loaded.embeddings)
