@@ -238,7 +238,7 @@ def _require(module: str, extra: str) -> None:
         raise CaffeCompatError(f"dataset preparation needs {module}: pip install 'caffe-compat[{extra}]'") from None
 
 
-def _check_output(out: Path, source: Path) -> None:
+def check_output(out: Path, source: Path) -> None:
     """`out` must be a new or empty folder outside the archive."""
     if out.exists() and not out.is_dir():
         raise CaffeCompatError(f"{out}: is a file; -o names the folder prepare writes")
@@ -302,36 +302,52 @@ def prepared(out: PathLike, name: str, source: PathLike, fmt: str = "list") -> O
         return None
 
 
-def prepare(name: str, source: PathLike, out: PathLike, fmt: str = "list") -> Dict[str, dict]:
-    """Write `name`'s train and test splits from the official archive extracted at
-    `source` into `out` (a new or empty folder outside the archive). Everything is
-    checked before anything is written, the folder is built as a hidden sibling and
-    renamed into place when complete, and nothing under `source` is ever written.
-    Returns {split: {"path", "images", "classes"}}."""
-    readers = {"cub": (_cub_items, _resized_square), "cars": (_cars_items, _resized_square),
-               "sop": (_sop_items, _cropped_padded_square)}
-    if name not in readers:
+_READERS = {"cub": (_cub_items, _resized_square), "cars": (_cars_items, _resized_square),
+            "sop": (_sop_items, _cropped_padded_square)}
+
+
+def _checked_splits(name: str, source: Path, fmt: str) -> Dict[str, List[Item]]:
+    """The archive's splits, every index entry and image checked; nothing is written."""
+    if name not in _READERS:
         raise CaffeCompatError(f"dataset: unknown name {name!r} (one of {', '.join(DATASETS)})")
     if fmt not in FORMATS:
         raise CaffeCompatError(f"fmt: unknown output format {fmt!r} (one of {', '.join(FORMATS)})")
     _require("PIL", "images")
     if fmt == "lmdb":
         _require("lmdb", "lmdb")
-    source, out = Path(source), Path(out)
     if not source.is_dir():
         raise CaffeCompatError(f"{source}: dataset folder not found")
-    read_items, preprocess = readers[name]
-    splits = dict(zip(("train", "test"), read_items(source)))
+    splits = dict(zip(("train", "test"), _READERS[name][0](source)))
     for split, items in splits.items():
         if not items:
             raise CaffeCompatError(f"{source}: the {name} archive has no {split} images")
         missing = next((item for item in items if not item.image.is_file()), None)
         if missing is not None:
             raise CaffeCompatError(f"{missing.image}: image listed in the archive's index is missing")
-    _check_output(out, source)
+    return splits
+
+
+def check_source(name: str, source: PathLike, fmt: str = "list") -> Dict[str, dict]:
+    """What `prepare(name, source, ...)` would write, {split: {"images", "classes"}}, from an
+    archive checked as `prepare` checks it, without writing anything."""
+    splits = _checked_splits(name, Path(source), fmt)
+    return {split: {"images": len(items), "classes": len({item.label for item in items})}
+            for split, items in splits.items()}
+
+
+def prepare(name: str, source: PathLike, out: PathLike, fmt: str = "list") -> Dict[str, dict]:
+    """Write `name`'s train and test splits from the official archive extracted at
+    `source` into `out` (a new or empty folder outside the archive). Everything is
+    checked before anything is written, the folder is built as a hidden sibling and
+    renamed into place when complete, and nothing under `source` is ever written.
+    Returns {split: {"path", "images", "classes"}}."""
+    source, out = Path(source), Path(out)
+    splits = _checked_splits(name, source, fmt)
+    check_output(out, source)
 
     staging = _staging_folder(out)
     write = _write_list if fmt == "list" else _write_lmdb
+    preprocess = _READERS[name][1]
     record = {"dataset": name, "format": fmt, "source": str(source.resolve()), "splits": {}}
     try:
         with progress(total=sum(map(len, splits.values())), desc=f"prepare {name}", unit="img") as bar:

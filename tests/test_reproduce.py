@@ -1,10 +1,15 @@
 """The paper's protocol end to end on a tiny archive in CUB-200-2011's layout, from
 GoogLeNet weights (the reference fixture's random BVLC GoogLeNet stands in for
-ImageNet's): prepare, fine-tune, extract, evaluate, compare with the paper."""
+ImageNet's): inputs checked first, an estimate, then prepare, fine-tune, extract,
+evaluate, compare with the paper."""
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
-from caffe_compat.reproduce import PUBLISHED, reproduce
+from caffe_compat.cli import main
+from caffe_compat.errors import CaffeCompatError
+from caffe_compat.reproduce import PUBLISHED, estimate_text, reproduce
 from conftest import REFERENCE, require
 
 
@@ -27,18 +32,71 @@ def make_cub(root, classes, per_class):
     return root
 
 
-def test_reproduce_cub_layout(tmp_path, capsys):
+def test_reproduce_cub_layout_in_a_relative_workdir(tmp_path, capsys, monkeypatch):
     weights = require(REFERENCE / "nets" / "googlenet_deploy.caffemodel")
-    source = make_cub(tmp_path / "archive", classes=[1, 2, 101, 102, 103], per_class=4)
-    result = reproduce("cub", source, weights, tmp_path / "work", embedding=64, max_iter=1, batch_size=4,
+    make_cub(tmp_path / "archive", classes=[1, 2, 101, 102, 103], per_class=4)
+    monkeypatch.chdir(tmp_path)  # relative --source and --workdir, as users type them
+    result = reproduce("cub", "archive", weights, "work", embedding=64, max_iter=1, batch_size=4,
                        extract_batch_size=5)
     assert result["n"] == 12 and result["classes"] == 3  # classes 101-200 are the test split
     assert set(result["recall"]) == {"1", "2", "4", "8"}
     features = np.load(tmp_path / "work" / "features.npz")
     assert features["embeddings"].shape == (12, 64) and np.isfinite(features["embeddings"]).all()
     assert sorted(set(features["labels"].tolist())) == [101, 102, 103]
+    # Image paths resolve from the npz's folder, as evaluate reads them.
+    assert all((tmp_path / "work" / p).is_file() for p in features["paths"].tolist())
+    assert features["paths"][0].startswith("data/images/")
     assert (tmp_path / "work" / "cub_embed64.caffemodel").exists()
     log = (tmp_path / "work" / "train_log.csv").read_text().splitlines()
-    assert log[0] == "iteration,loss,lr,smoothed_loss" and len(log) == 2
+    assert log[0].startswith("iteration,loss") and len(log) == 2
     printed = capsys.readouterr().out
     assert f"{PUBLISHED['cub']['recall'][0]:.1f}" in printed and "R@8" in printed
+    # Checks and the estimate come before any stage; the stages in order.
+    marks = [printed.index(m) for m in ("checked: cub archive (train 8 images / 2 classes, test 12 images",
+                                        "estimate: about", "[1/4] prepare", "[2/4] train", "[3/4] extract",
+                                        "[4/4] evaluate")]
+    assert marks == sorted(marks)
+
+    assert main(["evaluate", "work/features.npz", "--figure-dir", "figures"]) == 0
+    assert any((tmp_path / "figures").iterdir())
+
+    # A rerun finds the finished preparation and reuses it (here it stops at the weights).
+    with pytest.raises(CaffeCompatError, match="shares no layer"):
+        reproduce("cub", "archive", REFERENCE / "layers" / "conv_basic.caffemodel", "work", max_iter=1,
+                  batch_size=4)
+
+
+def test_inputs_are_checked_before_anything_is_written(tmp_path):
+    weights = require(REFERENCE / "nets" / "googlenet_deploy.caffemodel")
+    archive = make_cub(tmp_path / "archive", classes=[1, 101], per_class=2)
+    (tmp_path / "file").write_text("x")
+    conv = REFERENCE / "layers" / "conv_basic.caffemodel"
+    cases = [
+        (dict(weights=conv), "conv_basic.caffemodel: shares no layer"),
+        (dict(weights=tmp_path / "none.caffemodel"), "none.caffemodel"),
+        (dict(workdir=tmp_path / "file"), "--workdir is a file"),
+        (dict(source=tmp_path / "nowhere"), "dataset folder not found"),
+        (dict(batch_size=3), "must be positive and even"),
+        (dict(max_iter=0), "must be positive"),
+        (dict(device="tpu"), "not a device"),
+        (dict(mean_file=tmp_path / "mean.binaryproto"), "no such mean file"),
+    ]
+    for change, needle in cases:
+        args = {**dict(dataset="cub", source=archive, weights=weights, workdir=tmp_path / "work", max_iter=1,
+                       batch_size=4), **change}
+        with pytest.raises(CaffeCompatError, match=needle.replace("(", r"\(")):
+            reproduce(**args)
+        assert not (tmp_path / "work").exists(), change
+    (archive / "CUB_200_2011" / "images" / "101.bird" / "1.jpg").unlink()
+    with pytest.raises(CaffeCompatError, match="1.jpg: image listed in the archive's index is missing"):
+        reproduce("cub", archive, weights, tmp_path / "work", max_iter=1, batch_size=4)
+    assert not (tmp_path / "work").exists()
+
+
+def test_estimate_of_the_default_run_on_a_cpu():
+    # 0.196 s per image forward+backward (GoogLeNet at 227 px on 2 loaded cores).
+    text = estimate_text({"train": 0.196, "forward": 0.06}, torch.device("cpu"), 20000, 128, 5924)
+    assert text.startswith("estimate: about 139.5 h on cpu: training 20000 iterations x 128 images")
+    assert "--device cuda" in text and "--max-iter" in text
+    short = estimate_text({"train": 0.004, "forward": 0.001}, torch.device("cuda"), 100, 128, 5924)
+    assert "about 57 s" in short and "--device cuda" not in short
