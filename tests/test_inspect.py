@@ -173,3 +173,46 @@ def test_a_huge_layer_is_counted_not_allocated(tmp_path):
     assert fc["param_count"] == 301 * 10_000_000 + 10_000_000 and fc["top_shapes"] == {"y": [1, 10_000_000]}
     assert math.prod(fc["blobs"][0]) == 3_010_000_000
 
+
+NEWER_TYPES = """
+layer { name: "x" type: "DummyData" top: "x" top: "sel" top: "idx" top: "H"
+  dummy_data_param { shape { dim: 4 dim: 3 dim: 9 dim: 7 } shape { dim: 4 dim: 1 } shape { dim: 6 }
+                     shape { dim: 1 dim: 1 } } }
+layer { name: "cols" type: "Im2col" bottom: "x" top: "cols" convolution_param { kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "spp" type: "SPP" bottom: "x" top: "spp" spp_param { pyramid_height: 3 } }
+layer { name: "spp1" type: "SPP" bottom: "x" top: "spp1" spp_param { pyramid_height: 1 pool: AVE } }
+layer { name: "floor" type: "Pooling" bottom: "x" top: "floor"
+  pooling_param { kernel_size: 2 stride: 2 round_mode: FLOOR } }
+layer { name: "clip" type: "Clip" bottom: "spp" top: "clip" clip_param { min: -1 max: 1 } }
+layer { name: "swish" type: "Swish" bottom: "clip" top: "swish" }
+layer { name: "filter" type: "Filter" bottom: "swish" bottom: "sel" top: "kept" }
+layer { name: "reindex" type: "BatchReindex" bottom: "swish" bottom: "idx" top: "picked" }
+layer { name: "scores" type: "InnerProduct" bottom: "picked" top: "scores" inner_product_param { num_output: 1 } }
+layer { name: "loss" type: "InfogainLoss" bottom: "scores" bottom: "idx" bottom: "H" top: "loss" top: "prob" }
+layer { name: "p" type: "Parameter" top: "p" parameter_param { shape { dim: 5 dim: 2 } } }
+layer { name: "seq" type: "DummyData" top: "seq" top: "cont" top: "static"
+  dummy_data_param { shape { dim: 5 dim: 2 dim: 3 dim: 2 } shape { dim: 5 dim: 2 } shape { dim: 2 dim: 4 } } }
+layer { name: "lstm" type: "LSTM" bottom: "seq" bottom: "cont" top: "h" recurrent_param { num_output: 7 } }
+layer { name: "rnn" type: "RNN" bottom: "seq" bottom: "cont" bottom: "static" top: "r"
+  recurrent_param { num_output: 3 } }
+layer { name: "unit_in" type: "DummyData" top: "c0" top: "gates" top: "c1"
+  dummy_data_param { shape { dim: 1 dim: 2 dim: 3 } shape { dim: 1 dim: 2 dim: 12 } shape { dim: 1 dim: 2 } } }
+layer { name: "unit" type: "LSTMUnit" bottom: "c0" bottom: "gates" bottom: "c1" top: "c" top: "hh" }
+"""
+
+
+def test_the_newer_types_shape_as_built(tmp_path):
+    from caffe_compat.layers.registry import caffe_blobs
+    from caffe_compat.net import CaffeNet
+
+    net = tmp_path / "newer.prototxt"
+    net.write_text(NEWER_TYPES)
+    net_file = read_net(net)
+    graph = build_graph(net_file.net, "TEST", net_file.dialect)
+    arithmetic = net_shapes(graph)
+    assert not arithmetic.notes
+    built = CaffeNet(graph)
+    assert {b: arithmetic.blobs[b] for b in built.blob_shapes} == {b: tuple(s) for b, s in built.blob_shapes.items()}
+    for module_name, module in built.layers.items():
+        layer = built.layer_names[module_name]
+        assert arithmetic.params[layer] == [tuple(t.shape) for t in caffe_blobs(module)], layer

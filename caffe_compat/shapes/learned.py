@@ -13,11 +13,12 @@ def _convolution(v: LayerView):
     if len(v.bottoms) < 1 or len(v.bottoms) != len(v.tops):
         raise v.error("needs one top per bottom")
     cp = v.param.convolution_param
-    shape = v.bottom_shapes[0]
-    if not 3 <= len(shape) <= 5 or v.axis(cp.axis, len(shape)) != 1:
-        raise v.error(f"needs channel axis 1 and 1 to 3 spatial axes, got shape {shape}")
-    kernel, stride, pad, dilation = conv_window(v, len(shape) - 2)
-    channels, outputs, group = shape[1], cp.num_output, cp.group
+    shape = tuple(v.bottom_shapes[0])
+    axis = v.axis(cp.axis, len(shape))  # the channel axis; the axes before it are all batch
+    if not 1 <= len(shape) - axis - 1 <= 3:
+        raise v.error(f"needs 1 to 3 spatial axes after channel axis {axis}, got shape {shape}")
+    kernel, stride, pad, dilation = conv_window(v, len(shape) - axis - 1)
+    channels, outputs, group = shape[axis], cp.num_output, cp.group
     if outputs <= 0:
         raise v.error("num_output must be positive")
     if group <= 0 or channels % group or outputs % group:
@@ -25,14 +26,14 @@ def _convolution(v: LayerView):
     extents = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
     if v.type == "Deconvolution":
         weight = (channels, outputs // group) + kernel
-        out = [s * (n - 1) + e - 2 * p for n, s, e, p in zip(shape[2:], stride, extents, pad)]
+        out = [s * (n - 1) + e - 2 * p for n, s, e, p in zip(shape[axis + 1:], stride, extents, pad)]
     else:
         weight = (outputs, channels // group) + kernel
         out = [(n + 2 * p - e) // s + 1 if n + 2 * p >= e else 0
-               for n, s, e, p in zip(shape[2:], stride, extents, pad)]
+               for n, s, e, p in zip(shape[axis + 1:], stride, extents, pad)]
     if min(out) <= 0:
-        raise v.error(f"kernel {kernel} gives an empty output on the {tuple(shape[2:])} input")
-    top = (shape[0], outputs, *out)
+        raise v.error(f"kernel {kernel} gives an empty output on the {shape[axis + 1:]} input")
+    top = (*shape[:axis], outputs, *out)
     return [top] * len(v.tops), [weight] + ([(outputs,)] if cp.bias_term else [])
 
 

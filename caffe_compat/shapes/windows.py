@@ -7,6 +7,8 @@ from typing import List, Optional, Tuple
 
 from .base import LayerView, rule, same_shape
 
+CEIL = 0  # PoolingParameter.RoundMode
+
 
 def per_axis(v: LayerView, name: str, values, default: Optional[int], spatial: int) -> Tuple[int, ...]:
     """A repeated field given once (for all axes), once per spatial axis, or not at all."""
@@ -91,7 +93,7 @@ def _pooling(v):
         kernel = (pp.kernel_h, pp.kernel_w)
     pad = (pp.pad_h, pp.pad_w) if pp.HasField("pad_h") else (pp.pad,) * 2
     stride = (pp.stride_h, pp.stride_w) if pp.HasField("stride_h") else (pp.stride,) * 2
-    pooled = _pooled(v, shape[2:], kernel, stride, pad)
+    pooled = _pooled(v, shape[2:], kernel, stride, pad, pp.round_mode == CEIL)
     return [tuple(shape[:2]) + pooled] * len(v.tops), []
 
 
