@@ -2,6 +2,7 @@
 the loss of each iteration), bit-exact resume from a snapshot, Ctrl-C, errors, test
 passes, and two gloo processes matching one process on the concatenated batch."""
 import csv
+import io
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import torch
 from caffe_compat.cli import main
 from caffe_compat.compare import compare_case
 from caffe_compat.io.files import read_caffemodel, weights_of
+from caffe_compat.solver import train
 from conftest import REFERENCE, free_port, require
 
 
@@ -116,7 +118,23 @@ def test_display_lines_when_not_a_tty(solver_dir, capsys):
     assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--max-iter", "5"]) == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("iteration")]
     assert [l.split()[1] for l in lines] == ["0", "2", "4"]
-    assert all("lr" in l and "img/s" in l for l in lines)
+    assert all("lr" in l and "img/s" in l and l.endswith(" left") for l in lines)
+    assert lines[-1].endswith(", 00:00 left")  # iteration 4 is the last
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_gets_a_bar_updated_every_iteration(solver_dir):
+    terminal = Terminal()
+    train("solver.prototxt", weights="init.caffemodel", max_iter=5, stream=terminal)
+    text = terminal.getvalue()
+    assert all(f" {n}/5 [" in text for n in range(1, 6))  # tqdm's n/total, drawn after each iteration
+    last = text.split("\r")[-1]
+    assert "<00:00" in last and "it/s" in last and "loss" in last and "img/s" in last
+    assert "\riteration 0 loss" in text  # display lines are written above the bar (tqdm clears it first)
 
 
 def test_test_phase_runs_with_shared_weights(solver_dir, capsys):

@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,9 @@ from ..io import atomic
 from ..io.files import read_caffemodel, read_solver, weights_of, with_weights, write_caffemodel
 from ..net import CaffeNet
 from .distributed import Distributed, distribute_lifted_losses
-from .outputs import LogRow, check_output_file, check_snapshot_prefix, snapshot_prefix, write_training_log
 from .nets import build_net, net_source, share_weights, test_sources
+from .outputs import LogRow, check_output_file, check_snapshot_prefix, snapshot_prefix, write_training_log
+from .progress import TrainProgress
 from .rules import CaffeSolver, check_solver, learnable_params
 from .state import STATE_FORMAT, STATE_VERSION, numpy_rng_state, read_state, set_numpy_rng_state
 
@@ -148,6 +148,7 @@ class Trainer:
         self.loss_window: List[float] = []
         self.smoothed_loss = 0.0
         self.images_per_iter = self._images_per_iteration()
+        self.progress: Optional[TrainProgress] = None
         if resume is not None:
             self.load_state(resume)
 
@@ -166,8 +167,9 @@ class Trainer:
         snapshots: List[Path] = []
         last_loss: Optional[float] = None
         stopped = False
+        self.progress = TrainProgress(self.stream, self.solver.iter, param.max_iter, self.images_per_iter,
+                                      param.display, enabled=self.is_root)
         self._announce()
-        window_start, window_iters = time.perf_counter(), 0
         try:
             with _StopRequest() as stop:
                 while self.solver.iter < param.max_iter:
@@ -184,15 +186,10 @@ class Trainer:
                         self.dist.reduce_gradients(self.params, 1.0 / self.dist.world_size)
                     rate = self.solver.step()
                     self.log_rows.append(LogRow(it, last_loss, rate, smoothed))
-                    window_iters += 1
-                    elapsed = time.perf_counter() - window_start
-                    self._progress(it, last_loss, smoothed, rate, window_iters / elapsed if elapsed else 0.0)
-                    if param.display and it % param.display == 0:
-                        window_start, window_iters = time.perf_counter(), 0
+                    self.progress.iteration(it, last_loss, smoothed, rate)
                     if param.snapshot and self.solver.iter % param.snapshot == 0:
                         snapshots.append(self.snapshot())
-            if self.stream_is_tty:
-                self._print("")
+            self.progress.close()
             if stopped:
                 snapshots.append(self.snapshot())
                 # Ranks stopped by another rank's signal report SIGTERM, as torchrun sends.
@@ -207,6 +204,8 @@ class Trainer:
             self._write_log()
             return TrainResult(self.solver.iter, last_loss, False, snapshots)
         finally:
+            self.progress.close()
+            self.progress = None
             close_data_layers(self.net)
             for net, _ in self.test_nets:
                 close_data_layers(net)
@@ -345,12 +344,10 @@ class Trainer:
     def is_root(self) -> bool:
         return self.dist.rank == 0
 
-    @property
-    def stream_is_tty(self) -> bool:
-        return self.is_root and hasattr(self.stream, "isatty") and self.stream.isatty()
-
     def _print(self, line: str) -> None:
-        if self.is_root:
+        if self.progress is not None:
+            self.progress.print(line)
+        elif self.is_root:
             print(line, file=self.stream, flush=True)
 
     def _images_per_iteration(self) -> Optional[int]:
@@ -364,20 +361,6 @@ class Trainer:
         self._print(f"Solving {self.net.graph.name or self.solver_path.name}: {self.solver.kind}, lr_policy "
                     f"{self.param.lr_policy}, iterations {self.solver.iter} to {self.param.max_iter}, "
                     f"device {self.device}{world}")
-
-    def _progress(self, it: int, loss: float, smoothed: float, rate: float, iters_per_s: float) -> None:
-        if not self.is_root:
-            return
-        speed = (f"{iters_per_s * self.images_per_iter:.1f} img/s" if self.images_per_iter
-                 else f"{iters_per_s:.2f} it/s")
-        text = f"iteration {it} loss {loss:.6g} (smoothed {smoothed:.6g}) lr {rate:.6g} {speed}"
-        if self.stream_is_tty:
-            done = (it + 1) / max(self.param.max_iter, 1)
-            bar = "#" * int(done * 30)
-            self.stream.write(f"\r[{bar:<30}] {it + 1}/{self.param.max_iter} {text}\x1b[K")
-            self.stream.flush()
-        elif self.param.display and it % self.param.display == 0:
-            self._print(text)
 
 
 def _check_same_blobs(saved: Dict[str, list], expected: Dict[str, list], where: str) -> None:
