@@ -54,9 +54,42 @@ class SplitNet:
 
 
 def map_file(path) -> mmap.mmap:
-    """The file, mapped copy-on-write: arrays over it are writable and writes stay private."""
+    """The file, mapped read-only: arrays over it are read-only views (copy one to change it)."""
     with open(path, "rb") as handle:
-        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+_COPY_CHUNK = 1 << 24  # bytes of the source copied between two releases of its pages
+_PAGE = mmap.PAGESIZE
+
+
+def _mapping_of(array: np.ndarray):
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    base = base.obj if isinstance(base, memoryview) else base  # np.frombuffer keeps a memoryview
+    return base if isinstance(base, mmap.mmap) else None
+
+
+def copy_out(source: np.ndarray, out: np.ndarray) -> None:
+    """out[...] = source, value for value in C order (`out`: contiguous, as many values,
+    any shape and float dtype). Where `source` is a view over a file mapped by map_file,
+    the pages copied are unmapped as the copy goes, so the file's pages and the copy are
+    never resident together; the view stays valid (it reads back from the file)."""
+    if not out.flags.c_contiguous:
+        raise ValueError("copy_out needs a contiguous output array")
+    flat_out, flat_source = out.reshape(-1), source.reshape(-1)
+    mapping = _mapping_of(source)
+    release = mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED")
+    origin = np.frombuffer(mapping, np.uint8).ctypes.data if release else 0
+    step = max(1, _COPY_CHUNK // flat_source.itemsize)
+    for start in range(0, flat_source.size, step):
+        chunk = flat_source[start:start + step]
+        flat_out[start:start + step] = chunk
+        if release:
+            first = (chunk.ctypes.data - origin) // _PAGE * _PAGE
+            end = min(-(-(chunk.ctypes.data - origin + chunk.nbytes) // _PAGE) * _PAGE, len(mapping))
+            mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
 
 
 def encode_varint(value: int) -> bytes:
