@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import textwrap
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Mapping, Optional, Sequence, Union
 
 from .errors import CaffeCompatError
 from .graph import PHASES, Graph, LayerNode, build_graph
@@ -92,9 +92,11 @@ def _graph(net_file, phase: str) -> Graph:
 
 
 def inspect_net(net_path: PathLike, weights_path: Optional[PathLike] = None, phase: str = "TEST",
-                dialect: Optional[str] = None, show_all: bool = False) -> dict:
+                dialect: Optional[str] = None, show_all: bool = False,
+                input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> dict:
     """What `inspect` shows, as a JSON-able dict. Caffe's automatic split layers are left
-    out unless `show_all` (consumers then read the split blob's source)."""
+    out unless `show_all` (consumers then read the split blob's source). `input_shapes`
+    ({blob: shape}) sizes inputs and data layers' tops, as `load_net`'s does."""
     net_file = read_net(net_path, dialect)
     weights_file = read_caffemodel(weights_path, dialect) if weights_path else None
     blob_source = weights_file or (net_file if any(len(l.blobs) for l in net_file.net.layer) else None)
@@ -102,7 +104,7 @@ def inspect_net(net_path: PathLike, weights_path: Optional[PathLike] = None, pha
     if blob_source is not None:
         stored = {l.name: [blob_shape(b) for b in l.blobs] for l in blob_source.net.layer if len(l.blobs)}
     graph = _graph(net_file, phase.upper())
-    shapes = net_shapes(graph)
+    shapes = net_shapes(graph, input_shapes)
     hidden = [] if show_all else [node for node in graph.layers if is_automatic_split(node)]
     hidden_names = {node.name for node in hidden}
     source_of = {top: node.bottoms[0] for node in hidden for top in node.tops}

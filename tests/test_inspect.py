@@ -77,6 +77,14 @@ def test_shapes_and_parameters_equal_the_built_net(path, phase, monkeypatch):
         assert arithmetic.total_params() == (sum(unique.values()), True)
 
 
+def test_input_shapes_size_data_layers_the_prototxt_leaves_open():
+    net = require(REFERENCE / "nets" / "data_layer" / "data.prototxt")
+    assert inspect_net(net)["layers"][1]["top_shapes"] == {"data2": None, "label2": [6]}
+    info = inspect_net(net, input_shapes={"data2": (6, 3, 32, 30)})
+    assert info["layers"][1]["top_shapes"] == {"data2": [6, 3, 32, 30], "label2": [6]}
+    assert not info["shape_notes"] and info["total_params_complete"]
+
+
 def test_the_paper_net_counts_its_parameters_from_the_prototxt(tmp_path):
     result = run_cli("inspect", require(PAPER / EMBED64), "--phase", "TRAIN", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

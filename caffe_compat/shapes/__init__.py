@@ -42,10 +42,13 @@ class NetShapes:
 
 
 def net_shapes(graph: Graph, input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> NetShapes:
-    """Every blob's shape and every layer's parameter blob shapes in `graph`."""
+    """Every blob's shape and every layer's parameter blob shapes in `graph`.
+    `input_shapes` ({blob: shape}) sets the shapes of inputs and of the tops of layers
+    without bottoms (data layers), as `load_net`'s does."""
+    input_shapes = input_shapes or {}
     result = NetShapes({}, {}, shared=param_owners(graph))
     for name, shape in graph.inputs.items():
-        shape = (input_shapes or {}).get(name, shape)
+        shape = input_shapes.get(name, shape)
         result.blobs[name] = None if shape is None else tuple(int(d) for d in shape)
         if shape is None:
             result.notes.append(f"input '{name}' declares no shape")
@@ -66,10 +69,13 @@ def net_shapes(graph: Graph, input_shapes: Optional[Mapping[str, Sequence[int]]]
             except CaffeCompatError as err:
                 result.notes.append(str(err))
             else:
-                result.notes += view.notes
                 tops = [None if s is None else tuple(int(d) for d in s) for s in top_shapes]
                 tops += [None] * (len(node.tops) - len(tops))
                 params = [tuple(int(d) for d in s) for s in params]
+                if not node.bottoms:
+                    tops = [tuple(input_shapes[t]) if t in input_shapes else s for t, s in zip(node.tops, tops)]
+                if None in tops:
+                    result.notes += view.notes
         for top, shape in zip(node.tops, tops):
             result.blobs[top] = shape
         result.params[node.name] = params
