@@ -195,8 +195,15 @@ def _cmd_train(args) -> int:
     return 128 + result.stop_signal  # the shell's code for a process ended by that signal
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Command-line mistakes end as bad input does: one line, exit 2 (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="caffe-compat", description=__doc__)
+    parser = _OneLineParser(prog="caffe-compat", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"caffe-compat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
