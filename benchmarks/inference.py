@@ -106,12 +106,12 @@ def main() -> int:
              f"Compiling (inductor, first call, batch axis dynamic): {compile_seconds:.0f} s; later batch sizes "
              "reuse it. Inductor caches the generated code (its FX graph cache under TORCHINDUCTOR_CACHE_DIR).", "",
              "| batch | eager img/s | compiled img/s | ONNX Runtime img/s | compiled / eager | "
-             "ONNX Runtime time / compiled time | max abs diff (compiled, ORT) vs eager |",
+             "compiled time / ONNX Runtime time | max abs diff (compiled, ORT) vs eager |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for batch, median, d_compiled, d_ort in rows:
         lines.append(f"| {batch} | {batch / median['eager']:.1f} | {batch / median['compiled']:.1f} "
                      f"| {batch / median['onnxruntime']:.1f} | {median['eager'] / median['compiled']:.2f}x "
-                     f"| {median['onnxruntime'] / median['compiled']:.2f} | {d_compiled:.1e}, {d_ort:.1e} |")
+                     f"| {median['compiled'] / median['onnxruntime']:.2f}x | {d_compiled:.1e}, {d_ort:.1e} |")
     at16 = next((r for r in rows if r[0] == 16), None)
     if at16 is not None:
         factor = at16[1]["compiled"] / at16[1]["onnxruntime"]
