@@ -242,14 +242,14 @@ def check_output(out: Path, source: Path) -> None:
     """`out` must be a new or empty folder outside the archive."""
     if out.exists() and not out.is_dir():
         raise CaffeCompatError(f"{out}: is a file; -o names the folder prepare writes")
+    archive, target = source.resolve(), out.resolve()
+    if target == archive or archive in target.parents:
+        raise CaffeCompatError(f"{out}: is --source {source} or inside it; prepare never writes into the archive")
     if out.is_dir() and any(out.iterdir()):
         if (out / MARKER).is_file():
             raise CaffeCompatError(f"{out}: already holds a prepared dataset ({MARKER}); remove it or give "
                                    f"another -o")
         raise CaffeCompatError(f"{out}: exists and is not empty; give a new or empty folder")
-    archive, target = source.resolve(), out.resolve()
-    if target == archive or archive in target.parents:
-        raise CaffeCompatError(f"{out}: is inside --source {source}; prepare never writes into the archive")
 
 
 def _staging_folder(out: Path) -> Path:

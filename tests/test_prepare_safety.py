@@ -85,8 +85,9 @@ def test_bad_output_folders(tmp_path):
     make_cub(tmp_path / "src")
     (tmp_path / "file").write_text("x")
     for out, needle in [(tmp_path / "file", "is a file"),
-                        (tmp_path / "src", "exists and is not empty"),
-                        (tmp_path / "src" / "CUB_200_2011" / "prepared", "inside --source")]:
+                        (tmp_path / "src", "or inside it"),
+                        (tmp_path / "src" / "CUB_200_2011" / "prepared", "or inside it"),
+                        (tmp_path / "src" / "CUB_200_2011" / "images", "or inside it")]:
         result = run_cli("prepare", "cub", "--source", tmp_path / "src", "-o", out, cwd=tmp_path)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
