@@ -178,6 +178,20 @@ def _cmd_demo(args) -> int:
     return run_demo(args.workdir, args.iterations)
 
 
+def _cmd_time(args) -> int:
+    from .timing import time_net
+
+    time_net(args.net, args.weights, args.iterations, args.phase, args.device, args.batch_size)
+    return 0
+
+
+def _cmd_test(args) -> int:
+    from .timing import score_net
+
+    score_net(args.net, args.weights, args.iterations, args.phase, args.device)
+    return 0
+
+
 def _cmd_train(args) -> int:
     from .solver import train
 
@@ -256,6 +270,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dialect", choices=["bvlc", "lifted"])
     _add_preprocess_options(p, "record in metadata_props")
     p.set_defaults(run=_cmd_export_onnx)
+
+    p = sub.add_parser("time", help="per-layer forward and backward times, as `caffe time` prints them")
+    p.add_argument("net", help="NET.prototxt")
+    p.add_argument("weights", nargs="?", help="WEIGHTS.caffemodel (default: the prototxt's fillers)")
+    p.add_argument("--iterations", type=int, default=50, help="timed iterations (default 50, as caffe's)")
+    p.add_argument("--phase", default="TRAIN", choices=["TRAIN", "TEST"], type=str.upper,
+                   help="the phase to time (default TRAIN, as caffe's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, help="override the data layers' and Input blobs' batch size")
+    p.set_defaults(run=_cmd_time)
+
+    p = sub.add_parser("test", help="score a net on its TEST data: each output blob's mean, as `caffe test`")
+    p.add_argument("net", help="NET.prototxt with data layers for the phase")
+    p.add_argument("weights", help="WEIGHTS.caffemodel")
+    p.add_argument("--iterations", type=int, default=50, help="batches to run (default 50, as caffe's)")
+    p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], type=str.upper,
+                   help="the phase to run (default TEST)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=_cmd_test)
 
     p = sub.add_parser("train", help="train a net with a Caffe solver prototxt, as `caffe train`")
     p.add_argument("solver", help="SOLVER.prototxt (its paths resolve from the working directory)")
