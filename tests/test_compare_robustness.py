@@ -41,8 +41,8 @@ def test_a_constant_power_has_a_zero_gradient(params, value):
 
 
 def test_compare_scores_a_constant_power_under_force_backward(tmp_path):
-    prototxt = ("force_backward: true\n" + INPUT +
-                'layer { name: "p" type: "Power" bottom: "data" top: "p" power_param { scale: 0 shift: 2 power: 3 } }\n')
+    prototxt = ("force_backward: true\n" + INPUT + 'layer { name: "p" type: "Power" bottom: "data" top: "p" '
+                'power_param { scale: 0 shift: 2 power: 3 } }\n')
     x = RNG.standard_normal((2, 3)).astype(np.float32)
     write_case(tmp_path, "power", prototxt, {"input/data": x, "blob/p": np.full((2, 3), 8, np.float32),
                                              "topdiff/p": RNG.standard_normal((2, 3)).astype(np.float32),

@@ -343,7 +343,8 @@ def test_convolution_applies_its_weights_to_each_bottom():
 
 
 @pytest.mark.parametrize("params,shapes,message", [
-    ("convolution_param { num_output: 2 kernel_size: 3 axis: 2 }", [(1, 2, 4, 4)], "axis"),
+    ("convolution_param { num_output: 2 kernel_size: 3 axis: 4 }", [(1, 2, 4, 4)], "axis 4 is out of range"),
+    ("convolution_param { num_output: 2 kernel_size: 3 axis: 3 }", [(1, 2, 4, 4)], "1 to 3 spatial axes"),
     ("convolution_param { num_output: 2 }", [(1, 2, 4, 4)], "kernel_size is required"),
     ("convolution_param { num_output: 2 kernel_h: 3 kernel_w: 3 }", [(1, 2, 4, 4, 4)], "2-D"),
     ("convolution_param { num_output: 2 kernel_size: 3 kernel_h: 3 kernel_w: 3 }", [(1, 2, 4, 4)], "not both"),

@@ -1,6 +1,7 @@
-"""Pooling's round_mode FLOOR, SPP and Im2col against Caffe's loops (the pooling loops of
-test_layers_vision, SPPLayer's choice of kernel and padding, im2col_nd_cpu transcribed
-here), forward and backward, and their ONNX emitters."""
+"""Pooling's round_mode FLOOR, SPP, Im2col and convolutions on a channel axis other than
+1, against Caffe's loops (the pooling and convolution references of test_layers_vision,
+SPPLayer's choice of kernel and padding, im2col_nd_cpu transcribed here), forward and
+backward, and their ONNX emitters."""
 import itertools
 
 import numpy as np
@@ -11,8 +12,8 @@ from hypothesis import strategies as st
 
 from caffe_compat.errors import CaffeCompatError
 from layer_harness import build
-from test_layers_vision import (RNG, assert_rel, caffe_pool, caffe_pool_backward, export_and_compare,
-                                forward_backward, pooling_params)
+from test_layers_vision import (RNG, assert_rel, caffe_pool, caffe_pool_backward, conv_reference, deconv_reference,
+                                export_and_compare, forward_backward, pooling_params)
 
 
 # ---------------------------------------------------------------- round_mode FLOOR
@@ -154,3 +155,31 @@ def test_im2col_errors():
 ])
 def test_im2col_onnx(shape, body):
     export_and_compare("Im2col", f"convolution_param {{ {body} }}", [shape])
+
+
+# ---------------------------------------------------------------- Convolution's channel axis
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("shape,axis", [((2, 2, 4, 5, 4), 2), ((2, 2, 4, 5, 4), -3), ((4, 5, 4), 0)])
+def test_convolution_on_another_channel_axis_folds_the_leading_axes_into_the_batch(layer_type, shape, axis):
+    body = f"num_output: 4 kernel_size: 3 stride: 2 pad: 1 group: 2 axis: {axis}"
+    _, converted = build(layer_type, f'convolution_param {{ {body} weight_filler {{ type: "gaussian" std: 1 }} '
+                                     f'bias_filler {{ type: "gaussian" std: 1 }} }}', [shape])
+    channel = axis % len(shape)
+    x = RNG.standard_normal(shape).astype(np.float32)
+    module = converted.module
+    batched = x.reshape((-1,) + shape[channel:])
+    w, b = (p.detach().numpy() for p in module.caffe_blobs())
+    reference = deconv_reference if layer_type == "Deconvolution" else conv_reference
+    ref = reference(batched, w, b, (2, 2), (1, 1), (1, 1), 2)
+    ref = ref.reshape(shape[:channel] + ref.shape[1:])
+    assert converted.top_shapes[0] == ref.shape
+    assert_rel(forward_backward(module, [x])[0], ref, 1e-5)
+    x64 = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(module.double(), (x64,), fast_mode=True)
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+def test_convolution_on_channel_axis_2_onnx(layer_type):
+    export_and_compare(layer_type, 'convolution_param { num_output: 4 kernel_size: 3 axis: 2 '
+                                   'weight_filler { type: "gaussian" std: 1 } }', [(2, 3, 4, 6, 5)])

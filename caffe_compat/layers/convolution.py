@@ -49,17 +49,18 @@ def _hw_or_repeated(ctx, cp, repeated: str, prefix: str, default, spatial: int) 
 
 
 class ConvGeometry:
-    """The checked ConvolutionParameter of one layer."""
+    """The checked ConvolutionParameter of one layer, and its output's spatial size."""
 
-    def __init__(self, ctx: LayerContext):
+    def __init__(self, ctx: LayerContext, transposed: bool):
         cp = ctx.param.convolution_param
         shape = ctx.bottom_shapes[0]
         rank = len(shape)
-        if not -rank <= cp.axis < rank or cp.axis % rank != 1:
-            raise ctx.error(f"only channel axis 1 is supported, got axis {cp.axis} on a rank-{rank} bottom")
-        spatial = rank - 2
+        # Caffe's channel axis: the axes before it are all batch (num = their product)
+        self.axis = ctx.canonical_axis(cp.axis, rank)
+        spatial = rank - self.axis - 1
         if spatial not in CONVOLUTIONS:
-            raise ctx.error(f"supports 1 to 3 spatial axes, the bottom has shape {shape}")
+            raise ctx.error(f"supports 1 to 3 spatial axes after channel axis {self.axis}, the bottom has "
+                            f"shape {shape}")
         for i, other in enumerate(ctx.bottom_shapes[1:], start=1):
             if tuple(other) != tuple(shape):
                 raise ctx.error(f"all bottoms must have the same shape: '{ctx.bottoms[i]}' is {other}, "
@@ -71,7 +72,7 @@ class ConvGeometry:
         for name in ("kernel", "stride", "dilation"):
             if min(getattr(self, name)) <= 0:
                 raise ctx.error(f"{name} {getattr(self, name)} must be positive")
-        self.channels = shape[1]
+        self.channels = shape[self.axis]
         self.num_output = cp.num_output
         self.group = cp.group
         if self.num_output <= 0:
@@ -80,7 +81,15 @@ class ConvGeometry:
             raise ctx.error(f"group {self.group} must divide both the {self.channels} input channels "
                             f"and num_output {self.num_output}")
         self.bias_term = cp.bias_term
-        self.spatial_in = tuple(shape[2:])
+        self.spatial_in = tuple(shape[self.axis + 1:])
+        zipped = zip(self.spatial_in, self.stride, self.extents(), self.pad)
+        if transposed:
+            self.spatial_out = tuple(s * (n - 1) + e - 2 * p for n, s, e, p in zipped)
+        else:
+            self.spatial_out = tuple((n + 2 * p - e) // s + 1 if n + 2 * p >= e else 0 for n, s, e, p in zipped)
+        if min(self.spatial_out) <= 0:
+            raise ctx.error(f"kernel {self.kernel} (dilation {self.dilation}, pad {self.pad}, stride {self.stride}) "
+                            f"gives an empty output on the {self.spatial_in} input")
 
     def extents(self) -> List[int]:
         return [d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel)]
@@ -98,10 +107,22 @@ class Convolution(CaffeLayer):
         self.blob_names = ("weight",) if bias is None else ("weight", "bias")
         self.convolve = (TRANSPOSED_CONVOLUTIONS if transposed else CONVOLUTIONS)[len(geometry.kernel)]
 
-    def forward(self, *bottoms):
+    def _convolve(self, x):
         g = self.geometry
-        tops = tuple(self.convolve(x, self.weight, self.bias, stride=g.stride, padding=g.pad,
-                                   dilation=g.dilation, groups=g.group) for x in bottoms)
+        return self.convolve(x, self.weight, self.bias, stride=g.stride, padding=g.pad, dilation=g.dilation,
+                             groups=g.group)
+
+    def _convolve_on_axis(self, x):
+        """Channel axis other than 1: the axes before it folded into one batch axis."""
+        axis = self.geometry.axis
+        if axis == 0:
+            return self._convolve(x.unsqueeze(0)).squeeze(0)
+        lead = x.shape[:axis]
+        return self._convolve(x.flatten(0, axis - 1)).unflatten(0, lead)
+
+    def forward(self, *bottoms):
+        apply = self._convolve if self.geometry.axis == 1 else self._convolve_on_axis
+        tops = tuple(apply(x) for x in bottoms)
         return tops[0] if len(tops) == 1 else tops
 
 
@@ -109,22 +130,16 @@ def _build(ctx: LayerContext, transposed: bool):
     if len(ctx.bottoms) < 1 or len(ctx.bottoms) != len(ctx.tops):
         raise ctx.error(f"needs one top per bottom (at least one), got {len(ctx.bottoms)} bottom(s) "
                         f"and {len(ctx.tops)} top(s)")
-    g = ConvGeometry(ctx)
+    g = ConvGeometry(ctx, transposed)
     if transposed:
         weight_shape = (g.channels, g.num_output // g.group) + g.kernel
-        spatial_out = [s * (n - 1) + e - 2 * p for n, s, e, p in zip(g.spatial_in, g.stride, g.extents(), g.pad)]
     else:
         weight_shape = (g.num_output, g.channels // g.group) + g.kernel
-        spatial_out = [(n + 2 * p - e) // s + 1 if n + 2 * p >= e else 0
-                       for n, s, e, p in zip(g.spatial_in, g.stride, g.extents(), g.pad)]
-    if min(spatial_out) <= 0:
-        raise ctx.error(f"kernel {g.kernel} (dilation {g.dilation}, pad {g.pad}, stride {g.stride}) "
-                        f"gives an empty output on the {g.spatial_in} input")
     cp = ctx.param.convolution_param
     weight = fillers.fill(cp.weight_filler, weight_shape, ctx.name)
     bias = fillers.fill(cp.bias_filler, (g.num_output,), ctx.name) if g.bias_term else None
     module = Convolution(g, weight, bias, transposed)
-    top_shape = (ctx.bottom_shapes[0][0], g.num_output, *spatial_out)
+    top_shape = (*ctx.bottom_shapes[0][:g.axis], g.num_output, *g.spatial_out)
     return ctx.wire(module, top_shapes=[top_shape] * len(ctx.tops))
 
 
@@ -145,11 +160,21 @@ def convolution_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
     if module.bias is not None:
         weights.append(g.initializer(module.bias, ctx.name + "/bias"))
     op = "ConvTranspose" if module.transposed else "Conv"
-    for x, top in zip(inputs, outputs):
+    lead = ctx.bottom_shapes[0][:geometry.axis]
+    for index, (x, top) in enumerate(zip(inputs, outputs)):
+        conv_out = top
+        if geometry.axis != 1:  # the axes before the channel axis folded into one batch axis
+            batch = [-1] if lead else [1]
+            x = g.node("Reshape", [x, g.ints(batch + [geometry.channels, *geometry.spatial_in],
+                                             f"{ctx.name}/batch_shape{index}")], hint=f"{ctx.name}/batched{index}")[0]
+            conv_out = g.fresh(f"{ctx.name}/conv{index}")
         # Explicit symmetric pads: ConvTranspose then yields Caffe's output size,
         # stride * (in - 1) + extent - 2 * pad.
-        g.node(op, [x, *weights], [top], kernel_shape=list(geometry.kernel), strides=list(geometry.stride),
+        g.node(op, [x, *weights], [conv_out], kernel_shape=list(geometry.kernel), strides=list(geometry.stride),
                pads=list(geometry.pad) * 2, dilations=list(geometry.dilation), group=geometry.group)
+        if geometry.axis != 1:
+            shape = ([-1, *lead[1:]] if lead else []) + [geometry.num_output, *geometry.spatial_out]
+            g.node("Reshape", [conv_out, g.ints(shape, f"{ctx.name}/top_shape{index}")], [top])
 
 
 # ---------------------------------------------------------------- Im2col

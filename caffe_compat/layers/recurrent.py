@@ -232,8 +232,12 @@ def build_lstm_unit(ctx: LayerContext) -> Converted:
 
 def _onnx_gate_slices(g: OnnxGraph, gates: str, hidden: int, axis: int, hint: str) -> List[str]:
     """The four H-wide blocks (i, f, o, g) of the gate pre-activations along `axis`."""
-    return [g.node("Slice", [gates, g.ints([k * hidden], f"{hint}/start{k}"), g.ints([(k + 1) * hidden], f"{hint}/end{k}"),
-                             g.ints([axis], f"{hint}/axis{k}")], hint=f"{hint}/gate{k}")[0] for k in range(4)]
+    blocks = []
+    for k in range(4):
+        bounds = [g.ints([k * hidden], f"{hint}/start{k}"), g.ints([(k + 1) * hidden], f"{hint}/end{k}"),
+                  g.ints([axis], f"{hint}/axis{k}")]
+        blocks += g.node("Slice", [gates, *bounds], hint=f"{hint}/gate{k}")
+    return blocks
 
 
 def _onnx_lstm_unit(g: OnnxGraph, c_prev: str, gates: str, cont: str, hidden: int, axis: int, hint: str,
@@ -272,7 +276,8 @@ def _onnx_initial_states(g: OnnxGraph, ctx, module: _Recurrent, inputs, hint: st
         return [g.node("Squeeze", [state, g.ints([0], f"{hint}/axis{k}")], hint=f"{hint}/state{k}")[0]
                 for k, state in enumerate(given)]
     shape = g.node("Shape", [inputs[0]], hint=hint + "/x_shape")[0]
-    streams = g.node("Slice", [shape, g.ints([1], hint + "/one"), g.ints([2], hint + "/two")], hint=hint + "/streams")[0]
+    streams = g.node("Slice", [shape, g.ints([1], hint + "/one"), g.ints([2], hint + "/two")],
+                     hint=hint + "/streams")[0]
     size = g.node("Concat", [streams, g.ints([module.hidden], hint + "/hidden")], hint=hint + "/state_shape", axis=0)[0]
     zero = numpy_helper.from_array(np.zeros(1, np.float32))
     return [g.node("ConstantOfShape", [size], hint=f"{hint}/zeros{k}", value=zero)[0] for k in range(module.states)]
