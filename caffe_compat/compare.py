@@ -79,6 +79,11 @@ def _row(case: str, key: str, ours: Optional[np.ndarray], ref: np.ndarray, tol: 
     return Row(case, key, ref.shape, max_abs, rel, tol, rel <= tol)
 
 
+def _missing(case: str, key: str, ref: np.ndarray) -> Row:
+    """A recorded blob the net does not have."""
+    return Row(case, key, np.shape(ref), float("inf"), float("inf"), 0.0, False, "the net has no such blob")
+
+
 def _numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
     return None if t is None else t.detach().cpu().double().numpy()
 
@@ -141,7 +146,8 @@ def _compare_batches(case, net, ref, batch_keys, tol, device) -> List[Row]:
             for key, value in ref.items():
                 if key.startswith(f"batch{k}/"):
                     blob = key.split("/", 1)[1]
-                    rows.append(_row(case, key, _numpy(outputs.get(blob)), value, tol))
+                    rows.append(_row(case, key, _numpy(outputs[blob]), value, tol) if blob in outputs
+                                else _missing(case, key, value))
     return rows
 
 
@@ -158,7 +164,7 @@ def _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device) -> List[
     first: Dict[str, torch.Tensor] = dict(inputs)
     with torch.set_grad_enabled(wants_grad):
         blobs = net.run(dict(inputs), first)
-    rows = [_row(case, key, _numpy(blobs.get(key[5:])), value, fwd_tol)
+    rows = [_row(case, key, _numpy(blobs[key[5:]]), value, fwd_tol) if key[5:] in blobs else _missing(case, key, value)
             for key, value in ref.items() if key.startswith("blob/")]
     if not wants_grad:
         return rows

@@ -117,3 +117,10 @@ def test_in_place_chains_get_the_true_derivative():
     torch.testing.assert_close(blobs["y"].detach().double(), y.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(first["y"].grad.double(), y0.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), y0.grad * 0.5, rtol=1e-5, atol=1e-6)
+
+
+def test_a_recorded_blob_the_net_lacks_fails_its_row(tmp_path):
+    write_case(tmp_path, "lacking", INPUT + 'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }\n',
+               {"input/data": np.zeros((2, 3), np.float32), "blob/elsewhere": np.zeros((2, 3), np.float32)})
+    (row,) = compare_case(tmp_path / "lacking.prototxt", None, tmp_path / "lacking.npz")
+    assert not row.ok and "no such blob" in row.note
