@@ -37,7 +37,7 @@ def test_reproduce_cub_layout_in_a_relative_workdir(tmp_path, capsys, monkeypatc
     make_cub(tmp_path / "archive", classes=[1, 2, 101, 102, 103], per_class=4)
     monkeypatch.chdir(tmp_path)  # relative --source and --workdir, as users type them
     result = reproduce("cub", "archive", weights, "work", embedding=64, max_iter=1, batch_size=4,
-                       extract_batch_size=5)
+                       extract_batch_size=5, timing_images=2)
     assert result["n"] == 12 and result["classes"] == 3  # classes 101-200 are the test split
     assert set(result["recall"]) == {"1", "2", "4", "8"}
     features = np.load(tmp_path / "work" / "features.npz")
@@ -95,8 +95,9 @@ def test_inputs_are_checked_before_anything_is_written(tmp_path):
 
 def test_estimate_of_the_default_run_on_a_cpu():
     # 0.196 s per image forward+backward (GoogLeNet at 227 px on 2 loaded cores).
-    text = estimate_text({"train": 0.196, "forward": 0.06}, torch.device("cpu"), 20000, 128, 5924)
+    text = estimate_text({"train": 0.196, "forward": 0.06}, torch.device("cpu"), 20000, 128, 5924, 8)
     assert text.startswith("estimate: about 139.5 h on cpu: training 20000 iterations x 128 images")
+    assert "measured here on 8 images" in text
     assert "--device cuda" in text and "--max-iter" in text
     short = estimate_text({"train": 0.004, "forward": 0.001}, torch.device("cuda"), 100, 128, 5924)
     assert "about 57 s" in short and "--device cuda" not in short
