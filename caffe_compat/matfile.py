@@ -123,6 +123,7 @@ def read_mat(path: PathLike) -> Dict[str, object]:
             variables[name] = reader.matrix(payload)
     # A damaged file runs out of elements (StopIteration), or holds sizes, dims and
     # text that do not fit together: each of these means the same to the user.
-    except (StopIteration, IndexError, ValueError, UnicodeDecodeError, struct.error, MemoryError) as err:
+    except (StopIteration, IndexError, ValueError, UnicodeDecodeError, struct.error, MemoryError,
+            RecursionError, OverflowError) as err:
         raise CaffeCompatError(f"{path}: damaged MAT-file ({err.__class__.__name__}: {err})") from None
     return variables

@@ -6,6 +6,7 @@ import zlib
 import lmdb
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from caffe_compat import datasets
@@ -257,3 +258,29 @@ def test_unknown_dataset_and_format(tmp_path):
         datasets.prepare("cub", tmp_path, tmp_path / "out", fmt="tfrecord")
     with pytest.raises(CaffeCompatError, match="dataset folder not found"):
         datasets.prepare("cub", tmp_path / "nowhere", tmp_path / "out")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), compressed=st.booleans())
+def test_fuzz_mutated_mat_files(tmp_path, data, compressed):
+    """Damaged cars_annos.mat files: a result or the library's own error, nothing else."""
+    variables = {"annotations": [{"relative_im_path": "car_ims/000001.jpg", "class": np.array([[1]], "u1")},
+                                 {"relative_im_path": "car_ims/000002.jpg", "class": np.array([[196]], "u1")}],
+                 "class_names": ["a", "b"], "m": np.arange(6, dtype="f8").reshape(2, 3)}
+    path = tmp_path / "a.mat"
+    write_mat(path, variables, compressed)
+    blob = bytearray(path.read_bytes())
+    kind = data.draw(st.sampled_from(["flip", "truncate", "splice"]))
+    if kind == "flip":
+        for _ in range(data.draw(st.integers(1, 6))):
+            blob[data.draw(st.integers(128, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    elif kind == "truncate":
+        del blob[data.draw(st.integers(0, len(blob) - 1)):]
+    else:
+        at = data.draw(st.integers(128, len(blob)))
+        blob[at:at] = data.draw(st.binary(min_size=1, max_size=40))
+    path.write_bytes(bytes(blob))
+    try:
+        read_mat(path)
+    except CaffeCompatError as err:
+        assert str(path) in str(err)
