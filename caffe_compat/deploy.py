@@ -16,12 +16,17 @@ rewrites a net that way:
 - the other tops (labels) are dropped, and with them every layer that reads only
   dropped blobs, and every loss or Accuracy layer that reads any (their tops go too);
   any other layer that reads a label is an error, as a deploy net cannot feed it.
+
+`feed_absent_sources` does the same for one phase, and only to the Data / ImageData
+layers whose source is absent, so that converting a net never needs its data.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+import os
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .errors import CaffeCompatError
+from .graph import layer_included
 
 DATA_LAYER_TYPES = ("Data", "ImageData", "MemoryData", "DummyData", "HDF5Data")
 PHASE_TEST = 1  # caffe.Phase.TEST
@@ -109,20 +114,100 @@ def deploy_net(net_param, input_shape: Optional[Sequence[int]] = None):
             if image in declared:
                 continue
             declared.add(image)
-            source = feeders[image]
-            replacement = result.layer.add()
-            replacement.name = source.name
-            replacement.type = "Input"
-            replacement.top.append(image)
-            replacement.input_param.shape.add().dim.extend(shapes[image])
+            _add_input(result, feeders[image].name, [image], [shapes[image]])
             continue
-        reads_dropped = [b for b in layer.bottom if b in dropped]
-        if reads_dropped:
-            if is_training_only(layer.type) or len(reads_dropped) == len(layer.bottom):
-                dropped.update(layer.top)
-                continue
-            raise CaffeCompatError(f"layer '{layer.name}' ({layer.type}): reads '{reads_dropped[0]}', a label "
-                                   f"top of a data layer, which a deploy net has no input for")
-        result.layer.add().CopyFrom(layer)
+        _copy_unless_reading(result, layer, dropped)
     return result
 
+
+def _add_input(net_param, name: str, tops: Sequence[str], shapes: Sequence[Tuple[int, ...]], rules_of=None):
+    layer = net_param.layer.add()
+    layer.name = name
+    layer.type = "Input"
+    layer.top.extend(tops)
+    for shape in shapes:
+        layer.input_param.shape.add().dim.extend(shape)
+    if rules_of is not None:
+        layer.include.extend(rules_of.include)
+        layer.exclude.extend(rules_of.exclude)
+
+
+def _copy_unless_reading(net_param, layer, dropped: Set[str]) -> None:
+    """Copy `layer` into `net_param`, or drop it (adding its tops to `dropped`) when it
+    reads a dropped label blob and a net without that blob has no use for it."""
+    reads_dropped = [b for b in layer.bottom if b in dropped]
+    if not reads_dropped:
+        net_param.layer.add().CopyFrom(layer)
+        return
+    if is_training_only(layer.type) or len(reads_dropped) == len(layer.bottom):
+        dropped.update(layer.top)
+        return
+    raise CaffeCompatError(f"layer '{layer.name}' ({layer.type}): reads '{reads_dropped[0]}', a label "
+                           f"top of a data layer, which a deploy net has no input for")
+
+
+def source_of(layer) -> Optional[str]:
+    """The file or folder a Data / ImageData layer reads; None for other layers."""
+    if layer.type == "Data":
+        return layer.data_param.source
+    if layer.type == "ImageData":
+        return layer.image_data_param.source
+    return None
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def feed_absent_sources(net_param, phase: str, level: int = 0, stages: Sequence[str] = (),
+                        input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> Tuple[object, List[str]]:
+    """The net with each Data / ImageData layer of `phase` whose source is absent (as on
+    any machine but the one that trained it) replaced by an Input layer, and one note
+    per replacement. Converting or inspecting a net never needs its data.
+
+    The images are shaped as the layer implies (batch size, channels, crop or new size)
+    unless `input_shapes` names the top. In TRAIN the label top is an input too, of
+    shape (N,) as Caffe's data layers give it; in TEST it is dropped with the layers
+    that only score the net, as `deploy_net` does. The Input layers keep the data
+    layers' names and phase rules; layers of other phases are left as they are."""
+    input_shapes = input_shapes or {}
+    absent = [i for i, layer in enumerate(net_param.layer)
+              if source_of(layer) is not None and layer_included(layer, phase, level, stages)
+              and not (source_of(layer) and os.path.exists(source_of(layer)))]
+    if not absent:
+        return net_param, []
+    result = type(net_param)()
+    result.CopyFrom(net_param)
+    del result.layer[:]
+    notes: List[str] = []
+    dropped: Set[str] = set()
+    for index, layer in enumerate(net_param.layer):
+        if index not in absent:
+            if layer_included(layer, phase, level, stages):
+                _copy_unless_reading(result, layer, dropped)
+            else:
+                result.layer.add().CopyFrom(layer)
+            continue
+        if not len(layer.top):
+            raise CaffeCompatError(f"layer '{layer.name}' ({layer.type}): has no top")
+        image = layer.top[0]
+        shape = tuple(input_shapes[image]) if image in input_shapes else _data_shape(layer)
+        if shape is None:
+            raise CaffeCompatError(f"layer '{layer.name}' ({layer.type}): its source is absent and nothing gives "
+                                   f"the image size (no transform_param.crop_size); give it as "
+                                   f"--input-shape {image}=N,C,H,W (input_shapes={{'{image}': ...}})")
+        tops, shapes = [image], [shape]
+        if phase == "TRAIN":
+            for label in layer.top[1:]:
+                tops.append(label)
+                shapes.append(tuple(input_shapes[label]) if label in input_shapes else (shape[0],))
+        else:
+            dropped.update(layer.top[1:])
+        _add_input(result, layer.name, tops, shapes, rules_of=layer)
+        field = "data_param" if layer.type == "Data" else "image_data_param"
+        source = source_of(layer)
+        inputs = ", ".join(f"'{top}' {_shape_text(s)}" for top, s in zip(tops, shapes))
+        notes.append(f"layer '{layer.name}' ({layer.type}): {field}.source "
+                     f"{repr(source) if source else '(empty)'} is absent; the {phase} net takes "
+                     f"{'inputs' if len(tops) > 1 else 'an input'} instead: {inputs}")
+    return result, notes

@@ -139,7 +139,8 @@ def _check_mean_file(layer) -> None:
 def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc_embedding",
                      device: str = "cpu", batch_size: Optional[int] = None, root: Optional[PathLike] = None,
                      mean_file: Optional[PathLike] = None, mean_values: Optional[Sequence[float]] = None,
-                     show_progress: bool = False) -> dict:
+                     show_progress: bool = False, weights_source: Optional[str] = None,
+                     allow_missing_weights: bool = False, max_memory=None) -> dict:
     """{'embeddings': n x d float32, 'labels': n, 'paths' (image lists; absolute)} in
     dataset order. `mean_file`/`mean_values` replace the data layer's mean."""
     device = resolve_device(device)
@@ -154,7 +155,9 @@ def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc
     _check_mean_file(layer)
     batch = _batch_size(layer)
     label_top = layer.top[1] if len(layer.top) > 1 else None
-    net = CaffeNet(build_graph(net_param, "TEST", net_file.dialect), weights).to(device).eval()
+    net = CaffeNet(build_graph(net_param, "TEST", net_file.dialect, source=str(net_file.path)), weights,
+                   weights_source=weights_source, allow_missing_weights=allow_missing_weights,
+                   max_memory=max_memory).to(device).eval()
     if blob not in net.blob_shapes:
         raise CaffeCompatError(f"net '{net_param.name}' has no blob '{blob}' "
                                f"(blobs: {', '.join(list(net.blob_shapes)[:12])}, ...)")

@@ -37,6 +37,11 @@ class Graph:
     inputs: Dict[str, Optional[Tuple[int, ...]]]  # blobs fed by Input layers, with their declared shapes
     outputs: List[str]  # blobs no later layer consumes (Caffe's net outputs)
     net: object = field(repr=False, default=None)  # the NetParameter it came from
+    source: Optional[str] = None  # the file it came from, for messages naming it
+
+    def describe(self) -> str:
+        """The net as messages name it: its file where known."""
+        return f"'{self.source}'" if self.source else f"net '{self.name}'"
 
     def layer(self, name: str) -> LayerNode:
         for node in self.layers:
@@ -79,7 +84,7 @@ def _loss_weights(layer) -> List[float]:
 
 
 def build_graph(net, phase: str = "TEST", dialect: str = "bvlc", level: int = 0,
-                stages: Sequence[str] = ()) -> Graph:
+                stages: Sequence[str] = (), source: Optional[str] = None) -> Graph:
     phase = phase.upper()
     if phase not in PHASES:
         raise CaffeCompatError(f"unknown phase '{phase}' (expected TRAIN or TEST)")
@@ -128,7 +133,7 @@ def build_graph(net, phase: str = "TEST", dialect: str = "bvlc", level: int = 0,
     if duplicated:
         raise CaffeCompatError(f"net '{net.name}': duplicate layer names {duplicated}")
     outputs = [blob for blob, used in consumed.items() if not used]
-    return Graph(net.name, phase, dialect, nodes, inputs, outputs, net)
+    return Graph(net.name, phase, dialect, nodes, inputs, outputs, net, source)
 
 
 def param_owners(graph: Graph) -> Dict[Tuple[str, int], Tuple[str, int]]:

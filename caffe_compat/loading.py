@@ -1,9 +1,12 @@
 """From files to a `CaffeNet`: the readers, the graph and the net in one call."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
+from .deploy import feed_absent_sources
+from .errors import CaffeCompatError
 from .graph import build_graph
 from .io.files import NetFile, read_caffemodel, read_prototxt, weights_of
 from .net import CaffeNet
@@ -13,10 +16,44 @@ PathLike = Union[str, Path]
 
 def load_net(prototxt: Union[PathLike, NetFile], weights: Optional[PathLike] = None, phase: str = "TEST",
              dialect: Optional[str] = None, stages: Sequence[str] = (), level: int = 0,
-             input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None) -> CaffeNet:
+             input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
+             allow_missing_weights: bool = False, max_memory: Union[None, int, str] = None,
+             compile: bool = False):
+    """The net of `phase`, with the weights of a caffemodel (or its fillers' values).
+
+    Data and ImageData layers whose source is absent become inputs (a warning says so;
+    see `deploy.feed_absent_sources`), shaped as they imply or by `input_shapes`
+    ({blob: shape}). Weights that leave layers with parameters unset are an error unless
+    `allow_missing_weights`; `max_memory` ('8G', or bytes) bounds the parameters' size.
+    `compile=True` returns the net wrapped in torch.compile (`compiled.CompiledNet`)."""
     net_file = prototxt if isinstance(prototxt, NetFile) else read_prototxt(prototxt, dialect)
     blobs = None
     if weights is not None:
         blobs = weights_of(read_caffemodel(weights, dialect))
-    graph = build_graph(net_file.net, phase, net_file.dialect, level, stages)
-    return CaffeNet(graph, blobs, input_shapes)
+    net_param, notes = feed_absent_sources(net_file.net, phase.upper(), level, stages, input_shapes)
+    for note in notes:
+        warnings.warn(f"{net_file.path}: {note}", stacklevel=2)
+    graph = build_graph(net_param, phase, net_file.dialect, level, stages, source=str(net_file.path))
+    net = CaffeNet(graph, blobs, input_shapes, weights_source=None if weights is None else str(weights),
+                   allow_missing_weights=allow_missing_weights, max_memory=max_memory)
+    if compile:
+        from .compiled import compile_net
+
+        return compile_net(net)
+    return net
+
+
+def parse_input_shapes(texts: Sequence[str], option: str = "--input-shape") -> Dict[str, Tuple[int, ...]]:
+    """['data=1,3,227,227', 'label=1'] -> {'data': (1, 3, 227, 227), 'label': (1,)}."""
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for text in texts:
+        name, sep, dims = text.partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",")) if sep and name.strip() else ()
+        except ValueError:
+            shape = ()
+        if not shape or any(d <= 0 for d in shape):
+            raise CaffeCompatError(f"{option} {text!r}: expected BLOB=N,C,H,W with positive sizes, "
+                                   f"such as data=1,3,227,227")
+        shapes[name.strip()] = shape
+    return shapes

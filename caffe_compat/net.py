@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import layers  # noqa: F401  (importing the package registers the built-in types)
+from .deploy import DATA_LAYER_TYPES
 from .errors import CaffeCompatError
-from .graph import Graph, param_owners
+from .graph import Graph, LayerNode, param_owners
+from .io.wire import copy_out
+from .memory import available_memory, format_size, parse_size
 from .layers.registry import Converted, LayerContext, builder_for, caffe_blobs
 
 Shape = Tuple[int, ...]
@@ -54,8 +57,68 @@ def _check_and_copy(node_name: str, node_type: str, module: nn.Module, arrays: S
         if have != want and not legacy_ok:
             raise CaffeCompatError(f"layer '{node_name}' ({node_type}): blob {i} has shape {have} in the "
                                    f"weights but the net needs {want}")
+        values = np.asarray(array).reshape(want)
         with torch.no_grad():
-            target.copy_(torch.from_numpy(np.ascontiguousarray(array)).reshape(want).to(target.dtype))
+            if target.device.type == "cpu" and target.dtype in (torch.float32, torch.float64):
+                # straight into the parameter: the arrays may be read-only views of the mapped file
+                copy_out(values, target.detach().numpy())  # in chunks, releasing the file's pages
+            else:
+                target.copy_(torch.from_numpy(np.array(values, dtype=np.float32)).to(target.dtype))
+
+
+@dataclass
+class _Step:
+    """One layer between the sizing pass and the building pass."""
+
+    node: LayerNode
+    ctx: LayerContext
+    converted: Converted
+    module_name: str
+    on_meta: bool  # built on the meta device: sized, but holding no memory yet
+
+
+def _tensors(module: nn.Module) -> List[torch.Tensor]:
+    seen, result = set(), []
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            result.append(tensor)
+    return result
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes the module's parameters and buffers take (or will take, on the meta device)."""
+    return sum(t.numel() * t.element_size() for t in _tensors(module))
+
+
+def _blobs_are_its_whole_state(module: nn.Module) -> bool:
+    """Whether loading the Caffe blobs sets every value the module holds, so the meta
+    build can be materialised empty and filled from the weights, skipping the fillers."""
+    blobs = {id(t) for t in caffe_blobs(module)}
+    if any(t.numel() and id(t) not in blobs for t in _tensors(module)):
+        return False
+    for sub in module.modules():
+        for name, value in vars(sub).items():
+            values = value if isinstance(value, (list, tuple)) else (value,)
+            if any(isinstance(v, torch.Tensor) and v.is_meta for v in values):
+                return False  # a plain tensor attribute, which to_empty would not reach
+    return True
+
+
+def _build(builder, ctx: LayerContext) -> Converted:
+    try:
+        converted = builder(ctx)
+    except (RuntimeError, MemoryError) as err:  # the allocator refusing a blob, or its size overflowing
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ctx.error(f"cannot allocate its parameters: {message}") from err
+    if not isinstance(converted, Converted):
+        raise TypeError(f"the builder of '{ctx.type}' returned {type(converted).__name__}, not Converted")
+    return converted
+
+
+def _names_list(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 class CaffeNet(nn.Module):
@@ -64,10 +127,17 @@ class CaffeNet(nn.Module):
     `forward(*inputs, **named_inputs)` takes the Input blobs (in declaration order, or by
     blob name) and returns a dict of the net's outputs by blob name; `blobs=[...]` adds
     any other blob. `.train()` / `.eval()` select Caffe's TRAIN / TEST behaviour.
+
+    The net is built in two passes: every layer first on the meta device (shapes and
+    sizes, no memory), then, once the net's parameters fit `max_memory` (default: the
+    memory available) and the weights fit the net, for real. Layers whose weights are
+    given skip their fillers. Weights that leave layers with parameters unset are an
+    error unless `allow_missing_weights` (those layers keep their filler values).
     """
 
     def __init__(self, graph: Graph, weights: Optional[Mapping[str, Sequence[np.ndarray]]] = None,
-                 input_shapes: Optional[Mapping[str, Shape]] = None):
+                 input_shapes: Optional[Mapping[str, Shape]] = None, *, weights_source: Optional[str] = None,
+                 allow_missing_weights: bool = False, max_memory: Union[None, int, str] = None):
         super().__init__()
         self.graph = graph
         self.phase = graph.phase
@@ -76,36 +146,59 @@ class CaffeNet(nn.Module):
         self.module_names: Dict[str, str] = {}  # Caffe layer name -> module name
         self.input_names: List[str] = list(graph.inputs)
         self.blob_shapes: Dict[str, Shape] = {}
+        unknown = sorted(set(input_shapes or {}) - set(graph.inputs))
+        if unknown:
+            raise CaffeCompatError(f"{graph.describe()}: input shape given for {', '.join(unknown)}, which "
+                                   f"the {graph.phase} net has no input of (its inputs: "
+                                   f"{', '.join(graph.inputs) or 'none'})")
         for name, shape in graph.inputs.items():
             shape = (input_shapes or {}).get(name, shape)
             if shape is None:
                 raise CaffeCompatError(f"net '{graph.name}': input '{name}' declares no shape; give one "
                                        f"(input_shapes={{'{name}': (N, C, H, W)}})")
-            self.blob_shapes[name] = tuple(shape)
+            self.blob_shapes[name] = tuple(int(d) for d in shape)
         self._plan: List[Tuple[str, List[str], List[str]]] = []
         self.loss_terms: List[Tuple[str, float]] = []
-        for node in graph.layers:
-            if node.type == "Input":
-                continue
-            self._add_layer(node)
+        steps = [self._size_layer(node) for node in graph.layers if node.type != "Input"]
+        self._check_memory(steps, max_memory)
+        if weights is not None:
+            self._check_weights_fit({s.node.name: len(getattr(s.converted.module, "blob_names", ()))
+                                     for s in steps}, weights, weights_source, allow_missing_weights)
+        for step in steps:
+            self._materialise(step, weights is not None and step.node.name in weights)
         self.output_names: List[str] = [b for b in graph.outputs if b in self.blob_shapes]
         self._release = self._release_plan()
         self._share_params()
         self.param_multipliers = self._multipliers()
         if weights is not None:
-            self.load_caffe_weights(weights)
+            self._copy_weights(weights)
         self.train(graph.phase == "TRAIN")
 
     # building
-    def _add_layer(self, node) -> None:
+    def _size_layer(self, node: LayerNode) -> _Step:
+        """Build the layer on the meta device (data layers, which read their files, and
+        builders that need real values are built for real) and record its tops."""
         shapes = [self.blob_shapes[b] for b in node.bottoms]
         ctx = LayerContext(node.name, node.type, node.param, list(node.bottoms), list(node.tops),
                            shapes, self.phase, list(node.loss_weights))
-        converted = builder_for(node.name, node.type)(ctx)
-        if not isinstance(converted, Converted):
-            raise TypeError(f"the builder of '{node.type}' returned {type(converted).__name__}, not Converted")
-        module_name = safe_name(node.name, self.layers.keys())
-        self.layers[module_name] = converted.module
+        builder = builder_for(node.name, node.type)
+        converted, on_meta = None, False
+        if node.type not in DATA_LAYER_TYPES:
+            try:
+                with torch.device("meta"):
+                    converted, on_meta = _build(builder, ctx), True
+            except CaffeCompatError:
+                raise
+            except Exception:  # noqa: BLE001  (a builder that needs real values: sized after its real build)
+                converted = None
+        if converted is None:
+            converted = _build(builder, ctx)
+        blob_count = len(getattr(converted.module, "blob_names", ()))
+        if len(node.param_specs) > blob_count:
+            raise CaffeCompatError(f"layer '{node.name}' ({node.type}): {len(node.param_specs)} param "
+                                   f"specification(s) for {blob_count} parameter blob(s) (Caffe: too many "
+                                   f"params specified for layer)")
+        module_name = safe_name(node.name, self.module_names.values())
         self.layer_names[module_name] = node.name
         self.module_names[node.name] = module_name
         top_shapes = converted.top_shapes
@@ -123,16 +216,39 @@ class CaffeNet(nn.Module):
             if weight:
                 self.loss_terms.append((top, float(weight)))
         self._plan.append((module_name, list(converted.bottoms), list(converted.tops)))
+        return _Step(node, ctx, converted, module_name, on_meta)
+
+    def _check_memory(self, steps: Sequence[_Step], max_memory: Union[None, int, str]) -> None:
+        budget = parse_size(max_memory, "max_memory") if max_memory is not None else available_memory()
+        if budget is None:
+            return
+        total = 0
+        for step in steps:
+            size = module_bytes(step.converted.module)
+            total += size
+            if total > budget:
+                limit = "the --max-memory / max_memory limit" if max_memory is not None else "the memory available"
+                raise CaffeCompatError(
+                    f"layer '{step.node.name}' ({step.node.type}): its parameters need {format_size(size)} "
+                    f"(the net up to it {format_size(total)}), more than {limit} ({format_size(budget)})")
+
+    def _materialise(self, step: _Step, weights_given: bool) -> None:
+        module = step.converted.module
+        if step.on_meta:
+            if weights_given and _blobs_are_its_whole_state(module):
+                try:
+                    module = module.to_empty(device="cpu")
+                except (RuntimeError, MemoryError) as err:
+                    raise step.ctx.error(f"cannot allocate its parameters: {err}") from err
+            else:
+                module = _build(builder_for(step.node.name, step.node.type), step.ctx).module
+        self.layers[step.module_name] = module
 
     def _share_params(self) -> None:
         for (layer, index), (owner, owner_index) in param_owners(self.graph).items():
             module = self.layers[self.module_names[layer]]
             owner_module = self.layers[self.module_names[owner]]
-            names = getattr(module, "blob_names", ())
-            if index >= len(names):
-                raise CaffeCompatError(f"layer '{layer}': names param {index} for sharing but has "
-                                       f"{len(names)} parameter blob(s)")
-            attr = names[index]
+            attr = module.blob_names[index]  # every spec has its blob: checked when sizing
             owner_param = caffe_blobs(owner_module)[owner_index]
             if tuple(getattr(module, attr).shape) != tuple(owner_param.shape):
                 raise CaffeCompatError(f"layer '{layer}': shared param {index} has shape "
@@ -160,18 +276,52 @@ class CaffeNet(nn.Module):
         return result
 
     # weights
-    def load_caffe_weights(self, weights: Mapping[str, Sequence[np.ndarray]]) -> None:
-        """Copy blobs by layer name, as Caffe's CopyTrainedLayersFrom: unknown layers are skipped."""
-        skipped = [name for name in weights if name not in self.module_names]
+    def _check_weights_fit(self, blob_counts: Mapping[str, int], weights: Mapping[str, Sequence[np.ndarray]],
+                           source: Optional[str], allow_missing: bool) -> None:
+        """Caffe's CopyTrainedLayersFrom matches layers by name and skips the rest; here
+        weights that set nothing are an error, and so are layers left unset unless
+        `allow_missing` (a blob shared with a layer that gets weights is set)."""
+        source = f"'{source}'" if source else "the weights"
+        net = self.graph.describe()
+        owners = param_owners(self.graph)
+        group = {(layer, i): owners.get((layer, i), (layer, i))
+                 for layer, count in blob_counts.items() for i in range(count)}
+        covered = {group[(layer, i)] for layer in weights if layer in blob_counts
+                   for i in range(blob_counts[layer])}
+        with_params = [layer for layer, count in blob_counts.items() if count]
+        missing = [layer for layer in with_params
+                   if any(group[(layer, i)] not in covered for i in range(blob_counts[layer]))]
+        if with_params and len(missing) == len(with_params):
+            held = [name for name in weights] or ["no layer with blobs"]
+            raise CaffeCompatError(f"{source} shares no layer with {net} ({self.phase} net): the net's layers with "
+                                   f"parameters are {_names_list(with_params, 4)}; the weights hold "
+                                   f"{_names_list(held, 4)}")
+        if missing and not allow_missing:
+            raise CaffeCompatError(f"{source} has no weights for {len(missing)} of the {len(with_params)} layers "
+                                   f"with parameters of {net} ({self.phase} net): {_names_list(missing)} "
+                                   f"(--allow-missing-weights / allow_missing_weights=True keeps their fillers)")
+        if missing:
+            warnings.warn(f"{source}: {len(missing)} layer(s) of {net} get no weights and keep their filler "
+                          f"values: {_names_list(missing)}", stacklevel=3)
+        skipped = [name for name in weights if name not in blob_counts]
         if skipped:
-            warnings.warn(f"weights for layers not in the {self.phase} net were skipped: {', '.join(skipped)}",
-                          stacklevel=2)
+            warnings.warn(f"{source}: {len(skipped)} layer(s) not in the {self.phase} net were skipped, as Caffe "
+                          f"does: {_names_list(skipped)}", stacklevel=3)
+
+    def _copy_weights(self, weights: Mapping[str, Sequence[np.ndarray]]) -> None:
         for name, arrays in weights.items():
             module_name = self.module_names.get(name)
-            if module_name is None:
-                continue
-            node = self.graph.layer(name)
-            _check_and_copy(name, node.type, self.layers[module_name], arrays)
+            if module_name is not None:
+                _check_and_copy(name, self.graph.layer(name).type, self.layers[module_name], arrays)
+
+    def load_caffe_weights(self, weights: Mapping[str, Sequence[np.ndarray]], source: Optional[str] = None,
+                           allow_missing: bool = False) -> None:
+        """Copy blobs by layer name, as Caffe's CopyTrainedLayersFrom, after the checks of
+        `_check_weights_fit`; `source` names the weights file in messages."""
+        blob_counts = {self.layer_names[m]: len(getattr(module, "blob_names", ()))
+                       for m, module in self.layers.items()}
+        self._check_weights_fit(blob_counts, weights, source, allow_missing)
+        self._copy_weights(weights)
 
     def caffe_weights(self) -> Dict[str, List[np.ndarray]]:
         """Blobs by Caffe layer name, as Caffe would save them."""

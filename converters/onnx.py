@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -26,7 +25,7 @@ from ..io.atomic import write_bytes
 from ..io.files import read_caffemodel, read_prototxt, weights_of
 from ..layers.normalization import onnx_reduce
 from ..layers.onnx_graph import OnnxGraph
-from ..layers.registry import REGISTRY, LayerContext, caffe_blobs
+from ..layers.registry import REGISTRY, LayerContext
 from ..net import CaffeNet
 from .artifact import model_net_file, model_weights, read_model
 from .preprocess import PreprocessOverrides, preprocess_metadata, with_overrides
@@ -248,7 +247,8 @@ def _sha256(data: bytes) -> str:
 
 def load_for_export(source: PathLike, weights: Optional[PathLike] = None,
                     input_shape: Optional[Sequence[int]] = None, dialect: Optional[str] = None,
-                    preprocess: Optional[PreprocessOverrides] = None) -> Tuple[CaffeNet, Dict[str, str]]:
+                    preprocess: Optional[PreprocessOverrides] = None, allow_missing_weights: bool = False,
+                    max_memory=None) -> Tuple[CaffeNet, Dict[str, str]]:
     """The TEST-phase net of NET.prototxt + WEIGHTS.caffemodel (or of a MODEL written by
     `convert`/`train` when `weights` is None), made a deploy net where it has data
     layers, and the metadata of its source: preprocessing (the net's, a MODEL's
@@ -274,18 +274,14 @@ def load_for_export(source: PathLike, weights: Optional[PathLike] = None,
         digest = _sha256(source.read_bytes())
     has_data_layers = bool(data_layers_of(net_file.net))
     net_param = deploy_net(net_file.net, input_shape) if has_data_layers else net_file.net
-    graph = build_graph(net_param, "TEST", net_file.dialect)
+    graph = build_graph(net_param, "TEST", net_file.dialect, source=str(source))
     input_shapes = None
     if input_shape is not None and not has_data_layers:
         if not graph.inputs:
             raise CaffeCompatError(f"{source}: the net has neither Input nor data layers")
         input_shapes = {next(iter(graph.inputs)): tuple(input_shape)}
-    net = CaffeNet(graph, blobs, input_shapes)
-    unweighted = [name for module_name, name in net.layer_names.items()
-                  if caffe_blobs(net.layers[module_name]) and name not in blobs]
-    if unweighted:
-        warnings.warn(f"{weights or source}: no weights for layer(s) {', '.join(unweighted)}; they keep "
-                      f"their filler initialisation", stacklevel=2)
+    net = CaffeNet(graph, blobs, input_shapes, weights_source=str(weights or source),
+                   allow_missing_weights=allow_missing_weights, max_memory=max_memory)
     if recorded is not None:
         props = with_overrides(recorded, preprocess, net_file.net.name)
     else:
@@ -315,9 +311,11 @@ class ExportSummary:
 
 def export_files(source: PathLike, weights: Optional[PathLike], out: PathLike,
                  input_shape: Optional[Sequence[int]] = None, dialect: Optional[str] = None,
-                 preprocess: Optional[PreprocessOverrides] = None, **options) -> ExportSummary:
+                 preprocess: Optional[PreprocessOverrides] = None, allow_missing_weights: bool = False,
+                 max_memory=None, **options) -> ExportSummary:
     """`caffe-compat export-onnx`: load (see `load_for_export`), export, write."""
-    net, metadata = load_for_export(source, weights, input_shape, dialect, preprocess)
+    net, metadata = load_for_export(source, weights, input_shape, dialect, preprocess, allow_missing_weights,
+                                    max_memory)
     metadata.update(options.pop("metadata", None) or {})
     try:
         model = write_onnx(net, out, metadata=metadata, **options)

@@ -1,0 +1,70 @@
+"""How much memory a net may take: sizes as users write them ('8G'), and what this
+process can still allocate (free RAM, and the address-space limit when one is set)."""
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional, Union
+
+from .errors import CaffeCompatError
+
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
+
+
+def parse_size(text: Union[str, int, float], what: str = "--max-memory") -> int:
+    """'8G', '512M', '1.5GB', '4096' (bytes) -> bytes; units are powers of 1024."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        size = int(text)
+    else:
+        match = _SIZE.fullmatch(str(text))
+        if not match:
+            raise CaffeCompatError(f"{what} {text!r}: expected a size such as 8G, 512M or 1048576 (bytes)")
+        size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise CaffeCompatError(f"{what} {text!r}: must be positive")
+    return size
+
+
+def format_size(size: int) -> str:
+    for unit, scale in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def _meminfo_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as lines:
+            for line in lines:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _address_space_left() -> Optional[int]:
+    """What RLIMIT_AS still allows this process to map, or None without a limit."""
+    try:
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, OSError, ValueError):
+        return None
+    if limit == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/status", encoding="ascii") as lines:
+            used = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmSize:"))
+    except (OSError, ValueError, StopIteration):
+        used = 0
+    return max(0, limit - used)
+
+
+def available_memory() -> Optional[int]:
+    """Bytes this process can still allocate, as far as the system says; None when unknown."""
+    known = [n for n in (_meminfo_available(), _address_space_left()) if n is not None]
+    return min(known) if known else None
