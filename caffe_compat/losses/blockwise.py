@@ -8,8 +8,8 @@ y_i == y_j), loss = sum J_ij^2 / (2N).
 Memory. No n x n matrix is ever whole unless it fits SAVE_BYTES: rows are processed in
 blocks of b rows, b chosen so that the few b x n temporaries of one block fit
 BLOCK_BYTES (block_rows). The forward makes one pass over the blocks for the per-anchor
-log-sum-exps and records the ordered positive pairs of each block (flat indices, a few
-bytes per pair); the losses of the pairs then need only those. When the n x n quotient
+log-sum-exps and records the ordered positive pairs of each block (their indices, 16
+bytes a pair); the losses of the pairs then need only those. When the n x n quotient
 softmax / D fits SAVE_BYTES, the forward keeps it and the backward is two matrix
 products per block; otherwise the backward recomputes each block's distances (one more
 product per block) and nothing n x n is held at all.
@@ -19,7 +19,7 @@ batch is centred first: embeddings with a large common component (a fine-tuned n
 features) then no longer cancel in |x_i|^2 + |x_j|^2 - 2 x_i.x_j. Where that form still
 cancels (pairs much closer than their distance to the centre: near-coincident pairs,
 d = 1), rounding of order eps (|x_i|^2 + |x_j|^2) would swamp D_ij^2: every entry with
-D_ij^2 <= NEAR_FRACTION (|x_i|^2 + max_k |x_k|^2) gets its distance from the
+D_ij^2 <= 2 NEAR_FRACTION max_k |x_k|^2 (centred) gets its distance from the
 difference x_i - x_j instead, and its gradient term too (the matrix-product form of the
 gradient cancels in the same way there). All other entries then have a relative error
 of order eps / NEAR_FRACTION. A zero distance gets the zero subgradient.
@@ -30,14 +30,12 @@ negative), and division by zero distances (NaN gradients for coincident positive
 """
 from __future__ import annotations
 
-from typing import List, Optional
-
 import torch
 from torch import Tensor
 
 BLOCK_BYTES = 64 * 2 ** 20
 SAVE_BYTES = 64 * 2 ** 20
-BLOCK_TEMPORARIES = 3  # b x n buffers of the embeddings' dtype alive at once (plus two bool masks)
+BLOCK_TEMPORARIES = 3  # b x n buffers of the embeddings' dtype alive at once
 NEAR_FRACTION = 1.0 / 16
 
 
@@ -47,84 +45,75 @@ def block_rows(n: int, itemsize: int) -> int:
 
 
 class _Block:
-    """What the forward records about rows [start, stop): flat indices (into the block's
-    b x n entries) of its ordered positive pairs, with J / D there once the losses are
-    known; its near entries (default arithmetic) with their exact distances and their
-    softmax / D; and, in the saving mode, softmax / D for the whole block."""
+    """What the forward records about rows [start, stop): the (row in block, column)
+    indices of its ordered positive pairs, with D there and, once the hinges are known,
+    J / D; its near entries (default arithmetic; None when there are none) with their
+    exact distances and softmax numerator / D; and, when saving, numerator / D for the
+    whole block."""
+
+    __slots__ = ("start", "stop", "positives", "positive_quotients", "near", "near_distances",
+                 "near_quotients", "quotients")
 
     def __init__(self, start: int, stop: int):
         self.start, self.stop = start, stop
-        self.positives: Tensor = None
-        self.positive_quotients: Tensor = None  # D there in the forward, then J / D
-        self.near: Optional[Tensor] = None
-        self.near_distances: Optional[Tensor] = None
-        self.near_quotients: Optional[Tensor] = None
-        self.quotients: Optional[Tensor] = None
+        self.near = self.near_distances = self.near_quotients = self.quotients = None
 
-    def diagonal(self, matrix: Tensor) -> Tensor:
-        return matrix[:, self.start:self.stop].diagonal()
+    def square(self, matrix: Tensor) -> Tensor:
+        """The block's columns start:stop, whose diagonal is the pairs (i, i)."""
+        return matrix[:, self.start:self.stop] if self.start or self.stop < matrix.shape[1] else matrix
 
-    def pair_rows(self, flat: Tensor, n: int):
-        return flat // n + self.start, flat % n
+    def global_rows(self, rows: Tensor) -> Tensor:
+        return rows + self.start if self.start else rows
 
 
 class _Geometry:
     """The embeddings as the block computations see them."""
 
     def __init__(self, x: Tensor, labels: Tensor, caffe_exact: bool):
-        self.caffe_exact = caffe_exact
+        self.caffe_exact, self.n = caffe_exact, x.shape[0]
+        self.labels, self.label_column = labels, labels.unsqueeze(1)
         # Differences of nearby rows are exact in the input (Sterbenz), not after
-        # centring rounded each row: near entries use the input's rows.
+        # centring has rounded each row: near entries use the input's rows.
         self.raw = x
         self.x = x if caffe_exact else x - x.mean(0)
-        self.labels = labels
-        sq_norms = torch.einsum("ij,ij->i", self.x, self.x)
-        self.sq_norms = sq_norms
+        self.sq_norms = torch.linalg.vecdot(self.x, self.x)
         if not caffe_exact:
-            # [x, |x|^2, 1] . [-2x, 1, |x|^2] = D^2 in one product.
-            ones = torch.ones_like(sq_norms).unsqueeze(1)
-            self.left = torch.cat([self.x, sq_norms.unsqueeze(1), ones], 1)
-            self.right = torch.cat([self.x * -2, ones, sq_norms.unsqueeze(1)], 1)
-            self.near_threshold = (sq_norms + sq_norms.max()).mul_(NEAR_FRACTION)
+            self.near_threshold = self.sq_norms.max().item() * (2 * NEAR_FRACTION)
 
     def distances(self, block: _Block, find_near: bool) -> Tensor:
-        """D for the block's rows (b x n). find_near: detect the near entries and record
-        them in `block`; otherwise reuse those recorded."""
+        """D for the block's rows (b x n), inf on the diagonal (never a pair: that masks
+        it everywhere). find_near: detect the near entries and record them in `block`;
+        otherwise reuse those recorded."""
         rows = slice(block.start, block.stop)
-        if self.caffe_exact:
-            dist_sq = torch.addmm(self.sq_norms[rows].unsqueeze(1), self.x[rows], self.x.T, alpha=-2)
-            return dist_sq.add_(self.sq_norms).sqrt_()
-        dist_sq = self.left[rows] @ self.right.T
-        if find_near:
-            near = dist_sq <= self.near_threshold[rows].unsqueeze(1)
-            block.diagonal(near).fill_(False)
-            block.near = _flat_nonzero(near)
-            if block.near.numel():
-                block.near_distances = _pair_distances(self.raw, *block.pair_rows(block.near, self.n))
-        # Rounding-negative squares are all near entries, replaced just below.
-        dist = dist_sq.sqrt_()
-        if block.near.numel():
-            dist.view(-1).index_copy_(0, block.near, block.near_distances)
-        return dist
+        # The fork's order: -2 x_i.x_j + |x_i|^2, then + |x_j|^2.
+        dist_sq = torch.addmm(self.sq_norms[rows].unsqueeze(1), self.x[rows], self.x.T, alpha=-2)
+        dist_sq.add_(self.sq_norms)
+        block.square(dist_sq).fill_diagonal_(torch.inf)
+        if not self.caffe_exact:
+            # Near entries are rare: one min over the block tells whether to look for them.
+            if find_near and dist_sq.amin().item() <= self.near_threshold:
+                near_rows, near_cols = (dist_sq <= self.near_threshold).nonzero().unbind(1)
+                block.near = (near_rows, near_cols)
+                block.near_distances = _pair_distances(self.raw, block.global_rows(near_rows), near_cols)
+            if block.near is not None:
+                # Rounding-negative squares are all near entries: replaced here.
+                dist_sq.index_put_(block.near, block.near_distances.square())
+        return dist_sq.sqrt_()
 
-    @property
-    def n(self) -> int:
-        return self.x.shape[0]
-
-    def masked_softmax_numerators(self, block: _Block, dist: Tensor, nearest: Optional[Tensor]):
-        """exp(nearest_i - D_ik) on negatives, 0 on same-label entries; and nearest_i,
-        the distance to the anchor's nearest negative (computed when not given). A row
-        without negatives has nearest = max and all numerators 1 (its hinges are 0)."""
-        same = self.labels[block.start:block.stop].unsqueeze(1) == self.labels
-        shifted = dist.masked_fill(same, torch.finfo(dist.dtype).max)
-        if nearest is None:
-            nearest = shifted.amin(1)
-        numerators = torch.sub(nearest.unsqueeze(1), shifted, out=shifted).exp_()
-        return numerators, nearest, same
-
-
-def _flat_nonzero(mask: Tensor) -> Tensor:
-    return mask.view(-1).nonzero().squeeze(1)
+    def softmax_numerators(self, block: _Block, dist: Tensor, nearest: Tensor, find_nearest: bool):
+        """exp(nearest_i - D_ik) on negatives and 0 on same-label entries (b x n), with
+        nearest_i the distance to the anchor's nearest negative (written into `nearest`
+        when find_nearest), and the positive pairs' mask (1.0, the diagonal excluded).
+        A row without negatives gets nearest = max and numerators 1: its hinges are 0.
+        (Float masks: comparisons into bool, and masked_fill, are several times slower.)"""
+        same = dist.new_empty(dist.shape)
+        torch.eq(self.label_column[block.start:block.stop], self.labels, out=same)
+        block.square(same).fill_diagonal_(0)
+        # + max pushes same-label distances beyond any other, so their exponent is -inf.
+        shifted = torch.add(dist, same, alpha=torch.finfo(dist.dtype).max)
+        if find_nearest:
+            torch.amin(shifted, 1, keepdim=True, out=nearest)
+        return torch.sub(nearest, shifted, out=shifted).exp_(), same
 
 
 def _chunks(count: int, width: int, itemsize: int):
@@ -141,7 +130,7 @@ def _pair_distances(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 
 
 def _add_pair_gradients(grad: Tensor, x: Tensor, rows: Tensor, cols: Tensor, coef: Tensor):
-    """grad_r += coef (x_r - x_c) and grad_c -= coef (x_r - x_c), from the differences."""
+    """grad_r += coef (x_r - x_c), grad_c -= coef (x_r - x_c), from the differences."""
     for part in _chunks(rows.shape[0], x.shape[1], x.element_size()):
         r, c = rows[part], cols[part]
         step = (x[r] - x[c]).mul_(coef[part].unsqueeze(1))
@@ -150,95 +139,100 @@ def _add_pair_gradients(grad: Tensor, x: Tensor, rows: Tensor, cols: Tensor, coe
 
 
 class LiftedStructLoss(torch.autograd.Function):
-    """loss = LiftedStructLoss.apply(x, labels, num_ordered, margin, caffe_exact) for flat
-    (n, d) x, labels as floats of x's dtype, N = num_ordered ordered positive pairs."""
+    """loss, N = LiftedStructLoss.apply(x, labels, margin, caffe_exact) for flat (n, d)
+    x and labels as floats of x's dtype; N (an int) is the number of ordered positive
+    pairs, and a batch without any gives loss 0."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, labels: Tensor, num_ordered: int, margin: float, caffe_exact: bool):
+    def forward(ctx, x: Tensor, labels: Tensor, margin: float, caffe_exact: bool):
         geometry = _Geometry(x, labels, caffe_exact)
-        n = x.shape[0]
+        n = geometry.n
         save = n * n * x.element_size() <= SAVE_BYTES
-        rows = block_rows(n, x.element_size())
-        blocks = [_Block(s, min(s + rows, n)) for s in range(0, n, rows)]
-        nearest, sums = x.new_empty(n), x.new_empty(n)
+        rows_per_block = block_rows(n, x.element_size())
+        blocks = [_Block(s, min(s + rows_per_block, n)) for s in range(0, n, rows_per_block)]
+        nearest, sums = x.new_empty(n, 1), x.new_empty(n, 1)
         for block in blocks:
+            rows = slice(block.start, block.stop)
             dist = geometry.distances(block, find_near=True)
-            numerators, nearest[block.start:block.stop], same = \
-                geometry.masked_softmax_numerators(block, dist, None)
-            sums[block.start:block.stop] = numerators.sum(1)
-            block.diagonal(same).fill_(False)
-            block.positives = _flat_nonzero(same)
-            block.positive_quotients = dist.view(-1)[block.positives]
-            if block.near is not None and block.near.numel():
-                # softmax numerator / D on near entries (0 on same-label ones, and at D = 0)
-                near_numerators = numerators.view(-1)[block.near]
+            numerators, same = geometry.softmax_numerators(block, dist, nearest[rows], True)
+            torch.sum(numerators, 1, keepdim=True, out=sums[rows])
+            block.positives = same.nonzero().unbind(1)
+            block.positive_quotients = dist[block.positives]
+            if block.near is not None:
+                # numerator / D on near entries: 0 on same-label ones and at D = 0
                 block.near_quotients = torch.where(block.near_distances > 0,
-                                                   near_numerators / block.near_distances, 0)
+                                                   numerators[block.near] / block.near_distances, 0)
             if save:
-                quotients = numerators.div_(dist)
-                _zero_special_entries(block, quotients)
-                block.quotients = quotients
+                block.quotients = numerators.div_(dist)
+                _zero_near_entries(block, block.quotients)
         # a_i = m - nearest_i + log s_i: the exponents above were all <= 0 and s_i >= 1.
-        anchor_lse = sums.log().sub_(nearest).add_(margin)
-        total = x.new_zeros(())
-        anchor_weights = x.new_zeros(n)  # w_i = sum_j sigmoid(a_i - a_j) J_ij
+        anchor_lse = sums.log().sub_(nearest).add_(margin).view(-1)
+        squares, num_ordered = [], 0
+        anchor_weights = x.new_zeros(n)  # -2 w_i, w_i = sum_j sigmoid(a_i - a_j) J_ij
         for block in blocks:
-            r, c = block.pair_rows(block.positives, n)
-            hinge = torch.logaddexp(anchor_lse[r], anchor_lse[c]).add_(block.positive_quotients).clamp_min_(0)
-            total += torch.dot(hinge, hinge)
-            anchor_weights.index_add_(0, r, torch.sigmoid(anchor_lse[r] - anchor_lse[c]).mul_(hinge))
+            r, c = block.global_rows(block.positives[0]), block.positives[1]
+            anchors, partners = anchor_lse[r], anchor_lse[c]
+            hinge = torch.logaddexp(anchors, partners).add_(block.positive_quotients).clamp_min_(0)
+            squares.append(torch.dot(hinge, hinge))
+            num_ordered += hinge.numel()
+            anchor_weights.index_add_(0, r, anchors.sub_(partners).sigmoid_().mul_(hinge), alpha=-2)
             block.positive_quotients = hinge.div_(block.positive_quotients)
-        ctx.geometry, ctx.blocks, ctx.num_ordered = geometry, blocks, num_ordered
+        ctx.geometry, ctx.blocks, ctx.num_ordered, ctx.nearest = geometry, blocks, num_ordered, nearest
         # dLoss/dD_ik through a_i, times N: -2 w_i softmax_ik = -2 w_i / s_i * numerator_ik.
-        ctx.negative_scale = anchor_weights.mul_(-2).div_(sums)
-        ctx.nearest = nearest
-        return total / (2 * max(num_ordered, 1))
+        ctx.negative_scale = anchor_weights.view(-1, 1).div_(sums)
+        ctx.mark_non_differentiable(labels)
+        total = squares[0] if len(squares) == 1 else torch.stack(squares).sum()
+        return total.mul_(1 / (2 * max(num_ordered, 1))) if squares else x.new_zeros(()), num_ordered
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor):
+    def backward(ctx, grad_loss: Tensor, _):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        geometry, n = ctx.geometry, ctx.geometry.n
+            return None, None, None, None
+        geometry = ctx.geometry
         x = geometry.x
         with torch.autocast(x.device.type, enabled=False):
-            # A = sum over blocks of C [x, 1] and C^T [x, 1]: grad_i = sum_j (C_ij + C_ji)(x_i - x_j)
-            # = x_i * A_i,d - A_i,:d, with C = dLoss/dD / D (times N) over ordered entries.
-            x1 = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-            accumulated = torch.zeros_like(x1)
-            near_rows: List[Tensor] = []
-            near_cols: List[Tensor] = []
-            near_coefs: List[Tensor] = []
+            # C = dLoss/dD / D (times N) over ordered entries; grad_i = sum_j (C_ij + C_ji)
+            # (x_i - x_j) = x_i (row_i + column_i sums of C) - (C x)_i - (C^T x)_i.
+            # (An augmented [x, 1] would give the sums inside the products, but matrix
+            # products with d + 1 columns run far slower than with d.)
+            grad = None if len(ctx.blocks) == 1 else torch.zeros_like(x)
+            weights = None if len(ctx.blocks) == 1 else x.new_zeros(x.shape[0])
+            near_rows, near_cols, near_coefs = [], [], []
             for block in ctx.blocks:
                 rows = slice(block.start, block.stop)
-                scale = ctx.negative_scale[rows].unsqueeze(1)
+                scale = ctx.negative_scale[rows]
                 if block.quotients is not None:
                     coef = block.quotients * scale
                 else:
                     dist = geometry.distances(block, find_near=False)
-                    numerators, _, _ = geometry.masked_softmax_numerators(block, dist, ctx.nearest[rows])
-                    coef = numerators.div_(dist)
-                    _zero_special_entries(block, coef)
+                    coef = geometry.softmax_numerators(block, dist, ctx.nearest[rows], False)[0].div_(dist)
+                    _zero_near_entries(block, coef)
                     coef.mul_(scale)
-                coef.view(-1).index_copy_(0, block.positives, block.positive_quotients)
-                if block.near is not None and block.near.numel():
-                    r, c = block.pair_rows(block.near, n)
-                    near_coef = coef.view(-1)[block.near].addcmul_(block.near_quotients, scale.view(-1)[r - block.start])
-                    coef.view(-1).index_fill_(0, block.near, 0)
-                    near_rows.append(r)
-                    near_cols.append(c)
+                coef.index_put_(block.positives, block.positive_quotients)
+                if block.near is not None:
+                    near_coef = coef[block.near].addcmul_(block.near_quotients, scale.view(-1)[block.near[0]])
+                    coef.index_put_(block.near, near_coef.new_zeros(()))
+                    near_rows.append(block.global_rows(block.near[0]))
+                    near_cols.append(block.near[1])
                     near_coefs.append(torch.where(block.near_distances > 0, near_coef, 0))
-                accumulated[rows].addmm_(coef, x1)
-                accumulated.addmm_(coef.T, x1[rows])
-            d = x.shape[1]
-            grad = torch.addcmul(-accumulated[:, :d], x, accumulated[:, d:])
+                if grad is None:  # one block
+                    weights = coef.sum(1).add_(coef.sum(0))
+                    grad = torch.addmm(x * weights.unsqueeze(1), coef, x, alpha=-1)
+                else:
+                    weights[rows] += coef.sum(1)
+                    weights += coef.sum(0)
+                    grad[rows].addmm_(coef, x, alpha=-1)
+                grad.addmm_(coef.T, x[rows], alpha=-1)
+            if len(ctx.blocks) > 1:
+                grad.addcmul_(x, weights.unsqueeze(1))
             if near_rows:
-                _add_pair_gradients(grad, geometry.raw, torch.cat(near_rows), torch.cat(near_cols), torch.cat(near_coefs))
+                _add_pair_gradients(grad, geometry.raw, torch.cat(near_rows), torch.cat(near_cols),
+                                    torch.cat(near_coefs))
             grad.mul_(grad_loss / max(ctx.num_ordered, 1))
-        return grad, None, None, None, None
+        return grad, None, None, None
 
 
-def _zero_special_entries(block: _Block, quotients: Tensor) -> None:
-    """The diagonal is never a pair, and near entries are handled from differences."""
-    block.diagonal(quotients).zero_()
-    if block.near is not None and block.near.numel():
-        quotients.view(-1).index_fill_(0, block.near, 0)
+def _zero_near_entries(block: _Block, quotients: Tensor) -> None:
+    """Near entries are handled from differences."""
+    if block.near is not None:
+        quotients.index_put_(block.near, quotients.new_zeros(()))

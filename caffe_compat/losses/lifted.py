@@ -98,18 +98,15 @@ def lifted_struct_loss(embeddings: Tensor, labels: Tensor, margin: float = 1.0,
     if not math.isfinite(margin):
         raise CaffeCompatError(f"LiftedStructSimilaritySoftmaxLoss: margin must be finite, got {margin}")
     x, labels = _flatten_checked(embeddings, labels)
-    n = x.shape[0]
-    class_sizes = torch.unique(labels, return_counts=True)[1]
-    num_ordered = int((class_sizes * (class_sizes - 1)).sum().item())
-    if num_ordered == 0:
-        warnings.warn(f"LiftedStructSimilaritySoftmaxLoss: no positive pair among {n} samples "
-                      f"(every label distinct); the loss is 0", NoPositivePairsWarning, stacklevel=2)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):  # distances in full precision
-            loss = LiftedStructLoss.apply(x, labels, num_ordered, margin, caffe_exact)
+            loss, num_ordered = LiftedStructLoss.apply(x, labels, margin, caffe_exact)
     else:
-        loss = LiftedStructLoss.apply(x, labels, num_ordered, margin, caffe_exact)
+        loss, num_ordered = LiftedStructLoss.apply(x, labels, margin, caffe_exact)
+    if num_ordered == 0:
+        warnings.warn(f"LiftedStructSimilaritySoftmaxLoss: no positive pair among {x.shape[0]} samples "
+                      f"(every label distinct); the loss is 0", NoPositivePairsWarning, stacklevel=2)
     # Checked after the fact, as one non-finite input makes the loss non-finite, and
     # this costs nothing in the usual case.
     if not math.isfinite(loss.item()):
