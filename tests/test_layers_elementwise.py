@@ -275,6 +275,24 @@ def test_eltwise_sum_with_coefficients_and_prod():
         assert_close(grad, dy * others[0] * others[1])
 
 
+def test_eltwise_prod_without_stable_grad_divides_the_top_as_caffe():
+    bottoms = [randn(2, 3, 4, zeros=False) for _ in range(3)]
+    bottoms[1][0, 0, 0] = 0  # there Caffe's top / bottom is 0 / 0
+    dy = randn(2, 3, 4, zeros=False)
+    _, layer = build("Eltwise", "eltwise_param { operation: PROD stable_prod_grad: false }",
+                     [b.shape for b in bottoms])
+    y, grads = run(layer, *bottoms, grad_seed=dy)
+    top = np.prod(np.stack(bottoms), axis=0)
+    np.testing.assert_array_equal(y, top)
+    for bottom, grad in zip(bottoms, grads):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            expected = dy * (top / bottom)
+        np.testing.assert_array_equal(np.isnan(grad), np.isnan(expected))
+        finite = ~np.isnan(expected)
+        assert_close(grad[finite], expected[finite])
+    assert np.isnan(grads[1][0, 0, 0]) and not np.isnan(grads[0][0, 0, 0])
+
+
 @pytest.mark.parametrize("params,shapes,message", [
     ("", [(2, 3)], "at least 2 bottoms"),
     ("", [(2, 3), (2, 4)], "same shape"),

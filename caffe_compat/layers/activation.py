@@ -378,20 +378,37 @@ def dropout_to_onnx(g: OnnxGraph, ctx, module: Dropout, inputs, outputs):
 
 # ---------------------------------------------------------------- Eltwise
 
-class Eltwise(CaffeLayer):
-    """PROD, SUM (with one coefficient per bottom) or MAX of equally shaped bottoms."""
+class _QuotientGradient(torch.autograd.Function):
+    """The product `top` of `bottoms`, each bottom's gradient taken as top / bottom."""
 
-    def __init__(self, operation: str, coeffs: Sequence[float]):
+    @staticmethod
+    def forward(ctx, top, *bottoms):
+        ctx.save_for_backward(top, *bottoms)
+        return top.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        top, *bottoms = ctx.saved_tensors
+        return (None, *(grad * top / b for b in bottoms))
+
+
+class Eltwise(CaffeLayer):
+    """PROD, SUM (with one coefficient per bottom) or MAX of equally shaped bottoms.
+    PROD's gradient for a bottom is the product of the others, or with
+    stable_prod_grad false Caffe's top / bottom (NaN where that bottom is 0)."""
+
+    def __init__(self, operation: str, coeffs: Sequence[float], stable_prod_grad: bool = True):
         super().__init__()
         self.operation = operation
         self.coeffs = tuple(coeffs)
+        self.stable_prod_grad = stable_prod_grad
 
     def forward(self, *bottoms):
         if self.operation == "PROD":
             top = bottoms[0] * bottoms[1]
             for bottom in bottoms[2:]:
                 top = top * bottom
-            return top
+            return top if self.stable_prod_grad else _QuotientGradient.apply(top, *bottoms)
         if self.operation == "SUM":
             terms = [b if c == 1 else b * c for b, c in zip(bottoms, self.coeffs)]
             top = terms[0]
@@ -428,7 +445,8 @@ def build_eltwise(ctx: LayerContext) -> Converted:
     if coeffs and operation == "PROD":
         raise ctx.error("coefficients are only for SUM")
     # Caffe ignores coefficients given to MAX.
-    return ctx.wire(Eltwise(operation, coeffs or [1.0] * count), top_shapes=[ctx.bottom_shapes[0]])
+    module = Eltwise(operation, coeffs or [1.0] * count, param.stable_prod_grad)
+    return ctx.wire(module, top_shapes=[ctx.bottom_shapes[0]])
 
 
 @register_onnx("Eltwise")
