@@ -37,7 +37,9 @@ def _cmd_layers(args) -> int:
 
 def _cmd_compare(args) -> int:
     from .compare import HEADER, cases_in, compare_case
+    from .memory import parse_size
 
+    max_memory = parse_size(args.max_memory) if args.max_memory else None
     paths = [Path(p) for p in args.files]
     if len(paths) == 1 and paths[0].is_dir():
         cases = cases_in(paths[0])
@@ -57,7 +59,8 @@ def _cmd_compare(args) -> int:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                rows = compare_case(proto, model, npz, args.device, args.rtol, args.grad_rtol)
+                rows = compare_case(proto, model, npz, args.device, args.rtol, args.grad_rtol,
+                                    allow_missing_weights=args.allow_missing_weights, max_memory=max_memory)
         except CaffeCompatError as err:
             if len(cases) == 1:
                 raise
@@ -75,19 +78,34 @@ def _cmd_compare(args) -> int:
 def _cmd_convert(args) -> int:
     from .converters.artifact import model_to_caffemodel, save_model
     from .converters.preprocess import describe as describe_preprocess, preprocess_metadata
-    from .loading import load_net
-    from .io.files import read_prototxt
+    from .loading import load_net, parse_input_shapes
+    from .io.files import read_prototxt, with_weights, write_caffemodel
+    from .memory import parse_size
 
     source = Path(args.source)
     out = Path(args.output)
-    if args.weights is None and out.suffix == ".caffemodel":
+    if args.weights is None and not args.random_init and out.suffix == ".caffemodel":
         model_to_caffemodel(source, out)
         print(f"wrote {out} (Caffe weights)")
         return 0
-    if args.weights is None:
-        raise CaffeCompatError("convert takes NET.prototxt WEIGHTS.caffemodel -o OUT, or MODEL -o NET.caffemodel")
+    if (args.weights is None) == (not args.random_init):
+        raise CaffeCompatError("convert takes NET.prototxt WEIGHTS.caffemodel -o OUT, NET.prototxt --random-init "
+                               "-o OUT (weights from the prototxt's fillers), or MODEL -o NET.caffemodel"
+                               + (": give WEIGHTS or --random-init, not both" if args.random_init else ""))
+    input_shapes = parse_input_shapes(args.input_shape or [])
+    max_memory = parse_size(args.max_memory) if args.max_memory else None
     net_file = read_prototxt(source, args.dialect)
-    net = load_net(net_file, args.weights, phase=args.phase, dialect=args.dialect)
+    if args.random_init:
+        import torch
+
+        torch.manual_seed(args.seed)
+    net = load_net(net_file, args.weights, phase=args.phase, dialect=args.dialect, input_shapes=input_shapes,
+                   allow_missing_weights=args.allow_missing_weights, max_memory=max_memory)
+    if out.suffix == ".caffemodel":
+        write_caffemodel(with_weights(net.graph.net, net.caffe_weights()), out)
+        origin = f"the fillers', seed {args.seed}" if args.random_init else args.weights
+        print(f"wrote {out}: Caffe weights of {len(net.caffe_weights())} layers ({origin})")
+        return 0
     preprocess = preprocess_metadata(net_file.net, source.resolve().parent, _preprocess_overrides(args),
                                      {name: net.blob_shapes[name] for name in net.input_names})
     save_model(net, out, net_file.dialect, preprocess)
@@ -113,28 +131,41 @@ def _add_preprocess_options(p, what: str, crop: bool = True) -> None:
         p.add_argument("--crop-size", type=int, help=f"centre crop, to {what}")
 
 
+def _add_weights_options(p, memory: bool = True) -> None:
+    p.add_argument("--allow-missing-weights", action="store_true",
+                   help="let layers the weights do not cover keep their fillers' values (else an error)")
+    if memory:
+        p.add_argument("--max-memory", metavar="SIZE",
+                       help="refuse nets whose parameters need more, e.g. 8G (default: the memory available)")
+
+
 def _cmd_export_onnx(args) -> int:
     from .converters.onnx import export_files, parse_shape
+    from .memory import parse_size
 
     summary = export_files(args.source, args.weights, args.onnx_file,
                            input_shape=parse_shape(args.input_shape) if args.input_shape else None,
                            dialect=args.dialect, outputs=args.outputs, opset=args.opset,
                            l2_normalize=args.l2_normalize, static_batch=args.static_batch,
-                           preprocess=_preprocess_overrides(args))
+                           preprocess=_preprocess_overrides(args), allow_missing_weights=args.allow_missing_weights,
+                           max_memory=parse_size(args.max_memory) if args.max_memory else None)
     print(summary.describe())
     return 0
 
 
 def _cmd_extract(args) -> int:
     from .extract import check_output_file, extract_features, save_features
+    from .memory import parse_size
     from .io.files import read_caffemodel, read_prototxt, weights_of
 
     check_output_file(args.output)
+    max_memory = parse_size(args.max_memory) if args.max_memory else None
     net_file = read_prototxt(args.net, args.dialect)
     weights = weights_of(read_caffemodel(args.weights, args.dialect))
     features = extract_features(net_file, weights, args.data, args.blob, args.device, args.batch_size,
                                 root=args.root, mean_file=args.mean_file, mean_values=args.mean_value,
-                                show_progress=True)
+                                show_progress=True, weights_source=args.weights,
+                                allow_missing_weights=args.allow_missing_weights, max_memory=max_memory)
     save_features(features, args.output)
     n, d = features["embeddings"].shape
     print(f"wrote {args.output}: {n} x {d} '{args.blob}'"
@@ -196,7 +227,8 @@ def _cmd_train(args) -> int:
     from .solver import train
 
     result = train(args.solver, weights=args.weights, resume=args.resume, device=args.device,
-                   max_iter=args.max_iter, output=args.output, log_path=args.log, sampler=args.sampler)
+                   max_iter=args.max_iter, output=args.output, log_path=args.log, sampler=args.sampler,
+                   allow_missing_weights=args.allow_missing_weights)
     if not result.stopped_early:
         return 0
     state = str(result.snapshots[-1])
@@ -242,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--rtol", type=float, help="forward tolerance (default 1e-5; 1e-4 for nets over 10 layers)")
     p.add_argument("--grad-rtol", type=float, help="gradient tolerance (default 1e-4)")
+    _add_weights_options(p)
     p.set_defaults(run=_cmd_compare)
 
     p = sub.add_parser("convert", help="Caffe -> caffe-compat model, or model -> caffemodel")
@@ -251,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], type=str.upper)
     p.add_argument("--dialect", choices=["bvlc", "lifted"])
     _add_preprocess_options(p, "record in the model (shown by export-onnx and caffe_compat.load)")
+    p.add_argument("--random-init", action="store_true",
+                   help="no WEIGHTS: fill the parameters from the prototxt's fillers (seeded by --seed)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of --random-init (default 0)")
+    p.add_argument("--input-shape", action="append", metavar="BLOB=N,C,H,W",
+                   help="shape of an input, or of a data layer's top whose source is absent (repeatable)")
+    _add_weights_options(p)
     p.set_defaults(run=_cmd_convert)
 
     p = sub.add_parser("export-onnx", help="Caffe net (or a converted/trained model) -> ONNX")
@@ -269,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shape of the image input (needed for data layers without crop_size)")
     p.add_argument("--dialect", choices=["bvlc", "lifted"])
     _add_preprocess_options(p, "record in metadata_props")
+    _add_weights_options(p)
     p.set_defaults(run=_cmd_export_onnx)
 
     p = sub.add_parser("time", help="per-layer forward and backward times, as `caffe time` prints them")
@@ -301,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", "--log-csv", dest="log", help="write iteration,loss,lr per iteration to this CSV")
     p.add_argument("--sampler", help="ImageData batches: sequential (Caffe's), pairs, or pk:P,K "
                                      "(P classes x K images)")
+    _add_weights_options(p, memory=False)
     p.set_defaults(run=_cmd_train)
 
     p = sub.add_parser("extract", help="run a net's TEST phase over a dataset and save one blob per image")
@@ -318,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean-value", type=float, nargs="+", metavar="B G R",
                    help="subtract these channel means instead of the net's mean")
     p.add_argument("--dialect", choices=["bvlc", "lifted"])
+    _add_weights_options(p)
     p.set_defaults(run=_cmd_extract)
 
     p = sub.add_parser("evaluate", help="Recall@K, NMI, F1 and RI as the paper's MATLAB code computes them")
@@ -360,9 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"caffe-compat: warning: {message}\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning  # notes, one line each
     try:
         return args.run(args)
     except CaffeCompatError as err:
@@ -375,6 +422,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("caffe-compat: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":
