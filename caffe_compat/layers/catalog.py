@@ -14,12 +14,12 @@ from typing import Dict, List
 # family module -> {Caffe type: has an ONNX emitter}
 FAMILIES: Dict[str, Dict[str, bool]] = {
     "activation": {"ReLU": True, "PReLU": True, "ELU": True, "Sigmoid": True, "TanH": True, "AbsVal": True,
-                   "BNLL": True, "Power": True, "Exp": True, "Log": True, "Threshold": True, "Dropout": True,
-                   "Eltwise": True},
+                   "BNLL": True, "Power": True, "Exp": True, "Log": True, "Threshold": True, "Dropout": True},
     "clip_swish": {"Clip": True, "Swish": True},
     "convolution": {"Convolution": True, "Deconvolution": True, "Im2col": True},
     "crop": {"Crop": True},
     "data": {"Data": False, "ImageData": False},
+    "eltwise": {"Eltwise": True},
     "hdf5": {"HDF5Data": False, "HDF5Output": False},
     "inner_product": {"InnerProduct": True, "Embed": True},
     "lifted": {"LiftedStructSimilaritySoftmaxLoss": False},
