@@ -24,8 +24,8 @@ PathLike = Union[str, Path]
 @dataclass
 class NetFile:
     """A net read from a file, upgraded to the current format. For a caffemodel, the
-    layers' BlobProtos keep their shapes only: the values are in `weights`, arrays over
-    the mapped file (read them with `weights_of`)."""
+    layers' BlobProtos keep their shapes only: the values are in `weights`, read-only
+    arrays over the mapped file (read them with `weights_of`)."""
 
     net: object  # NetParameter of `dialect`
     dialect: str
@@ -36,11 +36,15 @@ class NetFile:
 
 
 def _check_file(path: Path, what: str) -> None:
-    if not path.exists():
-        raise CaffeCompatError(f"{path}: no such file ({what})")
-    if path.is_dir():
-        raise CaffeCompatError(f"{path}: is a directory, expected a {what}")
-    if not path.stat().st_size:
+    try:
+        if not path.exists():
+            raise CaffeCompatError(f"{path}: no such file ({what})")
+        if path.is_dir():
+            raise CaffeCompatError(f"{path}: is a directory, expected a {what}")
+        size = path.stat().st_size
+    except OSError as err:  # e.g. a folder on the way that may not be searched
+        raise CaffeCompatError(f"{path}: cannot be read ({err.strerror}), expected a {what}") from None
+    if not size:
         raise CaffeCompatError(f"{path}: empty file, expected a {what}")
 
 

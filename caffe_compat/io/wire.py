@@ -41,7 +41,9 @@ class BlobValues:
                  for start, end in ranges]
         if len(views) == 1:
             return views[0]
-        return np.concatenate(views) if views else np.zeros(0, dtype)
+        joined = np.concatenate(views) if views else np.zeros(0, dtype)
+        joined.flags.writeable = False  # read-only like the views, whichever way the file was written
+        return joined
 
 
 @dataclass
