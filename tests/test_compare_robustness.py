@@ -124,3 +124,20 @@ def test_a_recorded_blob_the_net_lacks_fails_its_row(tmp_path):
                {"input/data": np.zeros((2, 3), np.float32), "blob/elsewhere": np.zeros((2, 3), np.float32)})
     (row,) = compare_case(tmp_path / "lacking.prototxt", None, tmp_path / "lacking.npz")
     assert not row.ok and "no such blob" in row.note
+
+
+def test_compare_records_the_diff_of_a_dummy_data_top(tmp_path):
+    prototxt = """force_backward: true
+layer { name: "dummy" type: "DummyData" top: "d" dummy_data_param { shape { dim: 2 dim: 3 }
+  data_filler { type: "constant" value: 2 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "d" top: "ip" inner_product_param { num_output: 4
+  weight_filler { type: "constant" value: 0.5 } } }
+"""
+    seed = RNG.standard_normal((2, 4)).astype(np.float32)
+    weight = np.full((4, 3), 0.5, np.float32)
+    write_case(tmp_path, "dummy", prototxt, {"blob/d": np.full((2, 3), 2, np.float32),
+                                             "blob/ip": np.full((2, 4), 3, np.float32), "topdiff/ip": seed,
+                                             "diff/d": seed @ weight, "paramdiff/ip/0": seed.T @ np.full((2, 3), 2),
+                                             "paramdiff/ip/1": seed.sum(0)})
+    rows = compare_case(tmp_path / "dummy.prototxt", None, tmp_path / "dummy.npz")
+    assert len(rows) == 5 and all(r.ok for r in rows), [r.format() for r in rows]
