@@ -132,6 +132,19 @@ def test_dummy_data_onnx():
     np.testing.assert_array_equal(theirs, ours)
 
 
+@pytest.mark.parametrize("filler,check", [
+    ('type: "uniform" min: 2 max: 3', lambda v: (v >= 2).all() and (v <= 3).all() and v.std() > 0),
+    ('type: "xavier"', lambda v: (np.abs(v) <= np.sqrt(3 / 20)).all() and v.std() > 0),
+    ('type: "gaussian" mean: 5 std: 0.01', lambda v: np.abs(v - 5).max() < 0.1 and v.std() > 0),
+])
+def test_dummy_data_random_fillers_onnx(filler, check):
+    ctx, converted = build("DummyData", f"dummy_data_param {{ shape {{ dim: 50 dim: 20 }} data_filler {{ {filler} }} }}",
+                           [])
+    model = onnx_model("DummyData", ctx, converted, 17, input_dims=[], output_dims=[[50, 20]])
+    ((theirs, ours),) = onnx_and_module_tops(model, converted.module, [])
+    assert check(theirs) and check(ours)
+
+
 def test_parameter_is_its_blob_and_takes_the_tops_gradient():
     _, converted = build("Parameter", "parameter_param { shape { dim: 2 dim: 3 } }", [])
     module = converted.module
