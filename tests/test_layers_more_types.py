@@ -138,8 +138,8 @@ def test_dummy_data_onnx():
     ('type: "gaussian" mean: 5 std: 0.01', lambda v: np.abs(v - 5).max() < 0.1 and v.std() > 0),
 ])
 def test_dummy_data_random_fillers_onnx(filler, check):
-    ctx, converted = build("DummyData", f"dummy_data_param {{ shape {{ dim: 50 dim: 20 }} data_filler {{ {filler} }} }}",
-                           [])
+    params = f"dummy_data_param {{ shape {{ dim: 50 dim: 20 }} data_filler {{ {filler} }} }}"
+    ctx, converted = build("DummyData", params, [])
     model = onnx_model("DummyData", ctx, converted, 17, input_dims=[], output_dims=[[50, 20]])
     ((theirs, ours),) = onnx_and_module_tops(model, converted.module, [])
     assert check(theirs) and check(ours)
