@@ -177,7 +177,9 @@ def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc
     # The data layer wraps around at the end, as Caffe's does: drop the repeats.
     result = {"embeddings": np.concatenate(embeddings)[:total].astype(np.float32)}
     if labels:
-        result["labels"] = np.concatenate(labels)[:total]
+        labels = np.concatenate(labels)[:total]
+        # The label top is a float blob; Caffe's labels are integers (Datum.label, list lines).
+        result["labels"] = labels.astype(np.int64) if np.array_equal(labels, np.round(labels)) else labels
     if layer.type == "ImageData":
         root_folder = layer.image_data_param.root_folder
         result["paths"] = np.array([os.path.abspath(root_folder + entry) for entry in list_entries(data)])

@@ -58,7 +58,7 @@ def test_extract_lmdb_in_order_without_the_wrapped_repeats(tmp_path):
     features = np.load(tmp_path / "f.npz")
     records = _records(source)
     assert features["embeddings"].shape == (64, 8) and features["embeddings"].dtype == np.float32
-    assert features["labels"].tolist() == [label for _, label in records]
+    assert features["labels"].tolist() == [label for _, label in records] and features["labels"].dtype == np.int64
     expected = _expected_embeddings(weights_of(read_caffemodel(model)), records)
     np.testing.assert_allclose(features["embeddings"], expected, rtol=1e-5, atol=1e-6)
 
