@@ -117,6 +117,7 @@ def test_text_screened_before_parsing(tmp_path, reader, name):
         (b'# ok\nname: "' + b"\\\\" * 20_000 + b'"\n', "line 2", "backslashes"),
         (b'name: "x"\n' + b" " * ((1 << 20) + 1) + b"\n", "line 2", "longer than"),
         (b"type: 'SGD\n", "line 1", "never ends"),
+        (b'name: "' + b'\\"' * 20_000 + b"\n", "line 1", "never ends"),  # quadratic for a dialect regex
     ]
     for content, line, match in cases:
         path.write_bytes(content)

@@ -15,7 +15,7 @@ from ..errors import CaffeCompatError
 from . import atomic, wire
 from .blobs import array_to_blob, blob_shape, blob_to_array, shaped
 from .schema import check_strings, detect_binary_dialect, detect_text_dialect, messages, unknown_fields
-from .text import looks_binary, parse_text
+from .text import decode_text, looks_binary, parse_text
 from .upgrade import upgrade_net
 
 PathLike = Union[str, Path]
@@ -69,11 +69,11 @@ def read_prototxt(path: PathLike, dialect: Optional[str] = None) -> NetFile:
 
 
 def _prototxt_from(path: Path, data: bytes, dialect: Optional[str]) -> NetFile:
-    if dialect is None and not looks_binary(data):
-        dialect = detect_text_dialect(data.decode("utf-8", errors="replace"))
-    net = parse_text(path, data, messages(dialect or "bvlc").NetParameter(), "prototxt")
+    text = decode_text(path, data, "prototxt")
+    dialect = dialect or detect_text_dialect(text)
+    net = parse_text(path, text, messages(dialect).NetParameter(), "prototxt")
     upgraded = upgrade_net(net)
-    return NetFile(net, dialect or "bvlc", path, upgraded)
+    return NetFile(net, dialect, path, upgraded)
 
 
 def read_caffemodel(path: PathLike, dialect: Optional[str] = None) -> NetFile:
@@ -148,8 +148,8 @@ def write_caffemodel(net, path: PathLike) -> None:
 def read_solver(path: PathLike):
     """A SolverParameter (the BVLC schema: solvers carry no dialect-specific fields)."""
     path = Path(path)
-    data = _read_bytes(path, "solver prototxt")
-    return parse_text(path, data, messages("bvlc").SolverParameter(), "solver prototxt")
+    text = decode_text(path, _read_bytes(path, "solver prototxt"), "solver prototxt")
+    return parse_text(path, text, messages("bvlc").SolverParameter(), "solver prototxt")
 
 
 def read_binaryproto(path: PathLike) -> np.ndarray:

@@ -1,7 +1,8 @@
-"""Text-format messages (net and solver prototxts), screened before protobuf sees them:
-its text parser takes quadratic time on long runs of backslashes (a 40,000-character
-string took 17 s) and never ends on a megabyte, so text that is no plausible prototxt
-is refused first, naming the line."""
+"""Text-format messages (net and solver prototxts), screened before anything parses
+them: protobuf's text parser takes quadratic time on long runs of backslashes (a
+40,000-character string took 17 s) and never ends on a megabyte, and a regular
+expression over an unterminated string full of escaped quotes is quadratic too, so
+text that is no plausible prototxt is refused first, naming the line."""
 from __future__ import annotations
 
 import re
@@ -70,9 +71,8 @@ def decode_text(path: Path, data: bytes, what: str) -> str:
     return text
 
 
-def parse_text(path: Path, data: bytes, message, what: str):
-    """`message`, filled from the text-format file `data`; every failure names `path`."""
-    text = decode_text(path, data, what)
+def parse_text(path: Path, text: str, message, what: str):
+    """`message`, filled from `text` (screened by decode_text); every failure names `path`."""
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as err:
