@@ -88,6 +88,8 @@ def _cmd_convert(args) -> int:
         model_to_caffemodel(source, out)
         print(f"wrote {out} (Caffe weights)")
         return 0
+    if args.weights is None and not args.random_init and source.suffix in MODEL_SUFFIXES:
+        return _rewrite_model(source, out, args)
     if (args.weights is None) == (not args.random_init):
         raise CaffeCompatError("convert takes NET.prototxt WEIGHTS.caffemodel -o OUT, NET.prototxt --random-init "
                                "-o OUT (weights from the prototxt's fillers), or MODEL -o NET.caffemodel"
@@ -112,6 +114,21 @@ def _cmd_convert(args) -> int:
     count = sum(p.numel() for p in net.state_dict().values())
     print(f"wrote {out}: {len(net.layers)} layers, {count:,} values, phase {net.phase}, dialect {net_file.dialect}")
     print(f"preprocess: {describe_preprocess(preprocess)}")
+    return 0
+
+
+MODEL_SUFFIXES = (".pt", ".safetensors")
+
+
+def _rewrite_model(source: Path, out: Path, args) -> int:
+    """`convert MODEL -o MODEL2[.safetensors]`: another container, or new preprocessing."""
+    from .converters.artifact import rewrite_model
+    from .converters.preprocess import describe as describe_preprocess
+
+    payload = rewrite_model(source, out, _preprocess_overrides(args))
+    print(f"wrote {out}: {len(payload['weights'])} layers from {source}, phase {payload['phase']}, "
+          f"dialect {payload['dialect']}")
+    print(f"preprocess: {describe_preprocess(payload['preprocess'])}")
     return 0
 
 

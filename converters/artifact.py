@@ -29,6 +29,7 @@ from ..io.atomic import atomic_path, write_bytes
 from ..io.files import NetFile, with_weights, write_caffemodel
 from ..io.schema import messages
 from ..net import CaffeNet
+from .preprocess import PreprocessOverrides, with_overrides
 
 FORMAT = "caffe-compat-model"
 FORMAT_VERSION = 2  # 2: checksums and preprocessing
@@ -75,7 +76,20 @@ def model_payload(net: CaffeNet, dialect: str, preprocess: Optional[Mapping[str,
 
 def save_model(net: CaffeNet, path: PathLike, dialect: str, preprocess: Optional[Mapping[str, str]] = None) -> None:
     """Write `net` as a model file: safetensors for a '.safetensors' path, else `.pt`."""
-    payload = model_payload(net, dialect, preprocess)
+    write_payload(model_payload(net, dialect, preprocess), path)
+
+
+def rewrite_model(source: PathLike, out: PathLike, overrides: Optional[PreprocessOverrides] = None) -> dict:
+    """A model file written again, into `out`'s container, with `overrides` over its
+    recorded preprocessing. Returns the payload written."""
+    payload = read_model(source)
+    net_file = model_net_file(payload, source)  # the net text must parse before it is passed on
+    payload = {**payload, "preprocess": with_overrides(payload["preprocess"], overrides, net_file.net.name)}
+    write_payload(payload, out)
+    return payload
+
+
+def write_payload(payload: dict, path: PathLike) -> None:
     if Path(path).suffix == SAFETENSORS_SUFFIX:
         write_bytes(path, _to_safetensors(payload))
         return

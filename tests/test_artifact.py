@@ -232,3 +232,14 @@ def test_weights_checksum_sees_names_shapes_and_values():
     for other in ({"conv2": a["conv"]}, {"conv": [a["conv"][0].reshape(3, 2)]},
                   {"conv": [a["conv"][0].astype(np.float64)]}, {"conv": [a["conv"][0] + 1e-7]}):
         assert weights_sha256(other) != weights_sha256(a)
+
+
+def test_convert_model_to_the_other_container_with_new_preprocessing(conv_files, tmp_path, capsys):
+    first, second = tmp_path / "conv.pt", tmp_path / "conv.safetensors"
+    assert run(capsys, "convert", *conv_files, "-o", first)[0] == 0
+    code, out, err = run(capsys, "convert", first, "-o", second, "--mean-value", "128", "--scale", "0.0078125")
+    assert code == 0, err
+    assert "preprocess: BGR 0-255 NCHW, mean 128.0,128.0,128.0 (mean_value), scale 0.0078125" in out
+    a, b = read_model(first), read_model(second)
+    assert weights_sha256(a["weights"]) == weights_sha256(b["weights"]) and a["net_prototxt"] == b["net_prototxt"]
+    assert "preprocess.mean" not in a["preprocess"] and b["preprocess"]["preprocess.mean"] == "128.0,128.0,128.0"
