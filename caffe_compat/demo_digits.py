@@ -16,7 +16,6 @@ the training images draws them at fresh places with fresh noise.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from caffe_compat import metrics
+from caffe_compat.kmeans import kmeans
 from caffe_compat.errors import CaffeCompatError
 from conftest import REFERENCE, require
 
@@ -155,7 +156,7 @@ def blobs(classes=12, per_class=30, dim=16, seed=0):
 
 def test_kmeans_recovers_well_separated_clusters():
     x, labels = blobs()
-    result = metrics.kmeans(x, 12, seed=0)
+    result = kmeans(x, 12, seed=0)
     assert result.converged and result.iterations <= 10
     assert metrics.clustering_scores(result.assignments, labels)["nmi"] > 0.99
     assert result.centers.shape == (12, 16) and result.centers.dtype == np.float32
@@ -166,7 +167,7 @@ def test_kmeans_far_from_the_origin():
     # |x|^2 ~ 1.6e11 here: float32 rounding of the expanded distance would swamp the
     # clusters' separation without centring.
     x, labels = blobs()
-    result = metrics.kmeans(x + 1e5, 12, seed=0)
+    result = kmeans(x + 1e5, 12, seed=0)
     assert metrics.clustering_scores(result.assignments, labels)["nmi"] > 0.99
     means = np.stack([x[labels == c].mean(0) for c in range(12)]) + 1e5
     order = [np.bincount(labels[result.assignments == j]).argmax() for j in range(12)]
@@ -180,7 +181,7 @@ def test_kmeans_plus_plus_seeds_every_tight_pair_once():
     rng = np.random.default_rng(3)
     pair = np.repeat(np.arange(300), 2)
     x = (rng.uniform(0, 1000, size=(300, 8))[pair] + rng.normal(0, 1e-3, size=(600, 8))).astype(np.float32)
-    result = metrics.kmeans(x, 300, seed=0)
+    result = kmeans(x, 300, seed=0)
     assert result.iterations <= 2
     assert metrics.clustering_scores(result.assignments, pair)["nmi"] == pytest.approx(1)
 
@@ -188,8 +189,8 @@ def test_kmeans_plus_plus_seeds_every_tight_pair_once():
 def test_kmeans_is_deterministic_for_a_seed():
     x, _ = blobs(classes=20, per_class=15, dim=8, seed=4)
     x += np.random.default_rng(5).standard_normal(x.shape).astype(np.float32) * 10  # overlapping clusters
-    first = metrics.kmeans(x, 20, seed=7)
-    second = metrics.kmeans(x, 20, seed=7)
+    first = kmeans(x, 20, seed=7)
+    second = kmeans(x, 20, seed=7)
     np.testing.assert_array_equal(first.assignments, second.assignments)
     np.testing.assert_array_equal(first.centers, second.centers)
     assert first.iterations == second.iterations
@@ -198,15 +199,15 @@ def test_kmeans_is_deterministic_for_a_seed():
 def test_kmeans_blocked_assignment_equals_unblocked(monkeypatch):
     x, _ = blobs(classes=10, per_class=20, dim=8, seed=6)
     x += np.random.default_rng(7).standard_normal(x.shape).astype(np.float32) * 15
-    whole = metrics.kmeans(x, 10, seed=1)
+    whole = kmeans(x, 10, seed=1)
     monkeypatch.setattr(metrics, "BLOCK_BYTES", 4 * 10 * 9)  # 9 points per block
-    blocked = metrics.kmeans(x, 10, seed=1)
+    blocked = kmeans(x, 10, seed=1)
     np.testing.assert_array_equal(whole.assignments, blocked.assignments)
 
 
 def test_kmeans_with_fewer_distinct_points_than_clusters():
     x = np.repeat(np.array([[0, 0], [10, 10]], dtype=np.float32), 5, axis=0)
-    result = metrics.kmeans(x, 4, seed=0)
+    result = kmeans(x, 4, seed=0)
     assert result.converged
     assert len(np.unique(result.assignments)) == 2  # two clusters stay empty
     assert metrics.clustering_scores(result.assignments, np.repeat([0, 1], 5))["nmi"] == pytest.approx(1)
@@ -215,7 +216,7 @@ def test_kmeans_with_fewer_distinct_points_than_clusters():
 def test_kmeans_reports_progress():
     x, _ = blobs(classes=4, per_class=10, dim=4)
     seen = []
-    result = metrics.kmeans(x, 4, progress=lambda i, changed: seen.append((i, changed)))
+    result = kmeans(x, 4, progress=lambda i, changed: seen.append((i, changed)))
     assert [i for i, _ in seen] == list(range(1, result.iterations + 1))
     assert seen[0][1] == len(x) and seen[-1][1] == 0
 
@@ -264,3 +265,16 @@ def test_unavailable_device_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also runs where CUDA is present
     with pytest.raises(CaffeCompatError, match="CUDA is not available"):
         metrics.recall_at_k(x, labels, (1,), device="cuda")
+
+
+def test_long_kmeans_runs_show_progress(monkeypatch, capsys):
+    from caffe_compat import kmeans as kmeans_module
+
+    x, labels = blobs(classes=4, per_class=10, dim=4)
+    monkeypatch.setattr(kmeans_module, "KMEANS_PROGRESS_FROM", 40 * 4)
+    metrics.evaluate(x, labels, (1,), progress=True)
+    err = capsys.readouterr().err
+    assert "k-means (40 points, 4 clusters)" in err and "moved" in err
+    monkeypatch.setattr(kmeans_module, "KMEANS_PROGRESS_FROM", 40 * 4 + 1)
+    metrics.evaluate(x, labels, (1,), progress=True)
+    assert capsys.readouterr().err == ""
