@@ -9,12 +9,14 @@ interpreter, and importing torch and onnx (what every call paid when inspect bui
 net to learn its shapes). `--before REF` also times `inspect` of the same files from the
 git commit REF (extracted to a temporary folder), for a ratio measured side by side.
 The commands run round-robin, so that the machine's load falls on all of them alike;
-the table gives the median and the fastest of the repeats.
+the table gives the median and the fastest of the repeats, and the median CPU time
+(user + system) of the process, which a loaded machine inflates less than wall time.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -24,6 +26,7 @@ import tempfile
 import time
 from io import BytesIO
 from pathlib import Path
+from typing import Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -53,10 +56,14 @@ def old_tree(ref: str, folder: Path) -> Path:
     return folder
 
 
-def time_once(command: list, env, cwd: str) -> float:
+def time_once(command: list, env, cwd: str) -> Tuple[float, float]:
+    """(wall seconds, CPU seconds of the process: user + system)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -89,11 +96,12 @@ def main() -> None:
                "unknown CPU")
     print(f"Machine: {cpu}, {os.cpu_count()} cores; Python {sys.version.split()[0]}; load average (1 min) "
           f"{load_before:.1f} before, {load_after:.1f} after; {args.repeats} repeats, round-robin.\n")
-    print("| command | median s | fastest s | goal |")
-    print("| --- | ---: | ---: | --- |")
-    for name, values in times.items():
+    print("| command | median s | fastest s | median CPU s | goal |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for name, runs in times.items():
+        walls, cpus = zip(*runs)
         goal = f"<= {GOAL_S} s" if name.startswith("caffe-compat") else ""
-        print(f"| {name} | {statistics.median(values):.3f} | {min(values):.3f} | {goal} |")
+        print(f"| {name} | {statistics.median(walls):.3f} | {min(walls):.3f} | {statistics.median(cpus):.3f} | {goal} |")
 
 
 if __name__ == "__main__":
