@@ -46,6 +46,14 @@ def test_clip_forward_and_caffes_inclusive_gradient():
     np.testing.assert_array_equal(grad.numpy(), diff * ((x >= -0.5) & (x <= 0.25)))
 
 
+def test_clip_maps_nan_to_min_as_std_min_and_max_do():
+    _, converted = build("Clip", "clip_param { min: -1 max: 2 }", [(4,)])
+    x = np.array([np.nan, np.inf, -np.inf, 0.5])
+    top, (grad,) = grads_of(converted.module, [x], np.ones(4))
+    np.testing.assert_array_equal(top, [-1, 2, -1, 0.5])
+    np.testing.assert_array_equal(grad.numpy(), [0, 0, 0, 1])
+
+
 def test_clip_with_min_above_max_gives_min_as_caffe_writes_it():
     _, converted = build("Clip", "clip_param { min: 1 max: -1 }", [(5,)])
     x = np.linspace(-2, 2, 5)

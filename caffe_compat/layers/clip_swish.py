@@ -10,9 +10,10 @@ from .registry import CaffeLayer, Converted, LayerContext, register, register_on
 
 
 class Clip(CaffeLayer):
-    """max(min, min(x, max)), as Caffe writes it (so min > max gives min everywhere).
-    The gradient passes where min <= x <= max, both ends included, as in Caffe's
-    backward (torch's minimum/maximum would halve it at a tie)."""
+    """max(min, min(x, max)), as Caffe writes it with std::min and std::max (so min > max
+    gives min everywhere, and NaN gives min). The gradient passes where min <= x <= max,
+    both ends included, as in Caffe's backward (torch's minimum/maximum would halve it at
+    a tie)."""
 
     def __init__(self, low: float, high: float):
         super().__init__()
@@ -21,6 +22,7 @@ class Clip(CaffeLayer):
 
     def forward(self, x):
         clipped = x.detach().clamp(max=self.high).clamp(min=self.low)
+        clipped = clipped.nan_to_num(nan=self.low, posinf=float("inf"), neginf=float("-inf"))
         inside = (x >= self.low) & (x <= self.high)
         return torch.where(inside, x, clipped)
 
