@@ -109,7 +109,10 @@ def preprocess_metadata(net_param, base_dir: Optional[PathLike] = None,
     props: Dict[str, str] = {}
     if layer is not None:
         transform = layer.transform_param
-        gray = layer.type == "ImageData" and not layer.image_data_param.is_color
+        # A Data layer's channels are its records': the input shape says, where known.
+        shape = (input_shapes or {}).get(layer.top[0]) if len(layer.top) else None
+        gray = ((layer.type == "ImageData" and not layer.image_data_param.is_color)
+                or (shape is not None and len(shape) == 4 and shape[1] == 1))
         props.update({"preprocess.channel_order": "gray" if gray else "BGR", "preprocess.pixel_range": "0-255",
                       "preprocess.layout": "NCHW"})
         if transform.HasField("mean_file"):

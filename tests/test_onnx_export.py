@@ -391,3 +391,15 @@ def test_mean_file_override_and_model_records_travel_to_onnx(tmp_path):
     np.testing.assert_allclose([float(v) for v in props["preprocess.mean"].split(",")], mean, rtol=1e-6)
     assert props["preprocess.mean_file_shape"] == "3,32,30" and props["preprocess.scale"] == "0.5"
     assert "preprocess.unstated" not in props
+
+
+def test_one_channel_data_layer_records_gray(tmp_path):
+    proto = tmp_path / "gray.prototxt"
+    proto.write_text('layer { name: "d" type: "Data" top: "data" top: "label" transform_param { scale: 0.5 } '
+                     'data_param { source: "absent_lmdb" batch_size: 2 } }\n')
+    net_param = read_prototxt(proto).net
+    from caffe_compat.converters.preprocess import PreprocessOverrides
+    props = preprocess_metadata(net_param, overrides=PreprocessOverrides(mean_values=[7]),
+                                input_shapes={"data": (2, 1, 28, 28)})
+    assert props["preprocess.channel_order"] == "gray" and props["preprocess.mean"] == "7.0"
+    assert preprocess_metadata(net_param, input_shapes={"data": (2, 3, 28, 28)})["preprocess.channel_order"] == "BGR"
