@@ -36,7 +36,7 @@ def _cmd_layers(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from .compare import HEADER, cases_in, compare_case
+    from .compare import HEADER, cases_in, compare_case, failed_case
     from .memory import parse_size
 
     max_memory = parse_size(args.max_memory) if args.max_memory else None
@@ -64,9 +64,9 @@ def _cmd_compare(args) -> int:
         except CaffeCompatError as err:
             if len(cases) == 1:
                 raise
-            print(f"{npz.stem:<24} ERROR: {err}")
-            failed += 1
-            continue
+            rows = [failed_case(npz.stem, err)]
+        except Exception as err:  # a case that breaks is one FAIL row; the others still run
+            rows = [failed_case(npz.stem, err)]
         for row in rows:
             print(row.format())
             passed += row.ok
