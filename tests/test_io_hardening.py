@@ -15,6 +15,7 @@ from caffe_compat.io.datum import datum_to_array, parse_datum
 from caffe_compat.io.files import (read_binaryproto, read_caffemodel, read_net, read_prototxt, read_solver,
                                    weights_of)
 from caffe_compat.io.schema import messages
+from conftest import run_cli
 from test_io import CAFFEMODELS, _ids
 
 NetParameter, BlobProto, Datum = (getattr(messages("bvlc"), n) for n in ("NetParameter", "BlobProto", "Datum"))
@@ -241,3 +242,21 @@ def test_malformed_wire_data_is_named(tmp_path, data, match):
     path = tmp_path / "bad.caffemodel"
     path.write_bytes(data)
     _one_line_error(lambda: read_caffemodel(path), str(path), "not a valid caffemodel", match)
+
+
+# through the command line
+
+def test_hostile_files_through_the_cli_are_one_line_exit_2(tmp_path, reference):
+    prototxt = reference / "layers" / "conv_basic.prototxt"
+    data = bytearray((reference / "layers" / "conv_basic.caffemodel").read_bytes())
+    at = data.index(b"conv")
+    data[at:at + 4] = b"c\xffnv"  # a layer name no longer UTF-8, lengths unchanged
+    bad_name = tmp_path / "bad_name.caffemodel"
+    bad_name.write_bytes(bytes(data))
+    unterminated = tmp_path / "unterminated.prototxt"
+    unterminated.write_bytes(b'layer { name: "' + b"\\\\" * 20_000 + b"\n")
+    for args, needle in [(["inspect", prototxt, bad_name], "UTF-8"), (["inspect", unterminated], "line 1")]:
+        result = run_cli(*args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
