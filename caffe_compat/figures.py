@@ -120,15 +120,15 @@ def loss_curve(log_csv: PathLike, path: PathLike, title: Optional[str] = None) -
 # ------------------------------------------------------------------ Recall@K
 def published_recall(dataset: str) -> dict:
     """The paper's Recall@K for the lifted structured embedding on one of its datasets,
-    with where the numbers come from."""
+    with where the numbers come from. The paper draws them as curves; the values are those
+    later papers read off them (reproduce.PUBLISHED, which says which is which)."""
     from .reproduce import PUBLISHED
 
     if dataset not in PUBLISHED:
         raise CaffeCompatError(f"dataset {dataset!r}: the paper reports cub, cars and sop")
     entry = PUBLISHED[dataset]
     return {"recall": {str(k): v / 100 for k, v in zip(entry["recall_k"], entry["recall"])},
-            "source": "Oh Song et al., CVPR 2016, lifted structured embedding "
-                      + ("(512-d)" if dataset == "sop" else "(64-d)")}
+            "source": "Oh Song et al., CVPR 2016, lifted structured, as later papers quote it"}
 
 
 def recall_curve(curves: Mapping[str, Mapping[str, float]], path: PathLike, title: str = "Recall@K",
@@ -155,7 +155,7 @@ def recall_curve(curves: Mapping[str, Mapping[str, float]], path: PathLike, titl
         x = sorted(int(k) for k in entry["recall"])
         ks = sorted(set(ks) | set(x))
         axes.plot(x, [100 * entry["recall"][str(k)] for k in x], "--", marker="s", color="black",
-                  label=f"{label} ({entry['source']})")
+                  label=f"{label}: {entry['source']}")
     axes.set_xscale("log", base=2 if max(ks) <= 64 else 10)
     axes.set_xticks(ks, [str(k) for k in ks])
     axes.minorticks_off()
@@ -164,7 +164,7 @@ def recall_curve(curves: Mapping[str, Mapping[str, float]], path: PathLike, titl
     low = min(min(100 * v for v in recall.values()) for recall in curves.values())
     axes.set_ylim(max(0, 10 * np.floor(low / 10) - 5), 102)
     axes.grid(True, alpha=0.3)
-    axes.legend(loc="lower right", fontsize=8)
+    axes.legend(loc="best", fontsize=8)
     axes.set_title(title, fontsize=10)
     _save(figure, path)
 
@@ -228,8 +228,11 @@ def retrieval_figure(embeddings, labels, images: Sequence, path: PathLike, k: in
     sections = [(name, found) for name, found in (
         (f"successes: the nearest neighbour is of the query's class ({len(successes)} shown)", successes),
         (f"failures: the nearest neighbour is of another class ({len(failures)} shown)", failures)) if len(found)]
-    # Inches: a cell is 1.3 wide, a row 1.3 of image and 0.4 of caption; 0.35 per heading.
-    row, heading_height, title_height = 1.7, 0.35, 0.45
+    pictures = {item: _image(images[item], f"item {item}")
+                for _, queries in sections for query in queries for item in [query, *order[query]]}
+    aspect = float(np.median([p.shape[0] / p.shape[1] for p in pictures.values()]))
+    # Inches: a cell is 1.3 wide, a row its image plus 0.4 of caption; 0.35 per heading.
+    row, heading_height, title_height = 1.3 * min(max(aspect, 0.5), 2.0) + 0.4, 0.35, 0.45
     heights = [title_height] + [heading_height + row * len(found) for _, found in sections]
     figure = _figure_class()(figsize=(1.3 * (k + 1), sum(heights)))
     parts = figure.subfigures(len(heights), 1, height_ratios=heights, squeeze=False)[:, 0]
@@ -242,7 +245,7 @@ def retrieval_figure(embeddings, labels, images: Sequence, path: PathLike, k: in
         for row, query in enumerate(queries):
             for column, item in enumerate([query, *order[query]]):
                 axes = grid[row, column]
-                picture = _image(images[item], f"item {item}")
+                picture = pictures[item]
                 axes.imshow(picture, cmap="gray" if picture.ndim == 2 else None, interpolation="nearest")
                 axes.set_xticks([])
                 axes.set_yticks([])
