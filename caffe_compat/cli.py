@@ -41,8 +41,9 @@ def _cmd_compare(args) -> int:
 
     max_memory = parse_size(args.max_memory) if args.max_memory else None
     paths = [Path(p) for p in args.files]
+    cwd = None
     if len(paths) == 1 and paths[0].is_dir():
-        cases = cases_in(paths[0])
+        cases, cwd = cases_in(paths[0]), paths[0]  # a folder of cases runs from that folder, as recorded
     else:
         npz = [p for p in paths if p.suffix == ".npz"]
         if len(npz) != 1:
@@ -60,7 +61,8 @@ def _cmd_compare(args) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 rows = compare_case(proto, model, npz, args.device, args.rtol, args.grad_rtol,
-                                    allow_missing_weights=args.allow_missing_weights, max_memory=max_memory)
+                                    allow_missing_weights=args.allow_missing_weights, max_memory=max_memory,
+                                    cwd=cwd)
         except CaffeCompatError as err:
             if len(cases) == 1:
                 raise

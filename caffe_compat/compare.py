@@ -2,11 +2,13 @@
 every blob, gradient and parameter Caffe recorded (the format of the reference README)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -88,12 +90,36 @@ def _numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
     return None if t is None else t.detach().cpu().double().numpy()
 
 
+@contextlib.contextmanager
+def working_directory(path: Optional[PathLike]) -> Iterator[None]:
+    """Run in `path` (None: where we are), restoring the old one after."""
+    if path is None:
+        yield
+        return
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def compare_case(prototxt: Optional[PathLike], weights: Optional[PathLike], reference: PathLike,
                  device: str = "cpu", rtol: Optional[float] = None, grad_rtol: Optional[float] = None,
                  name: Optional[str] = None, allow_missing_weights: bool = False,
-                 max_memory=None) -> List[Row]:
-    """Compare one reference .npz; returns one Row per compared key."""
-    reference = Path(reference)
+                 max_memory=None, cwd: Optional[PathLike] = None) -> List[Row]:
+    """Compare one reference .npz; returns one Row per compared key. The net's relative
+    paths (data sources, infogain matrices) resolve from `cwd`, as Caffe's from its
+    working directory (default: the current one)."""
+    paths = [None if p is None else Path(p) for p in (prototxt, weights, reference)]
+    if cwd is not None:  # the files themselves are named from here
+        paths = [None if p is None else p.absolute() for p in paths]
+    with working_directory(cwd):
+        return _compare_case(*paths, device, rtol, grad_rtol, name, allow_missing_weights, max_memory)
+
+
+def _compare_case(prototxt, weights, reference: Path, device, rtol, grad_rtol, name, allow_missing_weights,
+                  max_memory) -> List[Row]:
     try:
         ref = dict(np.load(reference, allow_pickle=False))
     except (OSError, ValueError) as err:
@@ -205,7 +231,8 @@ def _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device) -> List[
 
 
 def cases_in(directory: PathLike) -> List[Tuple[Optional[Path], Optional[Path], Path]]:
-    """Every NAME.npz with its NAME.prototxt (and NAME.caffemodel when present)."""
+    """Every NAME.npz with its NAME.prototxt (and NAME.caffemodel when present). Such a
+    folder's cases were recorded from it: compare them with cwd=directory."""
     directory = Path(directory)
     result = []
     for npz in sorted(directory.glob("*.npz")):

@@ -141,3 +141,29 @@ layer { name: "ip" type: "InnerProduct" bottom: "d" top: "ip" inner_product_para
                                              "paramdiff/ip/1": seed.sum(0)})
     rows = compare_case(tmp_path / "dummy.prototxt", None, tmp_path / "dummy.npz")
     assert len(rows) == 5 and all(r.ok for r in rows), [r.format() for r in rows]
+
+
+def test_a_folder_of_cases_runs_from_that_folder_as_caffe_recorded_it(tmp_path, monkeypatch, capsys):
+    from test_layers_more_types import caffe_infogain
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    infogain = RNG.random((3, 3)).astype(np.float32)
+    blob = messages("bvlc").BlobProto()
+    blob.shape.dim.extend([3, 3])
+    blob.data.extend(infogain.reshape(-1).tolist())
+    (folder / "H.binaryproto").write_bytes(blob.SerializeToString())
+    prototxt = """force_backward: true
+layer { name: "in" type: "Input" top: "scores" top: "label"
+  input_param { shape { dim: 4 dim: 3 } shape { dim: 4 } } }
+layer { name: "loss" type: "InfogainLoss" bottom: "scores" bottom: "label" top: "loss"
+  infogain_loss_param { source: "H.binaryproto" } }
+"""
+    scores = RNG.standard_normal((4, 3)).astype(np.float32)
+    label = np.array([0, 2, 1, 2], np.float32)
+    loss, diff, _ = caffe_infogain(scores.astype(np.float64), label, infogain.astype(np.float64), 1, None, "VALID")
+    write_case(folder, "infogain", prototxt, {"input/scores": scores, "input/label": label,
+                                              "blob/loss": np.float32(loss), "diff/scores": diff.astype(np.float32)})
+    monkeypatch.chdir(tmp_path)  # not the cases' folder: H.binaryproto is named relative to it
+    assert main(["compare", "cases"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "2 passed, 0 failed"
