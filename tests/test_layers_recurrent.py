@@ -210,7 +210,7 @@ def test_lstm_unit_forward_and_caffes_backward_even_for_fractional_cont():
 @pytest.mark.parametrize("layer_type, params, shapes, message", [
     ("LSTM", "recurrent_param { num_output: 0 }", [(3, 2, 4), (3, 2)], "num_output must be positive"),
     ("LSTM", "recurrent_param { num_output: 2 }", [(3, 2, 4), (3, 1)], "cont"),
-    ("RNN", "recurrent_param { num_output: 2 }", [(3,), (3, 2)], "at least 2 axes"),
+    ("RNN", "recurrent_param { num_output: 2 }", [(3, 2), (3, 2)], "at least 3 axes"),
     ("RNN", "recurrent_param { num_output: 2 }", [(3, 2, 4), (3, 2), (3, 5)], "static input"),
     ("LSTM", "recurrent_param { num_output: 2 expose_hidden: true }", [(3, 2, 4), (3, 2), (1, 2, 2), (1, 2, 3)],
      "initial state"),

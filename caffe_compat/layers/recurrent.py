@@ -47,8 +47,8 @@ def lstm_unit(c_prev: torch.Tensor, gates: torch.Tensor, cont: torch.Tensor) -> 
 
 
 class _Recurrent(CaffeLayer):
-    """What RNN and LSTM share: the input transforms, the state carried between forward
-    passes, the bottom and top layout."""
+    """What RNN and LSTM share: the state carried between forward passes and the bottom
+    and top layout; `unroll` is each one's loop over the timesteps."""
 
     states = 1  # recurrent state blobs (h; LSTM: h, c)
 
@@ -151,8 +151,9 @@ def _check_recurrent(ctx: LayerContext, states: int) -> Tuple[int, int, Optional
     if len(ctx.tops) != 1 + exposed:
         raise ctx.error(f"expects {1 + exposed} top(s), got {len(ctx.tops)}")
     x, cont = (tuple(s) for s in ctx.bottom_shapes[:2])
-    if len(x) < 2:
-        raise ctx.error(f"bottom '{ctx.bottoms[0]}' must have at least 2 axes (timesteps, streams, ...), got {x}")
+    if len(x) < 3:  # Caffe's input transform is an InnerProduct from axis 2
+        raise ctx.error(f"bottom '{ctx.bottoms[0]}' must have at least 3 axes (timesteps, streams, input...), "
+                        f"got {x}")
     if cont != x[:2]:
         raise ctx.error(f"bottom '{ctx.bottoms[1]}' (cont) must have shape {x[:2]} (timesteps, streams), got {cont}")
     static = len(ctx.bottoms) == 3 + exposed

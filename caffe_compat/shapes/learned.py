@@ -108,7 +108,7 @@ def _recurrent(v, states: int):
         raise v.error("recurrent_param.num_output must be positive")
     exposed = states if param.expose_hidden else 0
     x = v.bottom_shapes[0]
-    if len(x) < 2 or len(v.bottoms) not in (2 + exposed, 3 + exposed):
+    if len(x) < 3 or len(v.bottoms) not in (2 + exposed, 3 + exposed):
         raise v.error(f"expects bottoms x (timesteps, streams, ...), cont[, x_static][, states], got {v.bottoms}")
     static = math.prod(v.bottom_shapes[2][1:]) if len(v.bottoms) == 3 + exposed else None
     tops = [(x[0], x[1], hidden)] + [(1, x[1], hidden)] * exposed
