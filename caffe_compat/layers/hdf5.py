@@ -104,7 +104,7 @@ class HDF5Data(CaffeLayer):
             for top, array in zip(rows, self.arrays):
                 top.append(array[self.row_order[self.row]])
             self._next()
-        tops = tuple(torch.from_numpy(np.stack(r)).to(self.anchor.device).requires_grad_(torch.is_grad_enabled())
+        tops = tuple(torch.from_numpy(np.stack(r)).to(self.anchor).requires_grad_(torch.is_grad_enabled())
                      for r in rows)
         return tops[0] if len(tops) == 1 else tops
 

@@ -43,7 +43,7 @@ class DummyData(CaffeLayer):
         tops = []
         for index, (shape, filler, constant) in enumerate(zip(self.shapes, self.filler_params, self.constant)):
             held = getattr(self, f"constant{index}")
-            value = held.clone() if constant else fillers.fill(filler, shape, self.layer_name).to(held.device)
+            value = held.clone() if constant else fillers.fill(filler, shape, self.layer_name).to(held)
             tops.append(value.requires_grad_(torch.is_grad_enabled()))
         return tops[0] if len(tops) == 1 else tuple(tops)
 
