@@ -78,8 +78,8 @@ def copy_out(source: np.ndarray, out: np.ndarray) -> None:
     any shape and float dtype). Where `source` is a view over a file mapped by map_file,
     the pages copied are unmapped as the copy goes, so the file's pages and the copy are
     never resident together; the view stays valid (it reads back from the file)."""
-    if not out.flags.c_contiguous:
-        raise ValueError("copy_out needs a contiguous output array")
+    if not out.flags.c_contiguous or out.size != source.size:
+        raise ValueError(f"copy_out needs a contiguous output of {source.size} values, not {out.shape}")
     flat_out, flat_source = out.reshape(-1), source.reshape(-1)
     mapping = _mapping_of(source)
     release = mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED")
