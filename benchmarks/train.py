@@ -1,14 +1,18 @@
 """Training speed: one iteration (forward, backward, Caffe's SGD update) of the paper's
-GoogLeNet embedder with the lifted loss, and the data pipeline alone (the Data layer over
-an LMDB of 256x256 JPEG datums with crop 227, mirror and a mean file), which must
-deliver at least twice what the model consumes.
+GoogLeNet embedder with the lifted loss, in the trainer's precisions and memory formats
+measured side by side in one process (the configurations take turns, iteration by
+iteration, so load from other processes falls on all of them alike) with the process's
+peak resident memory during each iteration; and the data pipeline alone (the Data
+layer over an LMDB of 256x256 JPEG datums with crop 227, mirror and a mean file), which
+must deliver at least twice what the model consumes.
 
     python benchmarks/train.py [--paper-model DIR] [--cpu-batch N] [--cuda-batch N]
-                               [--iterations K] [--no-write]
+                               [--iterations K] [--no-data] [--no-write]
 
 The net is the paper's train_val prototxt with its Data layer replaced by an Input
-(random weights from its fillers; batches of same-class pairs, as the paper's LMDB).
-CPU runs use 2 threads; on CUDA the net runs channels_last under bfloat16 autocast.
+(random weights from its fillers; batches of same-class pairs, as the paper's LMDB),
+run exactly as `caffe-compat train --precision P --memory-format F` runs it. CPU runs
+use 2 threads. `--cpu-batch 0` skips the CPU rows (benchmarks/gpu_check.sh on a GPU).
 Prints a table and writes the section "## Training" of benchmarks/RESULTS.md (other
 sections are left as they are).
 """
@@ -18,10 +22,7 @@ import argparse
 import datetime
 import io
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,25 +33,14 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from results_file import machine_line, write_section  # benchmarks/, the script's folder
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PAPER_MODEL = ROOT.parent / "shared" / "paper-model"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Training"
 CPU_THREADS = 2
 CROP = 227
 IMAGE_SIDE = 256
-
-
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
-    except (OSError, AttributeError):
-        model = platform.processor() or "unknown CPU"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{model}, {cores} cores available{gpu}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, numpy {np.__version__}")
 
 
 # ---------------------------------------------------------------- the model
@@ -81,38 +71,124 @@ def paper_solver(paper_model: Path, net):
     return CaffeSolver(param, learnable_params(net))
 
 
-def measure_model(paper_model: Path, batch: int, device: str, iterations: int) -> Dict[str, float]:
-    torch.manual_seed(0)
-    net = paper_net(paper_model, batch)
-    cuda = device == "cuda"
-    images = torch.randn(batch, 3, CROP, CROP)
-    labels = torch.arange(batch // 2).repeat_interleave(2).float()  # same-class pairs
-    if cuda:
-        net = net.to(device, memory_format=torch.channels_last)
-        images = images.to(device).contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device)
-    solver = paper_solver(paper_model, net)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+# (precision, memory format, activations kept through backward): the first is the trainer before
+# this round's work (fp32, NCHW, every blob held until the loss had been differentiated).
+BEFORE = ("fp32", "nchw", True)
+CONFIGS = [BEFORE, ("fp32", "nchw", False), ("fp32", "channels_last", False), ("bf16", "channels_last", False)]
+CUDA_CONFIGS = [("fp32", "nchw", False), ("bf16", "channels_last", False), ("fp16", "channels_last", False)]
 
-    def iteration() -> float:
-        for p in solver.params:
+
+def label(config) -> str:
+    precision, memory_format, keep_all = config
+    return f"{precision}, {memory_format}" + (", all blobs kept (before)" if keep_all else "")
+
+
+class Iteration:
+    """One configuration's net, solver and batch; calling it runs one training iteration
+    as caffe_compat.solver.trainer.Trainer does."""
+
+    def __init__(self, paper_model: Path, batch: int, device: str, config):
+        from caffe_compat.solver.precision import MEMORY_FORMATS, LossScaler, losses_in_float32
+
+        self.precision, memory_format, self.keep_all = config
+        torch.manual_seed(0)
+        self.device = torch.device(device)
+        self.net = paper_net(paper_model, batch).to(self.device, memory_format=MEMORY_FORMATS[memory_format])
+        if self.precision != "fp32":
+            losses_in_float32(self.net)
+        self.solver = paper_solver(paper_model, self.net)
+        self.scaler = LossScaler() if self.precision == "fp16" else None
+        generator = torch.Generator().manual_seed(1)
+        self.inputs = {"data": torch.randn(batch, 3, CROP, CROP, generator=generator).to(self.device),
+                       "label": torch.arange(batch // 2).repeat_interleave(2).float().to(self.device)}
+        self.keep = None if self.keep_all else [top for top, _ in self.net.loss_terms]
+
+    def __call__(self) -> float:
+        from caffe_compat.solver.precision import autocast
+
+        for p in self.solver.params:
             p.tensor.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = net.loss(net(data=images, label=labels))
-        loss.backward()
-        solver.step()
+        with autocast(self.device, self.precision):
+            blobs = self.net.run(dict(self.inputs), keep=self.keep)
+            loss = self.net.loss(blobs)
+        if not self.keep_all:
+            del blobs
+        (loss * self.scaler.scale if self.scaler else loss).backward()
+        if self.scaler is None or self.scaler.unscale([p.tensor.grad for p in self.solver.params]):
+            self.solver.step()
+        else:
+            self.solver.skip()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         return float(loss)
 
-    iteration()  # warm-up: allocations, kernels, lazy inits
-    sync()
-    times = []
+
+def measure_models(paper_model: Path, batch: int, device: str, iterations: int, configs) -> List[Dict]:
+    """Seconds per iteration and peak resident memory of each configuration, the
+    configurations taking turns."""
+    runs = [Iteration(paper_model, batch, device, config) for config in configs]
+    for run in runs:
+        run()  # warm-up: allocations, kernels, lazy inits
+    times = [[] for _ in runs]
+    peaks = [0.0 for _ in runs]
     for _ in range(iterations):
-        start = time.perf_counter()
-        iteration()
-        sync()
-        times.append(time.perf_counter() - start)
-    return {"batch": batch, "median": batch / statistics.median(times), "best": batch / min(times),
-            "runs": len(times), "seconds_per_iteration": statistics.median(times)}
+        for index, run in enumerate(runs):
+            reset_peak_rss()
+            start = time.perf_counter()
+            run()
+            times[index].append(time.perf_counter() - start)
+            peaks[index] = max(peaks[index], peak_rss_gb())
+    return [{"config": config, "batch": batch, "seconds": statistics.median(spent), "best": min(spent),
+             "peak_gb": peak if peak_rss_supported() else None}
+            for config, spent, peak in zip(configs, times, peaks)]
+
+
+def reset_peak_rss() -> None:
+    """Return freed heap to the system (glibc keeps it otherwise), then restart the
+    kernel's peak-RSS count (VmHWM) from the current RSS."""
+    if not peak_rss_supported():
+        return
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_supported() -> bool:
+    return sys.platform.startswith("linux") and Path("/proc/self/clear_refs").exists()
+
+
+def peak_rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2 ** 20
+    return 0.0
+
+
+def bf16_error() -> Optional[float]:
+    """Relative L2 error of the solver fixture's final weights trained under bf16, against
+    Caffe's own final.caffemodel (fp32 gives ~5e-7)."""
+    from caffe_compat.io.files import read_caffemodel, weights_of
+    from caffe_compat.solver import train
+
+    fixture = ROOT.parent / "shared" / "caffe-reference" / "nets" / "solver"
+    if not fixture.exists():
+        return None
+    errors = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in ("fp32", "bf16"):
+            previous = os.getcwd()
+            os.chdir(fixture)  # the solver's paths resolve from the working directory
+            try:
+                train("solver.prototxt", weights="init.caffemodel", output=Path(tmp) / f"{precision}.caffemodel",
+                      stream=io.StringIO(), precision=precision)
+            finally:
+                os.chdir(previous)
+            ours = weights_of(read_caffemodel(Path(tmp) / f"{precision}.caffemodel"))
+            caffe = weights_of(read_caffemodel(fixture / "final.caffemodel"))
+            flat = [np.concatenate([a.ravel() for name in caffe for a in weights[name]]) for weights in (ours, caffe)]
+            errors[precision] = float(np.linalg.norm(flat[0] - flat[1]) / np.linalg.norm(flat[1]))
+    return errors
 
 
 # ---------------------------------------------------------------- the data pipeline
@@ -176,83 +252,91 @@ def measure_data(batch: int, count: int, batches: int, threads: Optional[int]) -
 
 # ---------------------------------------------------------------- the report
 
-def write_section(text: str) -> None:
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text, current)
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    from caffe_compat.io.atomic import write_text
-
-    write_text(RESULTS, updated)
-
-
-def report(args, model_rows: List[Dict], data: Dict[str, float]) -> str:
+def report(args, rows: List[Dict], data: Optional[Dict[str, float]], errors) -> str:
     lines = [SECTION, "",
              f"`python benchmarks/train.py --cpu-batch {args.cpu_batch} --iterations {args.iterations}` "
              f"({datetime.date.today().isoformat()}).",
-             f"Machine: {machine()}. Load average (1 min) {args.load_before:.1f} before, "
-             f"{os.getloadavg()[0]:.1f} after: other processes may share the cores, so these are lower bounds.",
+             machine_line(args.load_before) + f" Load average (1 min) at the end {os.getloadavg()[0]:.1f}: "
+             "other engineers' processes share the 2 cores, so absolute figures are lower bounds; the ratios "
+             "come from configurations taking turns iteration by iteration in one process.",
              "",
              "One training iteration of the paper's GoogLeNet embedder (227x227 crops, `fc_embedding` 64-d, "
              "lifted loss, Caffe's SGD update with the paper's solver), random weights, median over the "
-             "timed iterations:", "",
-             "| device | batch | images/s (median) | images/s (best) | s / iteration |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    for row in model_rows:
-        lines.append(f"| {row['device']} | {row['batch']} | {row['median']:.2f} | {row['best']:.2f} | "
-                     f"{row['seconds_per_iteration']:.2f} |")
-    lines += ["",
-              f"Data pipeline alone (`Data` layer, TRAIN: LMDB of {args.data_images} encoded 256x256 JPEG datums, "
-              f"crop 227, mirror, mean file, batch {data['batch']}, {data['threads']} decode threads, "
-              f"one batch prefetched): **{data['images_per_s']:.1f} images/s**.", ""]
-    for row in model_rows:
-        ratio = data["images_per_s"] / row["median"]
-        verdict = "meets" if ratio >= 2 else "does NOT meet"
-        lines.append(f"- {row['device']}: the pipeline delivers {ratio:.1f}x what the model consumes "
-                     f"({verdict} the 2x goal).")
+             f"timed iterations ({args.iterations} per configuration):", "",
+             "| device | precision, memory format | batch | s / iteration (median / best) | images/s | "
+             "speed-up over the first row | peak RSS of the process during an iteration (GB) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for device, device_rows in rows:
+        base = device_rows[0]["seconds"]
+        for row in device_rows:
+            peak = row["peak_gb"]
+            lines.append(f"| {device} | {label(row['config'])} | {row['batch']} | {row['seconds']:.2f} / "
+                         f"{row['best']:.2f} | {row['batch'] / row['seconds']:.2f} | {base / row['seconds']:.2f}x | "
+                         f"{'-' if peak is None else f'{peak:.2f}'} |")
+    if errors:
+        lines += ["", f"Error of lower precision: the solver fixture (10 SGD iterations) trained with "
+                      f"`--precision bf16` ends {errors['bf16']:.2g} (relative L2 over all weights) from Caffe's "
+                      f"final.caffemodel; with fp32 {errors['fp32']:.2g}."]
+    if data is not None:
+        lines += ["",
+                  f"Data pipeline alone (`Data` layer, TRAIN: LMDB of {args.data_images} encoded 256x256 JPEG "
+                  f"datums, crop 227, mirror, mean file, batch {data['batch']}, {data['threads']} decode threads, "
+                  f"one batch prefetched): **{data['images_per_s']:.1f} images/s**.", ""]
+        for device, device_rows in rows:
+            fastest = min(r["seconds"] / r["batch"] for r in device_rows)
+            ratio = data["images_per_s"] * fastest
+            verdict = "meets" if ratio >= 2 else "does NOT meet"
+            lines.append(f"- {device}: the pipeline delivers {ratio:.1f}x what the fastest configuration consumes "
+                         f"({verdict} the 2x goal).")
     notes = [note for note in args.notes if note]
-    lines += [""] + [f"Note: {note}" for note in notes] + ([""] if notes else [])
-    return "\n".join(lines) + "\n"
+    lines += [""] + [f"Note: {note}" for note in notes]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paper-model", type=Path, default=DEFAULT_PAPER_MODEL)
-    parser.add_argument("--cpu-batch", type=int, default=128,
-                        help="batch on CPU (default the paper's 128: ~25 s per iteration and 6.6 GB on 2 cores)")
+    parser.add_argument("--cpu-batch", type=int, default=32,
+                        help="batch on CPU (default 32; the paper's 128 takes ~25 s per iteration on 2 cores); "
+                             "0 skips the CPU rows")
     parser.add_argument("--cuda-batch", type=int, default=128)
-    parser.add_argument("--iterations", type=int, default=3, help="timed iterations per device")
+    parser.add_argument("--iterations", type=int, default=3, help="timed iterations per configuration")
     parser.add_argument("--data-images", type=int, default=512, help="JPEG datums in the generated LMDB")
     parser.add_argument("--data-batches", type=int, default=8)
     parser.add_argument("--data-threads", type=int, help="decode threads (default: the layer's default)")
+    parser.add_argument("--no-data", action="store_true", help="skip the data pipeline")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
     torch.set_num_threads(CPU_THREADS)
-    args.load_before = os.getloadavg()[0]
+    args.load_before = os.getloadavg()
     args.notes = []
-    if args.cpu_batch != 128:
-        args.notes.append(f"CPU batch {args.cpu_batch} instead of the paper's 128, to save time.")
+    if args.cpu_batch not in (0, 128):
+        args.notes.append(f"CPU batch {args.cpu_batch} instead of the paper's 128, to fit the time on this "
+                          f"loaded machine.")
     if not torch.cuda.is_available():
-        args.notes.append("no CUDA device here: the CUDA row (channels_last, bfloat16 autocast, batch "
-                          f"{args.cuda_batch}) is filled by running this script on a GPU machine.")
+        args.notes.append("no CUDA device here: the CUDA rows (fp32, bf16 and fp16 with channels_last, batch "
+                          f"{args.cuda_batch}) come from running this script (or benchmarks/gpu_check.sh) on a GPU.")
+    rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rows = [{"device": f"CPU ({CPU_THREADS} threads)",
-                 **measure_model(args.paper_model, args.cpu_batch, "cpu", args.iterations)}]
-        print(f"model, CPU: {rows[-1]['median']:.2f} images/s at batch {args.cpu_batch}", flush=True)
+        if args.cpu_batch:
+            device = f"CPU ({CPU_THREADS} threads)"
+            rows.append((device, measure_models(args.paper_model, args.cpu_batch, "cpu", args.iterations, CONFIGS)))
+            for row in rows[-1][1]:
+                print(f"{device} {label(row['config'])}: {row['seconds']:.2f} s per iteration, peak RSS "
+                      f"{row['peak_gb']} GB", flush=True)
         if torch.cuda.is_available():
-            rows.append({"device": "CUDA (channels_last, bf16 autocast)",
-                         **measure_model(args.paper_model, args.cuda_batch, "cuda", max(args.iterations, 10))})
-            print(f"model, CUDA: {rows[-1]['median']:.1f} images/s at batch {args.cuda_batch}", flush=True)
-        data = measure_data(args.cuda_batch if torch.cuda.is_available() else 128, args.data_images,
-                            args.data_batches, args.data_threads)
-    print(f"data pipeline: {data['images_per_s']:.1f} images/s ({data['threads']} threads)")
-    text = report(args, rows, data)
+            rows.append(("CUDA", measure_models(args.paper_model, args.cuda_batch, "cuda", max(args.iterations, 10),
+                                                CUDA_CONFIGS)))
+        errors = bf16_error()
+        data = None
+        if not args.no_data:
+            data = measure_data(args.cuda_batch if torch.cuda.is_available() else 128, args.data_images,
+                                args.data_batches, args.data_threads)
+    text = report(args, rows, data, errors)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
     return 0
 
 

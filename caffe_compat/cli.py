@@ -247,12 +247,13 @@ def _cmd_train(args) -> int:
 
     result = train(args.solver, weights=args.weights, resume=args.resume, device=args.device,
                    max_iter=args.max_iter, output=args.output, log_path=args.log, sampler=args.sampler,
+                   precision=args.precision or "fp32", memory_format=args.memory_format,
                    allow_missing_weights=args.allow_missing_weights)
     if not result.stopped_early:
         return 0
     state = str(result.snapshots[-1])
     again = ["caffe-compat", "train", args.solver, "--resume", state]
-    for option in ("device", "max_iter", "output", "log", "sampler"):
+    for option in ("device", "max_iter", "output", "log", "sampler", "precision", "memory_format"):
         if getattr(args, option) is not None:
             again += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     print(f"caffe-compat: stopped by {signal.Signals(result.stop_signal).name} at iteration {result.iterations}; "
@@ -357,9 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, help="override the solver's max_iter")
     p.add_argument("--output", help="write the final weights to this caffemodel")
     # --log-csv: torchrun's own parser rejects `--log` as an ambiguous abbreviation.
-    p.add_argument("--log", "--log-csv", dest="log", help="write iteration,loss,lr per iteration to this CSV")
+    p.add_argument("--log", "--log-csv", dest="log",
+                   help="write iteration,loss,lr,smoothed_loss per iteration to this CSV")
     p.add_argument("--sampler", help="ImageData batches: sequential (Caffe's), pairs, or pk:P,K "
                                      "(P classes x K images)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="fp32 (default): Caffe's arithmetic; bf16/fp16: autocast, faster, less exact")
+    p.add_argument("--memory-format", choices=("nchw", "channels_last"),
+                   help="layout of the 4-d weights and activations (default: nchw for fp32, else channels_last)")
     _add_weights_options(p, memory=False)
     p.set_defaults(run=_cmd_train)
 

@@ -18,6 +18,7 @@ from caffe_compat.cli import main
 from caffe_compat.compare import compare_case
 from caffe_compat.io.files import read_caffemodel, weights_of
 from caffe_compat.solver import train
+from caffe_compat.solver.precision import LossScaler
 from conftest import REFERENCE, free_port, require
 
 
@@ -314,3 +315,36 @@ def test_two_gloo_processes_equal_one_process_on_the_joined_batch(solver_dir):
             assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), name
     np.testing.assert_allclose([r[1] for r in logged("ddp.csv")], [r[1] for r in logged("single.csv")],
                                rtol=1e-5)
+
+
+def relative_l2(ours: dict, theirs: dict) -> float:
+    flat = [np.concatenate([a.ravel() for name in theirs for a in weights[name]]) for weights in (ours, theirs)]
+    return float(np.linalg.norm(flat[0] - flat[1]) / np.linalg.norm(flat[1]))
+
+
+@pytest.mark.parametrize("options, low, high", [
+    (["--memory-format", "channels_last"], 0, 2e-6),  # fp32: Caffe's numbers in another layout
+    (["--precision", "bf16"], 1e-4, 2e-2),  # measured 4.3e-3: bf16 really ran, and trains as Caffe does
+])
+def test_precision_and_memory_format_against_caffe(solver_dir, options, low, high):
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--output", "ours.caffemodel",
+                 *options]) == 0
+    error = relative_l2(weights_of(read_caffemodel("ours.caffemodel")),
+                        weights_of(read_caffemodel(REFERENCE / "nets" / "solver" / "final.caffemodel")))
+    assert low <= error <= high
+
+
+def test_an_unknown_precision_is_one_line(solver_dir, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "solver.prototxt", "--precision", "fp8"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--precision" in err and "fp8" in err and err.count("\n") == 1
+
+
+def test_fp16_loss_scale_halves_on_overflow_and_grows_after_clean_iterations():
+    scaler = LossScaler(scale=8.0, growth_interval=2)
+    grads = [torch.full((2,), 8.0), None]
+    assert scaler.unscale(grads) and grads[0].tolist() == [1.0, 1.0] and scaler.scale == 8.0
+    assert not scaler.unscale([torch.tensor([float("inf")])]) and scaler.scale == 4.0
+    assert scaler.unscale([torch.ones(1)]) and scaler.unscale([torch.ones(1)]) and scaler.scale == 8.0

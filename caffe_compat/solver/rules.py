@@ -118,6 +118,12 @@ class CaffeSolver:
         self.iter += 1
         return rate
 
+    def skip(self) -> float:
+        """An iteration without an update (fp16 overflow): the rate and iteration advance as for one."""
+        rate = self.learning_rate()
+        self.iter += 1
+        return rate
+
     def _clip(self, grads: List[torch.Tensor]) -> None:
         clip = float(self.param.clip_gradients)
         if clip < 0 or not grads:

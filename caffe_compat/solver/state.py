@@ -98,6 +98,11 @@ def check_state(state: dict, where: str) -> None:
         raise check.error("smoothing.window", "is not a list of losses")
     if check.get(state, "world_size", int) < 1:
         raise check.error("world_size", "is below 1")
+    if "loss_scale" in state:  # fp16 runs: [scale, clean iterations since it last grew]
+        scale = check.get(state, "loss_scale", list)
+        if (len(scale) != 2 or not isinstance(scale[0], float) or not isinstance(scale[1], int)
+                or not 0 < scale[0] < float("inf") or scale[1] < 0):
+            raise check.error("loss_scale", "is not [scale, clean iterations]")
 
 
 class _Checker:

@@ -27,6 +27,7 @@ from ..net import CaffeNet
 from .distributed import Distributed, distribute_lifted_losses
 from .nets import build_net, net_source, share_weights, test_sources
 from .outputs import LogRow, check_output_file, check_snapshot_prefix, snapshot_prefix, write_training_log
+from .precision import MEMORY_FORMATS, LossScaler, autocast, check_precision, losses_in_float32
 from .progress import TrainProgress
 from .rules import CaffeSolver, check_solver, learnable_params
 from .state import STATE_FORMAT, STATE_VERSION, numpy_rng_state, read_state, set_numpy_rng_state
@@ -82,7 +83,8 @@ class Trainer:
                  resume: Optional[PathLike] = None, device: Optional[str] = None,
                  max_iter: Optional[int] = None, sampler: Optional[str] = None,
                  log_path: Optional[PathLike] = None, output: Optional[PathLike] = None,
-                 stream: Optional[TextIO] = None, allow_missing_weights: bool = False):
+                 stream: Optional[TextIO] = None, allow_missing_weights: bool = False, precision: str = "fp32",
+                 memory_format: Optional[str] = None):
         if weights is not None and resume is not None:
             raise CaffeCompatError("give --weights to fine-tune or --resume to continue, not both")
         self.solver_path = Path(solver_path)
@@ -98,6 +100,9 @@ class Trainer:
         self._check_outputs(where)
         if sampler is not None:
             parse_sampler(sampler, None, "--sampler")  # its spelling, before any work
+        self.precision = precision
+        self.memory_format = check_precision(precision, memory_format)
+        self.loss_scaler = LossScaler() if precision == "fp16" else None
         self.stream = stream if stream is not None else sys.stdout
         self.dist = Distributed.from_env()
         self.device = resolve_device(device or _default_device(self.param))
@@ -135,7 +140,11 @@ class Trainer:
             for i, (net, _) in enumerate(self.test_nets):
                 seed_data_layers(net, seed + 1 + i)
             torch.manual_seed(seed + self.dist.rank)  # dropout and the like differ per rank, as Caffe's
-        self.net.to(self.device)
+        self.net.to(self.device, memory_format=MEMORY_FORMATS[self.memory_format])
+        if self.precision != "fp32":
+            losses_in_float32(self.net)
+            for net, _ in self.test_nets:
+                losses_in_float32(net)
         if self.dist.active:
             self.dist.broadcast_module(self.net)
         for net, _ in self.test_nets:
@@ -184,7 +193,12 @@ class Trainer:
                     if self.dist.active:
                         # Caffe's multi-GPU rule: the ranks' gradients are averaged.
                         self.dist.reduce_gradients(self.params, 1.0 / self.dist.world_size)
-                    rate = self.solver.step()
+                    if self.loss_scaler is None or self.loss_scaler.unscale([p.tensor.grad for p in self.params]):
+                        rate = self.solver.step()
+                    else:
+                        rate = self.solver.skip()
+                        self._print(f"iteration {it}: fp16 gradients overflowed, update skipped; loss scale now "
+                                    f"{self.loss_scaler.scale:g}")
                     self.log_rows.append(LogRow(it, last_loss, rate, smoothed))
                     self.progress.iteration(it, last_loss, smoothed, rate)
                     if param.snapshot and self.solver.iter % param.snapshot == 0:
@@ -229,10 +243,12 @@ class Trainer:
         for p in self.params:
             p.tensor.grad = None
         total, last = 0.0, 0.0
+        keep = [top for top, _ in self.net.loss_terms]
         for _ in range(self.param.iter_size):
-            blobs = self.net.run({})
-            loss = self.net.loss(blobs)
-            loss.backward()
+            with autocast(self.device, self.precision):
+                # Only the loss tops are kept: backward frees each activation once it is used.
+                loss = self.net.loss(self.net.run({}, keep=keep))
+            (loss * self.loss_scaler.scale if self.loss_scaler else loss).backward()
             last = float(loss.detach())
             if self.dist.active:  # the global lifted loss is the same on every rank anyway
                 last = self.dist.mean(last, self.device)
@@ -249,7 +265,7 @@ class Trainer:
         for index, (net, iters) in enumerate(self.test_nets):
             sums: Dict[str, torch.Tensor] = {}
             total_loss = 0.0
-            with torch.no_grad():
+            with torch.no_grad(), autocast(self.device, self.precision):
                 for _ in range(iters):
                     blobs = net.run({})
                     if self.param.test_compute_loss and net.loss_terms:
@@ -288,6 +304,7 @@ class Trainer:
             "log": [list(row) for row in self.log_rows],
             "smoothing": {"window": list(self.loss_window), "smoothed": self.smoothed_loss},
             "world_size": self.dist.world_size,
+            **({"loss_scale": [self.loss_scaler.scale, self.loss_scaler.clean]} if self.loss_scaler else {}),
         }
 
     def load_state(self, path: PathLike) -> None:
@@ -318,6 +335,8 @@ class Trainer:
         self.log_rows = [LogRow(int(i), float(loss), float(lr), float(smoothed)) for i, loss, lr, smoothed in state["log"]]
         self.loss_window = [float(v) for v in state["smoothing"]["window"]][:self.param.average_loss]
         self.smoothed_loss = float(state["smoothing"]["smoothed"])
+        if self.loss_scaler is not None and "loss_scale" in state:
+            self.loss_scaler.scale, self.loss_scaler.clean = state["loss_scale"]
 
     def snapshot(self) -> Path:
         """Write <prefix>_iter_<N>.caffemodel and .solverstate.pt (rank 0); returns the state path."""
@@ -380,7 +399,8 @@ def _check_same_blobs(saved: Dict[str, list], expected: Dict[str, list], where: 
 def train(solver_path: PathLike, weights: Optional[PathLike] = None, resume: Optional[PathLike] = None,
           device: Optional[str] = None, max_iter: Optional[int] = None, output: Optional[PathLike] = None,
           log_path: Optional[PathLike] = None, sampler: Optional[str] = None,
-          stream: Optional[TextIO] = None, allow_missing_weights: bool = False) -> TrainResult:
+          stream: Optional[TextIO] = None, allow_missing_weights: bool = False, precision: str = "fp32",
+          memory_format: Optional[str] = None) -> TrainResult:
     """Train as `caffe train --solver=SOLVER [--weights W | --snapshot S]` would."""
     dist = Distributed.from_env()
     try:
@@ -389,7 +409,8 @@ def train(solver_path: PathLike, weights: Optional[PathLike] = None, resume: Opt
             warnings.filterwarnings("ignore", message="weights for layers not in the")
             trainer = Trainer(solver_path, weights=weights, resume=resume, device=device, max_iter=max_iter,
                               sampler=sampler, log_path=log_path, output=output, stream=stream,
-                              allow_missing_weights=allow_missing_weights)
+                              allow_missing_weights=allow_missing_weights, precision=precision,
+                              memory_format=memory_format)
         return trainer.run()
     finally:
         if dist.active:
