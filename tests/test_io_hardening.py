@@ -155,11 +155,14 @@ def test_killed_write_leaves_a_temporary_the_next_write_removes(tmp_path):
 
 def test_live_writers_temporaries_are_left_alone(tmp_path):
     target = tmp_path / "out.txt"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    other_host = tmp_path / f".out.txt.caffe-compat-tmp-elsewhere-{dead.stdout.strip()}-0"
+    other_host.write_text("another host's write in a shared folder")
     with atomic.atomic_path(target) as first:
         first.write_text("in flight")
         atomic.write_text(target, "other")  # this process is alive: its temporary stays
         assert first.exists()
-    assert target.read_text() == "in flight"
+    assert target.read_text() == "in flight" and other_host.exists()
 
 
 def test_atomic_write_is_made_durable_before_rename(tmp_path, monkeypatch):

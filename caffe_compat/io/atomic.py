@@ -1,13 +1,15 @@
 """Outputs are written to a temporary file beside the target and renamed, so a reader
 never sees half a file and a failed write leaves the old file in place.
 
-The temporary is `.NAME.caffe-compat-tmp-PID-N`: a write killed midway leaves it behind,
-and the next write of the same output removes those whose process is gone."""
+The temporary is `.NAME.caffe-compat-tmp-HOST-PID-N`: a write killed midway leaves it
+behind, and the next write of the same output on the same host removes those whose
+process is gone (another host's, in a shared folder, are not this host's to judge)."""
 from __future__ import annotations
 
 import contextlib
 import itertools
 import os
+import socket
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -15,6 +17,7 @@ from ..errors import CaffeCompatError
 
 _MARK = ".caffe-compat-tmp-"
 _serial = itertools.count()  # two threads of one process never share a temporary
+_HOST = socket.gethostname().replace("/", "_") or "host"
 
 
 def _process_alive(pid: int) -> bool:
@@ -28,11 +31,12 @@ def _process_alive(pid: int) -> bool:
 
 
 def _remove_stale(target: Path) -> None:
-    prefix = f".{target.name}{_MARK}"
+    prefix = f".{target.name}{_MARK}{_HOST}-"
     with os.scandir(target.parent) as entries:
         for entry in entries:
-            pid = entry.name[len(prefix):].split("-")[0] if entry.name.startswith(prefix) else ""
-            if pid.isdigit() and not _process_alive(int(pid)):
+            pid, _, serial = entry.name[len(prefix):].partition("-")
+            if (entry.name.startswith(prefix) and pid.isdigit() and serial.isdigit()
+                    and not _process_alive(int(pid))):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
 
@@ -55,7 +59,7 @@ def atomic_path(target: Union[str, Path]) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(target)
-        tmp = target.parent / f".{target.name}{_MARK}{os.getpid()}-{next(_serial)}"
+        tmp = target.parent / f".{target.name}{_MARK}{_HOST}-{os.getpid()}-{next(_serial)}"
         # Created as open() would create it: mode 0666 less the umask.
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as err:
