@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
@@ -124,11 +125,17 @@ def _read_pt(path: Path) -> object:
 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
         # torch's own text is many lines and advises weights_only=False, which would run
-        # whatever code the file carries: never that.
-        raise CaffeCompatError(f"{path}: not a caffe-compat model: it holds pickled Python objects beyond "
-                               f"tensors and plain data, which caffe-compat refuses to load") from None
+        # whatever code the file carries: never that. Its one useful clause is kept.
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if named:
+            raise CaffeCompatError(f"{path}: not a caffe-compat model: it holds pickled Python objects "
+                                   f"({named.group(1)}) beyond tensors and plain data, which caffe-compat refuses "
+                                   f"to load") from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+        raise CaffeCompatError(f"{path}: not a caffe-compat model, or damaged (not a plain-data pickle"
+                               f"{': ' + reason.group(1).strip() if reason else ''})") from None
     except Exception as err:  # torch raises many types for foreign or damaged files
         raise CaffeCompatError(f"{path}: not a caffe-compat model, or damaged ({_first_line(err)})") from None
     if isinstance(payload, dict) and isinstance(payload.get("weights"), dict):
@@ -182,10 +189,11 @@ _FIELDS = {"format": str, "format_version": int, "caffe_compat_version": str, "d
 
 
 def _validate(payload: object, path: Path) -> dict:
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    # Type checks before comparisons: a tensor compared with == gives a tensor, not a bool.
+    if not isinstance(payload, dict) or not isinstance(payload.get("format"), str) or payload["format"] != FORMAT:
         raise CaffeCompatError(f"{path}: not a caffe-compat model (written by 'caffe-compat convert' or 'train')")
     version = payload.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise CaffeCompatError(f"{path}: model format version {version!r}; this caffe-compat reads version "
                                f"{FORMAT_VERSION} (convert the Caffe files again)")
     for key, kind in _FIELDS.items():

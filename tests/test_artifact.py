@@ -86,7 +86,12 @@ def test_pickled_pt_is_refused_in_one_line(tmp_path, capsys):
     torch.save({"format": "caffe-compat-model", "evil": random.Random(0)}, path)
     code, _, lines = run(capsys, "export-onnx", path, "-o", tmp_path / "x.onnx")
     assert code == 2 and len(lines) == 1, lines
-    assert "pickled Python objects" in lines[0] and "weights_only" not in lines[0]
+    assert "pickled Python objects (random.Random)" in lines[0] and "weights_only" not in lines[0]
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x80\x02garbage that is no pickle")
+    code, _, lines = run(capsys, "export-onnx", garbage, "-o", tmp_path / "x.onnx")
+    assert code == 2 and len(lines) == 1 and "not a caffe-compat model, or damaged" in lines[0], lines
+    assert "weights_only" not in lines[0] and "pickled Python objects" not in lines[0]
 
 
 def _payload(models):
