@@ -138,7 +138,8 @@ def _cars_items(source: Path) -> Tuple[List[Item], List[Item]]:
                 raise CaffeCompatError(f"{where} has no field '{field}'")
         relative = record["relative_im_path"]
         label = np.asarray(record["class"]).reshape(-1)
-        if not isinstance(relative, str) or label.size != 1 or not np.isfinite(label[0]):
+        if (not isinstance(relative, str) or label.size != 1 or label.dtype.kind not in "iuf"
+                or not np.isfinite(label[0])):
             raise CaffeCompatError(f"{where} needs a path string and one class")
         relative = _inside(relative, f"{where}.relative_im_path")
         item = Item(root / relative, relative, int(label[0]))

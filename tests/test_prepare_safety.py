@@ -150,3 +150,13 @@ def test_cli_prepare_reports_progress_lines(tmp_path):
     assert "\r" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("prepare cub: 6/6 (100%)")
     assert "train: 3 images of 2 classes" in result.stdout
+
+
+@pytest.mark.parametrize("label", ["abc", np.array([[np.nan]]), np.array([[1, 2]], "u1")])
+def test_cars_class_that_is_not_one_number_is_located(tmp_path, label):
+    make_cars(tmp_path / "src")
+    records = [{"relative_im_path": "car_ims/000001.jpg", "class": np.array([[1]], "u1")},
+               {"relative_im_path": "car_ims/000002.jpg", "class": label}]
+    write_mat(tmp_path / "src" / "cars_annos.mat", {"annotations": records}, compressed=False)
+    with pytest.raises(CaffeCompatError, match=r"annotations\(2\) needs a path string and one class"):
+        datasets.prepare("cars", tmp_path / "src", tmp_path / "out")
