@@ -97,8 +97,8 @@ def run_demo(workdir=DEFAULT_WORKDIR, iterations: int = DEFAULT_ITERATIONS) -> i
         raise CaffeCompatError(f"--iterations {iterations}: must be at least 1")
     import torch
 
-    # LeNet's layers are too small to share among threads: one thread is as fast on an
-    # idle machine and several times faster on a busy one (measured on 2 cores).
+    # LeNet's layers are too small to share among threads: on a busy 2-core machine one
+    # thread trained it 8x faster than two (benchmarks/demo.py).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
