@@ -3,7 +3,7 @@ blob wiring, in-place tops, shared parameters and loss weights, validated."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import CaffeCompatError
 
@@ -150,3 +150,47 @@ def param_owners(graph: Graph) -> Dict[Tuple[str, int], Tuple[str, int]]:
             else:
                 owners[spec.name] = (node.name, i)
     return shared
+
+
+def _names_list(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_weights_fit(graph: Graph, blob_counts: Mapping[str, int], weight_layers: Sequence[str],
+                      source: Optional[str] = None, allow_missing: bool = False) -> List[str]:
+    """Whether weights holding blobs for `weight_layers` fit the net whose layers have
+    `blob_counts` parameter blobs; returns the notes to show (one line each).
+
+    Caffe's CopyTrainedLayersFrom matches layers by name and skips the rest. Here weights
+    that set nothing are an error, and so are layers left unset unless `allow_missing`
+    (then a note with their count); a blob shared with a layer that gets weights is set.
+    Layers only in the weights are a note, as in Caffe."""
+    source = f"'{source}'" if source else "the weights"
+    net = graph.describe()
+    owners = param_owners(graph)
+    group = {(layer, i): owners.get((layer, i), (layer, i))
+             for layer, count in blob_counts.items() for i in range(count)}
+    covered = {group[(layer, i)] for layer in weight_layers if layer in blob_counts
+               for i in range(blob_counts[layer])}
+    with_params = [layer for layer, count in blob_counts.items() if count]
+    missing = [layer for layer in with_params
+               if any(group[(layer, i)] not in covered for i in range(blob_counts[layer]))]
+    if with_params and len(missing) == len(with_params):
+        held = list(weight_layers) or ["no layer with blobs"]
+        raise CaffeCompatError(f"{source} shares no layer with {net} ({graph.phase} net): the net's layers with "
+                               f"parameters are {_names_list(with_params, 4)}; the weights hold "
+                               f"{_names_list(held, 4)}")
+    if missing and not allow_missing:
+        raise CaffeCompatError(f"{source} has no weights for {len(missing)} of the {len(with_params)} layers "
+                               f"with parameters of {net} ({graph.phase} net): {_names_list(missing)} "
+                               f"(--allow-missing-weights / allow_missing_weights=True keeps their fillers)")
+    notes = []
+    if missing:
+        notes.append(f"{source}: {len(missing)} layer(s) of {net} get no weights and keep their filler "
+                     f"values: {_names_list(missing)}")
+    skipped = [name for name in weight_layers if name not in blob_counts]
+    if skipped:
+        notes.append(f"{source}: {len(skipped)} layer(s) not in the {graph.phase} net were skipped, as Caffe "
+                     f"does: {_names_list(skipped)}")
+    return notes

@@ -13,7 +13,7 @@ from torch import nn
 
 from .deploy import DATA_LAYER_TYPES
 from .errors import CaffeCompatError
-from .graph import Graph, LayerNode, param_owners
+from .graph import Graph, LayerNode, check_weights_fit, param_owners
 from .io.wire import copy_out
 from .memory import available_memory, format_size, parse_size
 from .layers.registry import Converted, LayerContext, builder_for, caffe_blobs
@@ -114,11 +114,6 @@ def _build(builder, ctx: LayerContext) -> Converted:
     if not isinstance(converted, Converted):
         raise TypeError(f"the builder of '{ctx.type}' returned {type(converted).__name__}, not Converted")
     return converted
-
-
-def _names_list(names: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 class CaffeNet(nn.Module):
@@ -278,35 +273,8 @@ class CaffeNet(nn.Module):
     # weights
     def _check_weights_fit(self, blob_counts: Mapping[str, int], weights: Mapping[str, Sequence[np.ndarray]],
                            source: Optional[str], allow_missing: bool) -> None:
-        """Caffe's CopyTrainedLayersFrom matches layers by name and skips the rest; here
-        weights that set nothing are an error, and so are layers left unset unless
-        `allow_missing` (a blob shared with a layer that gets weights is set)."""
-        source = f"'{source}'" if source else "the weights"
-        net = self.graph.describe()
-        owners = param_owners(self.graph)
-        group = {(layer, i): owners.get((layer, i), (layer, i))
-                 for layer, count in blob_counts.items() for i in range(count)}
-        covered = {group[(layer, i)] for layer in weights if layer in blob_counts
-                   for i in range(blob_counts[layer])}
-        with_params = [layer for layer, count in blob_counts.items() if count]
-        missing = [layer for layer in with_params
-                   if any(group[(layer, i)] not in covered for i in range(blob_counts[layer]))]
-        if with_params and len(missing) == len(with_params):
-            held = [name for name in weights] or ["no layer with blobs"]
-            raise CaffeCompatError(f"{source} shares no layer with {net} ({self.phase} net): the net's layers with "
-                                   f"parameters are {_names_list(with_params, 4)}; the weights hold "
-                                   f"{_names_list(held, 4)}")
-        if missing and not allow_missing:
-            raise CaffeCompatError(f"{source} has no weights for {len(missing)} of the {len(with_params)} layers "
-                                   f"with parameters of {net} ({self.phase} net): {_names_list(missing)} "
-                                   f"(--allow-missing-weights / allow_missing_weights=True keeps their fillers)")
-        if missing:
-            warnings.warn(f"{source}: {len(missing)} layer(s) of {net} get no weights and keep their filler "
-                          f"values: {_names_list(missing)}", stacklevel=3)
-        skipped = [name for name in weights if name not in blob_counts]
-        if skipped:
-            warnings.warn(f"{source}: {len(skipped)} layer(s) not in the {self.phase} net were skipped, as Caffe "
-                          f"does: {_names_list(skipped)}", stacklevel=3)
+        for note in check_weights_fit(self.graph, blob_counts, list(weights), source, allow_missing):
+            warnings.warn(note, stacklevel=3)
 
     def _copy_weights(self, weights: Mapping[str, Sequence[np.ndarray]]) -> None:
         for name, arrays in weights.items():
