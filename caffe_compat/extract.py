@@ -53,7 +53,7 @@ def count_records(source: Path) -> int:
             raise CaffeCompatError(f"{source}: not a readable LMDB: {err}") from None
     if not source.is_file():
         raise CaffeCompatError(f"{source}: no such LMDB folder or image list")
-    return sum(1 for line in source.read_text().splitlines() if line.strip())
+    return len(list_entries(source))
 
 
 def list_entries(source: Path):

@@ -166,7 +166,9 @@ def test_extract_command_line_mistakes_before_any_work(tmp_path, capsys):
     model = REFERENCE / "nets" / "solver" / "final.caffemodel"
     source = require(REFERENCE / "nets" / "solver" / "train_lmdb")
     (tmp_path / "folder").mkdir()
-    for args, needle in [(["-o", tmp_path / "folder"], "is a folder"),
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9.jpg 1\n")
+    for args, needle in [(["-o", tmp_path / "f.npz", "--data", tmp_path / "latin1.txt"], "not a readable image list"),
+                         (["-o", tmp_path / "folder"], "is a folder"),
                          (["-o", tmp_path / "f.npz", "--mean-value", "1", "2"], "give 1 or 3 values"),
                          (["-o", tmp_path / "f.npz", "--root", tmp_path], "--root applies to image lists"),
                          (["-o", tmp_path / "f.npz", "--batch-size", "0"], "must be positive"),
