@@ -92,7 +92,9 @@ def main() -> None:
     text = "\n".join([
         SECTION, "",
         f"`python benchmarks/net_build.py --repeats {args.repeats}`: median seconds to build the net, the ways "
-        f"interleaved in one process (2 torch threads); ratio to filling then copying.",
+        f"interleaved in one process (2 torch threads); ratio to filling then copying. What the two passes "
+        f"save is drawing random fillers (gaussian, xavier) for layers whose weights are given; a deploy net "
+        f"without fillers (constant 0) has nothing to save.",
         machine_line(load) + " The machine was shared with other engineers' test runs, so the "
         "seconds are noisy; the ratios, measured side by side, less so.", "",
         "| net | way | time | ratio |", "| --- | --- | --- | --- |", *rows, ""])

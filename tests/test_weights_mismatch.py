@@ -14,7 +14,8 @@ from google.protobuf import text_format
 from caffe_compat.cli import main
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.graph import build_graph
-from caffe_compat.io.files import read_caffemodel, weights_of, with_weights, write_caffemodel
+from caffe_compat.io.files import (read_caffemodel, read_prototxt, weights_of, with_weights, write_caffemodel,
+                                  write_prototxt)
 from caffe_compat.io.schema import messages
 from caffe_compat.layers import fillers
 from caffe_compat.loading import load_net, parse_input_shapes
@@ -159,6 +160,24 @@ def test_train_refuses_weights_sharing_no_layer_and_takes_the_flag(tmp_path, mon
                      "--allow-missing-weights"]) == 0
 
 
+def test_extract_and_compare_refuse_weights_sharing_no_layer(tmp_path, capsys):
+    solver = require(REFERENCE / "nets" / "solver")
+    net_file = read_prototxt(solver / "train.prototxt")
+    net_file.net.layer[0].include[0].phase = 1  # the Data layer in TEST, the loss dropped: an extraction net
+    del net_file.net.layer[-1]
+    write_prototxt(net_file.net, tmp_path / "extract.prototxt")
+    _, other = files_of(tmp_path, "other", OTHER)
+    assert main(["extract", str(tmp_path / "extract.prototxt"), str(other), "--data", str(solver / "train_lmdb"),
+                 "-o", str(tmp_path / "f.npz")]) == 2
+    stderr = capsys.readouterr().err
+    assert "shares no layer" in stderr and "extract.prototxt" in stderr and "other.caffemodel" in stderr
+    assert not (tmp_path / "f.npz").exists()
+    case = require(REFERENCE / "layers") / "conv_basic"
+    assert main(["compare", f"{case}.prototxt", str(other), f"{case}.npz"]) == 2
+    stderr = capsys.readouterr().err
+    assert "shares no layer" in stderr and "conv_basic.prototxt" in stderr and "other.caffemodel" in stderr
+
+
 # ---------------------------------------------------------------- shared params
 
 def test_param_name_on_a_layer_without_parameters_is_an_error():
@@ -210,17 +229,19 @@ def test_under_an_address_space_limit_the_error_is_ours():
         CaffeNet(build_graph(small))  # every module the build needs is imported before the limit
         used = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
         resource.setrlimit(resource.RLIMIT_AS, (used + 2 ** 30, resource.RLIM_INFINITY))
-        try:
-            CaffeNet(build_graph(net))
-        except CaffeCompatError as err:
-            print(err)
-            sys.exit(2)
+        for max_memory in (None, "1T"):  # the check, then (told there is room) the allocator's refusal
+            try:
+                CaffeNet(build_graph(net), max_memory=max_memory)
+            except CaffeCompatError as err:
+                print(err)
+        sys.exit(2)
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     # 10M x 320 weights and 10M biases: 12.0 GiB, where 1 GiB of address space is left
     assert "layer 'ip_huge' (InnerProduct): its parameters need 12.0 GiB" in result.stdout
     assert "more than the memory available (1.0 GiB)" in result.stdout
+    assert "layer 'ip_huge' (InnerProduct): cannot allocate its parameters" in result.stdout
 
 
 def test_cli_max_memory_refuses_and_bad_sizes_are_one_line(tmp_path, capsys):
