@@ -40,6 +40,17 @@ def test_a_constant_power_has_a_zero_gradient(params, value):
     np.testing.assert_array_equal(x.grad.numpy(), np.zeros((2, 3)))
 
 
+@pytest.mark.parametrize("layer_type,params,value", [("Exp", "exp_param { scale: 0 shift: 1 base: 2 }", 2.0),
+                                                     ("Log", "log_param { scale: 0 shift: 4 base: 2 }", 2.0)])
+def test_exp_and_log_of_a_constant_have_a_zero_gradient(layer_type, params, value):
+    _, converted = build(layer_type, params, [(2, 3)])
+    x = torch.tensor(RNG.standard_normal((2, 3)), dtype=torch.float32, requires_grad=True)
+    top = converted.module(x)
+    np.testing.assert_allclose(top.detach().numpy(), np.full((2, 3), value), rtol=1e-6)
+    top.backward(torch.ones(2, 3))
+    np.testing.assert_array_equal(x.grad.numpy(), np.zeros((2, 3)))
+
+
 def test_compare_scores_a_constant_power_under_force_backward(tmp_path):
     prototxt = ("force_backward: true\n" + INPUT + 'layer { name: "p" type: "Power" bottom: "data" top: "p" '
                 'power_param { scale: 0 shift: 2 power: 3 } }\n')
