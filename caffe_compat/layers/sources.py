@@ -88,7 +88,7 @@ def build_dummy_data(ctx: LayerContext) -> Converted:
     return ctx.wire(DummyData(ctx.name, shapes, filler_params), top_shapes=shapes)
 
 
-def _random_node(g: OnnxGraph, filler, shape: Shape, output: str, hint: str) -> bool:
+def _random_node(g: OnnxGraph, filler, shape: Shape, output: str) -> bool:
     """ONNX's own random generators for the fillers that are one uniform or normal draw;
     False for the others."""
     if filler.type == "uniform":
@@ -113,7 +113,7 @@ def dummy_data_to_onnx(g: OnnxGraph, ctx, module: DummyData, inputs, outputs):
             held = getattr(module, f"constant{index}")
             value = (held if module.constant[index] else fillers.fill(filler, shape, ctx.name)).numpy()
             g.node("Constant", [], [output], value=numpy_helper.from_array(value, g.fresh(output + "/value")))
-        elif not _random_node(g, filler, shape, output, ctx.name):
+        elif not _random_node(g, filler, shape, output):
             raise ctx.error(f"the '{filler.type}' filler of top '{output}' has no ONNX equivalent")
 
 
