@@ -135,6 +135,10 @@ def export_onnx(net: CaffeNet, outputs: Optional[Sequence[str]] = None, opset: i
     outputs = list(dict.fromkeys(outputs))
 
     steps, last = _trace(net)
+    fed = [b for b in outputs if b in net.input_names and last[b] == 0]
+    if fed:
+        raise CaffeCompatError(f"net '{net.graph.name}': {', '.join(map(repr, fed))} is an input of the net, "
+                               f"not something it computes; name a blob a layer writes")
     kept, needed = _needed_steps(steps, [(b, last[b]) for b in outputs])
     nodes = {node.name: node for node in net.graph.layers}
     missing = []
@@ -219,7 +223,11 @@ def _append_l2_normalize(g: OnnxGraph, x: str, rank: int) -> str:
 def write_onnx(net: CaffeNet, path: PathLike, **options) -> onnx.ModelProto:
     """`export_onnx(net, **options)`, checked and written to `path` atomically."""
     model = export_onnx(net, **options)
-    onnx.checker.check_model(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:  # an emitter's mistake: say where, in one line
+        raise CaffeCompatError(f"{path}: the exported graph does not pass ONNX's checker "
+                               f"({str(err).strip().splitlines()[0]})") from None
     try:
         data = model.SerializeToString()
     except ValueError as err:  # protobuf's 2 GiB ceiling

@@ -403,3 +403,18 @@ def test_one_channel_data_layer_records_gray(tmp_path):
                                 input_shapes={"data": (2, 1, 28, 28)})
     assert props["preprocess.channel_order"] == "gray" and props["preprocess.mean"] == "7.0"
     assert preprocess_metadata(net_param, input_shapes={"data": (2, 3, 28, 28)})["preprocess.channel_order"] == "BGR"
+
+
+def test_an_input_blob_is_not_an_output(tmp_path):
+    proto = tmp_path / "relu.prototxt"
+    proto.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 4 } } }\n'
+                     'layer { name: "relu" type: "ReLU" bottom: "x" top: "y" }\n')
+    net = CaffeNet(build_graph(read_prototxt(proto).net, "TEST"))
+    with pytest.raises(CaffeCompatError, match="'x' is an input of the net"):
+        export_onnx(net, ["x"])
+    # Rewritten in place by a layer, the input's blob is something the net computes.
+    proto.write_text(proto.read_text().replace('top: "y"', 'top: "x"'))
+    net = CaffeNet(build_graph(read_prototxt(proto).net, "TEST"))
+    model = check(export_onnx(net, ["x"]))
+    rows = np.array([[-1, 2, -3, 4], [5, -6, 7, -8]], np.float32)
+    np.testing.assert_array_equal(run_onnx(model, {"x": rows})[model.graph.output[0].name], np.maximum(rows, 0))
