@@ -91,6 +91,9 @@ def rewrite_model(source: PathLike, out: PathLike, overrides: Optional[Preproces
 
 
 def write_payload(payload: dict, path: PathLike) -> None:
+    if Path(path).suffix == ".onnx":
+        raise CaffeCompatError(f"{path}: convert writes models (.pt, .safetensors) and caffemodels; "
+                               f"ONNX is 'caffe-compat export-onnx'")
     if Path(path).suffix == SAFETENSORS_SUFFIX:
         write_bytes(path, _to_safetensors(payload))
         return

@@ -75,10 +75,11 @@ def test_bad_preprocess_options_one_line(conv_files, tmp_path, capsys):
     for args, needle in [(["--mean-value", "1", "2"], "give 1 or 3 values"),
                          (["--mean-value", "1", "--mean-file", "m.binaryproto"], "not both"),
                          (["--scale", "-1"], "must be positive"),
-                         (["--mean-file", tmp_path / "none.binaryproto"], "none.binaryproto")]:
+                         (["--mean-file", tmp_path / "none.binaryproto"], "none.binaryproto"),
+                         (["-o", tmp_path / "m.onnx"], "ONNX is 'caffe-compat export-onnx'")]:
         code, _, lines = run(capsys, "convert", *conv_files, "-o", tmp_path / "m.pt", *args)
         assert code == 2 and len(lines) == 1 and needle in lines[0], lines
-    assert not (tmp_path / "m.pt").exists()
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "m.onnx").exists()
 
 
 def test_pickled_pt_is_refused_in_one_line(tmp_path, capsys):
