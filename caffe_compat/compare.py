@@ -177,12 +177,27 @@ def _compare_batches(case, net, ref, batch_keys, tol, device) -> List[Row]:
     return rows
 
 
+def _freeze_unlearned(net) -> None:
+    """Without force_backward Caffe computes no diff for a parameter with lr_mult 0 (nor
+    for what only such parameters reach)."""
+    learning_rate = {id(p): net.param_multipliers[name][0] for name, p in net.named_parameters()
+                     if name in net.param_multipliers}
+    for parameter in net.parameters():
+        if learning_rate.get(id(parameter), 1.0) == 0:
+            parameter.requires_grad_(False)
+
+
 def _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device) -> List[Row]:
+    # Without force_backward Caffe's backward reaches only what depends on a learned
+    # parameter and feeds a loss: Input blobs get no diff.
+    force_backward = net.graph.net is None or net.graph.net.force_backward
+    if not force_backward:
+        _freeze_unlearned(net)
     inputs = {}
     for key, value in ref.items():
         if key.startswith("input/"):
             tensor = torch.from_numpy(value).to(device)
-            inputs[key[len("input/"):]] = tensor.requires_grad_(tensor.is_floating_point())
+            inputs[key[len("input/"):]] = tensor.requires_grad_(force_backward and tensor.is_floating_point())
     missing = [n for n in net.input_names if n not in inputs]
     if missing:
         raise CaffeCompatError(f"case '{case}': the reference has no input/ for {', '.join(missing)}")
@@ -201,6 +216,8 @@ def _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device) -> List[
              if k.startswith("topdiff/")]
     if net.loss_terms:
         objective = net.loss(blobs)
+    elif not force_backward:
+        objective = None  # no layer contributes to a loss: Caffe's backward computes nothing
     elif seeds:
         objective = sum((value * seed).sum() for value, seed in seeds)
     else:
@@ -209,7 +226,7 @@ def _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device) -> List[
     for module_name, module in net.layers.items():
         for i, tensor in enumerate(caffe_blobs(module)):
             params[f"{net.layer_names[module_name]}/{i}"] = tensor
-    if objective.requires_grad:
+    if objective is not None and objective.requires_grad:
         objective.backward()
     # else nothing the seeds reach depends on an input or parameter: every gradient is
     # zero, which the rows below report as "no gradient here"

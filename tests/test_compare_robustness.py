@@ -178,3 +178,38 @@ layer { name: "loss" type: "InfogainLoss" bottom: "scores" bottom: "label" top: 
     monkeypatch.chdir(tmp_path)  # not the cases' folder: H.binaryproto is named relative to it
     assert main(["compare", "cases"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "2 passed, 0 failed"
+
+
+LOSS_WITHOUT_FORCE_BACKWARD = """
+layer { name: "in" type: "Input" top: "data" top: "target"
+  input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 4 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" param { lr_mult: 1 } param { lr_mult: 0 }
+  inner_product_param { num_output: 4 weight_filler { type: "constant" value: 0.5 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "target" top: "loss" }
+"""
+
+
+def test_without_force_backward_only_learned_parameters_pull_gradients_as_in_caffe(tmp_path):
+    data = RNG.standard_normal((2, 3)).astype(np.float32)
+    target = RNG.standard_normal((2, 4)).astype(np.float32)
+    ip = data @ np.full((3, 4), 0.5, np.float32)
+    ip_diff = (ip - target) / 2  # EuclideanLoss: sum((a - b)^2) / 2N
+    zeros = np.zeros_like
+    write_case(tmp_path, "noforce", LOSS_WITHOUT_FORCE_BACKWARD, {
+        "input/data": data, "input/target": target, "blob/ip": ip, "diff/ip": ip_diff,
+        "diff/data": zeros(data), "diff/target": zeros(target),  # Input blobs: no diff without force_backward
+        "paramdiff/ip/0": ip_diff.T @ data, "paramdiff/ip/1": np.zeros(4, np.float32)})  # bias: lr_mult 0
+    rows = compare_case(tmp_path / "noforce.prototxt", None, tmp_path / "noforce.npz")
+    assert len(rows) == 6 and all(r.ok for r in rows), [r.format() for r in rows]
+
+
+def test_without_force_backward_and_without_a_loss_nothing_gets_a_gradient(tmp_path):
+    prototxt = INPUT + ('layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+                        'inner_product_param { num_output: 2 weight_filler { type: "constant" value: 1 } } }\n')
+    data = RNG.standard_normal((2, 3)).astype(np.float32)
+    write_case(tmp_path, "noloss", prototxt, {
+        "input/data": data, "blob/ip": np.repeat(data.sum(1, keepdims=True), 2, 1),
+        "topdiff/ip": np.ones((2, 2), np.float32), "diff/data": np.zeros((2, 3), np.float32),
+        "paramdiff/ip/0": np.zeros((2, 3), np.float32), "paramdiff/ip/1": np.zeros(2, np.float32)})
+    rows = compare_case(tmp_path / "noloss.prototxt", None, tmp_path / "noloss.npz")
+    assert len(rows) == 4 and all(r.ok for r in rows), [r.format() for r in rows]
