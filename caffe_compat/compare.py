@@ -178,8 +178,11 @@ def _compare_batches(case, net, ref, batch_keys, tol, device) -> List[Row]:
 
 
 def _freeze_unlearned(net) -> None:
-    """Without force_backward Caffe computes no diff for a parameter with lr_mult 0 (nor
-    for what only such parameters reach)."""
+    """Without force_backward Caffe computes no diff for a parameter with lr_mult 0, nor
+    for the tops of data layers (nor for what only those reach)."""
+    for module in net.modules():
+        if hasattr(module, "tops_take_gradients"):
+            module.tops_take_gradients = False
     learning_rate = {id(p): net.param_multipliers[name][0] for name, p in net.named_parameters()
                      if name in net.param_multipliers}
     for parameter in net.parameters():

@@ -213,3 +213,20 @@ def test_without_force_backward_and_without_a_loss_nothing_gets_a_gradient(tmp_p
         "paramdiff/ip/0": np.zeros((2, 3), np.float32), "paramdiff/ip/1": np.zeros(2, np.float32)})
     rows = compare_case(tmp_path / "noloss.prototxt", None, tmp_path / "noloss.npz")
     assert len(rows) == 4 and all(r.ok for r in rows), [r.format() for r in rows]
+
+
+def test_without_force_backward_data_layer_tops_get_no_diff(tmp_path):
+    prototxt = LOSS_WITHOUT_FORCE_BACKWARD.replace(
+        'layer { name: "in" type: "Input" top: "data" top: "target"\n  input_param { shape { dim: 2 dim: 3 } '
+        'shape { dim: 2 dim: 4 } } }',
+        'layer { name: "in" type: "Input" top: "target" input_param { shape { dim: 2 dim: 4 } } }\n'
+        'layer { name: "dummy" type: "DummyData" top: "data" dummy_data_param { shape { dim: 2 dim: 3 } '
+        'data_filler { type: "constant" value: 1 } } }')
+    assert "DummyData" in prototxt
+    target = RNG.standard_normal((2, 4)).astype(np.float32)
+    ip = np.full((2, 4), 1.5, np.float32)
+    write_case(tmp_path, "dummy_noforce", prototxt, {
+        "input/target": target, "blob/ip": ip, "diff/ip": (ip - target) / 2,
+        "diff/data": np.zeros((2, 3), np.float32)})
+    rows = compare_case(tmp_path / "dummy_noforce.prototxt", None, tmp_path / "dummy_noforce.npz")
+    assert len(rows) == 3 and all(r.ok for r in rows), [r.format() for r in rows]

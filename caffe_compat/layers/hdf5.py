@@ -57,7 +57,10 @@ class HDF5Data(CaffeLayer):
     """Caffe's HDF5DataLayer: batch_size rows per forward pass, row after row and file
     after file in list order, wrapping around; with `shuffle`, files and the rows within
     each file in a random order (torch's generator, not Caffe's). The tops take
-    gradients, as Caffe computes diffs for them under force_backward."""
+    gradients while `tops_take_gradients`, as Caffe computes diffs for them under
+    force_backward."""
+
+    tops_take_gradients = True
 
     def __init__(self, where: str, files: Sequence[str], datasets: Sequence[str], batch_size: int, shuffle: bool):
         super().__init__()
@@ -104,8 +107,8 @@ class HDF5Data(CaffeLayer):
             for top, array in zip(rows, self.arrays):
                 top.append(array[self.row_order[self.row]])
             self._next()
-        tops = tuple(torch.from_numpy(np.stack(r)).to(self.anchor).requires_grad_(torch.is_grad_enabled())
-                     for r in rows)
+        grad = self.tops_take_gradients and torch.is_grad_enabled()
+        tops = tuple(torch.from_numpy(np.stack(r)).to(self.anchor).requires_grad_(grad) for r in rows)
         return tops[0] if len(tops) == 1 else tops
 
 

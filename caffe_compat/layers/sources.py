@@ -24,8 +24,11 @@ def _shape_of(blob_shape) -> Shape:
 
 class DummyData(CaffeLayer):
     """Each top filled by its filler (None: zeros): once for a constant filler, at every
-    forward pass for the others, as Caffe refills them. The tops take gradients (under
-    force_backward Caffe computes diffs for them like for any blob)."""
+    forward pass for the others, as Caffe refills them. The tops take gradients while
+    `tops_take_gradients` (under force_backward Caffe computes diffs for them like for
+    any blob; without it, none)."""
+
+    tops_take_gradients = True
 
     def __init__(self, name: str, shapes: Sequence[Shape], filler_params: Sequence):
         super().__init__()
@@ -44,7 +47,7 @@ class DummyData(CaffeLayer):
         for index, (shape, filler, constant) in enumerate(zip(self.shapes, self.filler_params, self.constant)):
             held = getattr(self, f"constant{index}")
             value = held.clone() if constant else fillers.fill(filler, shape, self.layer_name).to(held)
-            tops.append(value.requires_grad_(torch.is_grad_enabled()))
+            tops.append(value.requires_grad_(self.tops_take_gradients and torch.is_grad_enabled()))
         return tops[0] if len(tops) == 1 else tuple(tops)
 
 
