@@ -98,6 +98,7 @@ class Trainer:
         self.log_path = Path(log_path) if log_path is not None else None
         self.output = Path(output) if output is not None else None
         self._check_outputs(where)
+        saved = (Path(resume), read_state(Path(resume))) if resume is not None else None  # a wrong file fails now
         if sampler is not None:
             parse_sampler(sampler, None, "--sampler")  # its spelling, before any work
         self.precision = precision
@@ -158,8 +159,8 @@ class Trainer:
         self.smoothed_loss = 0.0
         self.images_per_iter = self._images_per_iteration()
         self.progress: Optional[TrainProgress] = None
-        if resume is not None:
-            self.load_state(resume)
+        if saved is not None:
+            self._restore(*saved)
 
     def _check_outputs(self, where: str) -> None:
         """Every path this run will write, checked before any training work."""
@@ -308,8 +309,10 @@ class Trainer:
         }
 
     def load_state(self, path: PathLike) -> None:
-        path = Path(path)
-        state = read_state(path)
+        """Continue from the solver state at `path` (what snapshot() wrote)."""
+        self._restore(Path(path), read_state(Path(path)))
+
+    def _restore(self, path: Path, state: dict) -> None:
         if state["world_size"] != self.dist.world_size:
             raise CaffeCompatError(f"{path}: written by {state['world_size']} process(es), resumed with "
                                    f"{self.dist.world_size}; the data positions would not line up")
