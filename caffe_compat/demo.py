@@ -82,13 +82,16 @@ def prepare_workdir(workdir) -> Path:
     folder = Path(workdir)
     if folder.exists() and not folder.is_dir():
         raise CaffeCompatError(f"--workdir {folder}: is a file, not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUTS:
-        old = folder / name
-        if old.is_dir():
-            shutil.rmtree(old)
-        elif old.exists():
-            old.unlink()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUTS:
+            old = folder / name
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+    except OSError as err:
+        raise CaffeCompatError(f"--workdir {folder}: cannot write there: {err.strerror or err}") from None
     return folder
 
 
@@ -111,8 +114,7 @@ def _run(workdir, iterations: int) -> int:
     start = time.perf_counter()
     folder = prepare_workdir(workdir).resolve()
     data = _write_data(folder, iterations)
-    weights = _write_net(folder, iterations)
-    if weights is None:
+    if not _write_net(folder, iterations):
         return 1
 
     _step("4. the embedder with random weights, as Caffe's fillers draw them (the 'before')")
@@ -164,7 +166,8 @@ def _write_data(folder: Path, iterations: int) -> Dict[str, list]:
     return records
 
 
-def _write_net(folder: Path, iterations: int):
+def _write_net(folder: Path, iterations: int) -> bool:
+    """The prototxts, and the initial caffemodel read back; False if it differs."""
     from .deploy import deploy_net
     from .inspect import format_inspection, inspect_net
     from .io.files import read_caffemodel, read_prototxt, weights_of, with_weights, write_caffemodel, write_prototxt
@@ -194,9 +197,9 @@ def _write_net(folder: Path, iterations: int):
           f"weights identical: {same}")
     if not same:
         print("round trip FAILED")
-        return None
+        return False
     print(format_inspection(inspect_net(folder / "deploy.prototxt", folder / "init.caffemodel")))
-    return weights
+    return True
 
 
 def _evaluate_both(folder: Path, weights_name: str, save: bool) -> Dict[str, dict]:

@@ -1,8 +1,6 @@
 """`caffe-compat demo`, shortened to a few iterations (the default 500 take about a
 minute): the digits in the paper's pair layout, the before/after table, ONNX Runtime,
 the figures and the listing, all in --workdir."""
-import shutil
-
 import numpy as np
 import pytest
 
@@ -60,14 +58,16 @@ def test_splits_keep_unseen_classes_out_of_training():
     assert len(splits.train) + len(splits.held_out) + len(splits.unseen) == len(splits.labels)
 
 
-def test_a_rerun_replaces_its_own_files_only(demo_run, tmp_path):
-    folder, _ = demo_run
-    copy = tmp_path / "again"
-    shutil.copytree(folder, copy)
-    (copy / "mine.txt").write_text("keep me")
-    result = run_cli("demo", "--workdir", copy, "--iterations", 2, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert (copy / "mine.txt").read_text() == "keep me" and "after 2 iterations" in result.stdout
+def test_a_rerun_replaces_its_own_files_only(tmp_path):
+    from caffe_compat.demo import OUTPUTS, prepare_workdir
+
+    (tmp_path / "train_lmdb").mkdir()
+    (tmp_path / "train_lmdb" / "data.mdb").write_bytes(b"old")
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "mine.txt").write_text("keep me")
+    assert prepare_workdir(tmp_path) == tmp_path
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+    assert {"train_lmdb", "results.json", "figures"} <= set(OUTPUTS)
 
 
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):

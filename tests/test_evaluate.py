@@ -148,3 +148,10 @@ def test_mutated_features_files_give_a_result_or_a_clean_error(tmp_path, data):
     except CaffeCompatError:
         return
     assert loaded.embeddings.dtype == np.float32 and len(loaded.labels) == len(loaded.embeddings)
+
+
+def test_paper_curve_option_needs_a_figure_dir(tmp_path, capsys):
+    from caffe_compat.cli import main
+
+    assert main(["evaluate", str(features(tmp_path)), "--dataset", "cub"]) == 2
+    assert "--dataset draws the paper's curve in a figure: give --figure-dir too" in capsys.readouterr().err
