@@ -60,13 +60,14 @@ def loss_and_grad(fn, x, labels, margin, **kwargs):
 
 # ---------------------------------------------------------------- Caffe fixtures
 
+@pytest.mark.parametrize("caffe_exact", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_matches_caffe(case):
+def test_matches_caffe(case, caffe_exact):
     npz = np.load(require(LAYERS / f"{case}.npz"))
     margin = prototxt_margin(require(LAYERS / f"{case}.prototxt").read_text())
     x = torch.from_numpy(npz["input/data"])  # float32, as Caffe computed
     labels = torch.from_numpy(npz["input/label"])
-    module = LiftedStructSimilaritySoftmaxLoss(margin)
+    module = LiftedStructSimilaritySoftmaxLoss(margin, caffe_exact=caffe_exact)
     loss, grad = loss_and_grad(lambda e, y, m: module(e, y), x, labels, margin)
     assert loss.dtype == torch.float32 and grad.dtype == torch.float32
     assert relative_error(loss, npz["blob/loss"]) <= 1e-6

@@ -22,7 +22,9 @@ d = 1), rounding of order eps (|x_i|^2 + |x_j|^2) would swamp D_ij^2: every entr
 D_ij^2 <= 2 NEAR_FRACTION max_k |x_k|^2 (centred) gets its distance from the
 difference x_i - x_j instead, and its gradient term too (the matrix-product form of the
 gradient cancels in the same way there). All other entries then have a relative error
-of order eps / NEAR_FRACTION. A zero distance gets the zero subgradient.
+of order eps / NEAR_FRACTION. A zero distance gets the zero subgradient. The pairs'
+hinges are computed in float64 (O(n + pairs) work), where logaddexp(a_i, a_j) + D_ij
+does not cancel.
 
 caffe_exact=True keeps the fork's arithmetic: no centring, squared norms by a dot
 product, D^2 = (-2 x_i.x_j + |x_i|^2) + |x_j|^2 unclamped (NaN where rounding makes it
