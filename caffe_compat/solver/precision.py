@@ -75,7 +75,7 @@ class LossScaler:
     def unscale(self, grads: Sequence[Optional[torch.Tensor]]) -> bool:
         """Divide the gradients by the scale; False (and the scale halved) if any overflowed."""
         present = [g for g in grads if g is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in present)
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in present]).all()) if present else True
         if not finite:
             self.scale /= 2
             self.clean = 0
