@@ -116,6 +116,17 @@ def _build(builder, ctx: LayerContext) -> Converted:
     return converted
 
 
+def _checked_shape(graph: Graph, name: str, shape) -> Shape:
+    try:
+        dims = tuple(shape)
+        if all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims):
+            return tuple(int(d) for d in dims)
+    except TypeError:
+        pass
+    raise CaffeCompatError(f"{graph.describe()}: input '{name}' has shape {shape!r}; expected sizes >= 0, "
+                           f"such as (1, 3, 227, 227)")
+
+
 class CaffeNet(nn.Module):
     """A Caffe net as a module.
 
@@ -151,7 +162,7 @@ class CaffeNet(nn.Module):
             if shape is None:
                 raise CaffeCompatError(f"net '{graph.name}': input '{name}' declares no shape; give one "
                                        f"(input_shapes={{'{name}': (N, C, H, W)}})")
-            self.blob_shapes[name] = tuple(int(d) for d in shape)
+            self.blob_shapes[name] = _checked_shape(graph, name, shape)
         self._plan: List[Tuple[str, List[str], List[str]]] = []
         self.loss_terms: List[Tuple[str, float]] = []
         steps = [self._size_layer(node) for node in graph.layers if node.type != "Input"]

@@ -258,6 +258,12 @@ def test_cli_max_memory_refuses_and_bad_sizes_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.parametrize("shape", [(2, -3, 8, 8), ("2", 3), 7, (2.5, 3)])
+def test_an_input_shape_that_is_not_sizes_names_the_input(shape):
+    with pytest.raises(CaffeCompatError, match="input 'data' has shape"):
+        CaffeNet(build_graph(parse(TWO_CONVS)), input_shapes={"data": shape})
+
+
 def test_sizes_and_shapes_parse():
     assert parse_size("8G") == 8 * 2 ** 30 and parse_size("1.5GB") == 3 * 2 ** 29 and parse_size("4096") == 4096
     assert parse_size("512m") == 512 * 2 ** 20
