@@ -217,9 +217,11 @@ def _cmd_prepare(args) -> int:
 def _cmd_reproduce(args) -> int:
     from .reproduce import reproduce
 
-    reproduce(args.dataset, args.source, args.weights, args.workdir, args.embedding, args.device, args.max_iter,
-              args.batch_size, mean_file=args.mean_file)
-    return 0
+    result = reproduce(args.dataset, args.source, args.weights, args.workdir, args.embedding, args.device,
+                       args.max_iter, args.batch_size, mean_file=args.mean_file)
+    if not result.get("stopped_early"):
+        return 0
+    return 128 + result["stop_signal"] if result["stop_signal"] else 1  # the shell's code for that signal
 
 
 def _cmd_demo(args) -> int:

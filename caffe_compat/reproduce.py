@@ -7,7 +7,8 @@ Every input is checked before any work (arguments, device, --workdir, the archiv
 index and images, the weights against the paper's net), then the whole run's time is
 estimated from a measured forward+backward on a few images, and each stage says when
 it starts. A finished preparation in --workdir/data (from an earlier run on the same
-archive) is reused."""
+archive) is reused, and a run stopped during training (Ctrl-C, SIGTERM) continues from
+its latest snapshot when the same command is run again."""
 from __future__ import annotations
 
 import os
@@ -47,6 +48,7 @@ IMAGENET_MEAN_BGR = (104, 117, 123)  # the channel means of Caffe's imagenet_mea
 NEW_LAYERS = ("fc_embedding",)  # the paper's own layer: ImageNet weights do not have it
 TIMING_IMAGES = 8  # per-image cost falls with the batch: a small one gives an upper bound
 STAGES = ("prepare", "train", "extract", "evaluate")
+SNAPSHOT_PREFIX = "snapshot"
 
 
 def _list_net(net, list_file: Path, batch_size: int, phase: str):
@@ -191,13 +193,20 @@ def reproduce(dataset: str, source: PathLike, weights: PathLike, workdir: PathLi
     _set_mean(train_net, mean_file)
     write_prototxt(train_net, workdir / "train_val.prototxt")
     solver = paper_solver(str(workdir / "train_val.prototxt"), max_iter=max_iter,
-                          snapshot=min(10000, max_iter), snapshot_prefix=str(workdir / "snapshot"))
+                          snapshot=min(10000, max_iter), snapshot_prefix=str(workdir / SNAPSHOT_PREFIX))
     write_prototxt(solver, workdir / "solver.prototxt")
     final = workdir / f"{dataset}_embed{embedding}.caffemodel"
-    stage("train", f"{max_iter} iterations at batch {batch_size} on {torch_device} -> {final}")
-    train(workdir / "solver.prototxt", weights=weights, device=device, output=final,
-          log_path=workdir / "train_log.csv", sampler="pairs",
-          allow_missing_weights=True)  # fc_embedding is new: ImageNet weights leave it to its fillers
+    resume = resume_point(workdir, final)
+    stage("train", f"{max_iter} iterations at batch {batch_size} on {torch_device} -> {final}"
+          + (f", resuming from {resume}" if resume else ""))
+    trained = train(workdir / "solver.prototxt", weights=None if resume else weights, resume=resume, device=device,
+                    output=final, log_path=workdir / "train_log.csv", sampler="pairs",
+                    allow_missing_weights=True)  # fc_embedding is new: ImageNet weights leave it to its fillers
+    if trained.stopped_early:
+        snapshot = trained.snapshots[-1] if trained.snapshots else None
+        say(f"stopped at iteration {trained.iterations}" + (f"; snapshot {snapshot}" if snapshot else "")
+            + "; the same command continues from the latest snapshot")
+        return {"stopped_early": True, "stop_signal": trained.stop_signal, "iterations": trained.iterations}
 
     extract_net = _list_net(paper_net(embedding, "TEST", mean_file=None), Path(splits["test"]["path"]),
                             extract_batch_size, "TEST")
@@ -214,6 +223,19 @@ def reproduce(dataset: str, source: PathLike, weights: PathLike, workdir: PathLi
     say(format_table(result))
     say(comparison_table(dataset, result))
     return result
+
+
+def resume_point(workdir: Path, final: Path) -> Optional[Path]:
+    """The latest solver state of an interrupted run in `workdir`: none once `final` (the
+    trained weights) exists, as the run that wrote it finished."""
+    if final.exists():
+        return None
+    states = []
+    for path in workdir.glob(f"{SNAPSHOT_PREFIX}_iter_*.solverstate.pt"):
+        iteration = path.name[len(SNAPSHOT_PREFIX) + len("_iter_"):-len(".solverstate.pt")]
+        if iteration.isdigit():
+            states.append((int(iteration), path))
+    return max(states)[1] if states else None
 
 
 def _split_counts(splits: Dict[str, dict]) -> str:

@@ -101,3 +101,45 @@ def test_estimate_of_the_default_run_on_a_cpu():
     assert "--device cuda" in text and "--max-iter" in text
     short = estimate_text({"train": 0.004, "forward": 0.001}, torch.device("cuda"), 100, 128, 5924)
     assert "about 57 s" in short and "--device cuda" not in short
+
+
+def test_resume_point_is_the_latest_state_of_an_unfinished_run(tmp_path):
+    from caffe_compat.reproduce import resume_point
+
+    final = tmp_path / "cub_embed64.caffemodel"
+    assert resume_point(tmp_path, final) is None
+    for name in ("snapshot_iter_500.solverstate.pt", "snapshot_iter_1500.solverstate.pt",
+                 "snapshot_iter_1500.caffemodel", "snapshot_iter_x.solverstate.pt"):
+        (tmp_path / name).write_text("")
+    assert resume_point(tmp_path, final) == tmp_path / "snapshot_iter_1500.solverstate.pt"
+    final.write_text("")  # the run that wrote the final weights finished: start afresh
+    assert resume_point(tmp_path, final) is None
+
+
+def test_a_stopped_training_says_so_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from caffe_compat import reproduce as module
+    from caffe_compat.solver import TrainResult
+
+    weights = require(REFERENCE / "nets" / "googlenet_deploy.caffemodel")
+    archive = make_cub(tmp_path / "archive", classes=[1, 101], per_class=2)
+    calls = []
+
+    def stopped(solver, **options):
+        calls.append(options)
+        state = tmp_path / "work" / "snapshot_iter_7.solverstate.pt"
+        state.write_text("")
+        return TrainResult(7, 1.0, True, [state], signal.SIGINT)
+
+    monkeypatch.setattr(module, "train", stopped)
+    monkeypatch.setattr(module, "_seconds_per_image", lambda *_: {"train": 1.0, "forward": 0.5})  # not timed here
+    for _ in range(2):
+        result = module.reproduce("cub", archive, weights, tmp_path / "work", max_iter=10, batch_size=4,
+                                  timing_images=1)
+        assert result == {"stopped_early": True, "stop_signal": signal.SIGINT, "iterations": 7}
+    printed = capsys.readouterr().out
+    assert "stopped at iteration 7; snapshot" in printed and "the same command continues" in printed
+    assert "[3/4] extract" not in printed and "resuming from" in printed
+    assert calls[0]["resume"] is None and calls[0]["weights"] == weights
+    assert calls[1]["resume"] == tmp_path / "work" / "snapshot_iter_7.solverstate.pt" and calls[1]["weights"] is None
