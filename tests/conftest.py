@@ -41,6 +41,20 @@ def reference() -> Path:
     return require(REFERENCE)
 
 
+DEMO_ITERATIONS = 20  # the demo's default 500 take about a minute
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """(the folder `caffe-compat demo` wrote, its stdout), run once per session, shortened;
+    test_demo checks it, test_readme runs the README's commands beside it."""
+    pytest.importorskip("sklearn", reason="the demo's digits come with scikit-learn (the test extra)")
+    base = tmp_path_factory.mktemp("demo")
+    result = run_cli("demo", "--workdir", "caffe-compat-demo", "--iterations", DEMO_ITERATIONS, cwd=base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return base / "caffe-compat-demo", result.stdout
+
+
 _skipped = []
 
 

@@ -4,26 +4,13 @@ the figures and the listing, all in --workdir."""
 import numpy as np
 import pytest
 
-from conftest import run_cli
-
-QUICK_ITERATIONS = 20
-
-
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
-    """(folder the demo wrote, its stdout); shared with test_readme, which runs the
-    README's commands in that folder."""
-    pytest.importorskip("sklearn", reason="the demo's digits come with scikit-learn (the test extra)")
-    base = tmp_path_factory.mktemp("demo")
-    result = run_cli("demo", "--workdir", "caffe-compat-demo", "--iterations", QUICK_ITERATIONS, cwd=base)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return base / "caffe-compat-demo", result.stdout
+from conftest import DEMO_ITERATIONS, run_cli
 
 
 def test_demo_trains_evaluates_exports_and_lists(demo_run):
     folder, out = demo_run
     assert "weights identical: True" in out
-    assert "after 20 iterations" in out and "random weights" in out
+    assert f"after {DEMO_ITERATIONS} iterations" in out and "random weights" in out
     assert "ONNX Runtime vs PyTorch on 64 unseen images: max abs difference" in out  # ran, not skipped
     for name in ("train_lmdb", "held_out_lmdb", "unseen_lmdb", "lenet_embedder.prototxt", "deploy.prototxt",
                  "solver.prototxt", "init.caffemodel", "trained.caffemodel", "train_log.csv", "embedder.onnx",
@@ -42,7 +29,7 @@ def test_training_lmdb_holds_same_class_pairs(demo_run):
     with lmdb.open(str(folder / "train_lmdb"), readonly=True, lock=False) as env, env.begin() as txn:
         records = [datum_to_array(parse_datum(value, key.decode()), key.decode()) for key, value in txn.cursor()]
     labels = np.array([label for _, label in records])
-    assert len(records) >= 64 * QUICK_ITERATIONS
+    assert len(records) >= 64 * DEMO_ITERATIONS
     assert (labels[0::2] == labels[1::2]).all() and set(labels.tolist()) == {0, 1, 2, 3, 4}
     assert records[0][0].shape == (1, 28, 28) and records[0][0].dtype == np.uint8
 

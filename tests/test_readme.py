@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from conftest import REFERENCE, require, run_cli
-from test_demo import demo_run  # noqa: F401  (the session's demo run, shared)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^( *)```(\w*)\s*$")
@@ -71,7 +70,7 @@ def test_the_readme_has_blocks_to_run_and_every_exception_says_why():
 
 
 @pytest.fixture(scope="module")
-def readme_folder(demo_run):  # noqa: F811
+def readme_folder(demo_run):
     """The folder the demo ran in, with the stand-ins beside `caffe-compat-demo/`."""
     demo_folder, _ = demo_run
     folder = demo_folder.parent
