@@ -105,12 +105,16 @@ def _blobs_are_its_whole_state(module: nn.Module) -> bool:
     return True
 
 
+def _allocation_error(ctx: LayerContext, err: BaseException) -> CaffeCompatError:
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ctx.error(f"cannot allocate its parameters: {message}")
+
+
 def _build(builder, ctx: LayerContext) -> Converted:
     try:
         converted = builder(ctx)
     except (RuntimeError, MemoryError) as err:  # the allocator refusing a blob, or its size overflowing
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ctx.error(f"cannot allocate its parameters: {message}") from err
+        raise _allocation_error(ctx, err) from err
     if not isinstance(converted, Converted):
         raise TypeError(f"the builder of '{ctx.type}' returned {type(converted).__name__}, not Converted")
     return converted
@@ -245,7 +249,7 @@ class CaffeNet(nn.Module):
                 try:
                     module = module.to_empty(device="cpu")
                 except (RuntimeError, MemoryError) as err:
-                    raise step.ctx.error(f"cannot allocate its parameters: {err}") from err
+                    raise _allocation_error(step.ctx, err) from err
             else:
                 module = _build(builder_for(step.node.name, step.node.type), step.ctx).module
         self.layers[step.module_name] = module

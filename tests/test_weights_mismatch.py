@@ -2,8 +2,6 @@
 for memory: each is one clear error (exit 2 from the CLI) before anything big is
 allocated, never a net of filler noise."""
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -21,7 +19,7 @@ from caffe_compat.layers import fillers
 from caffe_compat.loading import load_net, parse_input_shapes
 from caffe_compat.memory import parse_size
 from caffe_compat.net import CaffeNet
-from conftest import REFERENCE, require, run_cli
+from conftest import REFERENCE, require, run_cli, run_python
 
 INPUT = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }\n'
 TWO_CONVS = INPUT + """
@@ -76,6 +74,11 @@ def test_cli_refuses_weights_sharing_no_layer(tmp_path, verb):
     assert len(lines) == 1 and "shares no layer" in lines[0], result.stderr
     assert "conv.prototxt" in lines[0] and "other.caffemodel" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_holding_nothing_are_refused():
+    with pytest.raises(CaffeCompatError, match="shares no layer.*the weights hold no layer with blobs"):
+        CaffeNet(build_graph(parse(TWO_CONVS)), {})
 
 
 def test_partial_weights_list_the_layers_left_out():
@@ -236,7 +239,7 @@ def test_under_an_address_space_limit_the_error_is_ours():
                 print(err)
         sys.exit(2)
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = run_python(code, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     # 10M x 320 weights and 10M biases: 12.0 GiB, where 1 GiB of address space is left
     assert "layer 'ip_huge' (InnerProduct): its parameters need 12.0 GiB" in result.stdout
