@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,17 @@ def run_cli(*args, cwd):
     """`caffe-compat ARGS` in a subprocess, output captured."""
     return subprocess.run([sys.executable, "-m", "caffe_compat", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True)
+
+
+def run_python(code: str, *args, **options) -> subprocess.CompletedProcess:
+    """`python -c CODE ARGS` in a subprocess, output captured, run from a folder outside the
+    checkout unless `cwd` is given: from the checkout's root, `import caffe_compat` would
+    find the source tree (whose proto/ and converters/ install elsewhere) instead of the
+    installed package."""
+    options.setdefault("cwd", tempfile.gettempdir())
+    options.setdefault("capture_output", True)
+    options.setdefault("text", True)
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], **options)
 
 
 def free_port() -> int:

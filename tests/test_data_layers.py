@@ -3,8 +3,6 @@ DataTransformer arithmetic, wrap-around, encodings, resumable positions, shardin
 samplers and the errors users meet."""
 import io
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import lmdb
@@ -21,7 +19,7 @@ from caffe_compat.errors import CaffeCompatError
 from caffe_compat.graph import build_graph
 from caffe_compat.io.schema import messages
 from caffe_compat.net import CaffeNet
-from conftest import REFERENCE, require
+from conftest import REFERENCE, require, run_python
 
 pb = messages("bvlc")
 
@@ -397,7 +395,7 @@ def test_a_truncated_lmdb_is_one_error_not_sigbus(tmp_path):
     data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
     text = f'layer {{ name: "data" type: "Data" top: "data" data_param {{ source: "{db}" batch_size: 4 backend: LMDB }} }}'
     # A subprocess: LMDB reading past the file's end kills the process with SIGBUS.
-    result = subprocess.run([sys.executable, "-c", READ_ONE_BATCH, text], capture_output=True, text=True, timeout=120)
+    result = run_python(READ_ONE_BATCH, text, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"the LMDB {db} is damaged" in result.stdout and "truncated" in result.stdout
 

@@ -2,8 +2,6 @@
 CaffeNet's, nothing is allocated, the table fits the terminal, JSON holds objects."""
 import json
 import math
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from caffe_compat.inspect import format_inspection, inspect_net
 from caffe_compat.io.files import read_net
 from caffe_compat.layers.catalog import CATALOG
 from caffe_compat.shapes import RULES, net_shapes
-from conftest import REFERENCE, SHARED, require, run_cli
+from conftest import REFERENCE, SHARED, require, run_cli, run_python
 
 PAPER = SHARED / "paper-model"
 EMBED64 = "train_val_googlenet_finetune_liftedstructsim_softmax_pair_m128_multilabel_embed64.prototxt"
@@ -175,7 +173,7 @@ def test_a_huge_layer_is_counted_not_allocated(tmp_path):
         sys.exit(main(["inspect", {str(net)!r}, "--json"]))
     """)
     env = {"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    result = run_python(code, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     fc = json.loads(result.stdout)["layers"][1]
     assert fc["param_count"] == 301 * 10_000_000 + 10_000_000 and fc["top_shapes"] == {"y": [1, 10_000_000]}

@@ -15,7 +15,7 @@ from caffe_compat.io.datum import datum_to_array, parse_datum
 from caffe_compat.io.files import (read_binaryproto, read_caffemodel, read_net, read_prototxt, read_solver,
                                    weights_of)
 from caffe_compat.io.schema import messages
-from conftest import run_cli
+from conftest import run_cli, run_python
 from test_io import CAFFEMODELS, _ids
 
 NetParameter, BlobProto, Datum = (getattr(messages("bvlc"), n) for n in ("NetParameter", "BlobProto", "Datum"))
@@ -147,7 +147,7 @@ def test_killed_write_leaves_a_temporary_the_next_write_removes(tmp_path):
               "with atomic_path(sys.argv[1]) as tmp:\n"
               "    tmp.write_bytes(b'half'); os.kill(os.getpid(), 9)\n")
     for _ in range(3):  # each attempt removes the one before's leftover
-        assert subprocess.run([sys.executable, "-c", script, str(target)]).returncode == -9
+        assert run_python(script, target).returncode == -9
         assert len(list(tmp_path.iterdir())) == 1 and not target.exists()
     atomic.write_bytes(target, b"whole")
     assert [p.name for p in tmp_path.iterdir()] == ["model.caffemodel"] and target.read_bytes() == b"whole"

@@ -2,8 +2,6 @@
 it fails on weights and definitions that don't fit, that it traces, compiles and runs
 under autocast, and that `convert` and `compare` keep their promises."""
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from caffe_compat.io.files import read_caffemodel, weights_of
 from caffe_compat.io.schema import messages
 from caffe_compat.loading import load_net
 from caffe_compat.net import CaffeNet
-from conftest import REFERENCE, require, run_cli
+from conftest import REFERENCE, require, run_cli, run_python
 
 INPUT_4D = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }\n'
 
@@ -333,7 +331,7 @@ def test_convert_round_trip_keeps_the_lifted_dialect(tmp_path):
 def test_import_stays_torch_free_and_load_is_lazy():
     code = ("import sys, caffe_compat; assert 'torch' not in sys.modules, 'torch imported'; "
             "assert callable(caffe_compat.load)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = run_python(code)
     assert result.returncode == 0, result.stderr
 
 

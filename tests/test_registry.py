@@ -1,7 +1,5 @@
 """The layer registry: one entry per Caffe type, duplicates refused, unknown types named,
 and the torch-free catalog equal to what the family modules register."""
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -11,6 +9,8 @@ from caffe_compat.errors import CaffeCompatError
 from caffe_compat.layers import REGISTRY, builder_for, register, register_onnx
 from caffe_compat.layers import registry
 from caffe_compat.layers.catalog import CATALOG, FAMILIES
+
+from conftest import run_python
 
 EXPECTED_TYPES = {
     "Convolution", "Deconvolution", "Pooling", "LRN", "ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "Power",
@@ -115,6 +115,6 @@ def test_families_load_on_first_lookup_and_duplicates_are_refused_before_they_lo
         except ValueError as err:
             print(err)
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = run_python(code, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "a builder for Caffe type 'HingeLoss' is already registered (caffe_compat.layers.loss." in result.stdout
