@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .. import __version__
-from ..deploy import data_layers_of, deploy_net, in_test_phase, is_training_only
+from ..deploy import data_layers_of, deploy_net, is_training_only
 from ..errors import CaffeCompatError
 from ..graph import build_graph
 from ..io.atomic import write_bytes
