@@ -112,7 +112,8 @@ def export_onnx(net: CaffeNet, outputs: Optional[Sequence[str]] = None, opset: i
     and data layers drop out. The batch axis of inputs of rank 2 or more is the
     symbolic 'N' unless `static_batch`. `l2_normalize` replaces each output by x / max(||x||_2, 1e-12),
     the norm taken per example over all axes but the first, named '<blob>/l2_normalized'.
-    `metadata` adds to (and overrides) the model's metadata_props.
+    `metadata` adds to (and overrides) the model's metadata_props; where it holds
+    `preprocess.*` entries (see `converters.preprocess`) they replace the net's own account.
     """
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise CaffeCompatError(f"opset {opset} is not supported: give one from {MIN_OPSET} to "
