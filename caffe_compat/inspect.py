@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
 from .errors import CaffeCompatError
-from .graph import PHASES, Graph, LayerNode, build_graph
+from .graph import PHASES, Graph, LayerNode, build_graph, check_weights_fit
 from .io.blobs import blob_shape
 from .io.files import read_caffemodel, read_net
 from .io.schema import is_repeated
@@ -76,7 +76,7 @@ def _graph(net_file, phase: str) -> Graph:
     phase builds, the error says to use it."""
     other = PHASES[1 - PHASES.index(phase)]
     try:
-        graph = build_graph(net_file.net, phase, net_file.dialect)
+        graph = build_graph(net_file.net, phase, net_file.dialect, source=str(net_file.path))
         problem = None if graph.layers else CaffeCompatError(f"net '{graph.name}' has no layers in the {phase} phase")
     except CaffeCompatError as err:
         problem = err
@@ -105,6 +105,9 @@ def inspect_net(net_path: PathLike, weights_path: Optional[PathLike] = None, pha
         stored = {l.name: [blob_shape(b) for b in l.blobs] for l in blob_source.net.layer if len(l.blobs)}
     graph = _graph(net_file, phase.upper())
     shapes = net_shapes(graph, input_shapes)
+    if weights_file is not None:  # weights that set nothing are refused, as every other verb refuses them
+        counts = {n.name: len(shapes.params[n.name] or ()) for n in graph.layers if n.type != "Input"}
+        check_weights_fit(graph, counts, list(stored), str(weights_path), allow_missing=True)
     hidden = [] if show_all else [node for node in graph.layers if is_automatic_split(node)]
     hidden_names = {node.name for node in hidden}
     source_of = {top: node.bottoms[0] for node in hidden for top in node.tops}

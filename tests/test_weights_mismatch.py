@@ -81,6 +81,15 @@ def test_weights_holding_nothing_are_refused():
         CaffeNet(build_graph(parse(TWO_CONVS)), {})
 
 
+def test_inspect_refuses_weights_sharing_no_layer(tmp_path, capsys):
+    net, weights = files_of(tmp_path, "conv", TWO_CONVS)
+    _, other = files_of(tmp_path, "other", OTHER)
+    assert main(["inspect", str(net), str(other)]) == 2
+    stderr = capsys.readouterr().err
+    assert "shares no layer" in stderr and "conv.prototxt" in stderr and "other.caffemodel" in stderr
+    assert main(["inspect", str(net), str(weights)]) == 0
+
+
 def test_partial_weights_list_the_layers_left_out():
     with pytest.raises(CaffeCompatError, match=r"no weights for 1 of the 2 layers.*: conv2 .*--allow-missing-weights"):
         CaffeNet(build_graph(parse(TWO_CONVS)), conv_weights("conv1"))
