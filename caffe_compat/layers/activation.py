@@ -7,11 +7,10 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto, numpy_helper
 from torch import nn
 
 from . import fillers
-from .onnx_graph import OnnxGraph
+from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
 
 Step = Tuple[str, List[str], dict]
@@ -230,7 +229,7 @@ def power_to_onnx(g: OnnxGraph, ctx, module: Power, inputs, outputs):
     if module.constant is not None:
         shape = g.node("Shape", inputs, hint=ctx.name + "/shape")[0]
         value = np.array([module.constant], dtype=np.float32)
-        g.node("ConstantOfShape", [shape], outputs, value=numpy_helper.from_array(value))
+        g.node("ConstantOfShape", [shape], outputs, value=g.tensor(value))
         return
     steps = _affine_steps(g, module.scale, module.shift, ctx.name)
     if module.power != 1:
@@ -344,7 +343,7 @@ def build_threshold(ctx: LayerContext) -> Converted:
 @register_onnx("Threshold")
 def threshold_to_onnx(g: OnnxGraph, ctx, module: Threshold, inputs, outputs):
     above = g.node("Greater", [inputs[0], _scalar(g, module.threshold, ctx.name + "/threshold")])[0]
-    g.node("Cast", [above], outputs, to=TensorProto.FLOAT)
+    g.node("Cast", [above], outputs, to=FLOAT)
 
 
 class Dropout(CaffeLayer):

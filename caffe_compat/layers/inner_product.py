@@ -4,11 +4,10 @@ from __future__ import annotations
 import math
 
 import torch.nn.functional as F
-from onnx import TensorProto
 from torch import nn
 
 from . import fillers
-from .onnx_graph import OnnxGraph
+from .onnx_graph import INT64, OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
 
 
@@ -103,7 +102,7 @@ def build_embed(ctx: LayerContext):
 @register_onnx("Embed")
 def embed_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
     name = ctx.name
-    (index,) = g.node("Cast", [inputs[0]], hint=name + "/index", to=TensorProto.INT64)
+    (index,) = g.node("Cast", [inputs[0]], hint=name + "/index", to=INT64)
     weight = g.initializer(module.weight, name + "/weight")
     if module.bias is None:
         g.node("Gather", [weight, index], outputs, axis=0)

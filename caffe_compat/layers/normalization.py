@@ -5,7 +5,6 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from . import fillers
@@ -25,7 +24,7 @@ def onnx_reduce(g: OnnxGraph, op: str, x: str, axes: Sequence[int], keepdims: in
 
 def onnx_scalar(g: OnnxGraph, value: float, hint: str) -> str:
     """A 0-d float32 constant (a Constant node: it must not broadcast a 0-d result to 1-D)."""
-    return g.node("Constant", [], hint=hint, value=numpy_helper.from_array(np.array(value, np.float32)))[0]
+    return g.node("Constant", [], hint=hint, value=g.tensor(np.array(value, np.float32)))[0]
 
 
 def _unsqueeze_trailing(g: OnnxGraph, x: str, rank: int, count: int, hint: str) -> str:

@@ -12,14 +12,20 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from onnx import TensorProto, helper, numpy_helper
+
+# TensorProto.DataType values (fixed by the ONNX spec), for Cast's `to`: the layer
+# families name them without importing onnx, which building a net for training never needs.
+FLOAT, INT64 = 1, 7
 
 
 class OnnxGraph:
     def __init__(self, opset: int):
+        from onnx import helper, numpy_helper
+
+        self._helper, self._numpy_helper = helper, numpy_helper
         self.opset = opset
         self.nodes: List = []
-        self.initializers: List[TensorProto] = []
+        self.initializers: List = []  # TensorProto
         self._used: Dict[str, int] = {}
 
     def fresh(self, hint: str) -> str:
@@ -36,8 +42,12 @@ class OnnxGraph:
             value = value.detach().cpu().numpy()
         name = self.fresh(hint)
         # np.ascontiguousarray would turn a 0-d value into shape (1,).
-        self.initializers.append(numpy_helper.from_array(np.array(value, order="C"), name))
+        self.initializers.append(self.tensor(value, name))
         return name
+
+    def tensor(self, value, name: str = ""):
+        """A TensorProto of `value` (for initializers and Constant / ConstantOfShape attributes)."""
+        return self._numpy_helper.from_array(np.array(value, order="C"), name)
 
     def ints(self, values: Sequence[int], hint: str) -> str:
         return self.initializer(np.asarray(values, dtype=np.int64), hint)
@@ -50,6 +60,6 @@ class OnnxGraph:
         """Append a node; `outputs` defaults to one fresh name. Returns the output names."""
         if outputs is None:
             outputs = [self.fresh(hint or op_type.lower())]
-        self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs),
+        self.nodes.append(self._helper.make_node(op_type, list(inputs), list(outputs),
                                            name=self.fresh(f"{op_type}:{outputs[0]}"), **attributes))
         return list(outputs)

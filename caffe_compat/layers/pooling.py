@@ -16,10 +16,9 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto
 from torch import nn
 
-from .onnx_graph import OnnxGraph
+from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -291,7 +290,7 @@ def pooling_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
         # ONNX indices count over the whole N x C x H x W input; Caffe's within a channel.
         plane = g.ints(geometry.size[0] * geometry.size[1], ctx.name + "/plane")
         (within,) = g.node("Mod", [index, plane], hint=ctx.name + "/mask_index")
-        g.node("Cast", [within], [outputs[1]], to=TensorProto.FLOAT)
+        g.node("Cast", [within], [outputs[1]], to=FLOAT)
         return
     x, pads, _ = onnx_pool_input(g, ctx, geometry, inputs[0], 0.0)
     divisor = geometry.divisor()

@@ -22,12 +22,11 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from . import fillers
 from .loss import _with_gradient
-from .onnx_graph import OnnxGraph
+from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
 
 
@@ -280,7 +279,7 @@ def _onnx_initial_states(g: OnnxGraph, ctx, module: _Recurrent, inputs, hint: st
     streams = g.node("Slice", [shape, g.ints([1], hint + "/one"), g.ints([2], hint + "/two")],
                      hint=hint + "/streams")[0]
     size = g.node("Concat", [streams, g.ints([module.hidden], hint + "/hidden")], hint=hint + "/state_shape", axis=0)[0]
-    zero = numpy_helper.from_array(np.zeros(1, np.float32))
+    zero = g.tensor(np.zeros(1, np.float32))
     return [g.node("ConstantOfShape", [size], hint=f"{hint}/zeros{k}", value=zero)[0] for k in range(module.states)]
 
 
@@ -308,9 +307,11 @@ def _onnx_scan(g: OnnxGraph, ctx, module: _Recurrent, inputs, outputs, body_buil
     new_states = [body.fresh(f"{hint}/step_new_state{k}") for k in range(module.states)]
     scanned = body.fresh(hint + "/step_top")
     body_build(body, states, step_input, cont, static, new_states, scanned)
-    float_info = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+    from onnx import helper  # the emitters run only when exporting
+
+    float_info = [helper.make_tensor_value_info(name, FLOAT, None)
                   for name in states + [step_input, cont]]
-    out_info = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in new_states + [scanned]]
+    out_info = [helper.make_tensor_value_info(name, FLOAT, None) for name in new_states + [scanned]]
     g.initializers.extend(body.initializers)
     graph = helper.make_graph(body.nodes, hint + "/step", float_info, out_info)
     finals = [g.fresh(f"{hint}/final_state{k}") for k in range(module.states)]

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from onnx import TensorProto
 
-from .onnx_graph import OnnxGraph
+from .onnx_graph import INT64, OnnxGraph
 from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
 
 
@@ -69,5 +68,5 @@ def build_batch_reindex(ctx: LayerContext) -> Converted:
 
 @register_onnx("BatchReindex")
 def batch_reindex_to_onnx(g: OnnxGraph, ctx, module: BatchReindex, inputs, outputs):
-    (index,) = g.node("Cast", [inputs[1]], hint=ctx.name + "/index", to=TensorProto.INT64)
+    (index,) = g.node("Cast", [inputs[1]], hint=ctx.name + "/index", to=INT64)
     g.node("Gather", [inputs[0], index], outputs, axis=0)

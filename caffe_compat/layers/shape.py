@@ -7,9 +7,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from onnx import TensorProto
 
-from .onnx_graph import OnnxGraph
+from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
 
 Shape = Tuple[int, ...]
@@ -401,9 +400,9 @@ def argmax_to_onnx(g: OnnxGraph, ctx, module: ArgMax, inputs, outputs):
     indices = g.node("Sub", [g.ints(np.array(length - 1), ctx.name + "/last"), order],
                      hint=ctx.name + "/indices")[0]
     if module.axis is not None:
-        g.node("Cast", [indices], outputs, to=TensorProto.FLOAT)
+        g.node("Cast", [indices], outputs, to=FLOAT)
         return
-    indices = g.node("Cast", [indices], hint=ctx.name + "/float_indices", to=TensorProto.FLOAT)[0]
+    indices = g.node("Cast", [indices], hint=ctx.name + "/float_indices", to=FLOAT)[0]
     if module.out_max_val:
         indices = g.node("Concat", [indices, values], hint=ctx.name + "/indices_values", axis=1)[0]
     top_shape = [0] + list(module.top_shape[1:])

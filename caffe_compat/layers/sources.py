@@ -6,7 +6,6 @@ import math
 from typing import List, Sequence, Tuple
 
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from . import fillers
@@ -115,7 +114,7 @@ def dummy_data_to_onnx(g: OnnxGraph, ctx, module: DummyData, inputs, outputs):
         if module.constant[index] or filler.type == "bilinear":
             held = getattr(module, f"constant{index}")
             value = (held if module.constant[index] else fillers.fill(filler, shape, ctx.name)).numpy()
-            g.node("Constant", [], [output], value=numpy_helper.from_array(value, g.fresh(output + "/value")))
+            g.node("Constant", [], [output], value=g.tensor(value, g.fresh(output + "/value")))
         elif not _random_node(g, filler, shape, output):
             raise ctx.error(f"the '{filler.type}' filler of top '{output}' has no ONNX equivalent")
 
