@@ -12,7 +12,7 @@ must deliver at least twice what the model consumes.
 The net is the paper's train_val prototxt with its Data layer replaced by an Input
 (random weights from its fillers; batches of same-class pairs, as the paper's LMDB),
 run exactly as `caffe-compat train --precision P --memory-format F` runs it. CPU runs
-use 2 threads. `--cpu-batch 0` skips the CPU rows (benchmarks/gpu_check.sh on a GPU).
+use 2 threads (`--threads`). `--cpu-batch 0` skips the CPU rows (benchmarks/gpu_check.sh on a GPU).
 Prints a table and writes the section "## Training" of benchmarks/RESULTS.md (other
 sections are left as they are).
 """
@@ -254,7 +254,8 @@ def measure_data(batch: int, count: int, batches: int, threads: Optional[int]) -
 
 def report(args, rows: List[Dict], data: Optional[Dict[str, float]], errors) -> str:
     lines = [SECTION, "",
-             f"`python benchmarks/train.py --cpu-batch {args.cpu_batch} --iterations {args.iterations}` "
+             f"`python benchmarks/train.py --cpu-batch {args.cpu_batch} --iterations {args.iterations} "
+             f"--threads {args.threads}` "
              f"({datetime.date.today().isoformat()}).",
              machine_line(args.load_before) + f" Load average (1 min) at the end {os.getloadavg()[0]:.1f}: "
              "other engineers' processes share the 2 cores, so absolute figures are lower bounds; the ratios "
@@ -301,13 +302,15 @@ def main() -> int:
                              "0 skips the CPU rows")
     parser.add_argument("--cuda-batch", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations per configuration")
+    parser.add_argument("--threads", type=int, default=CPU_THREADS,
+                        help="torch threads on CPU (1 suffers less from other processes on a loaded machine)")
     parser.add_argument("--data-images", type=int, default=512, help="JPEG datums in the generated LMDB")
     parser.add_argument("--data-batches", type=int, default=8)
     parser.add_argument("--data-threads", type=int, help="decode threads (default: the layer's default)")
     parser.add_argument("--no-data", action="store_true", help="skip the data pipeline")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
-    torch.set_num_threads(CPU_THREADS)
+    torch.set_num_threads(args.threads)
     args.load_before = os.getloadavg()
     args.notes = []
     if args.cpu_batch not in (0, 128):
@@ -320,7 +323,7 @@ def main() -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if args.cpu_batch:
-            device = f"CPU ({CPU_THREADS} threads)"
+            device = f"CPU ({args.threads} thread{'s' if args.threads > 1 else ''})"
             rows.append((device, measure_models(args.paper_model, args.cpu_batch, "cpu", args.iterations, CONFIGS)))
             for row in rows[-1][1]:
                 print(f"{device} {label(row['config'])}: {row['seconds']:.2f} s per iteration, peak RSS "
