@@ -33,6 +33,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from bench_common import time_in_turn, write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = ROOT.parent / "shared" / "caffe-reference"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -177,24 +179,6 @@ def measure_loading(prototxt: Path, caffemodel: Path, repeats: int) -> Dict[str,
 
 # ---------------------------------------------------------------- (b, c) forward throughput
 
-def _time_alternately(runs: Dict[str, Callable[[], object]], batch: int, seconds: float,
-                      sync: Callable[[], None]) -> Dict[str, Dict[str, float]]:
-    """Images per second of each run (median and best single forward), timed forward by
-    forward in turn, so that load from elsewhere on the machine hits all of them alike."""
-    for run in runs.values():
-        run()
-    sync()
-    times: Dict[str, List[float]] = {name: [] for name in runs}
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or min(len(t) for t in times.values()) < 5:
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: {"median": batch / statistics.median(t), "best": batch / min(t)} for name, t in times.items()}
-
-
 def measure_forward(ours: nn.Module, theirs: nn.Module, batch: int, device: str, seconds: float,
                     channels_last: bool = False) -> Dict[str, object]:
     generator = torch.Generator().manual_seed(batch)
@@ -207,8 +191,8 @@ def measure_forward(ours: nn.Module, theirs: nn.Module, batch: int, device: str,
         theirs_logits, theirs_prob = theirs(images)
         difference = max((ours_out["loss3/classifier"] - theirs_logits).abs().max().item(),
                          (ours_out["prob"] - theirs_prob).abs().max().item())
-        speeds = _time_alternately({"ours": lambda: ours(images), "hand": lambda: theirs(images)},
-                                   batch, seconds, sync)
+        times = time_in_turn({"ours": lambda: ours(images), "hand": lambda: theirs(images)}, seconds, sync)
+        speeds = {name: {"median": batch / statistics.median(t), "best": batch / min(t)} for name, t in times.items()}
         faulted = ({name: _faulted_mb(lambda: net(images)) for name, net in (("ours", ours), ("hand", theirs))}
                    if device == "cpu" else None)
     return {"batch": batch, "device": device, "channels_last": channels_last, **speeds,
@@ -357,17 +341,6 @@ def report(info, loading, forward, profiled) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, keeping every other section."""
-    existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(existing):
-        updated = pattern.sub(lambda _: text + "\n", existing, count=1)
-    else:
-        updated = existing.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(updated.rstrip("\n") + "\n")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
@@ -421,7 +394,7 @@ def main() -> int:
         forward += gpu
 
     if not args.no_write:
-        write_section(report(info, loading, forward, profiled))
+        write_section(SECTION, report(info, loading, forward, profiled))
         print(f"\nwrote the section '{SECTION}' of {RESULTS}")
     return 0
 

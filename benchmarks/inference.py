@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -24,28 +23,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from results_file import machine_line, write_section  # noqa: E402
+from bench_common import machine_line, medians, time_in_turn, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = ROOT.parent / "shared" / "caffe-reference"
 SECTION = "## GoogLeNet inference: eager, compiled, ONNX Runtime"
 THREADS = 2
 GOAL = 1.1  # compiled at batch 16 within this factor of ONNX Runtime's time
-
-
-def timed_in_turn(runs, seconds: float, sync):
-    for run in runs.values():  # warm-up: compiles, allocator pools
-        run()
-    sync()
-    times = {name: [] for name in runs}
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or min(len(t) for t in times.values()) < 5:
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> int:
@@ -95,8 +79,8 @@ def main() -> int:
             reference = eager(on_device)["prob"].cpu().numpy()
             diff_compiled = float(np.abs(compiled(on_device)["prob"].cpu().numpy() - reference).max())
             diff_ort = float(np.abs(session.run(None, feed)[0] - reference).max())
-            median = timed_in_turn({"eager": lambda: eager(on_device), "compiled": lambda: compiled(on_device),
-                                    "onnxruntime": lambda: session.run(None, feed)}, args.seconds, sync)
+            median = medians(time_in_turn({"eager": lambda: eager(on_device), "compiled": lambda: compiled(on_device),
+                                           "onnxruntime": lambda: session.run(None, feed)}, args.seconds, sync))
         rows.append((batch, median, diff_compiled, diff_ort))
         print(f"batch {batch}: " + ", ".join(f"{k} {batch / v:.1f} img/s" for k, v in median.items()), flush=True)
 

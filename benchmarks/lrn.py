@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from caffe_compat.layers.lrn import AcrossChannelLRN
-from results_file import machine_line, write_section
+from bench_common import machine_line, write_section
 
 SECTION = "## LRN"
 

@@ -17,7 +17,6 @@ import argparse
 import multiprocessing
 import os
 import platform
-import re
 import resource
 import subprocess
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench_common import write_section
 
 N, DIM, CLASSES = 60502, 512, 11316
 RECALL_K = (1, 10, 100, 1000)
@@ -116,16 +117,6 @@ def report(recall, km, load_before, load_after, max_iter):
     return "\n".join(lines) + "\n"
 
 
-def update_results(section_body):
-    from caffe_compat.io.atomic import write_text
-
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{SECTION}\n\n{section_body}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    write_text(RESULTS, text)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--update-results", action="store_true", help=f"rewrite the '{SECTION}' section of {RESULTS.name}")
@@ -137,7 +128,7 @@ def main():
     body = report(recall, km, load_before, os.getloadavg()[0], args.kmeans_max_iter)
     print(body)
     if args.update_results:
-        update_results(body)
+        write_section(SECTION, f"{SECTION}\n\n{body}\n")
 
 
 if __name__ == "__main__":

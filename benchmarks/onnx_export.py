@@ -29,9 +29,10 @@ from caffe_compat import __version__
 from caffe_compat.converters.onnx import export_onnx, load_for_export
 from caffe_compat.deploy import deploy_net
 from caffe_compat.graph import build_graph
-from caffe_compat.io.atomic import write_text
 from caffe_compat.io.files import read_prototxt
 from caffe_compat.net import CaffeNet
+
+from bench_common import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -139,20 +140,9 @@ def main() -> int:
         *[f"| {b} | {o:.1f} | {t:.1f} | {o / t:.2f}x |" for b, o, t in rows],
         "",
     ]
-    write_section(args.results, "\n".join(lines))
+    write_section(SECTION, "\n".join(lines), args.results)
     print(f"wrote the {SECTION!r} section of {args.results}")
     return 0
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (or add it), keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    write_text(path, text.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":
