@@ -15,14 +15,11 @@ from caffe_compat.io.datum import datum_to_array, parse_datum
 from caffe_compat.io.files import (read_binaryproto, read_caffemodel, read_net, read_prototxt, read_solver,
                                    weights_of)
 from caffe_compat.io.schema import messages
+from caffe_compat.io.wire import length_delimited as _field
 from conftest import run_cli, run_python
 from test_io import CAFFEMODELS, _ids
 
 NetParameter, BlobProto, Datum = (getattr(messages("bvlc"), n) for n in ("NetParameter", "BlobProto", "Datum"))
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return wire.encode_varint(number << 3 | 2) + wire.encode_varint(len(payload)) + payload
 
 
 def _one_line_error(call, *match):

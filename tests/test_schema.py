@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from caffe_compat.errors import CaffeCompatError
+from caffe_compat.io import wire
 from caffe_compat.io.schema import (DIALECTS, detect_binary_dialect, detect_text_dialect, dialect_of,
                                     messages, unknown_fields)
 from caffe_compat.proto import caffe_pb2
@@ -181,26 +182,13 @@ def test_detect_text_dialect(reference):
     assert net.layer[-1].lifted_struct_sim_softmax_loss_param.margin == 1.0
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
-        value >>= 7
-        if not value:
-            return bytes(out)
-
-
-def _length_delimited(field_number: int, payload: bytes) -> bytes:
-    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def test_parses_caffemodels_over_64_mb():
     values = np.zeros(17_000_000, dtype=np.float32)
     values[-1] = 3.5
     # NetParameter.layer (100) > LayerParameter.blobs (7) > BlobProto.data (5, packed), by hand: fast.
-    blob = _length_delimited(5, values.tobytes())
-    layer = _length_delimited(1, b"big") + _length_delimited(7, blob)
-    data = _length_delimited(100, layer)
+    blob = wire.length_delimited(5, values.tobytes())
+    layer = wire.length_delimited(1, b"big") + wire.length_delimited(7, blob)
+    data = wire.length_delimited(100, layer)
     assert len(data) > 64 << 20
     net = caffe_pb2.NetParameter.FromString(data)
     parsed = net.layer[0].blobs[0].data

@@ -7,6 +7,7 @@ from typing import Sequence, Tuple
 import numpy as np
 
 from ..errors import CaffeCompatError
+from .wire import length_delimited
 
 
 _LEGACY_DIMS = ("num", "channels", "height", "width")
@@ -62,16 +63,4 @@ def array_to_blob(array: np.ndarray, blob) -> None:
     raw = np.ascontiguousarray(array, dtype="<f8" if double else "<f4").tobytes()
     # Packed repeated field written directly: element-wise extend() is slow for large blobs.
     field_number = 8 if double else 5  # BlobProto.double_data / BlobProto.data
-    blob.MergeFromString(_varint(field_number << 3 | 2) + _varint(len(raw)) + raw)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+    blob.MergeFromString(length_delimited(field_number, raw))

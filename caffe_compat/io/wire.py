@@ -167,7 +167,8 @@ def _skip_group(buffer, pos: int, end: int, number: int, depth: int) -> int:
     raise WireError(f"group {number} is never closed")
 
 
-def _length_delimited(number: int, payload: bytes) -> bytes:
+def length_delimited(number: int, payload: bytes) -> bytes:
+    """Field `number` holding `payload` (wire type 2), as protobuf writes it."""
     return encode_varint(number << 3 | _LENGTH) + encode_varint(len(payload)) + payload
 
 
@@ -177,7 +178,7 @@ def split_net(buffer) -> SplitNet:
     for number, wire_type, start, end, field_start in fields(buffer, 0, len(buffer)):
         if number in values and wire_type == _LENGTH:
             layer, blobs = _split_layer(buffer, start, end, BLOBS_FIELD[number])
-            parts.append(_length_delimited(number, layer))
+            parts.append(length_delimited(number, layer))
             values[number].append(blobs)
         else:
             parts.append(buffer[field_start:end])
@@ -189,7 +190,7 @@ def _split_layer(buffer, start: int, end: int, blobs_field: int) -> Tuple[bytes,
     for number, wire_type, value_start, value_end, field_start in fields(buffer, start, end):
         if number == blobs_field and wire_type == _LENGTH:
             blob, values = _split_blob(buffer, value_start, value_end)
-            parts.append(_length_delimited(number, blob))
+            parts.append(length_delimited(number, blob))
             blobs.append(values)
         else:
             parts.append(buffer[field_start:value_end])
