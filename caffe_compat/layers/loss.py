@@ -67,6 +67,37 @@ def _normalize(total: torch.Tensor, mode: str, valid: Optional[torch.Tensor], la
     return total / labels.numel()
 
 
+def _labels_and_valid(label: torch.Tensor, inner: int, ignore_label: Optional[int]):
+    """(labels as (outer, inner) integers, the mask of those not ignored or None, the
+    labels with the ignored ones at class 0 so that they can index)."""
+    labels = label.detach().reshape(-1, inner).long()  # Caffe truncates float labels
+    valid = None if ignore_label is None else labels != ignore_label
+    index = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
+    return labels, valid, index
+
+
+def _normalized_sum(per_label: torch.Tensor, mode: str, valid: Optional[torch.Tensor], labels: torch.Tensor):
+    if valid is not None:
+        per_label = torch.where(valid, per_label, torch.zeros_like(per_label))
+    return _normalize(per_label.sum(), mode, valid, labels)
+
+
+def _check_one_or_two_tops(ctx: LayerContext, what: str) -> None:
+    if len(ctx.tops) not in (1, 2):
+        raise ctx.error(f"has one or two tops ({what}), got {len(ctx.tops)}")
+
+
+def _inner_count(ctx: LayerContext, shape, axis: int) -> int:
+    """The count after `axis` of the predictions, checked against the labels: one label
+    per (outer, inner) position."""
+    outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+    labels = math.prod(ctx.bottom_shapes[1])
+    if outer * inner != labels:
+        raise ctx.error(f"bottom '{ctx.bottoms[1]}' holds {labels} labels, the predictions {shape} along "
+                        f"axis {axis} need {outer * inner}")
+    return inner
+
+
 # ---------------------------------------------------------------- SoftmaxWithLoss
 
 class SoftmaxWithLoss(CaffeLayer):
@@ -86,33 +117,24 @@ class SoftmaxWithLoss(CaffeLayer):
 
     def forward(self, scores, label):
         prob = torch.softmax(scores, self.axis)
-        labels = label.detach().reshape(-1, self.inner).long()  # Caffe truncates float labels
-        valid = None if self.ignore_label is None else labels != self.ignore_label
-        index = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
+        labels, valid, index = _labels_and_valid(label, self.inner, self.ignore_label)
         index = index.unsqueeze(1)
         picked = prob.reshape(-1, self.classes, self.inner).gather(1, index).squeeze(1)
         log_prob = torch.log_softmax(scores, self.axis).reshape(-1, self.classes, self.inner)
         # Caffe's gradient is prob - onehot even where the clamp bites.
         nll = _with_gradient(-torch.log(picked.clamp_min(FLT_MIN)), -log_prob.gather(1, index).squeeze(1))
-        if valid is not None:
-            nll = torch.where(valid, nll, torch.zeros_like(nll))
-        loss = _normalize(nll.sum(), self.normalization, valid, labels)
+        loss = _normalized_sum(nll, self.normalization, valid, labels)
         return (loss, prob.detach()) if self.with_prob else loss
 
 
 @register("SoftmaxWithLoss")
 def build_softmax_with_loss(ctx: LayerContext):
     ctx.expect_bottoms(2)
-    if len(ctx.tops) not in (1, 2):
-        raise ctx.error(f"has one or two tops (loss, probabilities), got {len(ctx.tops)}")
+    _check_one_or_two_tops(ctx, "loss, probabilities")
     _check_same_num(ctx)
     shape = ctx.bottom_shapes[0]
     axis = canonical_softmax_axis(ctx)
-    outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
-    labels = math.prod(ctx.bottom_shapes[1])
-    if outer * inner != labels:
-        raise ctx.error(f"bottom '{ctx.bottoms[1]}' holds {labels} labels, the predictions {shape} along "
-                        f"axis {axis} need {outer * inner}")
+    inner = _inner_count(ctx, shape, axis)
     module = SoftmaxWithLoss(axis, shape[axis], inner, _ignore_label(ctx.param.loss_param),
                              _normalization(ctx, "VALID"), len(ctx.tops) == 2)
     return ctx.wire(module, top_shapes=[()] + [shape] * (len(ctx.tops) - 1))
@@ -155,21 +177,16 @@ class Accuracy(CaffeLayer):
 @register("Accuracy")
 def build_accuracy(ctx: LayerContext):
     ctx.expect_bottoms(2)
-    if len(ctx.tops) not in (1, 2):
-        raise ctx.error(f"has one or two tops (accuracy, per-class accuracy), got {len(ctx.tops)}")
+    _check_one_or_two_tops(ctx, "accuracy, per-class accuracy")
     p = ctx.param.accuracy_param
     shape = ctx.bottom_shapes[0]
     rank = len(shape)
     if not -rank <= p.axis < rank:
         raise ctx.error(f"axis {p.axis} is out of range for bottom '{ctx.bottoms[0]}' of rank {rank}")
     axis = p.axis % rank
-    outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
-    labels = math.prod(ctx.bottom_shapes[1])
-    if outer * inner != labels:
-        raise ctx.error(f"bottom '{ctx.bottoms[1]}' holds {labels} labels, the predictions {shape} along "
-                        f"axis {axis} need {outer * inner}")
-    if p.top_k > math.prod(shape) // labels:
-        raise ctx.error(f"top_k {p.top_k} exceeds the number of classes {math.prod(shape) // labels}")
+    inner = _inner_count(ctx, shape, axis)
+    if p.top_k > shape[axis]:
+        raise ctx.error(f"top_k {p.top_k} exceeds the number of classes {shape[axis]}")
     module = Accuracy(shape[axis], inner, p.top_k, _ignore_label(p), len(ctx.tops) == 2)
     return ctx.wire(module, top_shapes=[()] + [(shape[axis],)] * (len(ctx.tops) - 1))
 
@@ -355,35 +372,26 @@ class InfogainLoss(CaffeLayer):
         weights = (self.infogain if infogain is None else infogain).detach()
         weights = weights.reshape(self.classes, self.classes).to(scores.dtype)
         prob = torch.softmax(scores, self.axis)
-        labels = label.detach().reshape(-1, self.inner).long()
-        valid = None if self.ignore_label is None else labels != self.ignore_label
-        index = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
+        labels, valid, index = _labels_and_valid(label, self.inner, self.ignore_label)
         rows = weights[index].transpose(1, 2)  # (outer, classes, inner): H[label, l]
         log_prob = torch.log_softmax(scores, self.axis).reshape(-1, self.classes, self.inner)
         clamped = torch.log(prob.reshape(-1, self.classes, self.inner).clamp_min(LOG_THRESHOLD))
         per_label = _with_gradient(-(rows * clamped).sum(1), -(rows * log_prob).sum(1))
-        if valid is not None:
-            per_label = torch.where(valid, per_label, torch.zeros_like(per_label))
-        loss = _normalize(per_label.sum(), self.normalization, valid, labels)
+        loss = _normalized_sum(per_label, self.normalization, valid, labels)
         return (loss, prob.detach()) if self.with_prob else loss
 
 
 @register("InfogainLoss")
 def build_infogain_loss(ctx: LayerContext):
     ctx.expect_bottoms(2, 3)
-    if len(ctx.tops) not in (1, 2):
-        raise ctx.error(f"has one or two tops (loss, probabilities), got {len(ctx.tops)}")
+    _check_one_or_two_tops(ctx, "loss, probabilities")
     _check_same_num(ctx)
     if ctx.param.loss_param.HasField("normalize"):
         raise ctx.error("loss_param.normalize is deprecated here; use normalization")
     shape = ctx.bottom_shapes[0]
     axis = ctx.canonical_axis(ctx.param.infogain_loss_param.axis, len(shape))
     classes = shape[axis]
-    outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
-    labels = math.prod(ctx.bottom_shapes[1])
-    if outer * inner != labels:
-        raise ctx.error(f"bottom '{ctx.bottoms[1]}' holds {labels} labels, the predictions {shape} along "
-                        f"axis {axis} need {outer * inner}")
+    inner = _inner_count(ctx, shape, axis)
     infogain = None
     if len(ctx.bottoms) == 3:
         count = math.prod(ctx.bottom_shapes[2])
