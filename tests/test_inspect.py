@@ -222,3 +222,24 @@ def test_the_newer_types_shape_as_built(tmp_path):
     for module_name, module in built.layers.items():
         layer = built.layer_names[module_name]
         assert arithmetic.params[layer] == [tuple(t.shape) for t in caffe_blobs(module)], layer
+
+
+@pytest.mark.parametrize("reshape, message", [
+    ("num_axes: -2", "num_axes must be >= 0, or -1 for all, got -2"),
+    ("shape { dim: 0 dim: 0 dim: 0 } axis: 1", "copies (0) axis 3"),
+    ("shape { dim: -2 dim: 3 }", "a negative dimension other than -1"),
+])
+def test_inspect_notes_a_bad_reshape_as_the_builder_refuses_it(tmp_path, reshape, message):
+    from caffe_compat.errors import CaffeCompatError
+    from caffe_compat.net import CaffeNet
+
+    net = tmp_path / "net.prototxt"
+    net.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 } } }\n'
+                   f'layer {{ name: "r" type: "Reshape" bottom: "x" top: "y" reshape_param {{ {reshape} }} }}\n')
+    net_file = read_net(net)
+    graph = build_graph(net_file.net, "TEST", net_file.dialect)
+    arithmetic = net_shapes(graph)
+    with pytest.raises(CaffeCompatError) as err:
+        CaffeNet(graph)
+    assert "layer 'r' (Reshape)" in str(err.value) and message in str(err.value)
+    assert arithmetic.blobs["y"] is None and arithmetic.notes == [str(err.value)]

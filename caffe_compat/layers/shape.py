@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..reshaping import reshape_top
 from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
 
@@ -199,38 +200,8 @@ def build_reshape(ctx: LayerContext) -> Converted:
     _refuse_in_place(ctx)
     shape = tuple(ctx.bottom_shapes[0])
     rank = len(shape)
-    param = ctx.param.reshape_param
-    dims = [int(d) for d in param.shape.dim]
-    if dims.count(-1) > 1:
-        raise ctx.error(f"shape {dims} has more than one -1")
-    if any(d < -1 for d in dims):
-        raise ctx.error(f"shape {dims} has a negative dimension other than -1")
-    start = param.axis if param.axis >= 0 else rank + param.axis + 1
-    if not 0 <= start <= rank:
-        raise ctx.error(f"axis {param.axis} is out of range for a bottom of rank {rank}")
-    if param.num_axes < -1:
-        raise ctx.error(f"num_axes must be >= 0, or -1 for all, got {param.num_axes}")
-    end = rank if param.num_axes == -1 else start + param.num_axes
-    if end > rank:
-        raise ctx.error(f"axis + num_axes = {end} is out of range for a bottom of rank {rank}")
-    new = []
-    for i, d in enumerate(dims):
-        if d == 0:
-            if start + i >= rank:
-                raise ctx.error(f"shape {dims} copies (0) axis {start + i}, which the bottom {shape} lacks")
-            new.append(shape[start + i])
-        else:
-            new.append(d)
-    top = list(shape[:start]) + new + list(shape[end:])
-    if -1 in dims:
-        inferred = start + dims.index(-1)
-        known = math.prod(d for i, d in enumerate(top) if i != inferred)
-        if known == 0 or math.prod(shape) % known:
-            raise ctx.error(f"bottom of shape {shape} cannot be reshaped to {dims} (count not divisible)")
-        top[inferred] = math.prod(shape) // known
-    elif math.prod(top) != math.prod(shape):
-        raise ctx.error(f"bottom of shape {shape} ({math.prod(shape)} values) cannot be reshaped to "
-                        f"{tuple(top)} ({math.prod(top)} values)")
+    dims = [int(d) for d in ctx.param.reshape_param.shape.dim]
+    top, start, end = reshape_top(shape, ctx.param.reshape_param, ctx.error)
 
     # Where does the bottom's axis 0 (the batch) go?
     if rank == 0:
@@ -238,7 +209,7 @@ def build_reshape(ctx: LayerContext) -> Converted:
     elif start > 0:
         batch_axis = 0
     elif end == 0:
-        batch_axis = len(new)  # new axes inserted in front of it
+        batch_axis = len(dims)  # new axes inserted in front of it
     elif dims[0] == 0:
         batch_axis = 0
     else:

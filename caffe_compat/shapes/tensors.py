@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from ..reshaping import reshape_top
 from .base import rule, same_shape
 
 rule("ReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Threshold", "Dropout",
@@ -82,25 +83,7 @@ def _flatten(v):
 
 @rule("Reshape")
 def _reshape(v):
-    shape = tuple(v.bottom_shapes[0])
-    rank = len(shape)
-    param = v.param.reshape_param
-    dims = [int(d) for d in param.shape.dim]
-    start = param.axis if param.axis >= 0 else rank + param.axis + 1
-    end = rank if param.num_axes == -1 else start + param.num_axes
-    if not 0 <= start <= end <= rank or dims.count(-1) > 1:
-        raise v.error(f"shape {dims} (axis {param.axis}, num_axes {param.num_axes}) does not fit bottom {shape}")
-    new = [shape[start + i] if d == 0 else d for i, d in enumerate(dims)]
-    top = list(shape[:start]) + new + list(shape[end:])
-    if -1 in dims:
-        inferred = start + dims.index(-1)
-        known = math.prod(d for i, d in enumerate(top) if i != inferred)
-        if known == 0 or math.prod(shape) % known:
-            raise v.error(f"bottom of shape {shape} cannot be reshaped to {dims}")
-        top[inferred] = math.prod(shape) // known
-    if math.prod(top) != math.prod(shape):
-        raise v.error(f"bottom of shape {shape} cannot be reshaped to {tuple(top)}")
-    return [tuple(top)], []
+    return [tuple(reshape_top(tuple(v.bottom_shapes[0]), v.param.reshape_param, v.error)[0])], []
 
 
 @rule("Tile")
