@@ -94,7 +94,7 @@ class _Geometry:
         if not self.caffe_exact:
             # Near entries are rare: one min over the block tells whether to look for them.
             if find_near and dist_sq.amin().item() <= self.near_threshold:
-                near_rows, near_cols = (dist_sq <= self.near_threshold).nonzero().unbind(1)
+                near_rows, near_cols = torch.nonzero(dist_sq <= self.near_threshold, as_tuple=True)
                 block.near = (near_rows, near_cols)
                 block.near_distances = _pair_distances(self.raw, block.global_rows(near_rows), near_cols)
             if block.near is not None:
@@ -158,7 +158,7 @@ class LiftedStructLoss(torch.autograd.Function):
             dist = geometry.distances(block, find_near=True)
             numerators, same = geometry.softmax_numerators(block, dist, nearest[rows], True)
             torch.sum(numerators, 1, keepdim=True, out=sums[rows])
-            block.positives = same.nonzero().unbind(1)
+            block.positives = torch.nonzero(same, as_tuple=True)
             block.positive_quotients = dist[block.positives]
             if block.near is not None:
                 # numerator / D on near entries: 0 on same-label ones and at D = 0
