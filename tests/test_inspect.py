@@ -224,22 +224,26 @@ def test_the_newer_types_shape_as_built(tmp_path):
         assert arithmetic.params[layer] == [tuple(t.shape) for t in caffe_blobs(module)], layer
 
 
-@pytest.mark.parametrize("reshape, message", [
-    ("num_axes: -2", "num_axes must be >= 0, or -1 for all, got -2"),
-    ("shape { dim: 0 dim: 0 dim: 0 } axis: 1", "copies (0) axis 3"),
-    ("shape { dim: -2 dim: 3 }", "a negative dimension other than -1"),
+@pytest.mark.parametrize("layer, message", [
+    ('type: "Reshape" reshape_param { num_axes: -2 }', "num_axes must be >= 0, or -1 for all, got -2"),
+    ('type: "Reshape" reshape_param { shape { dim: 0 dim: 0 dim: 0 } axis: 1 }', "copies (0) axis 3"),
+    ('type: "Reshape" reshape_param { shape { dim: -2 dim: 3 } }', "a negative dimension other than -1"),
+    ('type: "Convolution" convolution_param { num_output: 1 kernel_size: 1 kernel_h: 1 kernel_w: 1 axis: 0 }',
+     "give either kernel_size or kernel_h/kernel_w, not both"),
+    ('type: "Convolution" convolution_param { num_output: 1 kernel_h: 1 kernel_w: 1 }',
+     "kernel_h & kernel_w can only be used for 2-D convolution"),
 ])
-def test_inspect_notes_a_bad_reshape_as_the_builder_refuses_it(tmp_path, reshape, message):
+def test_inspect_notes_a_bad_parameter_as_the_builder_refuses_it(tmp_path, layer, message):
     from caffe_compat.errors import CaffeCompatError
     from caffe_compat.net import CaffeNet
 
     net = tmp_path / "net.prototxt"
     net.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 } } }\n'
-                   f'layer {{ name: "r" type: "Reshape" bottom: "x" top: "y" reshape_param {{ {reshape} }} }}\n')
+                   f'layer {{ name: "r" {layer} bottom: "x" top: "y" }}\n')
     net_file = read_net(net)
     graph = build_graph(net_file.net, "TEST", net_file.dialect)
     arithmetic = net_shapes(graph)
     with pytest.raises(CaffeCompatError) as err:
         CaffeNet(graph)
-    assert "layer 'r' (Reshape)" in str(err.value) and message in str(err.value)
+    assert f"layer 'r' ({layer.split()[1][1:-1]})" in str(err.value) and message in str(err.value)
     assert arithmetic.blobs["y"] is None and arithmetic.notes == [str(err.value)]

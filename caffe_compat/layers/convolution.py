@@ -7,45 +7,19 @@ Convolution, (in, out/group, *kernel) for Deconvolution.
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List
 
 import numpy as np
 import torch.nn.functional as F
 from torch import nn
 
+from ..layer_params import hw_or_repeated, per_axis
 from . import fillers
 from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
 
 CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 TRANSPOSED_CONVOLUTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
-def _per_axis(ctx: LayerContext, name: str, values, default: int, spatial: int) -> Tuple[int, ...]:
-    """A repeated field given once (for all axes), once per spatial axis, or not at all."""
-    values = list(values)
-    if not values:
-        if default is None:
-            raise ctx.error(f"{name} is required")
-        return (default,) * spatial
-    if len(values) == 1:
-        return (values[0],) * spatial
-    if len(values) != spatial:
-        raise ctx.error(f"{name} must be given once or once per spatial axis ({spatial}), "
-                        f"got {len(values)} values")
-    return tuple(values)
-
-
-def _hw_or_repeated(ctx, cp, repeated: str, prefix: str, default, spatial: int) -> Tuple[int, ...]:
-    """`prefix_h`/`prefix_w` (2-D only, exclusive with the repeated form) or the repeated form."""
-    h, w = f"{prefix}_h", f"{prefix}_w"
-    if cp.HasField(h) or cp.HasField(w):
-        if spatial != 2:
-            raise ctx.error(f"{h} & {w} can only be used for 2-D convolution")
-        if len(getattr(cp, repeated)):
-            raise ctx.error(f"give either {repeated} or {h}/{w}, not both")
-        return (getattr(cp, h), getattr(cp, w))
-    return _per_axis(ctx, repeated, getattr(cp, repeated), default, spatial)
 
 
 class ConvGeometry:
@@ -65,10 +39,10 @@ class ConvGeometry:
             if tuple(other) != tuple(shape):
                 raise ctx.error(f"all bottoms must have the same shape: '{ctx.bottoms[i]}' is {other}, "
                                 f"'{ctx.bottoms[0]}' is {shape}")
-        self.kernel = _hw_or_repeated(ctx, cp, "kernel_size", "kernel", None, spatial)
-        self.stride = _hw_or_repeated(ctx, cp, "stride", "stride", 1, spatial)
-        self.pad = _hw_or_repeated(ctx, cp, "pad", "pad", 0, spatial)
-        self.dilation = _per_axis(ctx, "dilation", cp.dilation, 1, spatial)
+        self.kernel = hw_or_repeated(ctx.error, cp, "kernel_size", "kernel", None, spatial)
+        self.stride = hw_or_repeated(ctx.error, cp, "stride", "stride", 1, spatial)
+        self.pad = hw_or_repeated(ctx.error, cp, "pad", "pad", 0, spatial)
+        self.dilation = per_axis(ctx.error, "dilation", cp.dilation, 1, spatial)
         for name in ("kernel", "stride", "dilation"):
             if min(getattr(self, name)) <= 0:
                 raise ctx.error(f"{name} {getattr(self, name)} must be positive")
@@ -219,10 +193,10 @@ def build_im2col(ctx: LayerContext):
     spatial = len(shape) - axis - 1
     if spatial < 1:
         raise ctx.error(f"needs at least one spatial axis after channel axis {axis}, bottom shape {shape}")
-    kernel = _hw_or_repeated(ctx, cp, "kernel_size", "kernel", None, spatial)
-    stride = _hw_or_repeated(ctx, cp, "stride", "stride", 1, spatial)
-    pad = _hw_or_repeated(ctx, cp, "pad", "pad", 0, spatial)
-    dilation = _per_axis(ctx, "dilation", cp.dilation, 1, spatial)
+    kernel = hw_or_repeated(ctx.error, cp, "kernel_size", "kernel", None, spatial)
+    stride = hw_or_repeated(ctx.error, cp, "stride", "stride", 1, spatial)
+    pad = hw_or_repeated(ctx.error, cp, "pad", "pad", 0, spatial)
+    dilation = per_axis(ctx.error, "dilation", cp.dilation, 1, spatial)
     for name, values in (("kernel", kernel), ("stride", stride), ("dilation", dilation)):
         if min(values) <= 0:
             raise ctx.error(f"{name} {values} must be positive")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ..reshaping import reshape_top
+from ..layer_params import reshape_top
 from .base import rule, same_shape
 
 rule("ReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Threshold", "Dropout",

@@ -3,38 +3,21 @@ convolution geometry Convolution shares, see learned.py)."""
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
+from ..layer_params import hw_or_repeated, per_axis
 from .base import LayerView, rule, same_shape
 
 CEIL = 0  # PoolingParameter.RoundMode
 
 
-def per_axis(v: LayerView, name: str, values, default: Optional[int], spatial: int) -> Tuple[int, ...]:
-    """A repeated field given once (for all axes), once per spatial axis, or not at all."""
-    values = list(values)
-    if not values:
-        if default is None:
-            raise v.error(f"{name} is required")
-        return (default,) * spatial
-    if len(values) == 1:
-        return (values[0],) * spatial
-    if len(values) != spatial:
-        raise v.error(f"{name} must be given once or once per spatial axis ({spatial}), got {len(values)}")
-    return tuple(values)
-
-
 def conv_window(v: LayerView, spatial: int):
     """ConvolutionParameter's (kernel, stride, pad, dilation), `prefix_h`/`_w` or repeated."""
     cp = v.param.convolution_param
-
-    def field(repeated: str, prefix: str, default):
-        if cp.HasField(f"{prefix}_h") or cp.HasField(f"{prefix}_w"):
-            return (getattr(cp, f"{prefix}_h"), getattr(cp, f"{prefix}_w"))
-        return per_axis(v, repeated, getattr(cp, repeated), default, spatial)
-
-    window = (field("kernel_size", "kernel", None), field("stride", "stride", 1), field("pad", "pad", 0),
-              per_axis(v, "dilation", cp.dilation, 1, spatial))
+    window = (hw_or_repeated(v.error, cp, "kernel_size", "kernel", None, spatial),
+              hw_or_repeated(v.error, cp, "stride", "stride", 1, spatial),
+              hw_or_repeated(v.error, cp, "pad", "pad", 0, spatial),
+              per_axis(v.error, "dilation", cp.dilation, 1, spatial))
     if min(window[0] + window[1] + window[3]) <= 0:
         raise v.error("kernel, stride and dilation must be positive")
     return window

@@ -1,0 +1,74 @@
+"""Layer parameters read as Caffe reads them, without torch: one piece for the layer
+builders (layers/) and the shape rules `inspect` uses (shapes/). Each takes `error`, a
+function from a message to the exception to raise (the layer's own `error`)."""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Tuple
+
+Error = Callable[[str], Exception]
+
+
+def reshape_top(shape: Tuple[int, ...], param, error: Error) -> Tuple[List[int], int, int]:
+    """Caffe's Reshape (reshape_layer.cpp): (the top shape, the first and one-past-last
+    bottom axes it replaces) for a bottom of `shape` under ReshapeParameter `param`."""
+    rank = len(shape)
+    dims = [int(d) for d in param.shape.dim]
+    if dims.count(-1) > 1:
+        raise error(f"shape {dims} has more than one -1")
+    if any(d < -1 for d in dims):
+        raise error(f"shape {dims} has a negative dimension other than -1")
+    start = param.axis if param.axis >= 0 else rank + param.axis + 1
+    if not 0 <= start <= rank:
+        raise error(f"axis {param.axis} is out of range for a bottom of rank {rank}")
+    if param.num_axes < -1:
+        raise error(f"num_axes must be >= 0, or -1 for all, got {param.num_axes}")
+    end = rank if param.num_axes == -1 else start + param.num_axes
+    if end > rank:
+        raise error(f"axis + num_axes = {end} is out of range for a bottom of rank {rank}")
+    new = []
+    for i, d in enumerate(dims):
+        if d == 0:
+            if start + i >= rank:
+                raise error(f"shape {dims} copies (0) axis {start + i}, which the bottom {shape} lacks")
+            new.append(shape[start + i])
+        else:
+            new.append(d)
+    top = list(shape[:start]) + new + list(shape[end:])
+    if -1 in dims:
+        inferred = start + dims.index(-1)
+        known = math.prod(d for i, d in enumerate(top) if i != inferred)
+        if known == 0 or math.prod(shape) % known:
+            raise error(f"bottom of shape {shape} cannot be reshaped to {dims} (count not divisible)")
+        top[inferred] = math.prod(shape) // known
+    elif math.prod(top) != math.prod(shape):
+        raise error(f"bottom of shape {shape} ({math.prod(shape)} values) cannot be reshaped to "
+                    f"{tuple(top)} ({math.prod(top)} values)")
+    return top, start, end
+
+
+def per_axis(error: Error, name: str, values, default: Optional[int], spatial: int) -> Tuple[int, ...]:
+    """A repeated field given once (for all axes), once per spatial axis, or not at all."""
+    values = list(values)
+    if not values:
+        if default is None:
+            raise error(f"{name} is required")
+        return (default,) * spatial
+    if len(values) == 1:
+        return (values[0],) * spatial
+    if len(values) != spatial:
+        raise error(f"{name} must be given once or once per spatial axis ({spatial}), got {len(values)} values")
+    return tuple(values)
+
+
+def hw_or_repeated(error: Error, param, repeated: str, prefix: str, default: Optional[int],
+                   spatial: int) -> Tuple[int, ...]:
+    """`prefix_h`/`prefix_w` (2-D only, exclusive with the repeated form) or the repeated form."""
+    h, w = f"{prefix}_h", f"{prefix}_w"
+    if param.HasField(h) or param.HasField(w):
+        if spatial != 2:
+            raise error(f"{h} & {w} can only be used for 2-D convolution")
+        if len(getattr(param, repeated)):
+            raise error(f"give either {repeated} or {h}/{w}, not both")
+        return (getattr(param, h), getattr(param, w))
+    return per_axis(error, repeated, getattr(param, repeated), default, spatial)
