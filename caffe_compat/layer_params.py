@@ -1,12 +1,43 @@
-"""Layer parameters read as Caffe reads them, without torch: one piece for the layer
-builders (layers/) and the shape rules `inspect` uses (shapes/). Each takes `error`, a
-function from a message to the exception to raise (the layer's own `error`)."""
+"""A layer and its parameters read as Caffe reads them, without torch: one piece for the
+layer builders (layers/) and the shape rules `inspect` uses (shapes/). The functions take
+`error`, a function from a message to the exception to raise (the layer's own `error`)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
+from .errors import CaffeCompatError
+
+Shape = Tuple[int, ...]
+
 Error = Callable[[str], Exception]
+
+
+@dataclass
+class LayerFacts:
+    """What a builder or a shape rule sees of one Caffe layer, and the checks both make."""
+
+    name: str
+    type: str
+    param: object  # the layer's LayerParameter message (either dialect)
+    bottoms: List[str]
+    tops: List[str]
+    bottom_shapes: List[Shape]
+
+    def error(self, message: str) -> CaffeCompatError:
+        return CaffeCompatError(f"layer '{self.name}' ({self.type}): {message}")
+
+    def canonical_axis(self, axis: int, rank: int, what: str = "axis") -> int:
+        """Caffe's CanonicalAxisIndex: -rank <= axis < rank, negative counting from the end."""
+        if not -rank <= axis < rank:
+            raise self.error(f"{what} {axis} is out of range for bottom '{self.bottoms[0]}' of rank {rank}")
+        return axis % rank
+
+    def expect_bottoms(self, *counts: int) -> None:
+        if len(self.bottoms) not in counts:
+            want = " or ".join(str(c) for c in counts)
+            raise self.error(f"expects {want} bottom(s), got {len(self.bottoms)}")
 
 
 def reshape_top(shape: Tuple[int, ...], param, error: Error) -> Tuple[List[int], int, int]:

@@ -17,43 +17,22 @@ import torch
 from torch import nn
 
 from ..errors import CaffeCompatError
+from ..layer_params import LayerFacts, Shape
 from .catalog import CATALOG
-
-Shape = Tuple[int, ...]
 
 
 @dataclass
-class LayerContext:
+class LayerContext(LayerFacts):
     """What a builder sees of one Caffe layer."""
 
-    name: str
-    type: str
-    param: object  # the layer's LayerParameter message (either dialect)
-    bottoms: List[str]
-    tops: List[str]
-    bottom_shapes: List[Shape]
     phase: str  # "TRAIN" or "TEST"
     loss_weights: List[float] = field(default_factory=list)
-
-    def error(self, message: str) -> CaffeCompatError:
-        return CaffeCompatError(f"layer '{self.name}' ({self.type}): {message}")
 
     def wire(self, module: nn.Module, top_shapes: Optional[Sequence[Shape]] = None,
              bottoms: Optional[Sequence[str]] = None) -> "Converted":
         """The usual wiring: all bottoms in, all tops out."""
         return Converted(module, list(self.bottoms if bottoms is None else bottoms), list(self.tops),
                          None if top_shapes is None else [tuple(s) for s in top_shapes])
-
-    def canonical_axis(self, axis: int, rank: int, what: str = "axis") -> int:
-        """Caffe's CanonicalAxisIndex: -rank <= axis < rank, negative counting from the end."""
-        if not -rank <= axis < rank:
-            raise self.error(f"{what} {axis} is out of range for bottom '{self.bottoms[0]}' of rank {rank}")
-        return axis % rank
-
-    def expect_bottoms(self, *counts: int) -> None:
-        if len(self.bottoms) not in counts:
-            want = " or ".join(str(c) for c in counts)
-            raise self.error(f"expects {want} bottom(s), got {len(self.bottoms)}")
 
     def expect_rank(self, index: int, *ranks: int) -> None:
         rank = len(self.bottom_shapes[index])

@@ -4,39 +4,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ..errors import CaffeCompatError
-
-Shape = Tuple[int, ...]
+from ..layer_params import LayerFacts, Shape
 
 
 @dataclass
-class LayerView:
+class LayerView(LayerFacts):
     """What a shape rule sees of one layer."""
 
-    name: str
-    type: str
-    param: object  # LayerParameter
-    bottoms: List[str]
-    tops: List[str]
-    bottom_shapes: List[Shape]
     notes: List[str] = field(default_factory=list)
 
     def unknown(self, message: str) -> None:
         """A top shape the prototxt does not give: None, with the reason noted."""
         self.notes.append(f"layer '{self.name}' ({self.type}): {message}")
-
-    def error(self, message: str) -> CaffeCompatError:
-        return CaffeCompatError(f"layer '{self.name}' ({self.type}): {message}")
-
-    def axis(self, axis: int, rank: int, what: str = "axis") -> int:
-        """Caffe's CanonicalAxisIndex."""
-        if not -rank <= axis < rank:
-            raise self.error(f"{what} {axis} is out of range for a bottom of rank {rank}")
-        return axis % rank
-
-    def expect_bottoms(self, *counts: int) -> None:
-        if len(self.bottoms) not in counts:
-            raise self.error(f"expects {' or '.join(map(str, counts))} bottom(s), got {len(self.bottoms)}")
 
     def expect_rank(self, *ranks: int) -> Shape:
         shape = self.bottom_shapes[0]

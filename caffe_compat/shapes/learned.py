@@ -14,7 +14,7 @@ def _convolution(v: LayerView):
         raise v.error("needs one top per bottom")
     cp = v.param.convolution_param
     shape = tuple(v.bottom_shapes[0])
-    axis = v.axis(cp.axis, len(shape))  # the channel axis; the axes before it are all batch
+    axis = v.canonical_axis(cp.axis, len(shape))  # the channel axis; the axes before it are all batch
     if not 1 <= len(shape) - axis - 1 <= 3:
         raise v.error(f"needs 1 to 3 spatial axes after channel axis {axis}, got shape {shape}")
     kernel, stride, pad, dilation = conv_window(v, len(shape) - axis - 1)
@@ -42,7 +42,7 @@ def _inner_product(v):
     v.expect_bottoms(1)
     ip = v.param.inner_product_param
     shape = v.bottom_shapes[0]
-    axis = v.axis(ip.axis, len(shape))
+    axis = v.canonical_axis(ip.axis, len(shape))
     inputs, outputs = math.prod(shape[axis:]), ip.num_output
     if outputs <= 0:
         raise v.error("num_output must be positive")
@@ -80,7 +80,7 @@ def _operand(v, axis: int, num_axes: int):
     shape = v.bottom_shapes[0]
     if len(v.bottoms) == 2:
         return tuple(v.bottom_shapes[1])
-    start = v.axis(axis, len(shape))
+    start = v.canonical_axis(axis, len(shape))
     return tuple(shape[start:] if num_axes == -1 else shape[start:start + num_axes])
 
 

@@ -20,7 +20,7 @@ def _softmax_with_loss(v):
 @rule("Accuracy")
 def _accuracy(v):
     shape = v.bottom_shapes[0]
-    axis = v.axis(v.param.accuracy_param.axis, len(shape))
+    axis = v.canonical_axis(v.param.accuracy_param.axis, len(shape))
     return [()] + [(shape[axis],)] * (len(v.tops) - 1), []
 
 

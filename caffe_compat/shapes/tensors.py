@@ -29,11 +29,11 @@ def _mvn(v):
 @rule("Reduction")
 def _reduction(v):
     shape = v.bottom_shapes[0]
-    return [tuple(shape[:v.axis(v.param.reduction_param.axis, len(shape))])], []
+    return [tuple(shape[:v.canonical_axis(v.param.reduction_param.axis, len(shape))])], []
 
 
 def _legacy_axis(v, param, legacy: str, rank: int) -> int:
-    return getattr(param, legacy) if param.HasField(legacy) else v.axis(param.axis, rank)
+    return getattr(param, legacy) if param.HasField(legacy) else v.canonical_axis(param.axis, rank)
 
 
 @rule("Concat")
@@ -76,8 +76,8 @@ def _split(v):
 @rule("Flatten")
 def _flatten(v):
     shape = tuple(v.bottom_shapes[0])
-    start = v.axis(v.param.flatten_param.axis, len(shape))
-    end = v.axis(v.param.flatten_param.end_axis, len(shape), "end_axis")
+    start = v.canonical_axis(v.param.flatten_param.axis, len(shape))
+    end = v.canonical_axis(v.param.flatten_param.end_axis, len(shape), "end_axis")
     return [shape[:start] + (math.prod(shape[start:end + 1]),) + shape[end + 1:]], []
 
 
@@ -90,7 +90,7 @@ def _reshape(v):
 def _tile(v):
     shape = list(v.bottom_shapes[0])
     param = v.param.tile_param
-    shape[v.axis(param.axis, len(shape))] *= param.tiles
+    shape[v.canonical_axis(param.axis, len(shape))] *= param.tiles
     return [tuple(shape)], []
 
 
@@ -104,7 +104,7 @@ def _argmax(v):
     shape = tuple(v.bottom_shapes[0])
     param = v.param.argmax_param
     if param.HasField("axis"):
-        axis = v.axis(param.axis, len(shape))
+        axis = v.canonical_axis(param.axis, len(shape))
         return [shape[:axis] + (param.top_k,) + shape[axis + 1:]], []
     top = [1] * max(3, len(shape))
     top[0], top[1], top[2] = shape[0], 2 if param.out_max_val else 1, param.top_k

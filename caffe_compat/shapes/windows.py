@@ -37,7 +37,7 @@ def conv_output(v: LayerView, sizes, kernel, stride, pad, dilation) -> List[int]
 @rule("Im2col")
 def _im2col(v):
     shape = tuple(v.bottom_shapes[0])
-    axis = v.axis(v.param.convolution_param.axis, len(shape))
+    axis = v.canonical_axis(v.param.convolution_param.axis, len(shape))
     spatial = len(shape) - axis - 1
     if spatial < 1:
         raise v.error(f"needs a spatial axis after channel axis {axis}, bottom shape {shape}")
@@ -107,5 +107,5 @@ def _lrn(v):
 def _crop(v):
     v.expect_bottoms(2)
     data, reference = v.bottom_shapes
-    start = v.axis(v.param.crop_param.axis, len(data))
+    start = v.canonical_axis(v.param.crop_param.axis, len(data))
     return [tuple(data[:start]) + tuple(reference[start:])], []
