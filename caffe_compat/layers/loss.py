@@ -100,10 +100,9 @@ def _inner_count(ctx: LayerContext, shape, axis: int) -> int:
 
 # ---------------------------------------------------------------- SoftmaxWithLoss
 
-class SoftmaxWithLoss(CaffeLayer):
-    """-log(max(softmax(x)[label], FLT_MIN)) summed over the labels, normalised. The
-    label at (outer i, inner j) picks a class along `axis`. A second top gets the
-    probabilities (Caffe's backward ignores its diff)."""
+class _SoftmaxOfClasses(CaffeLayer):
+    """What SoftmaxWithLoss and InfogainLoss share: a softmax over `classes` along `axis`,
+    one label per (outer, inner) position, and an optional second top of probabilities."""
 
     def __init__(self, axis: int, classes: int, inner: int, ignore_label: Optional[int], normalization: str,
                  with_prob: bool):
@@ -114,6 +113,12 @@ class SoftmaxWithLoss(CaffeLayer):
         self.ignore_label = ignore_label
         self.normalization = normalization
         self.with_prob = with_prob
+
+
+class SoftmaxWithLoss(_SoftmaxOfClasses):
+    """-log(max(softmax(x)[label], FLT_MIN)) summed over the labels, normalised. The
+    label at (outer i, inner j) picks a class along `axis`. A second top gets the
+    probabilities (Caffe's backward ignores its diff)."""
 
     def forward(self, scores, label):
         prob = torch.softmax(scores, self.axis)
@@ -350,7 +355,7 @@ def build_multinomial_logistic_loss(ctx: LayerContext):
 
 # ---------------------------------------------------------------- InfogainLoss
 
-class InfogainLoss(CaffeLayer):
+class InfogainLoss(_SoftmaxOfClasses):
     """-sum_l H[label, l] log(max(softmax(x)_l, 1e-20)) over the labels, normalised as
     SoftmaxWithLoss. H (classes x classes) is the third bottom, or the `source` file's
     blob held here. A second top gets the probabilities (Caffe's backward ignores its
@@ -359,13 +364,7 @@ class InfogainLoss(CaffeLayer):
 
     def __init__(self, axis: int, classes: int, inner: int, ignore_label: Optional[int], normalization: str,
                  with_prob: bool, infogain: Optional[torch.Tensor]):
-        super().__init__()
-        self.axis = axis
-        self.classes = classes
-        self.inner = inner
-        self.ignore_label = ignore_label
-        self.normalization = normalization
-        self.with_prob = with_prob
+        super().__init__(axis, classes, inner, ignore_label, normalization, with_prob)
         self.register_buffer("infogain", infogain, persistent=False)
 
     def forward(self, scores, label, infogain=None):
