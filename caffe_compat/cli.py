@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -36,9 +37,10 @@ def _cmd_layers(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from .compare import HEADER, cases_in, compare_case, failed_case
+    from .compare import HEADER, cases_in, check_options, compare_case, failed_case
     from .memory import parse_size
 
+    check_options(args.device, args.rtol, args.grad_rtol)  # once, not as a FAIL row per case
     max_memory = parse_size(args.max_memory) if args.max_memory else None
     paths = [Path(p) for p in args.files]
     cwd = None
@@ -102,6 +104,8 @@ def _cmd_convert(args) -> int:
     if args.random_init:
         import torch
 
+        if not -2 ** 63 <= args.seed < 2 ** 64:  # the range torch's generator takes
+            raise CaffeCompatError(f"--seed {args.seed}: must be between -2**63 and 2**64 - 1")
         torch.manual_seed(args.seed)
     net = load_net(net_file, args.weights, phase=args.phase, dialect=args.dialect, input_shapes=input_shapes,
                    allow_missing_weights=args.allow_missing_weights, max_memory=max_memory)
@@ -429,6 +433,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_INPUT_OPTIONS = ("net", "weights", "source", "solver", "resume", "features", "files", "data", "mean_file",
+                  "train_log")
+_OUTPUT_OPTIONS = ("output", "onnx_file", "json", "log")
+
+
+def _refuse_output_over_input(args) -> None:
+    """An output that is also one of the command's inputs would destroy it (`extract -o WEIGHTS`)."""
+    inputs = []
+    for name in _INPUT_OPTIONS:
+        value = getattr(args, name, None)
+        inputs += value if isinstance(value, list) else [value]
+    for name in _OUTPUT_OPTIONS:
+        output = getattr(args, name, None)
+        for given in inputs:
+            if isinstance(output, str) and isinstance(given, str) and _same_path(output, given):
+                raise CaffeCompatError(f"output {output}: is also the input {given}; write to another path")
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # one of them does not exist (yet): it cannot be the other
+        return False
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"caffe-compat: warning: {message}\n"
 
@@ -438,6 +467,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning  # notes, one line each
     try:
+        _refuse_output_over_input(args)
         return args.run(args)
     except CaffeCompatError as err:
         if args.debug:

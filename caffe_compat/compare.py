@@ -13,6 +13,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .devices import resolve_device
 from .errors import CaffeCompatError
 from .io.files import read_caffemodel, read_prototxt, weights_of
 from .layers.registry import caffe_blobs
@@ -104,6 +105,15 @@ def working_directory(path: Optional[PathLike]) -> Iterator[None]:
         os.chdir(previous)
 
 
+def check_options(device, rtol: Optional[float], grad_rtol: Optional[float]) -> torch.device:
+    """The device to compare on; tolerances that are not positive numbers are refused
+    (a negative one would fail every key, NaN pass none)."""
+    for option, tol in (("--rtol", rtol), ("--grad-rtol", grad_rtol)):
+        if tol is not None and not 0 < tol < float("inf"):
+            raise CaffeCompatError(f"{option} {tol}: must be a positive number")
+    return resolve_device(device)
+
+
 def compare_case(prototxt: Optional[PathLike], weights: Optional[PathLike], reference: PathLike,
                  device: str = "cpu", rtol: Optional[float] = None, grad_rtol: Optional[float] = None,
                  name: Optional[str] = None, allow_missing_weights: bool = False,
@@ -111,6 +121,7 @@ def compare_case(prototxt: Optional[PathLike], weights: Optional[PathLike], refe
     """Compare one reference .npz; returns one Row per compared key. The net's relative
     paths (data sources, infogain matrices) resolve from `cwd`, as Caffe's from its
     working directory (default: the current one)."""
+    device = check_options(device, rtol, grad_rtol)
     paths = [None if p is None else Path(p) for p in (prototxt, weights, reference)]
     if cwd is not None:  # the files themselves are named from here
         paths = [None if p is None else p.absolute() for p in paths]

@@ -44,10 +44,12 @@ def read_training_log(log_csv: PathLike) -> dict:
     `train --log` writes: a header naming iteration, loss and lr, optionally a smoothed
     loss column (any column whose name starts with 'smoothed'), in any order."""
     log_csv = Path(log_csv)
+    if log_csv.exists() and not log_csv.is_file():  # a folder, a device or a pipe (which may never end)
+        raise CaffeCompatError(f"{log_csv}: not a regular file, expected the training log CSV")
     try:
         with open(log_csv, newline="") as handle:
             rows = [row for row in csv.reader(handle) if row]
-    except (OSError, UnicodeDecodeError) as err:
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise CaffeCompatError(f"{log_csv}: cannot read the training log: {err}") from None
     header = [cell.strip().lower() for cell in rows[0]] if rows else []
     missing = [name for name in ("iteration", "loss", "lr") if name not in header]

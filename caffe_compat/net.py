@@ -221,6 +221,10 @@ class CaffeNet(nn.Module):
                 raise CaffeCompatError(f"layer '{node.name}' ({node.type}): cannot run on bottoms "
                                        f"{[self.blob_shapes[b] for b in converted.bottoms]}: {err}") from None
         for top, shape in zip(converted.tops, top_shapes):
+            if top in converted.bottoms and tuple(shape) != self.blob_shapes[top]:
+                # Caffe refuses in-place Reshape/Flatten; an in-place Convolution silently computes garbage.
+                raise ctx.error(f"computes '{top}' in place but changes its shape {self.blob_shapes[top]} -> "
+                                f"{tuple(shape)}; give the top another name")
             self.blob_shapes[top] = tuple(shape)
         for top, weight in zip(node.tops, node.loss_weights):
             if weight:

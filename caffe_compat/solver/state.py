@@ -39,6 +39,8 @@ def read_state(path: Path) -> dict:
         raise CaffeCompatError(f"--resume {path}: no such file")
     if path.is_dir():
         raise CaffeCompatError(f"--resume {path}: is a directory; give a {STATE_SUFFIX} file")
+    if not path.is_file():  # a device or a pipe: reading it may never end
+        raise CaffeCompatError(f"--resume {path}: not a regular file; give a {STATE_SUFFIX} file")
     not_ours = f"{path}: not a caffe-compat solver state (a {STATE_SUFFIX} file written by train)"
     if not zipfile.is_zipfile(path):
         hint = "; it is a caffemodel: start from it with --weights" if path.suffix == ".caffemodel" else ""
