@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from results_file import machine_line, write_section  # benchmarks/, the script's folder
+from bench_common import machine_line, write_section  # benchmarks/, the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PAPER_MODEL = ROOT.parent / "shared" / "paper-model"
