@@ -40,6 +40,18 @@ class LayerFacts:
             raise self.error(f"expects {want} bottom(s), got {len(self.bottoms)}")
 
 
+def flatten_top(layer: LayerFacts) -> Tuple[Shape, int]:
+    """Caffe's Flatten: (the top shape, its flattened axis) for the layer's bottom."""
+    shape = tuple(layer.bottom_shapes[0])
+    param = layer.param.flatten_param
+    start = layer.canonical_axis(param.axis, len(shape))
+    end = layer.canonical_axis(param.end_axis, len(shape), "end_axis")
+    if end < start - 1:
+        raise layer.error(f"end_axis {param.end_axis} comes before axis {param.axis}")
+    # end == start - 1 inserts a unit axis, as Caffe's count(start, end + 1) is then 1
+    return shape[:start] + (math.prod(shape[start:end + 1]),) + shape[end + 1:], start
+
+
 def reshape_top(shape: Tuple[int, ...], param, error: Error) -> Tuple[List[int], int, int]:
     """Caffe's Reshape (reshape_layer.cpp): (the top shape, the first and one-past-last
     bottom axes it replaces) for a bottom of `shape` under ReshapeParameter `param`."""

@@ -232,6 +232,7 @@ def test_the_newer_types_shape_as_built(tmp_path):
      "give either kernel_size or kernel_h/kernel_w, not both"),
     ('type: "Convolution" convolution_param { num_output: 1 kernel_h: 1 kernel_w: 1 }',
      "kernel_h & kernel_w can only be used for 2-D convolution"),
+    ('type: "Flatten" flatten_param { axis: 2 end_axis: 0 }', "end_axis 0 comes before axis 2"),
 ])
 def test_inspect_notes_a_bad_parameter_as_the_builder_refuses_it(tmp_path, layer, message):
     from caffe_compat.errors import CaffeCompatError

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..layer_params import reshape_top
+from ..layer_params import flatten_top, reshape_top
 from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
 
@@ -171,23 +171,21 @@ class Reshape(CaffeLayer):
         return x.reshape(self.shape)
 
 
+def _check_one_to_one(ctx: LayerContext) -> None:
+    """Flatten's and Reshape's layout: one bottom, one top of another name."""
+    ctx.expect_bottoms(1)
+    _expect_tops(ctx, 1, 1)
+    _refuse_in_place(ctx)
+
+
 def _dynamic_shape(top: Shape, dynamic_axis: Optional[int]) -> List[int]:
     return [-1 if axis == dynamic_axis else size for axis, size in enumerate(top)]
 
 
 @register("Flatten")
 def build_flatten(ctx: LayerContext) -> Converted:
-    ctx.expect_bottoms(1)
-    _expect_tops(ctx, 1, 1)
-    _refuse_in_place(ctx)
-    shape = tuple(ctx.bottom_shapes[0])
-    param = ctx.param.flatten_param
-    start = ctx.canonical_axis(param.axis, len(shape))
-    end = ctx.canonical_axis(param.end_axis, len(shape), "end_axis")
-    if end < start - 1:
-        raise ctx.error(f"end_axis {param.end_axis} comes before axis {param.axis}")
-    # end == start - 1 inserts a unit axis, as Caffe's count(start, end + 1) is then 1
-    top = shape[:start] + (math.prod(shape[start:end + 1]),) + shape[end + 1:]
+    _check_one_to_one(ctx)
+    top, start = flatten_top(ctx)
     # top axis 0 is either the bottom's axis 0 or the flattened axes holding it
     module = Reshape(_dynamic_shape(top, 0), 0 if start > 0 else None)
     return ctx.wire(module, top_shapes=[top])
@@ -195,9 +193,7 @@ def build_flatten(ctx: LayerContext) -> Converted:
 
 @register("Reshape")
 def build_reshape(ctx: LayerContext) -> Converted:
-    ctx.expect_bottoms(1)
-    _expect_tops(ctx, 1, 1)
-    _refuse_in_place(ctx)
+    _check_one_to_one(ctx)
     shape = tuple(ctx.bottom_shapes[0])
     rank = len(shape)
     dims = [int(d) for d in ctx.param.reshape_param.shape.dim]

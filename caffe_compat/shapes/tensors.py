@@ -2,9 +2,8 @@
 element-wise maps, Eltwise, MVN, Reduction, Concat ... ArgMax, Filter, BatchReindex."""
 from __future__ import annotations
 
-import math
 
-from ..layer_params import reshape_top
+from ..layer_params import flatten_top, reshape_top
 from .base import rule, same_shape
 
 rule("ReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Threshold", "Dropout",
@@ -75,10 +74,7 @@ def _split(v):
 
 @rule("Flatten")
 def _flatten(v):
-    shape = tuple(v.bottom_shapes[0])
-    start = v.canonical_axis(v.param.flatten_param.axis, len(shape))
-    end = v.canonical_axis(v.param.flatten_param.end_axis, len(shape), "end_axis")
-    return [shape[:start] + (math.prod(shape[start:end + 1]),) + shape[end + 1:]], []
+    return [flatten_top(v)[0]], []
 
 
 @rule("Reshape")
