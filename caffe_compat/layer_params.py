@@ -40,6 +40,57 @@ class LayerFacts:
             raise self.error(f"expects {want} bottom(s), got {len(self.bottoms)}")
 
 
+def concat_axis(layer: LayerFacts, param, legacy_field: str, rank: int) -> int:
+    """The axis of Concat/Slice: `axis`, or the legacy non-negative `concat_dim`/`slice_dim`."""
+    if param.HasField("axis") and param.HasField(legacy_field):
+        raise layer.error(f"give either axis or {legacy_field}, not both")
+    if param.HasField(legacy_field):
+        axis = getattr(param, legacy_field)
+        if axis >= rank:
+            raise layer.error(f"{legacy_field} {axis} is out of range for a bottom of rank {rank}")
+        return axis
+    return layer.canonical_axis(param.axis, rank)
+
+
+def concat_top(layer: LayerFacts) -> Tuple[List[int], int]:
+    """Caffe's Concat: (the top shape, the concatenation axis)."""
+    if not layer.bottoms:
+        raise layer.error("expects at least 1 bottom")
+    first = tuple(layer.bottom_shapes[0])
+    axis = concat_axis(layer, layer.param.concat_param, "concat_dim", len(first))
+    top = list(first)
+    for name, shape in zip(layer.bottoms[1:], layer.bottom_shapes[1:]):
+        shape = tuple(shape)
+        if len(shape) != len(first) or shape[:axis] + shape[axis + 1:] != first[:axis] + first[axis + 1:]:
+            raise layer.error(f"bottom '{name}' has shape {shape}, which does not match "
+                              f"{first} of '{layer.bottoms[0]}' outside the concatenation axis {axis}")
+        top[axis] += shape[axis]
+    return top, axis
+
+
+def slice_tops(layer: LayerFacts) -> Tuple[int, List[int], List[Shape]]:
+    """Caffe's Slice: (the axis, each top's size along it, the top shapes)."""
+    shape = tuple(layer.bottom_shapes[0])
+    param = layer.param.slice_param
+    axis = concat_axis(layer, param, "slice_dim", len(shape))
+    length, parts = shape[axis], len(layer.tops)
+    points = list(param.slice_point)
+    if points:
+        if len(points) != parts - 1:
+            raise layer.error(f"{len(points)} slice_point(s) for {parts} tops: give one fewer than the tops")
+        if parts > length:
+            raise layer.error(f"{parts} tops, but axis {axis} has only {length} entries")
+        bounds = [0] + points + [length]
+        sizes = [end - start for start, end in zip(bounds, bounds[1:])]
+        if any(size <= 0 for size in sizes[:-1]) or sizes[-1] < 0:
+            raise layer.error(f"slice_point {points} must increase strictly within 1..{length}")
+    else:
+        if length % parts:
+            raise layer.error(f"{parts} tops do not divide axis {axis} of length {length} evenly")
+        sizes = [length // parts] * parts
+    return axis, sizes, [shape[:axis] + (size,) + shape[axis + 1:] for size in sizes]
+
+
 def flatten_top(layer: LayerFacts) -> Tuple[Shape, int]:
     """Caffe's Flatten: (the top shape, its flattened axis) for the layer's bottom."""
     shape = tuple(layer.bottom_shapes[0])

@@ -233,6 +233,9 @@ def test_the_newer_types_shape_as_built(tmp_path):
     ('type: "Convolution" convolution_param { num_output: 1 kernel_h: 1 kernel_w: 1 }',
      "kernel_h & kernel_w can only be used for 2-D convolution"),
     ('type: "Flatten" flatten_param { axis: 2 end_axis: 0 }', "end_axis 0 comes before axis 2"),
+    ('type: "Slice" slice_param { axis: 1 slice_dim: 1 }', "give either axis or slice_dim, not both"),
+    ('type: "Slice" slice_param { slice_dim: 1 slice_point: 0 } top: "z"', "slice_point [0] must increase strictly"),
+    ('type: "Concat" concat_param { concat_dim: 3 }', "concat_dim 3 is out of range for a bottom of rank 3"),
 ])
 def test_inspect_notes_a_bad_parameter_as_the_builder_refuses_it(tmp_path, layer, message):
     from caffe_compat.errors import CaffeCompatError

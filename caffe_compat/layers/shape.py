@@ -8,23 +8,11 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..layer_params import flatten_top, reshape_top
+from ..layer_params import concat_top, flatten_top, reshape_top, slice_tops
 from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
 
 Shape = Tuple[int, ...]
-
-
-def _legacy_axis(ctx: LayerContext, param, legacy_field: str, rank: int) -> int:
-    """The axis of Concat/Slice: `axis`, or the legacy non-negative `concat_dim`/`slice_dim`."""
-    if param.HasField("axis") and param.HasField(legacy_field):
-        raise ctx.error(f"give either axis or {legacy_field}, not both")
-    if param.HasField(legacy_field):
-        axis = getattr(param, legacy_field)
-        if axis >= rank:
-            raise ctx.error(f"{legacy_field} {axis} is out of range for a bottom of rank {rank}")
-        return axis
-    return ctx.canonical_axis(param.axis, rank)
 
 
 def _expect_tops(ctx: LayerContext, minimum: int, maximum: Optional[int] = None) -> None:
@@ -59,18 +47,8 @@ class Concat(CaffeLayer):
 
 @register("Concat")
 def build_concat(ctx: LayerContext) -> Converted:
-    if not ctx.bottoms:
-        raise ctx.error("expects at least 1 bottom")
     _expect_tops(ctx, 1, 1)
-    first = tuple(ctx.bottom_shapes[0])
-    axis = _legacy_axis(ctx, ctx.param.concat_param, "concat_dim", len(first))
-    top = list(first)
-    for name, shape in zip(ctx.bottoms[1:], ctx.bottom_shapes[1:]):
-        shape = tuple(shape)
-        if len(shape) != len(first) or shape[:axis] + shape[axis + 1:] != first[:axis] + first[axis + 1:]:
-            raise ctx.error(f"bottom '{name}' has shape {shape}, which does not match "
-                            f"{first} of '{ctx.bottoms[0]}' outside the concatenation axis {axis}")
-        top[axis] += shape[axis]
+    top, axis = concat_top(ctx)
     return ctx.wire(Concat(axis), top_shapes=[top])
 
 
@@ -97,25 +75,7 @@ class Slice(CaffeLayer):
 def build_slice(ctx: LayerContext) -> Converted:
     ctx.expect_bottoms(1)
     _expect_tops(ctx, 1)
-    shape = tuple(ctx.bottom_shapes[0])
-    param = ctx.param.slice_param
-    axis = _legacy_axis(ctx, param, "slice_dim", len(shape))
-    length, parts = shape[axis], len(ctx.tops)
-    points = list(param.slice_point)
-    if points:
-        if len(points) != parts - 1:
-            raise ctx.error(f"{len(points)} slice_point(s) for {parts} tops: give one fewer than the tops")
-        if parts > length:
-            raise ctx.error(f"{parts} tops, but axis {axis} has only {length} entries")
-        bounds = [0] + points + [length]
-        sizes = [end - start for start, end in zip(bounds, bounds[1:])]
-        if any(size <= 0 for size in sizes[:-1]) or sizes[-1] < 0:
-            raise ctx.error(f"slice_point {points} must increase strictly within 1..{length}")
-    else:
-        if length % parts:
-            raise ctx.error(f"{parts} tops do not divide axis {axis} of length {length} evenly")
-        sizes = [length // parts] * parts
-    tops = [shape[:axis] + (size,) + shape[axis + 1:] for size in sizes]
+    axis, sizes, tops = slice_tops(ctx)
     return ctx.wire(Slice(axis, sizes), top_shapes=tops)
 
 

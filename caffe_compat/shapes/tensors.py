@@ -3,7 +3,7 @@ element-wise maps, Eltwise, MVN, Reduction, Concat ... ArgMax, Filter, BatchRein
 from __future__ import annotations
 
 
-from ..layer_params import flatten_top, reshape_top
+from ..layer_params import concat_top, flatten_top, reshape_top, slice_tops
 from .base import rule, same_shape
 
 rule("ReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Threshold", "Dropout",
@@ -31,40 +31,14 @@ def _reduction(v):
     return [tuple(shape[:v.canonical_axis(v.param.reduction_param.axis, len(shape))])], []
 
 
-def _legacy_axis(v, param, legacy: str, rank: int) -> int:
-    return getattr(param, legacy) if param.HasField(legacy) else v.canonical_axis(param.axis, rank)
-
-
 @rule("Concat")
 def _concat(v):
-    if not v.bottoms:
-        raise v.error("expects at least 1 bottom")
-    first = tuple(v.bottom_shapes[0])
-    axis = _legacy_axis(v, v.param.concat_param, "concat_dim", len(first))
-    top = list(first)
-    for name, shape in zip(v.bottoms[1:], v.bottom_shapes[1:]):
-        if len(shape) != len(first) or tuple(shape[:axis]) + tuple(shape[axis + 1:]) != first[:axis] + first[axis + 1:]:
-            raise v.error(f"bottom '{name}' has shape {shape}, which does not match {first} outside axis {axis}")
-        top[axis] += shape[axis]
-    return [tuple(top)], []
+    return [tuple(concat_top(v)[0])], []
 
 
 @rule("Slice")
 def _slice(v):
-    shape = tuple(v.bottom_shapes[0])
-    param = v.param.slice_param
-    axis = _legacy_axis(v, param, "slice_dim", len(shape))
-    points = list(param.slice_point)
-    if points:
-        if len(points) != len(v.tops) - 1:
-            raise v.error(f"{len(points)} slice_point(s) for {len(v.tops)} tops")
-        bounds = [0] + points + [shape[axis]]
-        sizes = [end - start for start, end in zip(bounds, bounds[1:])]
-    else:
-        if shape[axis] % len(v.tops):
-            raise v.error(f"{len(v.tops)} tops do not divide axis {axis} of length {shape[axis]}")
-        sizes = [shape[axis] // len(v.tops)] * len(v.tops)
-    return [shape[:axis] + (size,) + shape[axis + 1:] for size in sizes], []
+    return slice_tops(v)[2], []
 
 
 @rule("Split")
