@@ -166,3 +166,29 @@ def hw_or_repeated(error: Error, param, repeated: str, prefix: str, default: Opt
             raise error(f"give either {repeated} or {h}/{w}, not both")
         return (getattr(param, h), getattr(param, w))
     return per_axis(error, repeated, getattr(param, repeated), default, spatial)
+
+
+def dummy_data_shapes(layer: LayerFacts) -> List[Shape]:
+    """DummyData's top shapes: `shape` or the legacy num/channels/height/width, each
+    given once (for every top) or once per top."""
+    param = layer.param.dummy_data_param
+    count = len(layer.tops)
+    legacy = ("num", "channels", "height", "width")
+    if any(len(getattr(param, f)) for f in legacy):
+        if len(param.shape):
+            raise layer.error("give either shape or the legacy num/channels/height/width, not both")
+        values = {f: list(getattr(param, f)) for f in legacy}
+        for name, given in values.items():
+            if len(given) not in (1, count):
+                raise layer.error(f"dummy_data_param.{name} must be given once or once per top ({count}), "
+                                  f"got {len(given)}")
+        shapes = [tuple(values[f][0 if len(values[f]) == 1 else i] for f in legacy) for i in range(count)]
+    else:
+        if len(param.shape) not in (1, count):
+            raise layer.error(f"dummy_data_param.shape must be given once or once per top ({count}), "
+                              f"got {len(param.shape)}")
+        shapes = [tuple(int(d) for d in param.shape[0 if len(param.shape) == 1 else i].dim) for i in range(count)]
+    for shape in shapes:
+        if any(d < 0 for d in shape):
+            raise layer.error(f"shape {shape} has a negative dimension")
+    return shapes

@@ -236,14 +236,17 @@ def test_the_newer_types_shape_as_built(tmp_path):
     ('type: "Slice" slice_param { axis: 1 slice_dim: 1 }', "give either axis or slice_dim, not both"),
     ('type: "Slice" slice_param { slice_dim: 1 slice_point: 0 } top: "z"', "slice_point [0] must increase strictly"),
     ('type: "Concat" concat_param { concat_dim: 3 }', "concat_dim 3 is out of range for a bottom of rank 3"),
+    ('type: "DummyData" dummy_data_param { num: 1 channels: 2 shape { dim: 2 } }',
+     "give either shape or the legacy num/channels/height/width, not both"),
 ])
 def test_inspect_notes_a_bad_parameter_as_the_builder_refuses_it(tmp_path, layer, message):
     from caffe_compat.errors import CaffeCompatError
     from caffe_compat.net import CaffeNet
 
     net = tmp_path / "net.prototxt"
+    bottom = "" if "DummyData" in layer else 'bottom: "x"'
     net.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 } } }\n'
-                   f'layer {{ name: "r" {layer} bottom: "x" top: "y" }}\n')
+                   f'layer {{ name: "r" {layer} {bottom} top: "y" }}\n')
     net_file = read_net(net)
     graph = build_graph(net_file.net, "TEST", net_file.dialect)
     arithmetic = net_shapes(graph)

@@ -3,11 +3,12 @@ fillers) and Parameter (a learned blob as a top)."""
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ..layer_params import dummy_data_shapes
 from . import fillers
 from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
@@ -50,16 +51,6 @@ class DummyData(CaffeLayer):
         return tops[0] if len(tops) == 1 else tuple(tops)
 
 
-def _legacy_dims(ctx: LayerContext, param, count: int) -> List[Shape]:
-    fields = ("num", "channels", "height", "width")
-    values = {f: list(getattr(param, f)) for f in fields}
-    for field, given in values.items():
-        if len(given) not in (1, count):
-            raise ctx.error(f"dummy_data_param.{field} must be given once or once per top ({count}), "
-                            f"got {len(given)}")
-    return [tuple(values[f][0 if len(values[f]) == 1 else i] for f in fields) for i in range(count)]
-
-
 @register("DummyData")
 def build_dummy_data(ctx: LayerContext) -> Converted:
     if ctx.bottoms:
@@ -74,19 +65,7 @@ def build_dummy_data(ctx: LayerContext) -> Converted:
     if not given:
         given = [None]  # Caffe's default, constant 0
     filler_params = given * count if len(given) == 1 else given
-    legacy = any(len(getattr(param, f)) for f in ("num", "channels", "height", "width"))
-    if legacy:
-        if len(param.shape):
-            raise ctx.error("give either shape or the legacy num/channels/height/width, not both")
-        shapes = _legacy_dims(ctx, param, count)
-    else:
-        if len(param.shape) not in (1, count):
-            raise ctx.error(f"dummy_data_param.shape must be given once or once per top ({count}), "
-                            f"got {len(param.shape)}")
-        shapes = [_shape_of(param.shape[0 if len(param.shape) == 1 else i]) for i in range(count)]
-    for shape in shapes:
-        if any(d < 0 for d in shape):
-            raise ctx.error(f"shape {shape} has a negative dimension")
+    shapes = dummy_data_shapes(ctx)
     return ctx.wire(DummyData(ctx.name, shapes, filler_params), top_shapes=shapes)
 
 

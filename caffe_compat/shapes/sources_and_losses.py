@@ -3,6 +3,7 @@ or score the net (losses, Accuracy)."""
 from __future__ import annotations
 
 from ..deploy import _batch_size, _data_shape
+from ..layer_params import dummy_data_shapes
 from .base import rule
 
 
@@ -48,16 +49,7 @@ def _hdf5_data(v):
 
 @rule("DummyData")
 def _dummy_data(v):
-    param = v.param.dummy_data_param
-    count = len(v.tops)
-    legacy = [list(getattr(param, f)) for f in ("num", "channels", "height", "width")]
-    if any(legacy):
-        if any(len(values) not in (1, count) for values in legacy):
-            raise v.error(f"dummy_data_param.num/channels/height/width: give each once or once per top ({count})")
-        return [tuple(values[0 if len(values) == 1 else i] for values in legacy) for i in range(count)], []
-    if len(param.shape) not in (1, count):
-        raise v.error(f"dummy_data_param.shape must be given once or once per top ({count})")
-    return [tuple(param.shape[0 if len(param.shape) == 1 else i].dim) for i in range(count)], []
+    return dummy_data_shapes(v), []
 
 
 @rule("Python")
