@@ -22,9 +22,7 @@ d = 1), rounding of order eps (|x_i|^2 + |x_j|^2) would swamp D_ij^2: every entr
 D_ij^2 <= 2 NEAR_FRACTION max_k |x_k|^2 (centred) gets its distance from the
 difference x_i - x_j instead, and its gradient term too (the matrix-product form of the
 gradient cancels in the same way there). All other entries then have a relative error
-of order eps / NEAR_FRACTION. A zero distance gets the zero subgradient. The pairs'
-hinges are computed in float64 (O(n + pairs) work), where logaddexp(a_i, a_j) + D_ij
-does not cancel.
+of order eps / NEAR_FRACTION. A zero distance gets the zero subgradient.
 
 caffe_exact=True keeps the fork's arithmetic: no centring, squared norms by a dot
 product, D^2 = (-2 x_i.x_j + |x_i|^2) + |x_j|^2 unclamped (NaN where rounding makes it
@@ -168,28 +166,23 @@ class LiftedStructLoss(torch.autograd.Function):
                 block.quotients = numerators.div_(dist)
                 _zero_near_entries(block, block.quotients)
         # a_i = m - nearest_i + log s_i: the exponents above were all <= 0 and s_i >= 1.
-        # The pairs' hinges in float64: logaddexp(a_i, a_j) + D_ij cancels where a hinge
-        # is small or inactive, and there float64 makes the cancellation exact (its
-        # inputs are exact in it); this is O(n + pairs) work.
-        wide = torch.float64
-        anchor_lse = sums.log().to(wide).sub_(nearest.to(wide)).add_(margin).view(-1)
+        anchor_lse = sums.log().sub_(nearest).add_(margin).view(-1)
         squares, num_ordered = [], 0
-        anchor_weights = anchor_lse.new_zeros(n)  # -2 w_i, w_i = sum_j sigmoid(a_i - a_j) J_ij
+        anchor_weights = x.new_zeros(n)  # -2 w_i, w_i = sum_j sigmoid(a_i - a_j) J_ij
         for block in blocks:
             r, c = block.global_rows(block.positives[0]), block.positives[1]
             anchors, partners = anchor_lse[r], anchor_lse[c]
-            pair_dist = block.positive_quotients.to(wide)
-            hinge = torch.logaddexp(anchors, partners).add_(pair_dist).clamp_min_(0)
+            hinge = torch.logaddexp(anchors, partners).add_(block.positive_quotients).clamp_min_(0)
             squares.append(torch.dot(hinge, hinge))
             num_ordered += hinge.numel()
             anchor_weights.index_add_(0, r, anchors.sub_(partners).sigmoid_().mul_(hinge), alpha=-2)
-            block.positive_quotients = hinge.div_(pair_dist).to(x.dtype)
+            block.positive_quotients = hinge.div_(block.positive_quotients)
         ctx.geometry, ctx.blocks, ctx.num_ordered, ctx.nearest = geometry, blocks, num_ordered, nearest
         # dLoss/dD_ik through a_i, times N: -2 w_i softmax_ik = -2 w_i / s_i * numerator_ik.
-        ctx.negative_scale = anchor_weights.view(-1, 1).to(x.dtype).div_(sums)
+        ctx.negative_scale = anchor_weights.view(-1, 1).div_(sums)
         ctx.mark_non_differentiable(labels)
         total = squares[0] if len(squares) == 1 else torch.stack(squares).sum()
-        return total.mul_(1 / (2 * max(num_ordered, 1))).to(x.dtype), num_ordered
+        return total.mul_(1 / (2 * max(num_ordered, 1))), num_ordered
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _):
