@@ -192,3 +192,65 @@ def dummy_data_shapes(layer: LayerFacts) -> List[Shape]:
         if any(d < 0 for d in shape):
             raise layer.error(f"shape {shape} has a negative dimension")
     return shapes
+
+
+POOL_CEIL, POOL_FLOOR = 0, 1  # PoolingParameter.RoundMode
+
+
+def pool_window(layer: LayerFacts) -> Tuple[Shape, Shape, Shape, bool]:
+    """PoolingParameter's (kernel, stride, pad, round up), checked as Caffe's LayerSetUp does."""
+    pp = layer.param.pooling_param
+    height, width = layer.bottom_shapes[0][2:]
+    if pp.global_pooling:
+        if pp.HasField("kernel_size") or pp.HasField("kernel_h") or pp.HasField("kernel_w"):
+            raise layer.error("with global_pooling the kernel size cannot be specified")
+        kernel = (height, width)
+    elif pp.HasField("kernel_size") == (pp.HasField("kernel_h") and pp.HasField("kernel_w")):
+        raise layer.error("give kernel_size, or both kernel_h and kernel_w (not both forms)")
+    elif pp.HasField("kernel_size"):
+        kernel = (pp.kernel_size, pp.kernel_size)
+    else:
+        kernel = (pp.kernel_h, pp.kernel_w)
+    if pp.HasField("pad_h") != pp.HasField("pad_w") or (pp.HasField("pad") and pp.HasField("pad_h")):
+        raise layer.error("give pad, or both pad_h and pad_w")
+    if pp.HasField("stride_h") != pp.HasField("stride_w") or (pp.HasField("stride") and pp.HasField("stride_h")):
+        raise layer.error("give stride, or both stride_h and stride_w")
+    pad = (pp.pad_h, pp.pad_w) if pp.HasField("pad_h") else (pp.pad, pp.pad)
+    stride = (pp.stride_h, pp.stride_w) if pp.HasField("stride_h") else (pp.stride, pp.stride)
+    if min(kernel) <= 0:
+        raise layer.error(f"kernel size {kernel} must be positive")
+    if min(stride) <= 0:
+        raise layer.error(f"stride {stride} must be positive")
+    if pp.global_pooling and (pad != (0, 0) or stride != (1, 1)):
+        raise layer.error("with global_pooling only pad 0 and stride 1 are allowed")
+    if pp.round_mode not in (POOL_CEIL, POOL_FLOOR):
+        raise layer.error(f"unknown round_mode {pp.round_mode}")
+    return kernel, stride, pad, pp.round_mode == POOL_CEIL
+
+
+def pooled_size(size: int, kernel: int, stride: int, pad: int, clip: bool, ceil: bool = True) -> int:
+    """Caffe's output size along one axis, rounded up (round_mode CEIL) or down (FLOOR);
+    `clip` is Caffe's `pad_h || pad_w`."""
+    span = size + 2 * pad - kernel
+    pooled = (-(-span // stride) if ceil else span // stride) + 1
+    if clip and (pooled - 1) * stride >= size + pad:
+        pooled -= 1
+    return pooled
+
+
+def pooled_sizes(layer: LayerFacts, size, kernel, stride, pad, ceil: bool = True) -> Shape:
+    """The (h, w) output of checked pooling settings on an input of `size`."""
+    if pad[0] >= kernel[0] or pad[1] >= kernel[1]:
+        raise layer.error(f"pad {pad} must be smaller than the kernel {kernel}")
+    clip = tuple(pad) != (0, 0)
+    pooled = tuple(pooled_size(n, k, s, p, clip, ceil) for n, k, s, p in zip(size, kernel, stride, pad))
+    if min(pooled) < 1:
+        raise layer.error(f"kernel {kernel} with pad {pad} does not fit the {size[0]}x{size[1]} input")
+    return pooled
+
+
+def spp_level_window(size, level: int) -> Tuple[Shape, Shape]:
+    """SPPLayer::GetPoolingParam's (kernel = stride, pad) for one pyramid level: 2^l x 2^l bins."""
+    bins = 2 ** level
+    kernel = tuple(-(-n // bins) for n in size)
+    return kernel, tuple((k * bins - n + 1) // 2 for k, n in zip(kernel, size))

@@ -225,17 +225,23 @@ def test_the_newer_types_shape_as_built(tmp_path):
 
 
 @pytest.mark.parametrize("layer, message", [
-    ('type: "Reshape" reshape_param { num_axes: -2 }', "num_axes must be >= 0, or -1 for all, got -2"),
-    ('type: "Reshape" reshape_param { shape { dim: 0 dim: 0 dim: 0 } axis: 1 }', "copies (0) axis 3"),
-    ('type: "Reshape" reshape_param { shape { dim: -2 dim: 3 } }', "a negative dimension other than -1"),
-    ('type: "Convolution" convolution_param { num_output: 1 kernel_size: 1 kernel_h: 1 kernel_w: 1 axis: 0 }',
+    ('type: "Reshape" bottom: "x" reshape_param { num_axes: -2 }', "num_axes must be >= 0, or -1 for all, got -2"),
+    ('type: "Reshape" bottom: "x" reshape_param { shape { dim: 0 dim: 0 dim: 0 } axis: 1 }', "copies (0) axis 3"),
+    ('type: "Reshape" bottom: "x" reshape_param { shape { dim: -2 dim: 3 } }',
+     "a negative dimension other than -1"),
+    ('type: "Convolution" bottom: "x" convolution_param { num_output: 1 kernel_size: 1 kernel_h: 1 kernel_w: 1 '
+     'axis: 0 }',
      "give either kernel_size or kernel_h/kernel_w, not both"),
-    ('type: "Convolution" convolution_param { num_output: 1 kernel_h: 1 kernel_w: 1 }',
+    ('type: "Convolution" bottom: "x" convolution_param { num_output: 1 kernel_h: 1 kernel_w: 1 }',
      "kernel_h & kernel_w can only be used for 2-D convolution"),
-    ('type: "Flatten" flatten_param { axis: 2 end_axis: 0 }', "end_axis 0 comes before axis 2"),
-    ('type: "Slice" slice_param { axis: 1 slice_dim: 1 }', "give either axis or slice_dim, not both"),
-    ('type: "Slice" slice_param { slice_dim: 1 slice_point: 0 } top: "z"', "slice_point [0] must increase strictly"),
-    ('type: "Concat" concat_param { concat_dim: 3 }', "concat_dim 3 is out of range for a bottom of rank 3"),
+    ('type: "Flatten" bottom: "x" flatten_param { axis: 2 end_axis: 0 }', "end_axis 0 comes before axis 2"),
+    ('type: "Slice" bottom: "x" slice_param { axis: 1 slice_dim: 1 }', "give either axis or slice_dim, not both"),
+    ('type: "Slice" bottom: "x" slice_param { slice_dim: 1 slice_point: 0 } top: "z"',
+     "slice_point [0] must increase strictly"),
+    ('type: "Concat" bottom: "x" concat_param { concat_dim: 3 }',
+     "concat_dim 3 is out of range for a bottom of rank 3"),
+    ('type: "Pooling" bottom: "x4" pooling_param { kernel_size: 2 pad: 2 }',
+     "pad (2, 2) must be smaller than the kernel (2, 2)"),
     ('type: "DummyData" dummy_data_param { num: 1 channels: 2 shape { dim: 2 } }',
      "give either shape or the legacy num/channels/height/width, not both"),
 ])
@@ -244,9 +250,10 @@ def test_inspect_notes_a_bad_parameter_as_the_builder_refuses_it(tmp_path, layer
     from caffe_compat.net import CaffeNet
 
     net = tmp_path / "net.prototxt"
-    bottom = "" if "DummyData" in layer else 'bottom: "x"'
-    net.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 } } }\n'
-                   f'layer {{ name: "r" {layer} {bottom} top: "y" }}\n')
+    net.write_text(textwrap.dedent("""
+        layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 } } }
+        layer { name: "x4" type: "Input" top: "x4" input_param { shape { dim: 1 dim: 1 dim: 3 dim: 4 } } }
+    """) + f'layer {{ name: "r" {layer} top: "y" }}\n')
     net_file = read_net(net)
     graph = build_graph(net_file.net, "TEST", net_file.dialect)
     arithmetic = net_shapes(graph)

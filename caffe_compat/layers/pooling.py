@@ -18,22 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layer_params import pool_window, pooled_sizes, spp_level_window
 from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
 
 FLT_MAX = float(np.finfo(np.float32).max)
 MAX, AVE, STOCHASTIC = 0, 1, 2  # PoolingParameter.PoolMethod
-CEIL, FLOOR = 0, 1  # PoolingParameter.RoundMode
-
-
-def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, clip: bool, ceil: bool = True) -> int:
-    """Caffe's output size along one axis, rounded up (round_mode CEIL) or down (FLOOR);
-    `clip` is Caffe's `pad_h || pad_w`."""
-    span = size + 2 * pad - kernel
-    pooled = (-(-span // stride) if ceil else span // stride) + 1
-    if clip and (pooled - 1) * stride >= size + pad:
-        pooled -= 1
-    return pooled
 
 
 def torch_pooled_size(size: int, kernel: int, stride: int, pad: int) -> Optional[int]:
@@ -88,43 +78,13 @@ class PoolGeometry:
 
 def pool_geometry(ctx: LayerContext) -> PoolGeometry:
     """Read and check the PoolingParameter as Caffe's LayerSetUp and Reshape do."""
-    pp = ctx.param.pooling_param
-    height, width = ctx.bottom_shapes[0][2:]
-    if pp.global_pooling:
-        if pp.HasField("kernel_size") or pp.HasField("kernel_h") or pp.HasField("kernel_w"):
-            raise ctx.error("with global_pooling the kernel size cannot be specified")
-        kernel = (height, width)
-    elif pp.HasField("kernel_size") == (pp.HasField("kernel_h") and pp.HasField("kernel_w")):
-        raise ctx.error("give kernel_size, or both kernel_h and kernel_w (not both forms)")
-    elif pp.HasField("kernel_size"):
-        kernel = (pp.kernel_size, pp.kernel_size)
-    else:
-        kernel = (pp.kernel_h, pp.kernel_w)
-    if pp.HasField("pad_h") != pp.HasField("pad_w") or (pp.HasField("pad") and pp.HasField("pad_h")):
-        raise ctx.error("give pad, or both pad_h and pad_w")
-    if pp.HasField("stride_h") != pp.HasField("stride_w") or (pp.HasField("stride") and pp.HasField("stride_h")):
-        raise ctx.error("give stride, or both stride_h and stride_w")
-    pad = (pp.pad_h, pp.pad_w) if pp.HasField("pad_h") else (pp.pad, pp.pad)
-    stride = (pp.stride_h, pp.stride_w) if pp.HasField("stride_h") else (pp.stride, pp.stride)
-    if min(kernel) <= 0:
-        raise ctx.error(f"kernel size {kernel} must be positive")
-    if min(stride) <= 0:
-        raise ctx.error(f"stride {stride} must be positive")
-    if pp.global_pooling and (pad != (0, 0) or stride != (1, 1)):
-        raise ctx.error("with global_pooling only pad 0 and stride 1 are allowed")
-    if pp.round_mode not in (CEIL, FLOOR):
-        raise ctx.error(f"unknown round_mode {pp.round_mode}")
-    return make_geometry(ctx, (height, width), kernel, stride, pad, pp.round_mode == CEIL)
+    kernel, stride, pad, ceil = pool_window(ctx)
+    return make_geometry(ctx, tuple(ctx.bottom_shapes[0][2:]), kernel, stride, pad, ceil)
 
 
 def make_geometry(ctx: LayerContext, size, kernel, stride, pad, ceil: bool = True) -> PoolGeometry:
     """The geometry of checked (h, w) settings on an input of `size`."""
-    if pad[0] >= kernel[0] or pad[1] >= kernel[1]:
-        raise ctx.error(f"pad {pad} must be smaller than the kernel {kernel}")
-    clip = pad != (0, 0)
-    pooled = tuple(caffe_pooled_size(n, k, s, p, clip, ceil) for n, k, s, p in zip(size, kernel, stride, pad))
-    if min(pooled) < 1:
-        raise ctx.error(f"kernel {kernel} with pad {pad} does not fit the {size[0]}x{size[1]} input")
+    pooled = pooled_sizes(ctx, size, kernel, stride, pad, ceil)
     return PoolGeometry(tuple(size), tuple(kernel), tuple(stride), tuple(pad), pooled)
 
 
@@ -229,9 +189,7 @@ class SpatialPyramidPooling(CaffeLayer):
 
 def spp_level_geometry(ctx: LayerContext, size, level: int) -> PoolGeometry:
     """SPPLayer::GetPoolingParam's pooling for one level."""
-    bins = 2 ** level
-    kernel = tuple(-(-n // bins) for n in size)
-    pad = tuple((k * bins - n + 1) // 2 for k, n in zip(kernel, size))
+    kernel, pad = spp_level_window(size, level)
     return make_geometry(ctx, size, kernel, kernel, pad)
 
 

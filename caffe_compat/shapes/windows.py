@@ -3,12 +3,10 @@ convolution geometry Convolution shares, see learned.py)."""
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List
 
-from ..layer_params import hw_or_repeated, per_axis
+from ..layer_params import hw_or_repeated, per_axis, pool_window, pooled_sizes, spp_level_window
 from .base import LayerView, rule, same_shape
-
-CEIL = 0  # PoolingParameter.RoundMode
 
 
 def conv_window(v: LayerView, spatial: int):
@@ -46,38 +44,11 @@ def _im2col(v):
     return [shape[:axis] + (shape[axis] * math.prod(kernel),) + tuple(out)], []
 
 
-def pooled_size(size: int, kernel: int, stride: int, pad: int, clip: bool, ceil: bool = True) -> int:
-    """Caffe's pooled size, rounded up (or down), then a last window starting in the padding dropped."""
-    span = size + 2 * pad - kernel
-    pooled = (-(-span // stride) if ceil else span // stride) + 1
-    if clip and (pooled - 1) * stride >= size + pad:
-        pooled -= 1
-    return pooled
-
-
-def _pooled(v: LayerView, size, kernel, stride, pad, ceil: bool = True) -> Tuple[int, ...]:
-    if min(kernel + stride) <= 0:
-        raise v.error(f"kernel {kernel} and stride {stride} must be positive")
-    pooled = tuple(pooled_size(n, k, s, p, pad != (0, 0), ceil) for n, k, s, p in zip(size, kernel, stride, pad))
-    if min(pooled) < 1:
-        raise v.error(f"kernel {kernel} with pad {pad} does not fit the {size[0]}x{size[1]} input")
-    return pooled
-
-
 @rule("Pooling")
 def _pooling(v):
     shape = v.expect_rank(4)
-    pp = v.param.pooling_param
-    if pp.global_pooling:
-        kernel = tuple(shape[2:])
-    elif pp.HasField("kernel_size"):
-        kernel = (pp.kernel_size,) * 2
-    else:
-        kernel = (pp.kernel_h, pp.kernel_w)
-    pad = (pp.pad_h, pp.pad_w) if pp.HasField("pad_h") else (pp.pad,) * 2
-    stride = (pp.stride_h, pp.stride_w) if pp.HasField("stride_h") else (pp.stride,) * 2
-    pooled = _pooled(v, shape[2:], kernel, stride, pad, pp.round_mode == CEIL)
-    return [tuple(shape[:2]) + pooled] * len(v.tops), []
+    kernel, stride, pad, ceil = pool_window(v)
+    return [tuple(shape[:2]) + pooled_sizes(v, shape[2:], kernel, stride, pad, ceil)] * len(v.tops), []
 
 
 @rule("SPP")
@@ -87,11 +58,9 @@ def _spp(v):
     if height < 1:
         raise v.error(f"spp_param.pyramid_height must be at least 1, got {height}")
     levels = []
-    for level in range(height):  # SPPLayer::GetPoolingParam: 2^l x 2^l bins
-        bins = 2 ** level
-        kernel = tuple(-(-n // bins) for n in shape[2:])
-        pad = tuple((k * bins - n + 1) // 2 for k, n in zip(kernel, shape[2:]))
-        levels.append(_pooled(v, shape[2:], kernel, kernel, pad))
+    for level in range(height):
+        kernel, pad = spp_level_window(shape[2:], level)
+        levels.append(pooled_sizes(v, shape[2:], kernel, kernel, pad))
     if height == 1:
         return [tuple(shape[:2]) + levels[0]], []
     return [(shape[0], sum(shape[1] * h * w for h, w in levels))], []
