@@ -105,3 +105,15 @@ def test_compare_case_resolves_the_device():
     with pytest.raises(CaffeCompatError, match="not a device"):
         compare_case(case / "conv_basic.prototxt", case / "conv_basic.caffemodel", case / "conv_basic.npz",
                      device="gpu0")
+
+
+@pytest.mark.parametrize("momenta", ["momentum: 0.9 momentum2: 5", "momentum: 1 momentum2: 0.999"])
+def test_adam_momenta_outside_0_1_are_refused(tmp_path, momenta):
+    """momentum2 > 1 was a math domain error in the first update; momentum 1 divides by zero."""
+    from caffe_compat.io.files import read_solver
+    from caffe_compat.solver.rules import check_solver
+
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(f'net: "n.prototxt" type: "Adam" base_lr: 0.01 lr_policy: "fixed" {momenta}')
+    with pytest.raises(CaffeCompatError, match=r"Adam's momentum and momentum2 must lie in \[0, 1\)"):
+        check_solver(read_solver(solver), str(solver))

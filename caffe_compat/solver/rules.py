@@ -53,6 +53,10 @@ def check_solver(param, where: str = "solver") -> str:
                                f"(L1 or L2)")
     if kind in ("AdaGrad", "RMSProp") and param.momentum != 0:
         raise CaffeCompatError(f"{where}: momentum cannot be used with {kind} (got {param.momentum})")
+    if kind == "Adam" and not (0 <= param.momentum < 1 and 0 <= param.momentum2 < 1):
+        # Its bias correction sqrt(1 - momentum2^t) / (1 - momentum^t) is otherwise no real number.
+        raise CaffeCompatError(f"{where}: Adam's momentum and momentum2 must lie in [0, 1), got "
+                               f"{param.momentum:g} and {param.momentum2:g}")
     if kind == "RMSProp" and not 0 <= param.rms_decay < 1:
         raise CaffeCompatError(f"{where}: rms_decay must lie in [0, 1), got {param.rms_decay}")
     if param.snapshot and not param.HasField("snapshot_prefix"):
