@@ -141,7 +141,7 @@ def reshape_top(shape: Tuple[int, ...], param, error: Error) -> Tuple[List[int],
     return top, start, end
 
 
-def per_axis(error: Error, name: str, values, default: Optional[int], spatial: int) -> Tuple[int, ...]:
+def _per_axis(error: Error, name: str, values, default: Optional[int], spatial: int) -> Tuple[int, ...]:
     """A repeated field given once (for all axes), once per spatial axis, or not at all."""
     values = list(values)
     if not values:
@@ -155,7 +155,7 @@ def per_axis(error: Error, name: str, values, default: Optional[int], spatial: i
     return tuple(values)
 
 
-def hw_or_repeated(error: Error, param, repeated: str, prefix: str, default: Optional[int],
+def _hw_or_repeated(error: Error, param, repeated: str, prefix: str, default: Optional[int],
                    spatial: int) -> Tuple[int, ...]:
     """`prefix_h`/`prefix_w` (2-D only, exclusive with the repeated form) or the repeated form."""
     h, w = f"{prefix}_h", f"{prefix}_w"
@@ -165,7 +165,7 @@ def hw_or_repeated(error: Error, param, repeated: str, prefix: str, default: Opt
         if len(getattr(param, repeated)):
             raise error(f"give either {repeated} or {h}/{w}, not both")
         return (getattr(param, h), getattr(param, w))
-    return per_axis(error, repeated, getattr(param, repeated), default, spatial)
+    return _per_axis(error, repeated, getattr(param, repeated), default, spatial)
 
 
 def dummy_data_shapes(layer: LayerFacts) -> List[Shape]:
@@ -254,3 +254,30 @@ def spp_level_window(size, level: int) -> Tuple[Shape, Shape]:
     bins = 2 ** level
     kernel = tuple(-(-n // bins) for n in size)
     return kernel, tuple((k * bins - n + 1) // 2 for k, n in zip(kernel, size))
+
+
+def conv_window(layer: LayerFacts, spatial: int) -> Tuple[Shape, Shape, Shape, Shape]:
+    """ConvolutionParameter's (kernel, stride, pad, dilation), `prefix_h`/`_w` or repeated."""
+    cp = layer.param.convolution_param
+    window = (_hw_or_repeated(layer.error, cp, "kernel_size", "kernel", None, spatial),
+              _hw_or_repeated(layer.error, cp, "stride", "stride", 1, spatial),
+              _hw_or_repeated(layer.error, cp, "pad", "pad", 0, spatial),
+              _per_axis(layer.error, "dilation", cp.dilation, 1, spatial))
+    for name, values in (("kernel", window[0]), ("stride", window[1]), ("dilation", window[3])):
+        if min(values) <= 0:
+            raise layer.error(f"{name} {values} must be positive")
+    return window
+
+
+def conv_output(layer: LayerFacts, sizes, kernel, stride, pad, dilation, transposed: bool = False) -> Shape:
+    """The output's spatial sizes of a convolution (`transposed`: deconvolution; Im2col's too)."""
+    extents = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
+    zipped = zip(sizes, stride, extents, pad)
+    if transposed:
+        out = tuple(s * (n - 1) + e - 2 * p for n, s, e, p in zipped)
+    else:
+        out = tuple((n + 2 * p - e) // s + 1 if n + 2 * p >= e else 0 for n, s, e, p in zipped)
+    if min(out) <= 0:
+        raise layer.error(f"kernel {kernel} (dilation {dilation}, pad {pad}, stride {stride}) "
+                          f"does not fit the {tuple(sizes)} input: it gives an empty output")
+    return out

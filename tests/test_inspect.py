@@ -234,6 +234,8 @@ def test_the_newer_types_shape_as_built(tmp_path):
      "give either kernel_size or kernel_h/kernel_w, not both"),
     ('type: "Convolution" bottom: "x" convolution_param { num_output: 1 kernel_h: 1 kernel_w: 1 }',
      "kernel_h & kernel_w can only be used for 2-D convolution"),
+    ('type: "Convolution" bottom: "x" convolution_param { num_output: 1 kernel_size: 5 }',
+     "kernel (5,) (dilation (1,), pad (0,), stride (1,)) does not fit the (4,) input"),
     ('type: "Flatten" bottom: "x" flatten_param { axis: 2 end_axis: 0 }', "end_axis 0 comes before axis 2"),
     ('type: "Slice" bottom: "x" slice_param { axis: 1 slice_dim: 1 }', "give either axis or slice_dim, not both"),
     ('type: "Slice" bottom: "x" slice_param { slice_dim: 1 slice_point: 0 } top: "z"',

@@ -7,13 +7,12 @@ Convolution, (in, out/group, *kernel) for Deconvolution.
 from __future__ import annotations
 
 import math
-from typing import List
 
 import numpy as np
 import torch.nn.functional as F
 from torch import nn
 
-from ..layer_params import hw_or_repeated, per_axis
+from ..layer_params import conv_output, conv_window
 from . import fillers
 from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
@@ -39,13 +38,7 @@ class ConvGeometry:
             if tuple(other) != tuple(shape):
                 raise ctx.error(f"all bottoms must have the same shape: '{ctx.bottoms[i]}' is {other}, "
                                 f"'{ctx.bottoms[0]}' is {shape}")
-        self.kernel = hw_or_repeated(ctx.error, cp, "kernel_size", "kernel", None, spatial)
-        self.stride = hw_or_repeated(ctx.error, cp, "stride", "stride", 1, spatial)
-        self.pad = hw_or_repeated(ctx.error, cp, "pad", "pad", 0, spatial)
-        self.dilation = per_axis(ctx.error, "dilation", cp.dilation, 1, spatial)
-        for name in ("kernel", "stride", "dilation"):
-            if min(getattr(self, name)) <= 0:
-                raise ctx.error(f"{name} {getattr(self, name)} must be positive")
+        self.kernel, self.stride, self.pad, self.dilation = conv_window(ctx, spatial)
         self.channels = shape[self.axis]
         self.num_output = cp.num_output
         self.group = cp.group
@@ -56,17 +49,8 @@ class ConvGeometry:
                             f"and num_output {self.num_output}")
         self.bias_term = cp.bias_term
         self.spatial_in = tuple(shape[self.axis + 1:])
-        zipped = zip(self.spatial_in, self.stride, self.extents(), self.pad)
-        if transposed:
-            self.spatial_out = tuple(s * (n - 1) + e - 2 * p for n, s, e, p in zipped)
-        else:
-            self.spatial_out = tuple((n + 2 * p - e) // s + 1 if n + 2 * p >= e else 0 for n, s, e, p in zipped)
-        if min(self.spatial_out) <= 0:
-            raise ctx.error(f"kernel {self.kernel} (dilation {self.dilation}, pad {self.pad}, stride {self.stride}) "
-                            f"gives an empty output on the {self.spatial_in} input")
-
-    def extents(self) -> List[int]:
-        return [d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel)]
+        self.spatial_out = conv_output(ctx, self.spatial_in, self.kernel, self.stride, self.pad, self.dilation,
+                                       transposed)
 
 
 class Convolution(CaffeLayer):
@@ -193,20 +177,9 @@ def build_im2col(ctx: LayerContext):
     spatial = len(shape) - axis - 1
     if spatial < 1:
         raise ctx.error(f"needs at least one spatial axis after channel axis {axis}, bottom shape {shape}")
-    kernel = hw_or_repeated(ctx.error, cp, "kernel_size", "kernel", None, spatial)
-    stride = hw_or_repeated(ctx.error, cp, "stride", "stride", 1, spatial)
-    pad = hw_or_repeated(ctx.error, cp, "pad", "pad", 0, spatial)
-    dilation = per_axis(ctx.error, "dilation", cp.dilation, 1, spatial)
-    for name, values in (("kernel", kernel), ("stride", stride), ("dilation", dilation)):
-        if min(values) <= 0:
-            raise ctx.error(f"{name} {values} must be positive")
-    out = []
-    for n, k, s, p, d in zip(shape[axis + 1:], kernel, stride, pad, dilation):
-        extent = d * (k - 1) + 1
-        if n + 2 * p < extent:
-            raise ctx.error(f"kernel {kernel} (dilation {dilation}, pad {pad}) does not fit the input {shape}")
-        out.append((n + 2 * p - extent) // s + 1)
-    top = shape[:axis] + (shape[axis] * math.prod(kernel),) + tuple(out)
+    kernel, stride, pad, dilation = conv_window(ctx, spatial)
+    out = conv_output(ctx, shape[axis + 1:], kernel, stride, pad, dilation)
+    top = shape[:axis] + (shape[axis] * math.prod(kernel),) + out
     return ctx.wire(Im2col(axis, kernel, stride, pad, dilation), top_shapes=[top])
 
 

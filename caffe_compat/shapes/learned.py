@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
+from ..layer_params import conv_output, conv_window
 from .base import LayerView, rule
-from .windows import conv_window
 
 
 @rule("Convolution", "Deconvolution")
@@ -23,16 +23,9 @@ def _convolution(v: LayerView):
         raise v.error("num_output must be positive")
     if group <= 0 or channels % group or outputs % group:
         raise v.error(f"group {group} must divide both the {channels} input channels and num_output {outputs}")
-    extents = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
-    if v.type == "Deconvolution":
-        weight = (channels, outputs // group) + kernel
-        out = [s * (n - 1) + e - 2 * p for n, s, e, p in zip(shape[axis + 1:], stride, extents, pad)]
-    else:
-        weight = (outputs, channels // group) + kernel
-        out = [(n + 2 * p - e) // s + 1 if n + 2 * p >= e else 0
-               for n, s, e, p in zip(shape[axis + 1:], stride, extents, pad)]
-    if min(out) <= 0:
-        raise v.error(f"kernel {kernel} gives an empty output on the {shape[axis + 1:]} input")
+    transposed = v.type == "Deconvolution"
+    weight = (channels, outputs // group) + kernel if transposed else (outputs, channels // group) + kernel
+    out = conv_output(v, shape[axis + 1:], kernel, stride, pad, dilation, transposed)
     top = (*shape[:axis], outputs, *out)
     return [top] * len(v.tops), [weight] + ([(outputs,)] if cp.bias_term else [])
 

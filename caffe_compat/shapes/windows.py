@@ -1,35 +1,10 @@
-"""Shape rules of the layers that slide a window: Pooling, SPP, Im2col, LRN, Crop (and the
-convolution geometry Convolution shares, see learned.py)."""
+"""Shape rules of the layers that slide a window: Pooling, SPP, Im2col, LRN, Crop."""
 from __future__ import annotations
 
 import math
-from typing import List
 
-from ..layer_params import hw_or_repeated, per_axis, pool_window, pooled_sizes, spp_level_window
-from .base import LayerView, rule, same_shape
-
-
-def conv_window(v: LayerView, spatial: int):
-    """ConvolutionParameter's (kernel, stride, pad, dilation), `prefix_h`/`_w` or repeated."""
-    cp = v.param.convolution_param
-    window = (hw_or_repeated(v.error, cp, "kernel_size", "kernel", None, spatial),
-              hw_or_repeated(v.error, cp, "stride", "stride", 1, spatial),
-              hw_or_repeated(v.error, cp, "pad", "pad", 0, spatial),
-              per_axis(v.error, "dilation", cp.dilation, 1, spatial))
-    if min(window[0] + window[1] + window[3]) <= 0:
-        raise v.error("kernel, stride and dilation must be positive")
-    return window
-
-
-def conv_output(v: LayerView, sizes, kernel, stride, pad, dilation) -> List[int]:
-    """Convolution's output size per spatial axis (Im2col's too)."""
-    out = []
-    for n, k, s, p, d in zip(sizes, kernel, stride, pad, dilation):
-        extent = d * (k - 1) + 1
-        if n + 2 * p < extent:
-            raise v.error(f"kernel {kernel} (dilation {dilation}, pad {pad}) does not fit the input {tuple(sizes)}")
-        out.append((n + 2 * p - extent) // s + 1)
-    return out
+from ..layer_params import conv_output, conv_window, pool_window, pooled_sizes, spp_level_window
+from .base import rule, same_shape
 
 
 @rule("Im2col")
@@ -41,7 +16,7 @@ def _im2col(v):
         raise v.error(f"needs a spatial axis after channel axis {axis}, bottom shape {shape}")
     kernel, stride, pad, dilation = conv_window(v, spatial)
     out = conv_output(v, shape[axis + 1:], kernel, stride, pad, dilation)
-    return [shape[:axis] + (shape[axis] * math.prod(kernel),) + tuple(out)], []
+    return [shape[:axis] + (shape[axis] * math.prod(kernel),) + out], []
 
 
 @rule("Pooling")
