@@ -37,46 +37,12 @@ def _cmd_layers(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from .compare import HEADER, cases_in, check_options, compare_case, failed_case
+    from .compare import run_compare
     from .memory import parse_size
 
-    check_options(args.device, args.rtol, args.grad_rtol)  # once, not as a FAIL row per case
     max_memory = parse_size(args.max_memory) if args.max_memory else None
-    paths = [Path(p) for p in args.files]
-    cwd = None
-    if len(paths) == 1 and paths[0].is_dir():
-        cases, cwd = cases_in(paths[0]), paths[0]  # a folder of cases runs from that folder, as recorded
-    else:
-        npz = [p for p in paths if p.suffix == ".npz"]
-        if len(npz) != 1:
-            raise CaffeCompatError("compare takes NET.prototxt [WEIGHTS.caffemodel] REF.npz, or a directory")
-        proto = next((p for p in paths if p.suffix != ".npz" and p.suffix != ".caffemodel"), None)
-        model = next((p for p in paths if p.suffix == ".caffemodel"), None)
-        if proto is None and npz[0].with_suffix(".prototxt").exists():
-            proto = npz[0].with_suffix(".prototxt")
-            model = model or (npz[0].with_suffix(".caffemodel") if npz[0].with_suffix(".caffemodel").exists() else None)
-        cases = [(proto, model, npz[0])]
-    print(HEADER)
-    passed = failed = 0
-    for proto, model, npz in cases:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                rows = compare_case(proto, model, npz, args.device, args.rtol, args.grad_rtol,
-                                    allow_missing_weights=args.allow_missing_weights, max_memory=max_memory,
-                                    cwd=cwd)
-        except CaffeCompatError as err:
-            if len(cases) == 1:
-                raise
-            rows = [failed_case(npz.stem, err)]
-        except Exception as err:  # a case that breaks is one FAIL row; the others still run
-            rows = [failed_case(npz.stem, err)]
-        for row in rows:
-            print(row.format())
-            passed += row.ok
-            failed += not row.ok
-    print(f"{passed} passed, {failed} failed")
-    return 0 if failed == 0 and passed > 0 else 1
+    return run_compare(args.files, args.device, args.rtol, args.grad_rtol,
+                       allow_missing_weights=args.allow_missing_weights, max_memory=max_memory)
 
 
 def _cmd_convert(args) -> int:

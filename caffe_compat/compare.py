@@ -6,9 +6,10 @@ import contextlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -273,3 +274,48 @@ def cases_in(directory: PathLike) -> List[Tuple[Optional[Path], Optional[Path], 
     if not result:
         raise CaffeCompatError(f"{directory}: holds no .npz references")
     return result
+
+
+def cases_given(files: Sequence[PathLike]) -> Tuple[List[Tuple[Optional[Path], Optional[Path], Path]], Optional[Path]]:
+    """The cases `compare FILES` names, and the folder to run them from: a folder of cases
+    runs from that folder, where Caffe resolved their relative paths."""
+    paths = [Path(p) for p in files]
+    if len(paths) == 1 and paths[0].is_dir():
+        return cases_in(paths[0]), paths[0]
+    npz = [p for p in paths if p.suffix == ".npz"]
+    if len(npz) != 1:
+        raise CaffeCompatError("compare takes NET.prototxt [WEIGHTS.caffemodel] REF.npz, or a directory")
+    proto = next((p for p in paths if p.suffix != ".npz" and p.suffix != ".caffemodel"), None)
+    model = next((p for p in paths if p.suffix == ".caffemodel"), None)
+    if proto is None and npz[0].with_suffix(".prototxt").exists():
+        proto = npz[0].with_suffix(".prototxt")
+        model = model or (npz[0].with_suffix(".caffemodel") if npz[0].with_suffix(".caffemodel").exists() else None)
+    return [(proto, model, npz[0])], None
+
+
+def run_compare(files: Sequence[PathLike], device, rtol: Optional[float], grad_rtol: Optional[float],
+                allow_missing_weights: bool = False, max_memory: Optional[int] = None) -> int:
+    """Print one row per compared key, then `N passed, M failed`; 0 when every key passed.
+    Of several cases, one that fails to build or run is one FAIL row and the others still run."""
+    check_options(device, rtol, grad_rtol)  # once, not as a FAIL row per case
+    cases, cwd = cases_given(files)
+    print(HEADER)
+    passed = failed = 0
+    for proto, model, npz in cases:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rows = compare_case(proto, model, npz, device, rtol, grad_rtol,
+                                    allow_missing_weights=allow_missing_weights, max_memory=max_memory, cwd=cwd)
+        except CaffeCompatError as err:
+            if len(cases) == 1:
+                raise
+            rows = [failed_case(npz.stem, err)]
+        except Exception as err:  # a case that breaks is one FAIL row; the others still run
+            rows = [failed_case(npz.stem, err)]
+        for row in rows:
+            print(row.format())
+            passed += row.ok
+            failed += not row.ok
+    print(f"{passed} passed, {failed} failed")
+    return 0 if failed == 0 and passed > 0 else 1
