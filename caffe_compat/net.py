@@ -86,6 +86,13 @@ def _tensors(module: nn.Module) -> List[torch.Tensor]:
     return result
 
 
+def _check_param_specs(node: LayerNode, blob_count: int) -> None:
+    if len(node.param_specs) > blob_count:
+        raise CaffeCompatError(f"layer '{node.name}' ({node.type}): {len(node.param_specs)} param "
+                               f"specification(s) for {blob_count} parameter blob(s) (Caffe: too many "
+                               f"params specified for layer)")
+
+
 def module_bytes(module: nn.Module) -> int:
     """Bytes the module's parameters and buffers take (or will take, on the meta device)."""
     return sum(t.numel() * t.element_size() for t in _tensors(module))
@@ -169,6 +176,9 @@ class CaffeNet(nn.Module):
             self.blob_shapes[name] = _checked_shape(graph, name, shape)
         self._plan: List[Tuple[str, List[str], List[str]]] = []
         self.loss_terms: List[Tuple[str, float]] = []
+        for node in graph.layers:
+            if node.type == "Input":
+                _check_param_specs(node, 0)
         steps = [self._size_layer(node) for node in graph.layers if node.type != "Input"]
         self._check_memory(steps, max_memory)
         if weights is not None:
@@ -203,11 +213,7 @@ class CaffeNet(nn.Module):
                 converted = None
         if converted is None:
             converted = _build(builder, ctx)
-        blob_count = len(getattr(converted.module, "blob_names", ()))
-        if len(node.param_specs) > blob_count:
-            raise CaffeCompatError(f"layer '{node.name}' ({node.type}): {len(node.param_specs)} param "
-                                   f"specification(s) for {blob_count} parameter blob(s) (Caffe: too many "
-                                   f"params specified for layer)")
+        _check_param_specs(node, len(getattr(converted.module, "blob_names", ())))
         module_name = safe_name(node.name, self.module_names.values())
         self.layer_names[module_name] = node.name
         self.module_names[node.name] = module_name

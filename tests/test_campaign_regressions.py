@@ -117,3 +117,11 @@ def test_adam_momenta_outside_0_1_are_refused(tmp_path, momenta):
     solver.write_text(f'net: "n.prototxt" type: "Adam" base_lr: 0.01 lr_policy: "fixed" {momenta}')
     with pytest.raises(CaffeCompatError, match=r"Adam's momentum and momentum2 must lie in \[0, 1\)"):
         check_solver(read_solver(solver), str(solver))
+
+
+def test_param_spec_on_an_input_layer_is_refused(tmp_path):
+    """Caffe's Net::Init refuses it (too many params); it was silently ignored."""
+    net = tmp_path / "net.prototxt"
+    net.write_text((CONV % (9, "conv")).replace('top: "data" input_param', 'top: "data" param { name: "w" } input_param'))
+    with pytest.raises(CaffeCompatError, match=r"layer 'data' \(Input\): 1 param specification\(s\) for 0"):
+        load_net(net)
