@@ -444,3 +444,26 @@ def test_a_mean_file_that_is_not_one_image_names_the_file(tmp_path, shape):
     (tmp_path / "mean.binaryproto").write_bytes(blob.SerializeToString())
     with pytest.raises(CaffeCompatError, match=rf"mean_file '{tmp_path}/mean.binaryproto' holds a blob of shape"):
         Transformer(transform_param(f'mean_file: "{tmp_path}/mean.binaryproto"'), "TEST", "t")
+
+
+def test_a_reader_finalised_while_the_environments_are_locked_does_not_deadlock(small_lmdb):
+    # A garbage collection inside the locked section (lmdb.open allocates) can finalise
+    # another reader's generator in the same thread; its exit takes the lock again.
+    import threading
+
+    from caffe_compat.data.sources import _ENVIRONMENTS, _lmdb_records
+
+    source, _ = small_lmdb
+    path = str(source.resolve())
+    records = _lmdb_records(path, 0, "test")
+    next(records)
+
+    def finalise_under_the_lock():
+        with _ENVIRONMENTS._lock:
+            records.close()
+
+    worker = threading.Thread(target=finalise_under_the_lock, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "closing a reader under the environments' lock deadlocked"
+    assert path not in _ENVIRONMENTS._open

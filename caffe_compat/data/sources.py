@@ -151,7 +151,9 @@ class _Environments:
     each is opened once, used by every layer reading it, and closed when the last lets go."""
 
     def __init__(self):
-        self._lock = threading.Lock()
+        # Re-entrant: a garbage collection inside the locked section (lmdb.open allocates)
+        # can finalise another reader's generator, whose exit takes the lock in this thread.
+        self._lock = threading.RLock()
         self._open: Dict[str, list] = {}  # path -> [environment, users]
 
     @contextlib.contextmanager
@@ -174,7 +176,8 @@ class _Environments:
             with self._lock:
                 entry[1] -= 1
                 if not entry[1]:
-                    del self._open[path]
+                    if self._open.get(path) is entry:
+                        del self._open[path]
                     entry[0].close()
 
 
