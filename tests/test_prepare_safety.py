@@ -85,7 +85,7 @@ def test_bad_output_folders(tmp_path):
     make_cub(tmp_path / "src")
     (tmp_path / "file").write_text("x")
     for out, needle in [(tmp_path / "file", "is a file"),
-                        (tmp_path / "src", "or inside it"),
+                        (tmp_path / "src", "is also the input"),  # the CLI's check of every output
                         (tmp_path / "src" / "CUB_200_2011" / "prepared", "or inside it"),
                         (tmp_path / "src" / "CUB_200_2011" / "images", "or inside it")]:
         result = run_cli("prepare", "cub", "--source", tmp_path / "src", "-o", out, cwd=tmp_path)
