@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from results_file import machine_line, write_section
+from bench_common import machine_line, write_section
 
 SECTION = "## Demo"
 GOAL_S = 180.0

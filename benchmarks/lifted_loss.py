@@ -38,6 +38,7 @@ import torch
 from caffe_compat.losses import lifted_struct_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import write_section  # noqa: E402
 from lifted_dense_baseline import dense_lifted_loss  # noqa: E402
 
 SIZES = [(128, 64, 2), (128, 512, 2), (256, 128, 4), (512, 128, 8), (2048, 512, 8),
@@ -372,15 +373,8 @@ ever whole. Today's holds five n x n matrices."""
 
 
 def update_results(body):
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = (f"{SECTION}\n\n`python benchmarks/lifted_loss.py`: median forward+backward "
-               f"time and peak memory.\n\n{NOTES}\n\n{body}\n")
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
+    write_section(SECTION, f"{SECTION}\n\n`python benchmarks/lifted_loss.py`: median forward+backward "
+                           f"time and peak memory.\n\n{NOTES}\n\n{body}\n")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from google.protobuf import text_format  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load_weights import vgg16_prototxt  # noqa: E402
-from results_file import machine_line, write_section  # noqa: E402
+from bench_common import machine_line, write_section  # noqa: E402
 
 from caffe_compat.deploy import feed_absent_sources  # noqa: E402
 from caffe_compat.graph import build_graph  # noqa: E402
