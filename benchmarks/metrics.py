@@ -21,6 +21,7 @@ import resource
 import subprocess
 import time
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 import torch
@@ -59,7 +60,8 @@ def run_recall(queue):
 
 
 def run_kmeans(queue, max_iter):
-    from caffe_compat.metrics import clustering_scores, kmeans
+    from caffe_compat.kmeans import kmeans
+    from caffe_compat.metrics import clustering_scores
 
     torch.set_num_threads(THREADS)
     x, y = synthetic()
@@ -80,7 +82,13 @@ def in_process(target, *args):
     queue = context.Queue()
     process = context.Process(target=target, args=(queue, *args))
     process.start()
-    result = queue.get()
+    while True:  # a child that dies (an exception, the OOM killer) must not leave us waiting
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not process.is_alive():
+                raise SystemExit(f"{target.__name__} ended without a result (exit code {process.exitcode})")
     process.join()
     return result
 
