@@ -1,5 +1,7 @@
 """Shared test helpers: where the Caffe reference fixtures live, and how their absence is handled."""
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +48,29 @@ def run_python(code: str, *args, **options) -> subprocess.CompletedProcess:
     options.setdefault("capture_output", True)
     options.setdefault("text", True)
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], **options)
+
+
+class Hang(Exception):
+    """An example of a property test ran past its bound (`bounded`)."""
+
+
+@contextlib.contextmanager
+def bounded(seconds: float):
+    """Fail with Hang when the block runs past `seconds` (SIGALRM: a hang in C code ends too)."""
+    expired = []
+
+    def expire(*_):
+        expired.append(True)
+        raise Hang(f"one example ran past {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    if expired:  # raised where it could be swallowed (a gc callback, a destructor): fail anyway
+        raise Hang(f"one example ran past {seconds} s")
 
 
 def free_port() -> int:

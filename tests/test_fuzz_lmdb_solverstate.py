@@ -2,13 +2,11 @@
 resuming training from a mutated `.solverstate.pt`, gives a result or CaffeCompatError,
 never another exception, never a signal (LMDB's SIGBUS would end the whole run here,
 loudly), never a hang. Derandomized, so CI runs the same examples every time."""
-import contextlib
 import copy
 import io
 import itertools
 import os
 import shutil
-import signal
 import warnings
 from pathlib import Path
 
@@ -26,29 +24,12 @@ from caffe_compat.io.datum import array_to_datum
 from caffe_compat.io.schema import messages
 from caffe_compat.net import CaffeNet
 from caffe_compat.solver import Trainer
-from conftest import REFERENCE, require
+from conftest import REFERENCE, bounded, require
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 EXAMPLE_SECONDS = 20  # far above one example's real work: only a hang reaches it
 _folders = itertools.count()
-
-
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def bounded(seconds=EXAMPLE_SECONDS):
-    def expire(*_):
-        raise Hang(f"one example ran past {seconds} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @st.composite
@@ -112,7 +93,7 @@ def test_damaged_lmdbs(lmdb_files, tmp_path, data):
     folder.mkdir()
     (folder / "data.mdb").write_bytes(data.draw(damaged(lmdb_files[kind])))
     try:
-        with bounded():
+        with bounded(EXAMPLE_SECONDS):
             read_batches(folder)
     except CaffeCompatError:
         pass
@@ -190,7 +171,7 @@ def test_damaged_solverstate_files(solver_run, data):
     target = Path(f"damaged{next(_folders)}.solverstate.pt")
     target.write_bytes(data.draw(damaged(original)))
     try:
-        with bounded():
+        with bounded(EXAMPLE_SECONDS):
             resume(target)
     except CaffeCompatError:
         pass
@@ -209,7 +190,7 @@ def test_solverstates_with_damaged_structure(solver_run, data):
     target = Path(f"damaged{next(_folders)}.solverstate.pt")
     torch.save(replaced(state, path, value, delete), target)
     try:
-        with bounded():
+        with bounded(EXAMPLE_SECONDS):
             resume(target)
     except CaffeCompatError:
         pass

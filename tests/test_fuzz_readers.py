@@ -2,9 +2,7 @@
 another exception, and never hangs. Mutations (bit flips, truncation, inserted and
 deleted bytes, splices of another file) of the Caffe reference fixtures and of small
 files made here; derandomized, so CI runs the same examples every time."""
-import contextlib
 import functools
-import signal
 import tempfile
 import warnings
 from pathlib import Path
@@ -19,33 +17,11 @@ from caffe_compat.io.blobs import array_to_blob
 from caffe_compat.io.datum import array_to_datum, datum_to_array, parse_datum
 from caffe_compat.io.files import read_binaryproto, read_caffemodel, read_prototxt, read_solver, weights_of
 from caffe_compat.io.schema import messages
-from conftest import REFERENCE
+from conftest import REFERENCE, bounded
 
 EXAMPLE_SECONDS = 10  # far above any real read of these small files: only a hang reaches it
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def bounded(seconds=EXAMPLE_SECONDS):
-    expired = []
-
-    def expire(*_):
-        expired.append(True)
-        raise Hang(f"one example ran past {seconds} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    if expired:  # raised where it could be swallowed (a gc callback, a destructor): fail anyway
-        raise Hang(f"one example ran past {seconds} s")
 
 
 def _v1_double_caffemodel() -> bytes:
@@ -136,7 +112,7 @@ def _strings_are_text(message) -> bool:
 def _clean(read, data: bytes, path: Path):
     """read(path) with `data` in the file: a result or CaffeCompatError, within the bound."""
     path.write_bytes(data)
-    with bounded(), warnings.catch_warnings():
+    with bounded(EXAMPLE_SECONDS), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             return read(path)
@@ -185,7 +161,7 @@ def test_damaged_binaryprotos(data, tmp_path):
 @FUZZ
 @given(data=damaged(DATUMS))
 def test_damaged_datum_records(data):
-    with bounded():
+    with bounded(EXAMPLE_SECONDS):
         try:
             array, label = datum_to_array(parse_datum(data, "key 00000007"), "key 00000007")
         except CaffeCompatError as err:
