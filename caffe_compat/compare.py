@@ -14,6 +14,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .data import close_data_layers
 from .devices import resolve_device
 from .errors import CaffeCompatError
 from .io.files import read_caffemodel, read_prototxt, weights_of
@@ -178,14 +179,17 @@ def _compare_params(case: str, weights: Optional[PathLike], ref: Dict[str, np.nd
 
 def _compare_batches(case, net, ref, batch_keys, tol, device) -> List[Row]:
     rows = []
-    with torch.no_grad():
-        for k in range(max(batch_keys) + 1):
-            outputs = net.run({})
-            for key, value in ref.items():
-                if key.startswith(f"batch{k}/"):
-                    blob = key.split("/", 1)[1]
-                    rows.append(_row(case, key, _numpy(outputs[blob]), value, tol) if blob in outputs
-                                else _missing(case, key, value))
+    try:
+        with torch.no_grad():
+            for k in range(max(batch_keys) + 1):
+                outputs = net.run({})
+                for key, value in ref.items():
+                    if key.startswith(f"batch{k}/"):
+                        blob = key.split("/", 1)[1]
+                        rows.append(_row(case, key, _numpy(outputs[blob]), value, tol) if blob in outputs
+                                    else _missing(case, key, value))
+    finally:
+        close_data_layers(net)  # their prefetching threads must not outlive the comparison
     return rows
 
 

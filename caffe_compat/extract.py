@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .data import close_data_layers
 from .devices import resolve_device
 from .errors import CaffeCompatError
 from .graph import build_graph, layer_included
@@ -164,14 +165,19 @@ def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc
     wanted = [blob] + ([label_top] if label_top else [])
     embeddings, labels = [], []
     bar = progress(total=total, desc="extract", unit="img") if show_progress else None
-    with torch.inference_mode():
-        for i in range(math.ceil(total / batch)):
-            out = net(blobs=wanted)
-            embeddings.append(out[blob].float().reshape(out[blob].shape[0], -1).cpu().numpy())
-            if label_top:
-                labels.append(out[label_top].cpu().numpy().reshape(-1))
-            if bar is not None:
-                bar.update(min(batch, total - i * batch))
+    try:
+        with torch.inference_mode():
+            for i in range(math.ceil(total / batch)):
+                out = net(blobs=wanted)
+                embeddings.append(out[blob].float().reshape(out[blob].shape[0], -1).cpu().numpy())
+                if label_top:
+                    labels.append(out[label_top].cpu().numpy().reshape(-1))
+                if bar is not None:
+                    bar.update(min(batch, total - i * batch))
+    finally:
+        # Stop the prefetching thread now: left running into interpreter shutdown, it can be
+        # inside a torch call when torch's thread pool is torn down (std::terminate, SIGABRT).
+        close_data_layers(net)
     if bar is not None:
         bar.close()
     # The data layer wraps around at the end, as Caffe's does: drop the repeats.
