@@ -163,7 +163,9 @@ def recall_curve(curves: Mapping[str, Mapping[str, float]], path: PathLike, titl
     axes.minorticks_off()
     axes.set_xlabel("K")
     axes.set_ylabel("Recall@K (%)")
-    low = min(min(100 * v for v in recall.values()) for recall in curves.values())
+    # The axis starts below the lowest point of every line, the published ones included.
+    series = list(curves.values()) + [entry["recall"] for entry in (published or {}).values()]
+    low = min(min(100 * v for v in recall.values()) for recall in series)
     axes.set_ylim(max(0, 10 * np.floor(low / 10) - 5), 102)
     axes.grid(True, alpha=0.3)
     axes.legend(loc="best", fontsize=8)

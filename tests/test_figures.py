@@ -82,3 +82,13 @@ def test_retrieval_figure_names_missing_images(tmp_path):
         figures.retrieval_figure(x, [1, 1, 2, 2], [tmp_path / "gone.png"] * 4, tmp_path / "g.png", k=1)
     with pytest.raises(CaffeCompatError, match="images: 3 images for 4 embeddings"):
         figures.retrieval_figure(x, [1, 1, 2, 2], [tmp_path / "gone.png"] * 3, tmp_path / "g.png", k=1)
+
+
+def test_recall_axis_shows_every_line_the_published_one_included(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: saved.append(figure))
+    paper = figures.published_recall("cub")
+    figures.recall_curve({"ours": {"1": 0.8, "2": 0.9}}, tmp_path / "recall.png", published={"paper": paper})
+    (figure,) = saved
+    bottom, _ = figure.axes[0].get_ylim()
+    assert bottom < 100 * min(paper["recall"].values())
