@@ -1,7 +1,9 @@
-"""LRN forward+backward against a ReLU of the same size and against the unfused
-autograd chain (square, window pool, pow, mul), at GoogLeNet's two LRN shapes.
-Interleaved repeats in one process; medians. Prints a markdown table and writes the
-section "## LRN" of benchmarks/RESULTS.md (unless --no-write)."""
+"""LRN forward+backward against a ReLU of the same size, at GoogLeNet's two LRN shapes
+(and the first in channels_last): the layer as it runs (the C kernel on CPU), its
+PyTorch form (one autograd Function, what runs without a C compiler) and the unfused
+autograd chain (square, window pool, pow, mul). Interleaved repeats in one process;
+medians. Prints a markdown table and writes the section "## LRN" of
+benchmarks/RESULTS.md (unless --no-write)."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from caffe_compat.layers import lrn
 from caffe_compat.layers.lrn import AcrossChannelLRN
 from bench_common import machine_line, write_section
 
@@ -40,14 +43,22 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     load_average_start = os.getloadavg()
-    fused = AcrossChannelLRN(5, 1e-4, 0.75, 1.0)
-    candidates = {"ReLU": torch.relu, "LRN unfused": unfused, "LRN fused": fused}
-    rows = ["| input (N, C, H, W) | ReLU ms | LRN unfused ms | LRN fused ms | fused / ReLU | unfused / ReLU |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for channels in (64, 192):
+    layer = AcrossChannelLRN(5, 1e-4, 0.75, 1.0)
+    if args.device == "cpu" and lrn._kernel() is None:
+        raise SystemExit("the LRN C kernel did not build here: this would time the PyTorch form twice")
+
+    def pytorch_form(x):
+        return lrn._LRNFunction.apply(x, lrn.channel_window_mean, 5, 1e-4, 0.75, 1.0)
+
+    candidates = {"ReLU": torch.relu, "unfused": unfused, "PyTorch form": pytorch_form, "layer": layer}
+    rows = ["| input (N, C, H, W) | ReLU ms | LRN unfused ms | LRN PyTorch form ms | LRN layer ms "
+            "| layer / ReLU | PyTorch form / ReLU | unfused / ReLU |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for channels, memory_format in ((64, torch.contiguous_format), (192, torch.contiguous_format),
+                                    (64, torch.channels_last)):
         shape = (args.batch, channels, 56, 56)
-        x = torch.randn(shape, device=args.device, requires_grad=True)
-        top_diff = torch.randn(shape, device=args.device)
+        x = torch.randn(shape, device=args.device).contiguous(memory_format=memory_format).requires_grad_()
+        top_diff = torch.randn(shape, device=args.device).contiguous(memory_format=memory_format)
         times = {name: [] for name in candidates}
         for _ in range(args.repeats):
             for name, fn in candidates.items():
@@ -55,10 +66,13 @@ def main() -> None:
                     torch.cuda.synchronize()
                 times[name].append(fwd_bwd_seconds(fn, x, top_diff))
         ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-        rows.append(f"| {shape} | {ms['ReLU']:.1f} | {ms['LRN unfused']:.1f} | {ms['LRN fused']:.1f} "
-              f"| {ms['LRN fused'] / ms['ReLU']:.2f}x | {ms['LRN unfused'] / ms['ReLU']:.2f}x |")
+        label = f"{shape}" + (" channels_last" if memory_format == torch.channels_last else "")
+        rows.append(f"| {label} | {ms['ReLU']:.1f} | {ms['unfused']:.1f} | {ms['PyTorch form']:.1f} "
+                    f"| {ms['layer']:.1f} | {ms['layer'] / ms['ReLU']:.2f}x | {ms['PyTorch form'] / ms['ReLU']:.2f}x "
+                    f"| {ms['unfused'] / ms['ReLU']:.2f}x |")
     text = "\n".join([SECTION, "", f"`python benchmarks/lrn.py --device {args.device}`: forward + backward "
-                      f"(local_size 5, ACROSS_CHANNELS), {args.repeats} interleaved repeats, medians.", "",
+                      f"(local_size 5, alpha 1e-4, beta 0.75, ACROSS_CHANNELS), {args.repeats} interleaved repeats, "
+                      "medians. The layer runs the C kernel on CPU (`caffe_compat/layers/lrn_kernel.c`).", "",
                       machine_line(load_average_start), "", *rows, "",
                       "Load average at the end: " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + "."]) + "\n"
     print(text)

@@ -6,11 +6,21 @@ WITHIN_CHANNEL: Caffe composes it from layers (square, AVE pooling with kernel n
 stride 1 and pad (n - 1) / 2, then power with shift 1): top = x * (1 + alpha * mean of
 x^2 over the n x n window)^-beta. k is not used. With that pad and stride every window
 lies inside the padded input, so Caffe's divisor is n^2 everywhere.
+
+On CPU, ACROSS_CHANNELS runs as one C kernel each way (lrn_kernel.c, built on first use:
+see native.py); elsewhere, and where it cannot be built, both regions run as one
+autograd Function of PyTorch operations with the same formulas.
 """
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .. import native
 
 from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
@@ -57,9 +67,80 @@ class _LRNFunction(torch.autograd.Function):
         return torch.addcmul(dx, x, spread, value=-2.0 * alpha * beta), None, None, None, None, None
 
 
+KERNEL_SOURCE = Path(__file__).with_name("lrn_kernel.c")
+KERNEL_SEGMENT = 2048  # most pixels per work item: its rows stay in the L2 cache
+_SIGNATURES = {"forward": 2, "backward": 3}  # pointer arguments before the sizes
+
+
+def _kernel():
+    """The C kernel's library with its argument types set, or None (see native.py)."""
+    lib = native.library(KERNEL_SOURCE)
+    if lib is not None and not getattr(lib, "typed", False):
+        for direction, pointers in _SIGNATURES.items():
+            for suffix in ("f32", "f64"):
+                function = getattr(lib, f"lrn_{direction}_{suffix}")
+                function.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_int64] * 5
+                                     + [ctypes.c_double] * 3 + [ctypes.c_int64] * 2)
+                function.restype = ctypes.c_int
+        lib.typed = True
+    return lib
+
+
+def _run_kernel(direction: str, tensors, channels_last: bool, size, alpha, beta, k):
+    x = tensors[0]
+    function = getattr(_kernel(), f"lrn_{direction}_{'f32' if x.dtype == torch.float32 else 'f64'}")
+    n, c, h, w = x.shape
+    pointers = [t.data_ptr() for t in tensors]
+    segments = max(1, -(-h * w // KERNEL_SEGMENT))
+    threads = min(torch.get_num_threads(), max(1, x.numel() // 65536))
+    codes = native.run_split(lambda begin, end: function(*pointers, c, h * w, channels_last, segments, size, alpha,
+                                                         beta, k, begin, end), n * segments, threads)
+    if any(codes):
+        raise MemoryError(f"LRN: the C kernel could not allocate its scratch ({c} channels)")
+
+
+def _memory_format(t: torch.Tensor):
+    nhwc = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+class _NativeAcrossLRNFunction(torch.autograd.Function):
+    """ACROSS_CHANNELS LRN by the C kernel, NCHW or channels_last: one pass over memory
+    each way, and only x saved (the backward recomputes the normaliser)."""
+
+    @staticmethod
+    def forward(ctx, x, size, alpha, beta, k):
+        memory_format = _memory_format(x)
+        x = x.contiguous(memory_format=memory_format)
+        top = torch.empty_like(x)
+        _run_kernel("forward", (x, top), memory_format == torch.channels_last, size, alpha, beta, k)
+        ctx.save_for_backward(x)
+        ctx.params = (memory_format, size, alpha, beta, k)
+        return top
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, top_diff):
+        (x,) = ctx.saved_tensors
+        memory_format, size, alpha, beta, k = ctx.params
+        top_diff = top_diff.contiguous(memory_format=memory_format)
+        bottom_diff = torch.empty_like(x)
+        _run_kernel("backward", (x, top_diff, bottom_diff), memory_format == torch.channels_last,
+                    size, alpha, beta, k)
+        return bottom_diff, None, None, None, None
+
+
+def _kernel_applies(x: torch.Tensor) -> bool:
+    # Under torch.compile the PyTorch form is traced instead: inductor fuses it itself.
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling() and _kernel() is not None)
+
+
 def _lrn(x, across_channels: bool, size: int, alpha: float, beta: float, k: float):
     # Sums of squares overflow float16 under autocast: the normaliser is computed in float32.
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    if across_channels and _kernel_applies(wide):
+        return _NativeAcrossLRNFunction.apply(wide, size, alpha, beta, k).to(x.dtype)
     window_mean = channel_window_mean if across_channels else spatial_window_mean
     return _LRNFunction.apply(wide, window_mean, size, alpha, beta, k).to(x.dtype)
 

@@ -1,0 +1,324 @@
+/* Caffe's ACROSS_CHANNELS LRN, forward and backward, fused: one read of each input and
+ * one write of each output, where the PyTorch composition makes about fifteen passes.
+ *
+ *   scale[c] = k + alpha / size * sum of x[c']^2 over c' in [c - pre, c + pre]
+ *   top[c]   = x[c] * scale[c]^-beta
+ *   dx[c]    = dy[c] * scale[c]^-beta
+ *              - 2 alpha beta / size * x[c] * sum of dy[c'] top[c'] / scale[c'] over the window
+ *
+ * with pre = (size - 1) / 2 and zero beyond the channel range. The window is symmetric
+ * (Caffe wants an odd size), so the backward sum runs over the same window. The
+ * backward recomputes scale from x instead of keeping it, so a training step saves
+ * only x, as a ReLU saves only its output. Window sums are direct sums of `size` terms,
+ * not Caffe's running sum, which loses precision when a large square leaves the window.
+ *
+ * Work is cut into items, a run of consecutive pixels of one image (a segment) each;
+ * callers split [0, images * segments) among threads.
+ * - NCHW: a segment is swept channel by channel, the rows its window needs kept in ring
+ *   buffers (cache-resident), so x, dy and the outputs stream through memory once and
+ *   the window sums are vector additions across pixels.
+ * - NHWC (channels_last): each pixel's channels are contiguous; they are squared into
+ *   a zero-padded buffer and the window sums are vector additions across channels.
+ *
+ * Built for float and double from one body: REAL and SUFFIX are set before each
+ * inclusion of the body below. */
+#ifndef LRN_BODY
+#define LRN_BODY
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define INLINE static inline __attribute__((always_inline))
+enum { BETA_THREE_QUARTERS, BETA_OTHER };
+
+#define REAL float
+#define SUFFIX f32
+#define SQRT sqrtf
+#define POW powf
+#include __FILE__
+#undef REAL
+#undef SUFFIX
+#undef SQRT
+#undef POW
+
+#define REAL double
+#define SUFFIX f64
+#define SQRT sqrt
+#define POW pow
+#include __FILE__
+
+#else
+
+#define CAT2(a, b) a##_##b
+#define CAT(a, b) CAT2(a, b)
+#define NAME(base) CAT(base, SUFFIX)
+
+/* scale^-beta, and 1 / scale as a by-product. Caffe's nets use beta 0.75, which has an
+ * exact form from square roots that vectorises; pow does not. Callers pass mode as a
+ * constant, so each loop holds one form. */
+INLINE REAL NAME(negative_power)(REAL scale, int mode, REAL beta, REAL *inverse) {
+    if (mode == BETA_THREE_QUARTERS) {
+        REAL root = SQRT(scale), fourth_root = SQRT(root);
+        REAL five_quarters = (REAL)1 / (scale * fourth_root);  /* scale^-5/4 */
+        *inverse = five_quarters * fourth_root;
+        return five_quarters * root;
+    }
+    *inverse = (REAL)1 / scale;
+    return POW(scale, -beta);
+}
+
+typedef struct {
+    int64_t channels, pixels, size, pre;
+    REAL alpha_over_size, shift, beta, coefficient;
+} NAME(params);
+
+/* NCHW. Ring buffers of size + 1 rows: channel c sits in slot c mod (size + 1), and
+ * channels below 0 or past the last are zero rows. The sweep at channel c reads the
+ * size rows of its window and fills the one slot its window does not use. */
+INLINE REAL *NAME(slot)(REAL *ring, int64_t c, int64_t size, int64_t width) {
+    return ring + ((c % (size + 1) + size + 1) % (size + 1)) * width;
+}
+
+INLINE void NAME(window_rows)(const REAL **rows, REAL *ring, int64_t c, int64_t size, int64_t width) {
+    for (int64_t i = 0; i < size; i++) rows[i] = NAME(slot)(ring, c - (size - 1) / 2 + i, size, width);
+}
+
+/* Squares of channel c's row into its slot (zeros outside the channels). */
+INLINE void NAME(load_squares)(REAL *restrict ring, const REAL *restrict x, int64_t c, const NAME(params) *p,
+                               int64_t size, int64_t lanes, int64_t width) {
+    REAL *out = NAME(slot)(ring, c, size, width);
+    if (c < 0 || c >= p->channels) {
+        for (int64_t l = 0; l < lanes; l++) out[l] = 0;
+        return;
+    }
+    const REAL *row = x + c * p->pixels;
+    for (int64_t l = 0; l < lanes; l++) out[l] = row[l] * row[l];
+}
+
+INLINE REAL NAME(window_sum)(const REAL **rows, int64_t size, int64_t l) {
+    REAL sum = rows[0][l];
+    for (int64_t i = 1; i < size; i++) sum += rows[i][l];
+    return sum;
+}
+
+/* `lanes` pixels of one image, every channel. size and mode are constants at each call
+ * site (DISPATCH), so the window sum unrolls and each loop holds one power form. */
+INLINE void NAME(forward_rows)(const NAME(params) *p, const REAL *restrict x, REAL *restrict top,
+                               REAL *restrict squares, int64_t lanes, int64_t width, int64_t size, int mode) {
+    int64_t pre = (size - 1) / 2;
+    const REAL *rows[size];
+    for (int64_t c = -pre; c <= pre; c++) NAME(load_squares)(squares, x, c, p, size, lanes, width);
+    for (int64_t c = 0; c < p->channels; c++) {
+        NAME(window_rows)(rows, squares, c, size, width);
+        const REAL *xr = x + c * p->pixels;
+        REAL *yr = top + c * p->pixels;
+#define TOP(l)                                                                                          \
+    REAL inverse_scale;                                                                                 \
+    REAL scale = p->shift + p->alpha_over_size * NAME(window_sum)(rows, size, l);                       \
+    yr[l] = xr[l] * NAME(negative_power)(scale, mode, p->beta, &inverse_scale)
+        int64_t incoming = c + pre + 1;
+        if (incoming < p->channels) {  /* the next channel's squares in the same sweep over memory */
+            const REAL *in = x + incoming * p->pixels;
+            REAL *restrict next = NAME(slot)(squares, incoming, size, width);
+#pragma GCC ivdep  /* next is not one of the window's rows */
+            for (int64_t l = 0; l < lanes; l++) {
+                TOP(l);
+                next[l] = in[l] * in[l];
+            }
+        } else {
+            for (int64_t l = 0; l < lanes; l++) {
+                TOP(l);
+            }
+            NAME(load_squares)(squares, x, incoming, p, size, lanes, width);
+        }
+#undef TOP
+    }
+}
+
+/* Two stages pre channels apart: at channel a, the factor and ratio = dy * top / scale;
+ * at channel b = a - pre, whose ratio window is then complete,
+ * dx = dy * factor - coefficient * x * window of ratio. */
+INLINE void NAME(backward_rows)(const NAME(params) *p, const REAL *restrict x, const REAL *restrict dy,
+                                REAL *restrict dx, REAL *restrict squares, REAL *restrict ratio,
+                                REAL *restrict factor, int64_t lanes, int64_t width, int64_t size, int mode) {
+    int64_t pre = (size - 1) / 2;
+    const REAL *rows[size];
+    for (int64_t c = -pre; c <= pre; c++) NAME(load_squares)(squares, x, c, p, size, lanes, width);
+    for (int64_t c = -pre; c < 0; c++) {
+        REAL *r = NAME(slot)(ratio, c, size, width);
+        for (int64_t l = 0; l < lanes; l++) r[l] = 0;
+    }
+    for (int64_t a = 0; a < p->channels + pre; a++) {
+        REAL *r = NAME(slot)(ratio, a, size, width);
+        if (a < p->channels) {
+            NAME(window_rows)(rows, squares, a, size, width);
+            const REAL *xr = x + a * p->pixels, *dyr = dy + a * p->pixels;
+            REAL *f = NAME(slot)(factor, a, size, width);
+#define RATIO(l)                                                                                        \
+    REAL inverse_scale;                                                                                 \
+    REAL scale = p->shift + p->alpha_over_size * NAME(window_sum)(rows, size, l);                       \
+    f[l] = NAME(negative_power)(scale, mode, p->beta, &inverse_scale);                                  \
+    r[l] = dyr[l] * f[l] * xr[l] * inverse_scale
+            int64_t incoming = a + pre + 1;
+            if (incoming < p->channels) {  /* the next channel's squares in the same sweep */
+                const REAL *in = x + incoming * p->pixels;
+                REAL *restrict next = NAME(slot)(squares, incoming, size, width);
+#pragma GCC ivdep  /* next is not one of the window's rows */
+                for (int64_t l = 0; l < lanes; l++) {
+                    RATIO(l);
+                    next[l] = in[l] * in[l];
+                }
+            } else {
+                for (int64_t l = 0; l < lanes; l++) {
+                    RATIO(l);
+                }
+                NAME(load_squares)(squares, x, incoming, p, size, lanes, width);
+            }
+#undef RATIO
+        } else {
+            for (int64_t l = 0; l < lanes; l++) r[l] = 0;
+        }
+        int64_t b = a - pre;
+        if (b < 0) continue;
+        NAME(window_rows)(rows, ratio, b, size, width);
+        const REAL *xr = x + b * p->pixels, *dyr = dy + b * p->pixels;
+        const REAL *f = NAME(slot)(factor, b, size, width);
+        REAL *dxr = dx + b * p->pixels;
+        for (int64_t l = 0; l < lanes; l++)
+            dxr[l] = dyr[l] * f[l] - p->coefficient * xr[l] * NAME(window_sum)(rows, size, l);
+    }
+}
+
+/* NHWC: `lanes` pixels, each a contiguous vector of channels. padded holds a pixel's
+ * squares (then its ratios) between pre zeros on each side, which stay zero. */
+INLINE void NAME(forward_pixels)(const NAME(params) *p, const REAL *restrict x, REAL *restrict top,
+                                 REAL *restrict padded, int64_t lanes, int64_t size, int mode) {
+    int64_t pre = (size - 1) / 2, channels = p->channels;
+    for (int64_t pixel = 0; pixel < lanes; pixel++) {
+        const REAL *xp = x + pixel * channels;
+        REAL *yp = top + pixel * channels;
+        for (int64_t c = 0; c < channels; c++) padded[pre + c] = xp[c] * xp[c];
+        for (int64_t c = 0; c < channels; c++) {
+            REAL sum = padded[c], inverse_scale;
+            for (int64_t i = 1; i < size; i++) sum += padded[c + i];
+            yp[c] = xp[c] * NAME(negative_power)(p->shift + p->alpha_over_size * sum, mode, p->beta, &inverse_scale);
+        }
+    }
+}
+
+INLINE void NAME(backward_pixels)(const NAME(params) *p, const REAL *restrict x, const REAL *restrict dy,
+                                  REAL *restrict dx, REAL *restrict padded, REAL *restrict padded_ratio,
+                                  REAL *restrict factor, int64_t lanes, int64_t size, int mode) {
+    int64_t pre = (size - 1) / 2, channels = p->channels;
+    for (int64_t pixel = 0; pixel < lanes; pixel++) {
+        const REAL *xp = x + pixel * channels, *dyp = dy + pixel * channels;
+        REAL *dxp = dx + pixel * channels;
+        for (int64_t c = 0; c < channels; c++) padded[pre + c] = xp[c] * xp[c];
+        for (int64_t c = 0; c < channels; c++) {
+            REAL sum = padded[c], inverse_scale;
+            for (int64_t i = 1; i < size; i++) sum += padded[c + i];
+            factor[c] = NAME(negative_power)(p->shift + p->alpha_over_size * sum, mode, p->beta, &inverse_scale);
+            padded_ratio[pre + c] = dyp[c] * factor[c] * xp[c] * inverse_scale;
+        }
+        for (int64_t c = 0; c < channels; c++) {
+            REAL sum = padded_ratio[c];
+            for (int64_t i = 1; i < size; i++) sum += padded_ratio[c + i];
+            dxp[c] = dyp[c] * factor[c] - p->coefficient * xp[c] * sum;
+        }
+    }
+}
+
+static int NAME(mode)(double beta) {
+    return beta == 0.75 ? BETA_THREE_QUARTERS : BETA_OTHER;
+}
+
+/* Instantiates `call` with constants for the common case, local_size 5 and beta 0.75
+ * (GoogLeNet, AlexNet, CaffeNet), so its window sum unrolls and its power vectorises. */
+#define DISPATCH(call, size, mode)                                                               \
+    do {                                                                                         \
+        if ((size) == 5 && (mode) == BETA_THREE_QUARTERS)                                        \
+            call(5, BETA_THREE_QUARTERS);                                                        \
+        else if ((mode) == BETA_THREE_QUARTERS)                                                  \
+            call(size, BETA_THREE_QUARTERS);                                                     \
+        else                                                                                     \
+            call(size, BETA_OTHER);                                                              \
+    } while (0)
+
+/* Item i: image i / segments, pixels [first, first + lanes) of it; offset in elements. */
+typedef struct {
+    int64_t offset, lanes;
+} NAME(item);
+
+static NAME(item) NAME(locate)(int64_t i, const NAME(params) *p, int64_t segments, int64_t channels_last) {
+    int64_t image = i / segments, segment = i % segments;
+    int64_t first = segment * p->pixels / segments;
+    NAME(item) it = {image * p->channels * p->pixels + first * (channels_last ? p->channels : 1),
+                     (segment + 1) * p->pixels / segments - first};
+    return it;
+}
+
+static NAME(params) NAME(make_params)(int64_t channels, int64_t pixels, int64_t size, double alpha, double beta,
+                                      double k) {
+    NAME(params) p = {channels, pixels, size, (size - 1) / 2, (REAL)(alpha / (double)size), (REAL)k, (REAL)beta,
+                      (REAL)(2.0 * alpha * beta / (double)size)};
+    return p;
+}
+
+/* Returns 0, or -1 when its scratch cannot be allocated. */
+int NAME(lrn_forward)(const REAL *x, REAL *top, int64_t channels, int64_t pixels, int64_t channels_last,
+                      int64_t segments, int64_t size, double alpha, double beta, double k, int64_t item_begin,
+                      int64_t item_end) {
+    NAME(params) p = NAME(make_params)(channels, pixels, size, alpha, beta, k);
+    int mode = NAME(mode)(beta);
+    int64_t width = (pixels + segments - 1) / segments;
+    size_t scratch_size = channels_last ? (size_t)(channels + size) : (size_t)((size + 1) * width);
+    REAL *scratch = (REAL *)calloc(scratch_size, sizeof(REAL));
+    if (scratch == NULL) return -1;
+    for (int64_t i = item_begin; i < item_end; i++) {
+        NAME(item) it = NAME(locate)(i, &p, segments, channels_last);
+#define ROWS(n, m) NAME(forward_rows)(&p, x + it.offset, top + it.offset, scratch, it.lanes, width, n, m)
+#define PIXELS(n, m) NAME(forward_pixels)(&p, x + it.offset, top + it.offset, scratch, it.lanes, n, m)
+        if (channels_last)
+            DISPATCH(PIXELS, size, mode);
+        else
+            DISPATCH(ROWS, size, mode);
+#undef ROWS
+#undef PIXELS
+    }
+    free(scratch);
+    return 0;
+}
+
+int NAME(lrn_backward)(const REAL *x, const REAL *top_diff, REAL *bottom_diff, int64_t channels, int64_t pixels,
+                       int64_t channels_last, int64_t segments, int64_t size, double alpha, double beta, double k,
+                       int64_t item_begin, int64_t item_end) {
+    NAME(params) p = NAME(make_params)(channels, pixels, size, alpha, beta, k);
+    int mode = NAME(mode)(beta);
+    int64_t width = (pixels + segments - 1) / segments;
+    /* three rings of size + 1 rows (NCHW), or two padded channel vectors and one plain */
+    int64_t part = channels_last ? channels + size : (size + 1) * width;
+    REAL *scratch = (REAL *)calloc((size_t)(3 * part), sizeof(REAL));
+    if (scratch == NULL) return -1;
+    for (int64_t i = item_begin; i < item_end; i++) {
+        NAME(item) it = NAME(locate)(i, &p, segments, channels_last);
+        const REAL *xi = x + it.offset, *dyi = top_diff + it.offset;
+        REAL *dxi = bottom_diff + it.offset;
+#define ROWS(n, m) NAME(backward_rows)(&p, xi, dyi, dxi, scratch, scratch + part, scratch + 2 * part, it.lanes, width, n, m)
+#define PIXELS(n, m) NAME(backward_pixels)(&p, xi, dyi, dxi, scratch, scratch + part, scratch + 2 * part, it.lanes, n, m)
+        if (channels_last)
+            DISPATCH(PIXELS, size, mode);
+        else
+            DISPATCH(ROWS, size, mode);
+#undef ROWS
+#undef PIXELS
+    }
+    free(scratch);
+    return 0;
+}
+
+#undef DISPATCH
+#undef CAT2
+#undef CAT
+#undef NAME
+#endif

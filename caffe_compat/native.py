@@ -1,0 +1,132 @@
+"""C kernels shipped as source, built on first use with the machine's C compiler.
+
+A kernel's shared library is cached under the user's cache folder
+($CAFFE_COMPAT_CACHE, else $XDG_CACHE_HOME/caffe-compat or ~/.cache/caffe-compat), in
+`native/`, named by a hash of its source, the compiler's version, the flags and the
+CPU's feature flags: `-march=native` code is never loaded on a CPU it was not built
+for. A build takes about a second, once per machine.
+
+Where no library can be had (no compiler, a failed build, a folder that cannot be
+written, or CAFFE_COMPAT_NATIVE=0), `library` returns None after one warning, and
+callers run their PyTorch form, which gives the same numbers more slowly.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SWITCH_VARIABLE = "CAFFE_COMPAT_NATIVE"
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c11", "-fPIC", "-shared")
+
+_lock = threading.Lock()
+_libraries: dict[str, ctypes.CDLL | None] = {}
+
+
+def cache_folder() -> Path:
+    if os.environ.get("CAFFE_COMPAT_CACHE"):
+        return Path(os.environ["CAFFE_COMPAT_CACHE"]) / "native"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "caffe-compat" / "native"
+
+
+def library(source: Path) -> ctypes.CDLL | None:
+    """The built library of a C source file, or None (warned once per source)."""
+    with _lock:
+        key = str(source)
+        if key not in _libraries:
+            _libraries[key] = _build_and_load(source)
+        return _libraries[key]
+
+
+def _build_and_load(source: Path) -> ctypes.CDLL | None:
+    if os.environ.get(SWITCH_VARIABLE, "1") == "0":
+        return None
+    try:
+        target = _built(source)
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError:  # a damaged cached build (a full disk, say): once more from scratch
+            target.unlink(missing_ok=True)
+            return ctypes.CDLL(str(_built(source)))
+    except (OSError, subprocess.SubprocessError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(f"{source.name}: no native build ({reason}); using the slower PyTorch form "
+                      f"(set {SWITCH_VARIABLE}=0 to silence this)", stacklevel=3)
+        return None
+
+
+def _built(source: Path) -> Path:
+    """The cached library of `source`, compiled first if missing."""
+    compiler = shlex.split(os.environ.get("CC", "cc"))
+    if not compiler or shutil.which(compiler[0]) is None:
+        raise OSError(f"C compiler {' '.join(compiler) or '(empty CC)'!r} not found")
+    version = subprocess.run([*compiler, "--version"], capture_output=True, timeout=60).stdout
+    digest = hashlib.sha256()
+    for part in (source.read_bytes(), version, " ".join(FLAGS).encode(), platform.machine().encode(),
+                 _cpu_features().encode()):
+        digest.update(part + b"\0")
+    folder = cache_folder()
+    target = folder / f"{source.stem}-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        # The source is compiled by its absolute path: it includes itself by __FILE__.
+        build = subprocess.run([*compiler, *FLAGS, "-o", temporary, str(source.resolve()), "-lm"],
+                               capture_output=True, text=True, timeout=300)
+        if build.returncode != 0:
+            first_error = next((line for line in build.stderr.splitlines() if "error" in line), build.stderr)
+            raise OSError(f"{' '.join(compiler)} exited with {build.returncode}: {first_error.strip()[:300]}")
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return target
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def run_split(call, items: int, threads: int) -> list:
+    """call(begin, end) over [0, items) cut into `threads` contiguous ranges, the first
+    on the calling thread and the rest on a pool (ctypes releases the GIL during the
+    call); results in range order."""
+    global _pool
+    threads = max(1, min(threads, items))
+    if threads == 1:
+        return [call(0, items)]
+    with _lock:
+        # A forked child inherits the pool object but not its threads: build a new one.
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] < threads - 1:
+            if _pool is not None and _pool[0] == os.getpid():
+                _pool[2].shutdown(wait=False)
+            _pool = (os.getpid(), threads - 1,
+                     ThreadPoolExecutor(threads - 1, thread_name_prefix="caffe-compat-native"))
+        pool = _pool[2]
+    bounds = [items * i // threads for i in range(threads + 1)]
+    futures = [pool.submit(call, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    first = call(bounds[0], bounds[1])  # the calling thread takes the first range itself
+    return [first] + [future.result() for future in futures]
