@@ -1,7 +1,6 @@
 """Crashers found by a mutation campaign over the CLI and the Python API (issue 10), one
 test per class: each now ends in one CaffeCompatError line (exit 2 from the CLI)."""
 import os
-import subprocess
 
 import pytest
 
