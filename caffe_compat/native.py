@@ -22,11 +22,13 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SWITCH_VARIABLE = "CAFFE_COMPAT_NATIVE"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c11", "-fPIC", "-shared")
+# With OpenMP a kernel runs on the libgomp torch has loaded (same soname: the loader
+# reuses it); a compiler without OpenMP builds a one-thread kernel instead.
+OPENMP_FLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()
 _libraries: dict[str, ctypes.CDLL | None] = {}
@@ -72,7 +74,7 @@ def _built(source: Path) -> Path:
         raise OSError(f"C compiler {' '.join(compiler) or '(empty CC)'!r} not found")
     version = subprocess.run([*compiler, "--version"], capture_output=True, timeout=60).stdout
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), version, " ".join(FLAGS).encode(), platform.machine().encode(),
+    for part in (source.read_bytes(), version, " ".join(FLAGS + OPENMP_FLAGS).encode(), platform.machine().encode(),
                  _cpu_features().encode()):
         digest.update(part + b"\0")
     folder = cache_folder()
@@ -84,8 +86,11 @@ def _built(source: Path) -> Path:
     os.close(handle)
     try:
         # The source is compiled by its absolute path: it includes itself by __FILE__.
-        build = subprocess.run([*compiler, *FLAGS, "-o", temporary, str(source.resolve()), "-lm"],
-                               capture_output=True, text=True, timeout=300)
+        for extra in (OPENMP_FLAGS, ()):
+            build = subprocess.run([*compiler, *FLAGS, *extra, "-o", temporary, str(source.resolve()), "-lm"],
+                                   capture_output=True, text=True, timeout=300)
+            if build.returncode == 0:
+                break
         if build.returncode != 0:
             first_error = next((line for line in build.stderr.splitlines() if "error" in line), build.stderr)
             raise OSError(f"{' '.join(compiler)} exited with {build.returncode}: {first_error.strip()[:300]}")
@@ -105,28 +110,3 @@ def _cpu_features() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None
-
-
-def run_split(call, items: int, threads: int) -> list:
-    """call(begin, end) over [0, items) cut into `threads` contiguous ranges, the first
-    on the calling thread and the rest on a pool (ctypes releases the GIL during the
-    call); results in range order."""
-    global _pool
-    threads = max(1, min(threads, items))
-    if threads == 1:
-        return [call(0, items)]
-    with _lock:
-        # A forked child inherits the pool object but not its threads: build a new one.
-        if _pool is None or _pool[0] != os.getpid() or _pool[1] < threads - 1:
-            if _pool is not None and _pool[0] == os.getpid():
-                _pool[2].shutdown(wait=False)
-            _pool = (os.getpid(), threads - 1,
-                     ThreadPoolExecutor(threads - 1, thread_name_prefix="caffe-compat-native"))
-        pool = _pool[2]
-    bounds = [items * i // threads for i in range(threads + 1)]
-    futures = [pool.submit(call, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    first = call(bounds[0], bounds[1])  # the calling thread takes the first range itself
-    return [first] + [future.result() for future in futures]

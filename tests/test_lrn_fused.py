@@ -82,8 +82,7 @@ def test_kernel_split_into_segments_and_threads_and_layouts_gives_the_same_bits(
         whole = kernel_run(x, top_diff, module)
         torch.set_num_threads(2)
         monkeypatch.setattr(lrn, "KERNEL_SEGMENT", 10)  # 117 pixels: 12 segments of 9 or 10
-        run_split = native.run_split  # three threads however small the tensor
-        monkeypatch.setattr(native, "run_split", lambda call, items, _: run_split(call, items, 3))
+        monkeypatch.setattr(lrn, "KERNEL_ELEMENTS_PER_THREAD", 1)  # two threads however small the tensor
         split = kernel_run(x, top_diff, module)
         nhwc = kernel_run(x.contiguous(memory_format=torch.channels_last),
                           top_diff.contiguous(memory_format=torch.channels_last), module)

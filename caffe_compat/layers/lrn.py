@@ -68,7 +68,8 @@ class _LRNFunction(torch.autograd.Function):
 
 
 KERNEL_SOURCE = Path(__file__).with_name("lrn_kernel.c")
-KERNEL_SEGMENT = 2048  # most pixels per work item: its rows stay in the L2 cache
+KERNEL_SEGMENT = 4096  # most pixels per work item: its ring of rows stays in the L2 cache
+KERNEL_ELEMENTS_PER_THREAD = 65536  # smaller tensors are not worth waking a thread for
 _SIGNATURES = {"forward": 2, "backward": 3}  # pointer arguments before the sizes
 
 
@@ -79,8 +80,8 @@ def _kernel():
         for direction, pointers in _SIGNATURES.items():
             for suffix in ("f32", "f64"):
                 function = getattr(lib, f"lrn_{direction}_{suffix}")
-                function.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_int64] * 5
-                                     + [ctypes.c_double] * 3 + [ctypes.c_int64] * 2)
+                function.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_int64] * 6
+                                     + [ctypes.c_double] * 3 + [ctypes.c_int64])
                 function.restype = ctypes.c_int
         lib.typed = True
     return lib
@@ -90,12 +91,11 @@ def _run_kernel(direction: str, tensors, channels_last: bool, size, alpha, beta,
     x = tensors[0]
     function = getattr(_kernel(), f"lrn_{direction}_{'f32' if x.dtype == torch.float32 else 'f64'}")
     n, c, h, w = x.shape
-    pointers = [t.data_ptr() for t in tensors]
-    segments = max(1, -(-h * w // KERNEL_SEGMENT))
-    threads = min(torch.get_num_threads(), max(1, x.numel() // 65536))
-    codes = native.run_split(lambda begin, end: function(*pointers, c, h * w, channels_last, segments, size, alpha,
-                                                         beta, k, begin, end), n * segments, threads)
-    if any(codes):
+    threads = max(1, min(torch.get_num_threads(), x.numel() // KERNEL_ELEMENTS_PER_THREAD))
+    # Enough items for every thread, even at batch 1; no item wider than KERNEL_SEGMENT.
+    segments = max(1, min(h * w, max(-(-h * w // KERNEL_SEGMENT), -(-threads // max(n, 1)))))
+    if function(*[t.data_ptr() for t in tensors], n, c, h * w, channels_last, segments, size, alpha, beta, k,
+                threads):
         raise MemoryError(f"LRN: the C kernel could not allocate its scratch ({c} channels)")
 
 
