@@ -4,11 +4,13 @@ A kernel's shared library is cached under the user's cache folder
 ($CAFFE_COMPAT_CACHE, else $XDG_CACHE_HOME/caffe-compat or ~/.cache/caffe-compat), in
 `native/`, named by a hash of its source, the compiler's version, the flags and the
 CPU's feature flags: `-march=native` code is never loaded on a CPU it was not built
-for. A build takes about a second, once per machine.
+for. A build takes seconds (about ten for the LRN kernel on two cores), once per
+machine.
 
 Where no library can be had (no compiler, a failed build, a folder that cannot be
 written, or CAFFE_COMPAT_NATIVE=0), `library` returns None after one warning, and
-callers run their PyTorch form, which gives the same numbers more slowly.
+callers run their PyTorch form: the same formulas, equal within float32 rounding, and
+slower.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -82,6 +85,8 @@ def _built(source: Path) -> Path:
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
+    if sys.stderr is not None and sys.stderr.isatty():  # seconds of silence otherwise, at a terminal
+        print(f"caffe-compat: building {source.name} with {compiler[0]} (once per machine)", file=sys.stderr)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
     os.close(handle)
     try:

@@ -2,7 +2,9 @@
 hand-written backward is the true derivative, for both regions, NCHW and channels_last,
 windows wider than the channel count, each power form and under autocast; the kernel's
 work split never changes a bit; its build is cached and its absence falls back."""
+import io
 import os
+import sys
 
 import pytest
 import torch
@@ -128,12 +130,20 @@ def test_traced_by_torch_compile_the_pytorch_form_is_used(monkeypatch):
     assert len(calls) == 1
 
 
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
 def test_kernel_build_is_cached_by_source_compiler_and_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("CAFFE_COMPAT_CACHE", str(tmp_path))
+    monkeypatch.setattr(sys, "stderr", Terminal())
     built = native._built(lrn.KERNEL_SOURCE)
+    assert sys.stderr.getvalue().startswith("caffe-compat: building lrn_kernel.c with ")  # at a terminal
     assert built.parent == tmp_path / "native" and built.suffix == ".so"
     stamp = built.stat().st_mtime_ns
     assert native._built(lrn.KERNEL_SOURCE) == built and built.stat().st_mtime_ns == stamp
+    assert sys.stderr.getvalue().count("building") == 1
     built.write_bytes(b"damaged")  # a cached build that cannot load is rebuilt once
     library = native._build_and_load(lrn.KERNEL_SOURCE)
     assert library is not None and hasattr(library, "lrn_forward_f32")
