@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -93,6 +93,19 @@ def _check_param_specs(node: LayerNode, blob_count: int) -> None:
                                f"params specified for layer)")
 
 
+def _stopped_bottoms(ctx: LayerContext, node: LayerNode, bottoms: Sequence[str]) -> FrozenSet[int]:
+    """Indices of the bottoms that `propagate_down: false` keeps from receiving a gradient
+    (given as Caffe wants it: not at all, or once per bottom)."""
+    flags = list(getattr(node.param, "propagate_down", ()))
+    if not flags:
+        return frozenset()
+    if len(flags) != len(node.bottoms):
+        raise ctx.error(f"propagate_down is given {len(flags)} time(s) for {len(node.bottoms)} bottom(s); "
+                        "Caffe wants it once per bottom or not at all")
+    stopped = {node.bottoms[i] for i, flag in enumerate(flags) if not flag}
+    return frozenset(i for i, b in enumerate(bottoms) if b in stopped)
+
+
 def module_bytes(module: nn.Module) -> int:
     """Bytes the module's parameters and buffers take (or will take, on the meta device)."""
     return sum(t.numel() * t.element_size() for t in _tensors(module))
@@ -175,6 +188,7 @@ class CaffeNet(nn.Module):
                                        f"(input_shapes={{'{name}': (N, C, H, W)}})")
             self.blob_shapes[name] = _checked_shape(graph, name, shape)
         self._plan: List[Tuple[str, List[str], List[str]]] = []
+        self._stop_gradient: Dict[str, FrozenSet[int]] = {}  # bottoms with propagate_down: false
         self.loss_terms: List[Tuple[str, float]] = []
         for node in graph.layers:
             if node.type == "Input":
@@ -236,6 +250,7 @@ class CaffeNet(nn.Module):
             if weight:
                 self.loss_terms.append((top, float(weight)))
         self._plan.append((module_name, list(converted.bottoms), list(converted.tops)))
+        self._stop_gradient[module_name] = _stopped_bottoms(ctx, node, converted.bottoms)
         return _Step(node, ctx, converted, module_name, on_meta)
 
     def _check_memory(self, steps: Sequence[_Step], max_memory: Union[None, int, str]) -> None:
@@ -354,7 +369,9 @@ class CaffeNet(nn.Module):
         receives each blob's first value (what Caffe's diff of an in-place blob refers to)."""
         release = self._release if keep is not None else None
         for step, (module_name, bottoms, tops) in enumerate(self._plan):
-            out = self.layers[module_name](*[blobs[b] for b in bottoms])
+            stopped = self._stop_gradient[module_name]
+            out = self.layers[module_name](*[blobs[b].detach() if i in stopped else blobs[b]
+                                             for i, b in enumerate(bottoms)])
             if len(tops) == 1:
                 out = (out,)
             for top, value in zip(tops, out):

@@ -385,3 +385,34 @@ def test_compare_directory_fails_on_a_tampered_reference(tmp_path):
     failed = [r.split()[:2] for r in rows if r.split()[-1] == "FAIL"]
     assert failed == [["conv_basic", "blob/conv"]]
     assert result.stdout.strip().splitlines()[-1] == f"{len(rows) - 1} passed, 1 failed"
+
+
+PROPAGATE_DOWN = INPUT_4D + """
+layer { name: "target" type: "Input" top: "target" input_param { shape { dim: 2 dim: 4 dim: 4 dim: 4 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2" %s
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "conv2" bottom: "target" top: "loss" }
+"""
+
+
+@pytest.mark.parametrize("flag", ["", "propagate_down: true", "propagate_down: false"])
+def test_propagate_down_false_stops_the_gradient_at_that_bottom(flag):
+    torch.manual_seed(0)
+    net = net_of(PROPAGATE_DOWN % flag, phase="TRAIN")
+    data = torch.randn(2, 3, 8, 8, requires_grad=True)
+    net.loss(net(data, torch.randn(2, 4, 4, 4))).backward()
+    conv1, conv2 = (net.layers[name] for name in ("conv1", "conv2"))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in conv2.parameters())
+    if flag == "propagate_down: false":  # conv2's own weights learn; nothing below it gets a diff
+        assert all(p.grad is None for p in conv1.parameters()) and data.grad is None
+    else:
+        assert all(p.grad.abs().sum() > 0 for p in conv1.parameters()) and data.grad.abs().sum() > 0
+
+
+def test_propagate_down_given_for_some_bottoms_only_is_refused():
+    text = (PROPAGATE_DOWN % "").replace('bottom: "target" top: "loss"',
+                                         'bottom: "target" top: "loss" propagate_down: false')
+    with pytest.raises(CaffeCompatError, match=r"layer 'loss'.*propagate_down is given 1 time\(s\) for 2 bottom"):
+        net_of(text, phase="TRAIN")
