@@ -15,6 +15,7 @@ PathLike = Union[str, Path]
 _MI_NUMERIC = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
 _MI_MATRIX, _MI_COMPRESSED, _MI_UTF8, _MI_UTF16, _MI_UTF32 = 14, 15, 16, 17, 18
 _MX_CELL, _MX_STRUCT, _MX_CHAR = 1, 2, 4
+MAX_INFLATED = 256 << 20  # bytes one compressed element may inflate to
 _MX_NUMERIC = {6: "f8", 7: "f4", 8: "i1", 9: "u1", 10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8", 15: "u8"}
 
 
@@ -44,14 +45,25 @@ class _MatReader:
             if len(payload) != size:
                 raise self.fail("truncated data element")
             if kind == _MI_COMPRESSED:
-                try:
-                    yield from self.elements(zlib.decompress(payload))
-                except zlib.error as err:
-                    raise self.fail(f"damaged compressed element: {err}") from None
+                yield from self.elements(self.inflate(payload))
                 pos += 8 + size
             else:
                 yield kind, payload
                 pos += 8 + size + (-size % 8)
+
+    def inflate(self, payload: bytes) -> bytes:
+        """A compressed element's bytes, refused past MAX_INFLATED (a zip bomb)."""
+        inflater = zlib.decompressobj()
+        try:
+            data = inflater.decompress(payload, MAX_INFLATED)
+        except zlib.error as err:
+            raise self.fail(f"damaged compressed element: {err}") from None
+        if inflater.unconsumed_tail:
+            raise self.fail(f"a compressed element inflates past {MAX_INFLATED >> 20} MiB "
+                            "(Cars196's annotations need a few MiB); refused")
+        if not inflater.eof:
+            raise self.fail("damaged compressed element: truncated stream")
+        return data
 
     def numbers(self, kind: int, payload: bytes) -> np.ndarray:
         if kind not in _MI_NUMERIC:

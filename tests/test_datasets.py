@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from caffe_compat import datasets
+from caffe_compat import matfile
 from caffe_compat.matfile import read_mat
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.io.schema import messages
@@ -83,6 +84,15 @@ def test_mat_reader_reads_structs_cells_strings_numbers(tmp_path, compressed):
     assert got["annotations"][0]["bbox_x1"][0, 0] == 112.0 and got["annotations"][1]["bbox_x1"][0, 0] == 2.5
     assert got["class_names"] == variables["class_names"]
     np.testing.assert_array_equal(got["matrix"], variables["matrix"])
+
+
+def test_mat_reader_refuses_a_compressed_element_that_inflates_too_far(tmp_path, monkeypatch):
+    monkeypatch.setattr(matfile, "MAX_INFLATED", 1 << 20)
+    write_mat(tmp_path / "bomb.mat", {"halves": np.full((1, 3 << 17), 0.5)}, compressed=True)  # 3 MiB of doubles
+    with pytest.raises(CaffeCompatError, match=r"bomb.mat: a compressed element inflates past 1 MiB"):
+        read_mat(tmp_path / "bomb.mat")
+    write_mat(tmp_path / "fits.mat", {"halves": np.full((1, 1 << 16), 0.5)}, compressed=True)  # 0.5 MiB
+    assert read_mat(tmp_path / "fits.mat")["halves"].shape == (1, 1 << 16)
 
 
 def test_mat_reader_refuses_other_files(tmp_path):
