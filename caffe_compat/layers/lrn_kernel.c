@@ -116,6 +116,28 @@ INLINE void NAME(sum_rows)(REAL *restrict sums, const REAL **rows, int64_t size,
         for (int64_t l = 0; l < lanes; l++) sums[l] += rows[i][l];
 }
 
+/* body(l) over the lanes and, in the same loop (one sweep over memory), the squares of
+ * channel `incoming`'s row into its slot, zeros past the last channel. Uses the
+ * enclosing sweep's p, x, squares, size, width and lanes. */
+#define SWEEP(body, incoming)                                                                    \
+    do {                                                                                         \
+        int64_t incoming_ = (incoming);                                                          \
+        if (incoming_ < p->channels) {                                                           \
+            const REAL *in = x + incoming_ * p->pixels;                                          \
+            REAL *restrict next = NAME(slot)(squares, incoming_, size, width);                   \
+            _Pragma("GCC ivdep") /* next is not one of the window's rows */                      \
+            for (int64_t l = 0; l < lanes; l++) {                                                \
+                body(l);                                                                         \
+                next[l] = in[l] * in[l];                                                         \
+            }                                                                                    \
+        } else {                                                                                 \
+            for (int64_t l = 0; l < lanes; l++) {                                                \
+                body(l);                                                                         \
+            }                                                                                    \
+            NAME(load_squares)(squares, x, incoming_, p, size, lanes, width);                    \
+        }                                                                                        \
+    } while (0)
+
 /* `lanes` pixels of one image, every channel. size and mode are constants at each call
  * site (DISPATCH), so the window sum unrolls and each loop holds one power form. */
 INLINE void NAME(forward_rows)(const NAME(params) *p, const REAL *restrict x, REAL *restrict top,
@@ -133,21 +155,7 @@ INLINE void NAME(forward_rows)(const NAME(params) *p, const REAL *restrict x, RE
     REAL inverse_scale;                                                                                 \
     REAL scale = p->shift + p->alpha_over_size * NAME(window_sum)(rows, sums, size, l, unrolled);       \
     yr[l] = xr[l] * NAME(negative_power)(scale, mode, p->beta, &inverse_scale)
-        int64_t incoming = c + pre + 1;
-        if (incoming < p->channels) {  /* the next channel's squares in the same sweep over memory */
-            const REAL *in = x + incoming * p->pixels;
-            REAL *restrict next = NAME(slot)(squares, incoming, size, width);
-#pragma GCC ivdep  /* next is not one of the window's rows */
-            for (int64_t l = 0; l < lanes; l++) {
-                TOP(l);
-                next[l] = in[l] * in[l];
-            }
-        } else {
-            for (int64_t l = 0; l < lanes; l++) {
-                TOP(l);
-            }
-            NAME(load_squares)(squares, x, incoming, p, size, lanes, width);
-        }
+        SWEEP(TOP, c + pre + 1);
 #undef TOP
     }
 }
@@ -178,21 +186,7 @@ INLINE void NAME(backward_rows)(const NAME(params) *p, const REAL *restrict x, c
     REAL scale = p->shift + p->alpha_over_size * NAME(window_sum)(rows, sums, size, l, unrolled);       \
     f[l] = NAME(negative_power)(scale, mode, p->beta, &inverse_scale);                                  \
     r[l] = dyr[l] * f[l] * xr[l] * inverse_scale
-            int64_t incoming = a + pre + 1;
-            if (incoming < p->channels) {  /* the next channel's squares in the same sweep */
-                const REAL *in = x + incoming * p->pixels;
-                REAL *restrict next = NAME(slot)(squares, incoming, size, width);
-#pragma GCC ivdep  /* next is not one of the window's rows */
-                for (int64_t l = 0; l < lanes; l++) {
-                    RATIO(l);
-                    next[l] = in[l] * in[l];
-                }
-            } else {
-                for (int64_t l = 0; l < lanes; l++) {
-                    RATIO(l);
-                }
-                NAME(load_squares)(squares, x, incoming, p, size, lanes, width);
-            }
+            SWEEP(RATIO, a + pre + 1);
 #undef RATIO
         } else {
             for (int64_t l = 0; l < lanes; l++) r[l] = 0;
@@ -391,6 +385,7 @@ int NAME(lrn_backward)(const REAL *x, const REAL *top_diff, REAL *bottom_diff, i
 }
 
 #undef THREAD_RANGE
+#undef SWEEP
 #undef DISPATCH
 #undef CAT2
 #undef CAT
