@@ -98,6 +98,15 @@ def test_kernel_split_into_segments_and_threads_and_layouts_gives_the_same_bits(
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4), (2, 3, 0, 5)])
+def test_empty_tensors_pass_through(implementation, shape):
+    x = torch.randn(shape, requires_grad=True)
+    top = AcrossChannelLRN(5, 1e-4, 0.75, 1.0)(x)
+    assert top.shape == shape
+    top.sum().backward()
+    assert x.grad.shape == shape
+
+
 @pytest.mark.parametrize("beta", [0.75, 0.5, 1.0, 0.6])
 def test_float32_kernel_is_within_a_few_ulps_of_float64(beta):
     assert lrn._kernel() is not None, "the LRN C kernel did not build"

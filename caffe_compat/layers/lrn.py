@@ -89,6 +89,8 @@ def _kernel():
 
 def _run_kernel(direction: str, tensors, channels_last: bool, size, alpha, beta, k):
     x = tensors[0]
+    if x.numel() == 0:
+        return
     function = getattr(_kernel(), f"lrn_{direction}_{'f32' if x.dtype == torch.float32 else 'f64'}")
     n, c, h, w = x.shape
     threads = max(1, min(torch.get_num_threads(), x.numel() // KERNEL_ELEMENTS_PER_THREAD))
