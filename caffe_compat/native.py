@@ -98,7 +98,8 @@ def _built(source: Path) -> Path:
                 break
         if build.returncode != 0:
             first_error = next((line for line in build.stderr.splitlines() if "error" in line), build.stderr)
-            raise OSError(f"{' '.join(compiler)} exited with {build.returncode}: {first_error.strip()[:300]}")
+            detail = f": {first_error.strip()[:300]}" if first_error.strip() else ""
+            raise OSError(f"{' '.join(compiler)} exited with {build.returncode}{detail}")
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
