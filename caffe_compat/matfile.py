@@ -15,8 +15,8 @@ PathLike = Union[str, Path]
 _MI_NUMERIC = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
 _MI_MATRIX, _MI_COMPRESSED, _MI_UTF8, _MI_UTF16, _MI_UTF32 = 14, 15, 16, 17, 18
 _MX_CELL, _MX_STRUCT, _MX_CHAR = 1, 2, 4
-MAX_INFLATED = 256 << 20  # bytes one compressed element may inflate to
 _MX_NUMERIC = {6: "f8", 7: "f4", 8: "i1", 9: "u1", 10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8", 15: "u8"}
+MAX_INFLATED = 256 << 20  # bytes one compressed element may inflate to
 
 
 class _MatReader:

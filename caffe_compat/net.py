@@ -93,17 +93,15 @@ def _check_param_specs(node: LayerNode, blob_count: int) -> None:
                                f"params specified for layer)")
 
 
-def _stopped_bottoms(ctx: LayerContext, node: LayerNode, bottoms: Sequence[str]) -> FrozenSet[int]:
+def _stopped_bottoms(ctx: LayerContext, node: LayerNode) -> FrozenSet[int]:
     """Indices of the bottoms that `propagate_down: false` keeps from receiving a gradient
-    (given as Caffe wants it: not at all, or once per bottom)."""
-    flags = list(getattr(node.param, "propagate_down", ()))
-    if not flags:
-        return frozenset()
-    if len(flags) != len(node.bottoms):
+    (given as Caffe wants it: not at all, or once per bottom; a blob given twice as a
+    bottom can be stopped at one of them)."""
+    flags = list(node.param.propagate_down)
+    if flags and len(flags) != len(node.bottoms):
         raise ctx.error(f"propagate_down is given {len(flags)} time(s) for {len(node.bottoms)} bottom(s); "
                         "Caffe wants it once per bottom or not at all")
-    stopped = {node.bottoms[i] for i, flag in enumerate(flags) if not flag}
-    return frozenset(i for i, b in enumerate(bottoms) if b in stopped)
+    return frozenset(i for i, flag in enumerate(flags) if not flag)
 
 
 def module_bytes(module: nn.Module) -> int:
@@ -250,7 +248,8 @@ class CaffeNet(nn.Module):
             if weight:
                 self.loss_terms.append((top, float(weight)))
         self._plan.append((module_name, list(converted.bottoms), list(converted.tops)))
-        self._stop_gradient[module_name] = _stopped_bottoms(ctx, node, converted.bottoms)
+        # Builders wire the layer's own bottoms in order, so propagate_down's indices hold.
+        self._stop_gradient[module_name] = _stopped_bottoms(ctx, node)
         return _Step(node, ctx, converted, module_name, on_meta)
 
     def _check_memory(self, steps: Sequence[_Step], max_memory: Union[None, int, str]) -> None:
@@ -369,9 +368,10 @@ class CaffeNet(nn.Module):
         receives each blob's first value (what Caffe's diff of an in-place blob refers to)."""
         release = self._release if keep is not None else None
         for step, (module_name, bottoms, tops) in enumerate(self._plan):
-            stopped = self._stop_gradient[module_name]
-            out = self.layers[module_name](*[blobs[b].detach() if i in stopped else blobs[b]
-                                             for i, b in enumerate(bottoms)])
+            inputs = [blobs[b] for b in bottoms]
+            for i in self._stop_gradient[module_name]:
+                inputs[i] = inputs[i].detach()
+            out = self.layers[module_name](*inputs)
             if len(tops) == 1:
                 out = (out,)
             for top, value in zip(tops, out):

@@ -416,3 +416,20 @@ def test_propagate_down_given_for_some_bottoms_only_is_refused():
                                          'bottom: "target" top: "loss" propagate_down: false')
     with pytest.raises(CaffeCompatError, match=r"layer 'loss'.*propagate_down is given 1 time\(s\) for 2 bottom"):
         net_of(text, phase="TRAIN")
+
+
+def test_propagate_down_stops_one_of_two_bottoms_that_are_the_same_blob():
+    # Caffe's flags are per bottom, not per blob: conv1 + conv1 with the second stopped
+    # gives conv1 the gradient of one term, half that of both.
+    text = INPUT_4D + """
+    layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+      convolution_param { num_output: 2 kernel_size: 3 weight_filler { type: "xavier" } } }
+    layer { name: "twice" type: "Eltwise" bottom: "conv1" bottom: "conv1" top: "twice" %s }
+    """
+    grads = []
+    for flags in ("", "propagate_down: true propagate_down: false"):
+        torch.manual_seed(0)
+        net = net_of(text % flags)
+        net(torch.ones(2, 3, 8, 8))["twice"].sum().backward()
+        grads.append(net.layers["conv1"].weight.grad)
+    torch.testing.assert_close(grads[1], grads[0] / 2)

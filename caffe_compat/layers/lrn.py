@@ -14,6 +14,7 @@ autograd Function of PyTorch operations with the same formulas.
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 
 import torch
@@ -73,17 +74,18 @@ KERNEL_ELEMENTS_PER_THREAD = 65536  # smaller tensors are not worth waking a thr
 _SIGNATURES = {"forward": 2, "backward": 3}  # pointer arguments before the sizes
 
 
+@functools.cache
 def _kernel():
     """The C kernel's library with its argument types set, or None (see native.py)."""
     lib = native.library(KERNEL_SOURCE)
-    if lib is not None and not getattr(lib, "typed", False):
-        for direction, pointers in _SIGNATURES.items():
-            for suffix in ("f32", "f64"):
-                function = getattr(lib, f"lrn_{direction}_{suffix}")
-                function.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_int64] * 6
-                                     + [ctypes.c_double] * 3 + [ctypes.c_int64])
-                function.restype = ctypes.c_int
-        lib.typed = True
+    if lib is None:
+        return None
+    for direction, pointers in _SIGNATURES.items():
+        for suffix in ("f32", "f64"):
+            function = getattr(lib, f"lrn_{direction}_{suffix}")
+            function.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_int64] * 6
+                                 + [ctypes.c_double] * 3 + [ctypes.c_int64])
+            function.restype = ctypes.c_int
     return lib
 
 

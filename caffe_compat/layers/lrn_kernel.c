@@ -72,7 +72,7 @@ INLINE REAL NAME(negative_power)(REAL scale, int mode, REAL beta, REAL *inverse)
 }
 
 typedef struct {
-    int64_t channels, pixels, size, pre;
+    int64_t channels, pixels;
     REAL alpha_over_size, shift, beta, coefficient;
 } NAME(params);
 
@@ -255,7 +255,7 @@ static int NAME(mode)(double beta) {
 
 /* Instantiates `call` with constants for the common case, local_size 5 and beta 0.75
  * (GoogLeNet, AlexNet, CaffeNet): its window sum unrolls into registers. */
-#define DISPATCH(call, size, mode)                                                               \
+#define DISPATCH_SIZE(call, size, mode)                                                          \
     do {                                                                                         \
         if ((size) == 5 && (mode) == BETA_THREE_QUARTERS)                                        \
             call(5, BETA_THREE_QUARTERS, 1);                                                     \
@@ -263,6 +263,14 @@ static int NAME(mode)(double beta) {
             call(size, BETA_THREE_QUARTERS, 0);                                                  \
         else                                                                                     \
             call(size, BETA_OTHER, 0);                                                           \
+    } while (0)
+/* ... and for the layout: `pixels` for channels_last, `rows` for NCHW. */
+#define DISPATCH(rows, pixels, channels_last, size, mode)                                        \
+    do {                                                                                         \
+        if (channels_last)                                                                       \
+            DISPATCH_SIZE(pixels, size, mode);                                                   \
+        else                                                                                     \
+            DISPATCH_SIZE(rows, size, mode);                                                     \
     } while (0)
 
 /* Item i: image i / segments, pixels [first, first + lanes) of it; offset in elements. */
@@ -280,7 +288,7 @@ static NAME(item) NAME(locate)(int64_t i, const NAME(params) *p, int64_t segment
 
 static NAME(params) NAME(make_params)(int64_t channels, int64_t pixels, int64_t size, double alpha, double beta,
                                       double k) {
-    NAME(params) p = {channels, pixels, size, (size - 1) / 2, (REAL)(alpha / (double)size), (REAL)k, (REAL)beta,
+    NAME(params) p = {channels, pixels, (REAL)(alpha / (double)size), (REAL)k, (REAL)beta,
                       (REAL)(2.0 * alpha * beta / (double)size)};
     return p;
 }
@@ -300,10 +308,7 @@ static int NAME(forward_items)(const REAL *x, REAL *top, int64_t channels, int64
 #define ROWS(n, m, u) \
     NAME(forward_rows)(&p, x + it.offset, top + it.offset, scratch, scratch + part, it.lanes, width, n, m, u)
 #define PIXELS(n, m, u) NAME(forward_pixels)(&p, x + it.offset, top + it.offset, scratch, scratch + part, it.lanes, n, m)
-        if (channels_last)
-            DISPATCH(PIXELS, size, mode);
-        else
-            DISPATCH(ROWS, size, mode);
+        DISPATCH(ROWS, PIXELS, channels_last, size, mode);
 #undef ROWS
 #undef PIXELS
     }
@@ -332,10 +337,7 @@ static int NAME(backward_items)(const REAL *x, const REAL *top_diff, REAL *botto
 #define PIXELS(n, m, u) \
     NAME(backward_pixels)(&p, xi, dyi, dxi, scratch, scratch + part, scratch + 2 * part, scratch + 3 * part, \
                           it.lanes, n, m)
-        if (channels_last)
-            DISPATCH(PIXELS, size, mode);
-        else
-            DISPATCH(ROWS, size, mode);
+        DISPATCH(ROWS, PIXELS, channels_last, size, mode);
 #undef ROWS
 #undef PIXELS
     }
@@ -387,6 +389,7 @@ int NAME(lrn_backward)(const REAL *x, const REAL *top_diff, REAL *bottom_diff, i
 #undef THREAD_RANGE
 #undef SWEEP
 #undef DISPATCH
+#undef DISPATCH_SIZE
 #undef CAT2
 #undef CAT
 #undef NAME
