@@ -36,7 +36,7 @@ from torch import nn  # noqa: E402
 from bench_common import time_in_turn, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_REFERENCE = ROOT.parent / "shared" / "caffe-reference"
+DEFAULT_REFERENCE = ROOT / "tests" / "fixtures" / "caffe-reference"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## GoogLeNet conversion and forward"
 CPU_THREADS = 2

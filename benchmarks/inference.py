@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from bench_common import machine_line, medians, time_in_turn, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_REFERENCE = ROOT.parent / "shared" / "caffe-reference"
+DEFAULT_REFERENCE = ROOT / "tests" / "fixtures" / "caffe-reference"
 SECTION = "## GoogLeNet inference: eager, compiled, ONNX Runtime"
 THREADS = 2
 GOAL = 1.1  # compiled at batch 16 within this factor of ONNX Runtime's time

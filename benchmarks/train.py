@@ -171,7 +171,7 @@ def bf16_error() -> Optional[float]:
     from caffe_compat.io.files import read_caffemodel, weights_of
     from caffe_compat.solver import train
 
-    fixture = ROOT.parent / "shared" / "caffe-reference" / "nets" / "solver"
+    fixture = ROOT / "tests" / "fixtures" / "caffe-reference" / "nets" / "solver"
     if not fixture.exists():
         return None
     errors = {}

@@ -17,19 +17,16 @@ settings.register_profile("repeatable", derandomize=True, database=None, deadlin
 settings.register_profile("explore", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REFERENCE = SHARED / "caffe-reference"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+REFERENCE = FIXTURES / "caffe-reference"  # copied from what real Caffe and its forks computed
+PAPER_MODEL = FIXTURES / "paper-model"  # the paper's own prototxts, as released
 
 
 def require(path: Path) -> Path:
-    """Return `path`, or skip saying which fixture is missing. Under CI the fixtures are
-    always beside the checkout, so there a missing one fails instead of skipping."""
+    """Return `path`, failing (never skipping) when the checkout lacks it: the fixtures are
+    part of the repository, so a missing one is a broken checkout."""
     if not path.exists():
-        message = (f"needs {path}: the Caffe reference fixtures from ../shared beside the "
-                   f"checkout (CI always has them)")
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(f"needs {path}: a fixture the repository should carry (tests/fixtures)")
     return path
 
 

@@ -12,9 +12,9 @@ from caffe_compat.inspect import format_inspection, inspect_net
 from caffe_compat.io.files import read_net
 from caffe_compat.layers.catalog import CATALOG
 from caffe_compat.shapes import RULES, net_shapes
-from conftest import REFERENCE, SHARED, require, run_cli, run_python
+from conftest import PAPER_MODEL, REFERENCE, require, run_cli, run_python
 
-PAPER = SHARED / "paper-model"
+PAPER = PAPER_MODEL
 EMBED64 = "train_val_googlenet_finetune_liftedstructsim_softmax_pair_m128_multilabel_embed64.prototxt"
 EXTRACT64 = "extract_googlenet_ebay_feature_embed64.prototxt"
 

@@ -22,7 +22,7 @@ from caffe_compat.graph import build_graph
 from caffe_compat.io.files import read_binaryproto, read_prototxt, with_weights, write_caffemodel
 from caffe_compat.layers import REGISTRY
 from caffe_compat.net import CaffeNet
-from conftest import REFERENCE, SHARED, require
+from conftest import PAPER_MODEL, REFERENCE, require
 import layer_harness
 
 if importlib.util.find_spec("onnxruntime") is None and not os.environ.get("CI"):
@@ -30,7 +30,7 @@ if importlib.util.find_spec("onnxruntime") is None and not os.environ.get("CI"):
 import onnxruntime as ort  # noqa: E402  (CI always has it: there a missing runtime fails)
 
 LAYER_CASES = sorted(Path(p).stem for p in glob.glob(str(REFERENCE / "layers" / "*.npz")))
-PAPER = SHARED / "paper-model"
+PAPER = PAPER_MODEL
 EXTRACT = PAPER / "extract_googlenet_ebay_feature_embed64.prototxt"
 TRAIN_VAL = PAPER / "train_val_googlenet_finetune_liftedstructsim_softmax_pair_m128_multilabel_embed64.prototxt"
 TORCH_RTOL = 1e-5

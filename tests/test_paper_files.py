@@ -17,9 +17,9 @@ from caffe_compat.io.files import NetFile, read_caffemodel, weights_of
 from caffe_compat.io.schema import messages
 from caffe_compat.loading import load_net
 from caffe_compat.recipes import paper_net
-from conftest import SHARED, require, run_cli
+from conftest import PAPER_MODEL, require, run_cli
 
-PAPER = SHARED / "paper-model"
+PAPER = PAPER_MODEL
 EXTRACT = "extract_googlenet_ebay_feature_embed64.prototxt"
 TRAIN_VAL = "train_val_googlenet_finetune_liftedstructsim_softmax_pair_m128_multilabel_embed64.prototxt"
 SMALL = {"data": (2, 3, 227, 227)}

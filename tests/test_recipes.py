@@ -6,11 +6,11 @@ from google.protobuf import text_format
 
 from caffe_compat.io.files import read_prototxt, read_solver
 from caffe_compat.recipes import paper_net, paper_solver
-from conftest import SHARED, require
+from conftest import PAPER_MODEL, require
 
 
 def _paper_file(pattern):
-    folder = require(SHARED / "paper-model")
+    folder = require(PAPER_MODEL)
     (path,) = glob.glob(str(folder / pattern))
     return path
 

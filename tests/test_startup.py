@@ -9,7 +9,7 @@ from pathlib import Path
 
 from caffe_compat import __version__
 from caffe_compat.layers.catalog import CATALOG, format_markdown
-from conftest import REFERENCE, SHARED, require, run_cli
+from conftest import PAPER_MODEL, REFERENCE, require, run_cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 HEAVY = ("torch", "onnx", "onnxruntime", "caffe_compat.net", "caffe_compat.layers.registry")
@@ -20,7 +20,7 @@ def test_inspect_layers_and_version_import_neither_torch_nor_onnx(tmp_path):
         ["inspect", str(require(REFERENCE / "nets" / "googlenet_deploy.prototxt"))],
         ["inspect", str(require(REFERENCE / "layers" / "conv_basic.prototxt")),
          str(REFERENCE / "layers" / "conv_basic.caffemodel"), "--json"],
-        ["inspect", str(require(next((SHARED / "paper-model").glob("train_val_*embed64.prototxt")))),
+        ["inspect", str(require(next(PAPER_MODEL.glob("train_val_*embed64.prototxt")))),
          "--phase", "TRAIN"],
         ["layers"], ["layers", "--json"], ["--version"],
     ]
