@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_wheel_installs_one_top_level_name(tmp_path):
     source = tmp_path / "src"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", "*venv*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
+        ".git", "*venv*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "fixtures"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                     "-w", str(tmp_path / "dist"), "-q"], check=True)
     (wheel,) = (tmp_path / "dist").glob("caffe_compat-*.whl")
@@ -29,3 +29,21 @@ def test_wheel_installs_one_top_level_name(tmp_path):
                 for folder in ("proto", "converters") for p in (ROOT / folder).rglob("*.py")
                 if p.name != "generate.py"}
     assert sources - set(names) == set()
+
+
+def test_the_checkout_imports_from_its_root(tmp_path):
+    """From a checkout's root the source tree comes first on sys.path, shadowing any
+    installed copy: `caffe_compat.proto` and `caffe_compat.converters` must still import,
+    from the checkout itself (proto/ and converters/ sit beside the package there)."""
+    checkout = tmp_path / "checkout"
+    for folder in ("caffe_compat", "proto", "converters"):
+        shutil.copytree(ROOT / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import caffe_compat.proto, caffe_compat.converters.artifact as a; "
+            "print(caffe_compat.proto.__file__); print(a.__file__)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=checkout, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert all(Path(line).is_relative_to(checkout) for line in result.stdout.split()), result.stdout
+    conv = ROOT / "tests" / "fixtures" / "caffe-reference" / "layers" / "conv_basic.prototxt"
+    result = subprocess.run([sys.executable, "-m", "caffe_compat", "inspect", str(conv)], cwd=checkout,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "140 parameters" in result.stdout, result.stderr
