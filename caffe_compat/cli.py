@@ -210,7 +210,7 @@ def _cmd_time(args) -> int:
 def _cmd_test(args) -> int:
     from .timing import score_net
 
-    score_net(args.net, args.weights, args.iterations, args.phase, args.device)
+    score_net(args.net, args.weights, args.iterations, args.phase, args.device, all_values=args.all_values)
     return 0
 
 
@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], type=str.upper,
                    help="the phase to run (default TEST)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--all-values", action="store_true",
+                   help="print every element of every output per batch, as caffe test does (default: a "
+                        "scalar output's value, a larger one's shape and mean)")
     p.set_defaults(run=_cmd_test)
 
     p = sub.add_parser("train", help="train a net with a Caffe solver prototxt, as `caffe train`")

@@ -5,8 +5,10 @@
 in reverse order, each layer's backward for every iteration, and prints the average
 per layer and the totals. Each layer runs on its own copies of its bottoms, so its
 backward is one autograd call that can be timed alone, as Caffe's Layer::Backward is.
-`test` runs the TEST phase forward for N batches and prints every output blob's value
-per batch and its mean, with the loss weight where the blob is a loss."""
+`test` runs the TEST phase forward for N batches and prints each output blob per batch and
+its mean over the batches, with the loss weight where the blob is a loss: a scalar blob's
+value as Caffe prints it, a larger blob (an embedding) as its shape and mean, unless every
+value is asked for (`all_values`, Caffe's own output: one line per element)."""
 from __future__ import annotations
 
 import math
@@ -208,8 +210,8 @@ def time_net(net_path: PathLike, weights: Optional[PathLike] = None, iterations:
 
 
 def score_net(net_path: PathLike, weights: PathLike, iterations: int = DEFAULT_ITERATIONS, phase: str = "TEST",
-             device: str = "cpu", emit: Callable[[str], None] = print) -> dict:
-    """`caffe test`: N forward passes; each output blob's value per batch, then its mean
+              device: str = "cpu", emit: Callable[[str], None] = print, all_values: bool = False) -> dict:
+    """`caffe test`: N forward passes; each output blob per batch, then its mean
     ({blob: [mean per element]}) and the mean loss."""
     if iterations < 1:
         raise CaffeCompatError(f"--iterations {iterations}: must be at least 1")
@@ -218,6 +220,7 @@ def score_net(net_path: PathLike, weights: PathLike, iterations: int = DEFAULT_I
     # Caffe's Net collects its outputs in a std::set of names: alphabetical order.
     output_names = sorted(net.output_names)
     sums: Dict[str, torch.Tensor] = {}
+    shapes: Dict[str, Tuple[int, ...]] = {}
     loss = 0.0
     emit(f"Running for {iterations} iterations.")
     try:
@@ -226,21 +229,38 @@ def score_net(net_path: PathLike, weights: PathLike, iterations: int = DEFAULT_I
                 outputs = net(**inputs)
                 loss += sum(weight * float(outputs[top].sum()) for top, weight in net.loss_terms)
                 for name in output_names:
+                    shapes[name] = tuple(outputs[name].shape)
                     values = outputs[name].detach().double().reshape(-1).cpu()
                     sums[name] = sums[name] + values if name in sums else values
-                    for value in values.tolist():
-                        emit(f"Batch {batch}, {name} = {value:.6g}")
+                    for line in _blob_lines(name, values, shapes[name], all_values):
+                        emit(f"Batch {batch}, {line}")
     finally:
         _close_data_layers(net)
     emit(f"Loss: {loss / iterations:.6g}")
     means = {}
     for name, total in sums.items():
-        means[name] = (total / iterations).tolist()
+        mean = total / iterations
+        means[name] = mean.tolist()
         weight = weights_of_top.get(name, 0.0)
-        for value in means[name]:
-            note = f" (* {weight:g} = {weight * value:.6g} loss)" if weight else ""
-            emit(f"{name} = {value:.6g}{note}")
+        if total.numel() == 1 or all_values:
+            for value in means[name]:
+                note = f" (* {weight:g} = {weight * value:.6g} loss)" if weight else ""
+                emit(f"{name} = {value:.6g}{note}")
+        else:
+            emit(f"{_summary(name, mean, shapes[name])} (mean of {iterations} batches; --all-values prints each)")
     return {"loss": loss / iterations, "outputs": means}
+
+
+def _blob_lines(name: str, values: torch.Tensor, shape: Tuple[int, ...], all_values: bool) -> List[str]:
+    if values.numel() == 1 or all_values:
+        return [f"{name} = {value:.6g}" for value in values.tolist()]
+    return [_summary(name, values, shape)]
+
+
+def _summary(name: str, values: torch.Tensor, shape: Tuple[int, ...]) -> str:
+    dims = "x".join(map(str, shape))
+    return (f"{name}: shape {dims}, mean {float(values.mean()):.6g}, "
+            f"min {float(values.min()):.6g}, max {float(values.max()):.6g}")
 
 
 def _close_data_layers(net) -> None:

@@ -74,6 +74,24 @@ def test_test_prints_each_batch_and_the_means(classifier):
     assert lines[-1] == f"loss = {mean_loss:.6g} (* 1 = {mean_loss:.6g} loss)"
 
 
+def test_test_summarises_a_blob_larger_than_a_scalar(classifier, tmp_path):
+    """An embedding-like output is one line per batch (shape, mean, range), not one per
+    element; --all-values prints each element, as caffe test does."""
+    net_path, weights_path, *_ = classifier
+    text = net_path.read_text()
+    headless = tmp_path / "headless.prototxt"
+    headless.write_text(text[:text.index('layer { name: "loss"')])
+    lines = []
+    result = score_net(headless, weights_path, iterations=2, emit=lines.append)
+    ip_lines = [line for line in lines if re.match(r"(Batch \d+, )?ip[: ]", line)]
+    assert [line.split(":")[0] for line in ip_lines] == ["Batch 0, ip", "Batch 1, ip", "ip"]
+    assert f"shape {BATCH}x3, mean " in ip_lines[0]
+    assert len(result["outputs"]["ip"]) == BATCH * 3
+    every = []
+    score_net(headless, weights_path, iterations=2, emit=every.append, all_values=True)
+    assert sum(line.startswith("Batch 0, ip = ") for line in every) == BATCH * 3
+
+
 def test_time_prints_every_layer_and_the_totals(classifier, tmp_path):
     net_path, weights_path, *_ = classifier
     result = run_cli("time", net_path, weights_path, "--iterations", 3, cwd=tmp_path)
