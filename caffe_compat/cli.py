@@ -67,12 +67,6 @@ def _cmd_convert(args) -> int:
     input_shapes = parse_input_shapes(args.input_shape or [])
     max_memory = parse_size(args.max_memory) if args.max_memory else None
     net_file = read_prototxt(source, args.dialect)
-    if args.random_init:
-        import torch
-
-        if not -2 ** 63 <= args.seed < 2 ** 64:  # the range torch's generator takes
-            raise CaffeCompatError(f"--seed {args.seed}: must be between -2**63 and 2**64 - 1")
-        torch.manual_seed(args.seed)
     net = load_net(net_file, args.weights, phase=args.phase, dialect=args.dialect, input_shapes=input_shapes,
                    allow_missing_weights=args.allow_missing_weights, max_memory=max_memory)
     if out.suffix == ".caffemodel":
@@ -120,9 +114,13 @@ def _add_preprocess_options(p, what: str, crop: bool = True) -> None:
         p.add_argument("--crop-size", type=int, help=f"centre crop, to {what}")
 
 
-def _add_weights_options(p, memory: bool = True) -> None:
+def _add_weights_options(p, memory: bool = True, seed: bool = True) -> None:
     p.add_argument("--allow-missing-weights", action="store_true",
                    help="let layers the weights do not cover keep their fillers' values (else an error)")
+    if seed:
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of the fillers' draws (--allow-missing-weights, --random-init): the same "
+                            "values on every run (default 0)")
     if memory:
         p.add_argument("--max-memory", metavar="SIZE",
                        help="refuse nets whose parameters need more, e.g. 8G (default: the memory available)")
@@ -278,7 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preprocess_options(p, "record in the model (shown by export-onnx and caffe_compat.load)")
     p.add_argument("--random-init", action="store_true",
                    help="no WEIGHTS: fill the parameters from the prototxt's fillers (seeded by --seed)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of --random-init (default 0)")
     p.add_argument("--input-shape", action="append", metavar="BLOB=N,C,H,W",
                    help="shape of an input, or of a data layer's top whose source is absent (repeatable)")
     _add_weights_options(p)
@@ -341,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32 (default): Caffe's arithmetic; bf16/fp16: autocast, faster, less exact")
     p.add_argument("--memory-format", choices=("nchw", "channels_last"),
                    help="layout of the 4-d weights and activations (default: nchw for fp32, else channels_last)")
-    _add_weights_options(p, memory=False)
+    _add_weights_options(p, memory=False, seed=False)  # the solver's random_seed, as Caffe's
     p.set_defaults(run=_cmd_train)
 
     p = sub.add_parser("extract", help="run a net's TEST phase over a dataset and save one blob per image")
@@ -431,12 +428,27 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"caffe-compat: warning: {message}\n"
 
 
+def _seed_fillers(args) -> None:
+    """Fillers draw from torch's generator: seeded, a conversion gives the same values on every run."""
+    if getattr(args, "seed", None) is None:
+        return
+    import torch
+
+    if not -2 ** 63 <= args.seed < 2 ** 64:  # the range torch's generator takes
+        raise CaffeCompatError(f"--seed {args.seed}: must be between -2**63 and 2**64 - 1")
+    torch.manual_seed(args.seed)
+    if args.allow_missing_weights:
+        print(f"caffe-compat: layers the weights leave unset keep their fillers' values, drawn with "
+              f"--seed {args.seed}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning  # notes, one line each
     try:
         _refuse_output_over_input(args)
+        _seed_fillers(args)
         return args.run(args)
     except CaffeCompatError as err:
         if args.debug:

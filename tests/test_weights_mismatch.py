@@ -284,3 +284,23 @@ def test_sizes_and_shapes_parse():
     assert parse_input_shapes(["data=1,3,227,227", "label=1"]) == {"data": (1, 3, 227, 227), "label": (1,)}
     with pytest.raises(CaffeCompatError):
         parse_input_shapes(["=1,3"])
+
+
+def test_allow_missing_weights_is_reproducible_and_states_its_seed(tmp_path):
+    """Layers the weights leave unset draw their fillers from --seed (default 0): two runs
+    write the same caffemodel, another seed another one, and the seed is stated."""
+    prototxt, _ = files_of(tmp_path, "two", TWO_CONVS)
+    partial = tmp_path / "partial.caffemodel"
+    write_caffemodel(with_weights(parse(TWO_CONVS), conv_weights("conv1")), partial)
+
+    def convert(out, *more):
+        result = run_cli("convert", prototxt, partial, "--allow-missing-weights", "-o", out, *more, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return result.stderr, weights_of(read_caffemodel(tmp_path / out))["conv2"][0]
+
+    note, first = convert("a.caffemodel")
+    assert "drawn with --seed 0" in note
+    _, again = convert("b.caffemodel")
+    note, other = convert("c.caffemodel", "--seed", "5")
+    assert "drawn with --seed 5" in note
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
