@@ -85,8 +85,9 @@ def _built(source: Path) -> Path:
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    if sys.stderr is not None and sys.stderr.isatty():  # seconds of silence otherwise, at a terminal
-        print(f"caffe-compat: building {source.name} with {compiler[0]} (once per machine)", file=sys.stderr)
+    if sys.stderr is not None:  # seconds of silence otherwise, in a log as at a terminal
+        print(f"caffe-compat: building {source.name} with {compiler[0]}, about 10 s (once per machine)",
+              file=sys.stderr, flush=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
     os.close(handle)
     try:
