@@ -9,6 +9,7 @@ and it is recorded as given.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -115,6 +116,8 @@ def preprocess_metadata(net_param, base_dir: Optional[PathLike] = None,
                 or (shape is not None and len(shape) == 4 and shape[1] == 1))
         props.update({"preprocess.channel_order": "gray" if gray else "BGR", "preprocess.pixel_range": "0-255",
                       "preprocess.layout": "NCHW"})
+        if len(layer.top):
+            props["preprocess.input"] = layer.top[0]
         if transform.HasField("mean_file"):
             props.update(_mean_file_props(transform.mean_file, base_dir, required=False))
         elif len(transform.mean_value):
@@ -128,8 +131,20 @@ def preprocess_metadata(net_param, base_dir: Optional[PathLike] = None,
             name, shape = image
             props.update({"preprocess.channel_order": "gray" if shape[1] == 1 else "BGR",
                           "preprocess.pixel_range": "0-255", "preprocess.layout": "NCHW",
-                          "preprocess.input": name, UNSTATED: _unstated(["mean", "scale"])})
-    return with_overrides(props, overrides, net_param.name)
+                          "preprocess.input": name, UNSTATED: _unstated(["mean"]),
+                          # Caffe's own default: an input blob is used as it is given.
+                          "preprocess.scale": "1.0"})
+    props = with_overrides(props, overrides, net_param.name)
+    _warn_unreadable_mean(props)
+    return props
+
+
+def _warn_unreadable_mean(props: Mapping[str, str]) -> None:
+    """One warning line when the net's mean file could not be read here (the paper's
+    prototxts name one at their authors' absolute paths): the model records no mean."""
+    if "preprocess.mean_file_error" in props:
+        warnings.warn(f"mean file {props['preprocess.mean_file']}: not readable here, so no mean is recorded; "
+                      f"give --mean-value B G R (or --mean-file MEAN.binaryproto)", stacklevel=3)
 
 
 def _unstated(missing: Sequence[str]) -> str:

@@ -68,7 +68,8 @@ def test_deploy_net_without_overrides_says_what_is_unstated(conv_files, tmp_path
     assert run(capsys, "convert", *conv_files, "-o", model)[0] == 0
     recorded = caffe_compat.load(model).preprocess
     assert recorded["preprocess.channel_order"] == "BGR" and recorded["preprocess.pixel_range"] == "0-255"
-    assert recorded["preprocess.input"] == "data" and "mean and scale" in recorded["preprocess.unstated"]
+    assert recorded["preprocess.input"] == "data" and recorded["preprocess.unstated"].startswith("mean: ")
+    assert recorded["preprocess.scale"] == "1.0"
 
 
 def test_bad_preprocess_options_one_line(conv_files, tmp_path, capsys):

@@ -197,7 +197,9 @@ def paper_files(tmp_path_factory):
 def test_paper_embedder_l2_normalized(paper_files, tmp_path):
     net, weights = paper_files
     out = tmp_path / "embed64.onnx"
-    assert main(["export-onnx", str(EXTRACT), str(weights), "-o", str(out), "--l2-normalize"]) == 0
+    with pytest.warns(UserWarning, match=r"mean file /cvgl/\S+: not readable here, so no mean is recorded; "
+                                         r"give --mean-value"):
+        assert main(["export-onnx", str(EXTRACT), str(weights), "-o", str(out), "--l2-normalize"]) == 0
     model = check(onnx.load(str(out)))
     output = "fc_embedding" + L2_SUFFIX
     assert [o.name for o in model.graph.output] == [output]
@@ -210,6 +212,7 @@ def test_paper_embedder_l2_normalized(paper_files, tmp_path):
     assert_close(ours, expected, TORCH_RTOL, "normalized embedding")
     props = {p.key: p.value for p in model.metadata_props}
     assert props["preprocess.crop_size"] == "227" and props["preprocess.channel_order"] == "BGR"
+    assert props["preprocess.input"] == "data"  # the data layer's top, which the export takes as its input
     assert props["preprocess.mean_file"] == "/cvgl/u/hsong/cache/imagenet_mean.binaryproto"
     assert "not readable" in props["preprocess.mean_file_error"]
     assert props["source.prototxt_sha256"] == hashlib.sha256(EXTRACT.read_bytes()).hexdigest()
@@ -231,7 +234,8 @@ def test_train_val_exports_its_embedding(paper_files, tmp_path):
     # The training net: TRAIN-only Data layer and the lifted loss on its label.
     _, weights = paper_files
     out = tmp_path / "train_val.onnx"
-    assert main(["export-onnx", str(require(TRAIN_VAL)), str(weights), "-o", str(out)]) == 0
+    with pytest.warns(UserWarning, match="not readable here, so no mean is recorded"):
+        assert main(["export-onnx", str(require(TRAIN_VAL)), str(weights), "-o", str(out)]) == 0
     model = check(onnx.load(str(out)))
     assert [o.name for o in model.graph.output] == ["fc_embedding"]
     assert "Dropout" not in {n.op_type for n in model.graph.node}
@@ -367,7 +371,8 @@ def test_deploy_net_records_caffe_convention_and_what_the_user_gives(tmp_path, c
     props = _props(plain)
     assert (props["preprocess.channel_order"], props["preprocess.pixel_range"], props["preprocess.input"]) == \
         ("BGR", "0-255", "data")
-    assert "preprocess.mean" not in props and "mean and scale" in props["preprocess.unstated"]
+    assert "preprocess.mean" not in props and props["preprocess.unstated"].startswith("mean: ")
+    assert props["preprocess.scale"] == "1.0"  # Caffe's default: the input as given
     assert main(["export-onnx", str(proto), str(weights), "-o", str(given), "--output", "prob",
                  "--mean-value", "104", "117", "123", "--scale", "1", "--crop-size", "224"]) == 0
     props = _props(given)

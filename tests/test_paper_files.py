@@ -103,7 +103,9 @@ def test_convert_random_init_then_convert_the_paper_file(tmp_path, weights):
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
         f"caffe-compat: warning: {extract}: layer 'data' (Data): data_param.source "
         f"'/cvgl/u/hsong/ebay/cache/validation_set_cars196.lmdb' is absent; the TEST net takes an input "
-        f"instead: 'data' 26x3x227x227"]
+        f"instead: 'data' 26x3x227x227",
+        "caffe-compat: warning: mean file /cvgl/u/hsong/cache/imagenet_mean.binaryproto: not readable here, so no "
+        "mean is recorded; give --mean-value B G R (or --mean-file MEAN.binaryproto)"]
     converted = load_artifact(model).eval()
     with pytest.warns(UserWarning, match="is absent"):
         ours = load_net(recipe("TEST"), input_shapes=SMALL)
