@@ -178,7 +178,7 @@ class Trainer:
         last_loss: Optional[float] = None
         stopped = False
         self.progress = TrainProgress(self.stream, self.solver.iter, param.max_iter, self.images_per_iter,
-                                      param.display, enabled=self.is_root)
+                                      param.display, enabled=self.is_root, average_loss=param.average_loss)
         self._announce()
         try:
             with _StopRequest() as stop:
