@@ -9,6 +9,7 @@ the images of the retrieval figure.
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -129,4 +130,7 @@ def run_evaluate(features_path: PathLike, recall_k: Optional[Sequence[int]] = No
             images = [p if Path(p).is_absolute() else features_path.parent / p for p in features.paths]
             figures.retrieval_figure(features.embeddings, features.labels, images, figure_dir / RETRIEVAL_FIGURE,
                                      title=f"Retrieval: {features_path.name}", device=device)
+        else:
+            warnings.warn(f"{features_path}: no image paths ('paths' key), so no {RETRIEVAL_FIGURE}; features "
+                          f"extracted from an image list have them", stacklevel=2)
     return result

@@ -115,6 +115,13 @@ def test_figures_are_written(tmp_path):
             assert image.width > 100 and image.height > 100
 
 
+def test_no_retrieval_figure_without_image_paths_says_why(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is in the test extra")
+    with pytest.warns(UserWarning, match=r"no image paths \('paths' key\), so no retrieval.png"):
+        ev.run_evaluate(features(tmp_path), [1], figure_dir=tmp_path / "figs")
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [ev.RECALL_FIGURE]
+
+
 def test_paper_curve_needs_a_paper_dataset(tmp_path):
     with pytest.raises(CaffeCompatError, match="dataset 'mnist': the paper reports cub, cars and sop"):
         ev.run_evaluate(features(tmp_path), figure_dir=tmp_path / "figs", dataset="mnist")
