@@ -2,7 +2,7 @@
 
 from pathlib import Path as _Path
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 # In a source checkout `proto/` and `converters/` sit beside this package and install inside
 # it (`proto` and `converters` name other PyPI packages). Run from the checkout's root, the

@@ -47,3 +47,11 @@ def test_the_checkout_imports_from_its_root(tmp_path):
     result = subprocess.run([sys.executable, "-m", "caffe_compat", "inspect", str(conv)], cwd=checkout,
                             capture_output=True, text=True)
     assert result.returncode == 0 and "140 parameters" in result.stdout, result.stderr
+
+
+def test_the_changelog_names_the_version_installed():
+    """The newest section of CHANGELOG.md is the version `--version` reports."""
+    import caffe_compat
+
+    newest = next(line for line in (ROOT / "CHANGELOG.md").read_text().splitlines() if line.startswith("## "))
+    assert newest.split()[1] == caffe_compat.__version__
