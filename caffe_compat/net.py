@@ -371,7 +371,10 @@ class CaffeNet(nn.Module):
             inputs = [blobs[b] for b in bottoms]
             for i in self._stop_gradient[module_name]:
                 inputs[i] = inputs[i].detach()
-            out = self.layers[module_name](*inputs)
+            try:
+                out = self.layers[module_name](*inputs)
+            except RuntimeError as err:
+                raise self._size_error(module_name, bottoms, inputs) or err
             if len(tops) == 1:
                 out = (out,)
             for top, value in zip(tops, out):
@@ -383,6 +386,22 @@ class CaffeNet(nn.Module):
                     if blob not in keep:
                         del blobs[blob]
         return blobs
+
+    def _size_error(self, module_name: str, bottoms: Sequence[str],
+                    inputs: Sequence[torch.Tensor]) -> Optional[CaffeCompatError]:
+        """A layer that failed on bottoms of another size than the net was built for (an
+        InnerProduct's weights fit one input size) is named with the sizes the net expects,
+        rather than torch's `mat1 and mat2 shapes cannot be multiplied`; None otherwise."""
+        for blob, value in zip(bottoms, inputs):
+            built = tuple(self.blob_shapes.get(blob, ()))
+            if len(built) == value.dim() and tuple(value.shape[1:]) == built[1:]:
+                continue
+            expected = ", ".join(f"'{name}' {_dims(('N', *self.blob_shapes[name][1:]))}" for name in self.input_names)
+            return CaffeCompatError(
+                f"layer '{self.layer_names[module_name]}' of net '{self.graph.name}': bottom '{blob}' is "
+                f"{_dims(value.shape)}, but the net was built for {_dims(built)}; it expects inputs {expected} "
+                f"or build it for another size (input_shapes=, --input-shape)")
+        return None
 
     def forward(self, *inputs: torch.Tensor, **named: torch.Tensor):
         if isinstance(inputs, torch.fx.Proxy):  # fx's symbolic_trace hands *inputs (and **named) over as proxies
@@ -401,3 +420,7 @@ class CaffeNet(nn.Module):
         if not self.loss_terms:
             raise CaffeCompatError(f"net '{self.graph.name}' has no loss layer")
         return sum(weight * outputs[top].sum() for top, weight in self.loss_terms)
+
+
+def _dims(shape) -> str:
+    return "x".join(str(d) for d in shape) or "a scalar"

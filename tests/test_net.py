@@ -433,3 +433,17 @@ def test_propagate_down_stops_one_of_two_bottoms_that_are_the_same_blob():
         net(torch.ones(2, 3, 8, 8))["twice"].sum().backward()
         grads.append(net.layers["conv1"].weight.grad)
     torch.testing.assert_close(grads[1], grads[0] / 2)
+
+
+def test_an_input_of_another_size_names_the_layer_and_the_expected_shape():
+    """An InnerProduct's weights fit one input size: another size is one line naming the
+    layer and the shape the net expects, not torch's matrix-product message."""
+    net = net_of(INPUT_4D + """
+layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 3 } }
+""")
+    built = tuple(net.blob_shapes["data"])
+    assert net(torch.zeros(5, *built[1:]))["fc"].shape == (5, 3)  # any batch size
+    wrong = (2, built[1], built[2] + 1, built[3])
+    with pytest.raises(CaffeCompatError, match=rf"layer 'fc' of net .*: bottom 'data' is {'x'.join(map(str, wrong))}, "
+                                               rf"but the net was built for .*; it expects inputs 'data' N"):
+        net(torch.zeros(wrong))
