@@ -96,7 +96,7 @@ def test_a_snapshot_already_there_as_a_hard_link_of_the_net_is_refused(solver_di
     os.link(solver_dir / "train.prototxt", solver_dir / "solver_iter_7.solverstate.pt")
     before = contents(solver_dir)
     line = refused(capsys, ["train", "solver.prototxt", "--weights", "init.caffemodel"])
-    assert "output ./solver_iter_7.solverstate.pt (a snapshot of snapshot_prefix 'solver'" in line
+    assert "output solver_iter_7.solverstate.pt (a snapshot of snapshot_prefix 'solver'" in line
     assert "is the input train.prototxt (the train net)" in line
     assert contents(solver_dir) == before
 
@@ -190,3 +190,24 @@ def test_an_output_beside_its_inputs_is_accepted(tmp_path):
     inputs.check_output(tmp_path / "imgs" / "features.npz")
     with pytest.raises(CaffeCompatError, match="is the input"):
         inputs.check_output(tmp_path / "imgs" / "0.png")
+
+
+def test_figures_never_replace_the_images_or_log_they_draw(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="figures need matplotlib (the all extra)")
+    import numpy as np
+
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    (figures / "retrieval.png").write_bytes(b"an image the features list")
+    np.savez(tmp_path / "f.npz", embeddings=np.eye(4, dtype=np.float32), labels=np.array([0, 0, 1, 1]),
+             paths=np.array(["figures/retrieval.png", "b.png", "c.png", "d.png"]))
+    line = refused(capsys, ["evaluate", tmp_path / "f.npz", "--figure-dir", figures])
+    assert (f"output {figures}/retrieval.png: is the input {tmp_path}/figures/retrieval.png (an image listed in "
+            f"{tmp_path}/f.npz)") in line, line
+    assert (figures / "retrieval.png").read_bytes() == b"an image the features list"
+    np.savez(tmp_path / "f.npz", embeddings=np.eye(4, dtype=np.float32), labels=np.array([0, 0, 1, 1]))
+    (figures / "training_loss.png").write_text("iteration,loss,lr,smoothed_loss\n")
+    line = refused(capsys, ["evaluate", tmp_path / "f.npz", "--figure-dir", figures,
+                            "--train-log", figures / "training_loss.png"])
+    assert "training_loss.png: is the input" in line and "(the training log)" in line, line
+    assert (figures / "training_loss.png").read_text() == "iteration,loss,lr,smoothed_loss\n"

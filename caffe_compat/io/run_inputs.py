@@ -44,7 +44,7 @@ def _phase_of(layer) -> str:
     return {frozenset([0]): "training ", frozenset([1]): "test "}.get(frozenset(phases), "")
 
 
-def _read_words(path: str) -> List[str]:
+def _read_lines(path: str) -> List[str]:
     """The lines of a list file, or none when it cannot be read (its layer reports that)."""
     try:
         return Path(path).read_text(encoding="utf-8").splitlines()
@@ -75,10 +75,11 @@ class RunInputs:
     def add_image_list(self, list_path: str, root_folder: str, what: str) -> None:
         """An ImageData list and the images it names (root_folder + entry, as Caffe joins them)."""
         self.add(list_path, f"the image list of {what}")
-        names = (line.strip().rpartition(" ")[0] for line in _read_words(list_path))
+        names = (line.strip().rpartition(" ")[0] for line in _read_lines(list_path))
         self.add_images([root_folder + name for name in names if name], f"an image of {what}")
 
     def add_images(self, paths: Iterable[str], what: str) -> None:
+        """Image files, compared by resolved folder (a list may name a million of them)."""
         folders: Dict[str, str] = {}  # many images, few folders: resolve each folder once
         for path in paths:
             folder, base = os.path.split(path)
@@ -98,7 +99,7 @@ class RunInputs:
             elif layer.type == "HDF5Data" and layer.hdf5_data_param.source:
                 source = layer.hdf5_data_param.source
                 self.add(source, f"the HDF5 file list of {what}")
-                for name in " ".join(_read_words(source)).split():
+                for name in " ".join(_read_lines(source)).split():
                     self.add(name, f"an HDF5 file of {what}")
             elif layer.type == "InfogainLoss" and layer.infogain_loss_param.source:
                 self.add(layer.infogain_loss_param.source, f"the infogain matrix of {what}")
@@ -130,8 +131,8 @@ class RunInputs:
         """Refuse a snapshot `<prefix>_iter_<N><suffix>` (N in `iterations`) that would land on
         an input: one named so, one that a file already there shares an inode with, or an
         input folder holding the snapshots' folder."""
-        folder, stem = os.path.split(prefix)
-        folder = folder or "."
+        shown, stem = os.path.split(prefix)
+        folder = shown or "."
         if len(iterations):
             self.check_output(f"{prefix}_iter_{iterations[-1]}{suffixes[0]}", role)
         pattern = re.compile(re.escape(stem) + r"_iter_(\d+)(" + "|".join(map(re.escape, suffixes)) + r")\Z")
@@ -139,12 +140,12 @@ class RunInputs:
         for given in self._files:
             found = pattern.match(os.path.basename(given.real))
             if found and os.path.dirname(given.real) == real_folder and int(found[1]) in iterations:
-                self._refuse(f"output {os.path.join(folder, os.path.basename(given.real))} ({role})", "is", given)
+                self._refuse(f"output {os.path.join(shown, os.path.basename(given.real))} ({role})", "is", given)
         if os.path.isdir(folder):
             for name in os.listdir(folder):
                 found = pattern.match(name)
                 if found and int(found[1]) in iterations:
-                    self.check_output(os.path.join(folder, name), role)
+                    self.check_output(os.path.join(shown, name), role)
 
     @staticmethod
     def _refuse(label: str, relation: str, given: _Input) -> None:
