@@ -153,6 +153,16 @@ def test_an_output_that_is_a_device_node_is_refused_and_kept(tmp_path, capsys, v
         assert not stat.S_ISREG(os.lstat(node).st_mode)
 
 
+def null_node(tmp_path) -> Path:
+    """A node with the null device's numbers in tmp_path: what /dev/null is, without risking
+    the machine's own /dev/null should the code under test ever rename over it."""
+    try:
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.stat(os.devnull).st_rdev)
+    except PermissionError:
+        pytest.skip("mknod needs root (CAP_MKNOD): a copy of the null device cannot be made here")
+    return tmp_path / "null"
+
+
 def test_atomic_path_refuses_a_node_and_writes_through_the_null_device(tmp_path):
     """The last line of defence, under every writer: a node is never renamed over, and the
     null device is written through without a temporary beside it."""
@@ -162,21 +172,21 @@ def test_atomic_path_refuses_a_node_and_writes_through_the_null_device(tmp_path)
             atomic.write_text(node, "x")
         assert not stat.S_ISREG(os.lstat(node).st_mode)
     assert sorted(tmp_path.iterdir()) == sorted(node for node, _ in nodes)
-    try:
-        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.stat(os.devnull).st_rdev)
-    except PermissionError:
-        pytest.skip("mknod needs root: the null device's copy cannot be made here")
-    atomic.write_text(tmp_path / "null", "discarded")
-    assert stat.S_ISCHR(os.lstat(tmp_path / "null").st_mode)
-    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "null"] + [node for node, _ in nodes])
+    null = null_node(tmp_path)
+    atomic.write_text(null, "discarded")
+    assert stat.S_ISCHR(os.lstat(null).st_mode)
+    assert sorted(tmp_path.iterdir()) == sorted([null] + [node for node, _ in nodes])
 
 
-def test_train_writes_its_log_and_weights_through_dev_null(solver_dir, capsys):
+def test_train_writes_its_log_and_weights_through_the_null_device(solver_dir, capsys):
+    null = null_node(solver_dir.parent)
     edit(solver_dir / "solver.prototxt", "max_iter: 10", "max_iter: 2")
-    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--output", os.devnull,
-                 "--log", os.devnull]) == 0
-    assert stat.S_ISCHR(os.lstat(os.devnull).st_mode)
-    assert f"wrote {os.devnull}" in capsys.readouterr().out
+    before = sorted(solver_dir.parent.iterdir())
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--output", str(null),
+                 "--log", str(null)]) == 0
+    assert stat.S_ISCHR(os.lstat(null).st_mode)
+    assert f"wrote {null}" in capsys.readouterr().out
+    assert sorted(solver_dir.parent.iterdir()) == before  # no temporary, no probe left beside it
 
 
 def test_an_output_beside_its_inputs_is_accepted(tmp_path):
@@ -186,6 +196,7 @@ def test_an_output_beside_its_inputs_is_accepted(tmp_path):
     inputs = RunInputs()
     inputs.add(tmp_path / "list.txt", "the list")
     inputs.add_image_list(str(tmp_path / "list.txt"), f"{tmp_path}/", "layer 'data'")
+    inputs.add("a\0b", "a source a prototxt spelt with a NUL: it names no file")
     inputs.check_output(tmp_path / "features.npz")
     inputs.check_output(tmp_path / "imgs" / "features.npz")
     with pytest.raises(CaffeCompatError, match="is the input"):

@@ -34,8 +34,12 @@ def _identity(path: PathLike) -> Optional[Identity]:
     return status.st_dev, status.st_ino
 
 
-def _input(path: PathLike, what: str) -> _Input:
-    return _Input(str(path), what, os.path.realpath(path), _identity(path))
+def _resolved(path: PathLike) -> Optional[str]:
+    """The path with its symlinks resolved; None for one no file can have (a NUL byte in it)."""
+    try:
+        return os.path.realpath(path)
+    except ValueError:
+        return None
 
 
 def _phase_of(layer) -> str:
@@ -63,14 +67,20 @@ class RunInputs:
 
     def add(self, path: PathLike, what: str) -> None:
         """A file, or a folder with everything in it (an LMDB: its data.mdb and lock.mdb)."""
-        if os.path.isdir(path):
-            self._folders.append(_input(path, what))
+        real = _resolved(path)
+        if real is None:
+            return
+        if not os.path.isdir(path):
+            self._files.append(_Input(str(path), what, real, _identity(path)))
+            return
+        self._folders.append(_Input(str(path), what, real, _identity(path)))
+        try:
             with os.scandir(path) as entries:
-                for entry in entries:
-                    if entry.is_file():
-                        self._files.append(_input(entry.path, f"in {what}"))
-        else:
-            self._files.append(_input(path, what))
+                files = [entry.path for entry in entries if entry.is_file()]
+        except OSError:  # unreadable: the run's reader of it says so
+            files = []
+        for file in files:
+            self._files.append(_Input(file, f"in {what}", os.path.realpath(file), _identity(file)))
 
     def add_image_list(self, list_path: str, root_folder: str, what: str) -> None:
         """An ImageData list and the images it names (root_folder + entry, as Caffe joins them)."""
@@ -83,8 +93,10 @@ class RunInputs:
         folders: Dict[str, str] = {}  # many images, few folders: resolve each folder once
         for path in paths:
             folder, base = os.path.split(path)
-            real = folders.setdefault(folder, os.path.realpath(folder or "."))
-            self._images[os.path.join(real, base)] = (path, what)
+            if folder not in folders:
+                folders[folder] = _resolved(folder or ".")
+            if folders[folder] is not None:
+                self._images[os.path.join(folders[folder], base)] = (path, what)
 
     def add_net_layers(self, layers: Iterable, where: str) -> None:
         """What the given layers of the net in `where` read: LMDBs, image lists and their images,
@@ -111,9 +123,9 @@ class RunInputs:
         lies inside an input folder, or exists and is not a regular file."""
         label = f"output {path}{f' ({role})' if role else ''}"
         check_target(path, label)
-        if is_null_device(path):
+        real = _resolved(path)
+        if real is None or is_null_device(path):  # no such file can exist; or the output is discarded
             return
-        real = os.path.realpath(path)
         identity = _identity(path)
         for given in self._files:
             if real == given.real or (identity is not None and identity == given.identity):
@@ -136,7 +148,7 @@ class RunInputs:
         if len(iterations):
             self.check_output(f"{prefix}_iter_{iterations[-1]}{suffixes[0]}", role)
         pattern = re.compile(re.escape(stem) + r"_iter_(\d+)(" + "|".join(map(re.escape, suffixes)) + r")\Z")
-        real_folder = os.path.realpath(folder)
+        real_folder = _resolved(folder)
         for given in self._files:
             found = pattern.match(os.path.basename(given.real))
             if found and os.path.dirname(given.real) == real_folder and int(found[1]) in iterations:
