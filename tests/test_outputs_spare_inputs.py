@@ -65,6 +65,17 @@ def test_train_log_over_the_training_lmdb_is_refused(solver_dir, capsys):
     assert contents(solver_dir) == before
 
 
+def test_an_hdf5_output_layer_over_the_training_lmdb_is_refused(solver_dir, capsys):
+    with open(solver_dir / "train.prototxt", "a") as net:
+        net.write('layer { name: "dump" type: "HDF5Output" bottom: "fc_embedding" bottom: "label" '
+                  'hdf5_output_param { file_name: "train_lmdb/data.mdb" } include { phase: TRAIN } }\n')
+    before = contents(solver_dir)
+    line = refused(capsys, ["train", "solver.prototxt"])
+    assert ("output train_lmdb/data.mdb (hdf5_output_param.file_name of layer 'dump' in train.prototxt): is the "
+            "input train_lmdb/data.mdb (in the training LMDB of layer 'data' in train.prototxt)") in line, line
+    assert contents(solver_dir) == before
+
+
 def test_symlinks_and_hard_links_do_not_dodge_the_check(solver_dir, capsys):
     before = contents(solver_dir)
     (solver_dir.parent / "alias").symlink_to(solver_dir)
@@ -105,7 +116,8 @@ def test_extract_into_the_lmdb_it_reads_is_refused(tmp_path, capsys):
     lmdb_folder = tmp_path / "lmdb"
     shutil.copytree(require(SOLVER / "train_lmdb"), lmdb_folder)
     before = contents(lmdb_folder)
-    for output, relation in [(lmdb_folder / "data.mdb", "is the input"), (lmdb_folder / "f.npz", "is inside the input")]:
+    for output, relation in [(lmdb_folder / "data.mdb", "is the input"),
+                             (lmdb_folder / "f.npz", "is inside the input")]:
         line = refused(capsys, ["extract", SOLVER / "train.prototxt", SOLVER / "final.caffemodel",
                                 "--data", lmdb_folder, "-o", output])
         assert f"output {output}: {relation} {lmdb_folder}" in line, line

@@ -51,11 +51,11 @@ def check_snapshot_prefix(prefix: str, where: str) -> None:
 
 
 def refuse_outputs_over_inputs(solver_path: Path, nets: Sequence[Tuple[str, object]], weights: Optional[Path],
-                               resume: Optional[Path], outputs: Sequence[Optional[Path]], snapshot_prefix: str,
+                               resume: Optional[Path], outputs: Sequence[Optional[Path]], prefix: str,
                                snapshot_iterations: range) -> None:
-    """No output of the run (--output, --log, its snapshots) may land on what it reads: the
-    solver, its nets (`nets`: (what, NetFile)) and every file their layers read, the weights,
-    the state it resumes."""
+    """No output of the run (--output, --log, its snapshots, HDF5Output files) may land on
+    what it reads: the solver, its nets (`nets`: (what, NetFile)) and every file their
+    layers read, the weights, the state it resumes."""
     inputs = RunInputs()
     inputs.add(solver_path, "the solver")
     distinct = {}  # the train net is also the test net where the solver names no other
@@ -71,8 +71,13 @@ def refuse_outputs_over_inputs(solver_path: Path, nets: Sequence[Tuple[str, obje
     for path in outputs:
         if path is not None:
             inputs.check_output(path)
-    inputs.check_snapshots(snapshot_prefix, snapshot_iterations, (".caffemodel", STATE_SUFFIX),
-                           f"a snapshot of snapshot_prefix '{snapshot_prefix}' in {solver_path}")
+    for _, net_file in distinct.values():  # HDF5Output layers write at every forward pass
+        for layer in net_file.net.layer:
+            if layer.type == "HDF5Output" and layer.hdf5_output_param.file_name:
+                inputs.check_output(layer.hdf5_output_param.file_name, f"hdf5_output_param.file_name of layer "
+                                                                       f"'{layer.name}' in {net_file.path}")
+    inputs.check_snapshots(prefix, snapshot_iterations, (".caffemodel", STATE_SUFFIX),
+                           f"a snapshot of snapshot_prefix '{prefix}' in {solver_path}")
 
 
 def _check_folder(folder: Path, what: str) -> None:
