@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import signal
 import sys
@@ -152,7 +151,8 @@ def _cmd_extract(args) -> int:
     features = extract_features(net_file, weights, args.data, args.blob, args.device, args.batch_size,
                                 root=args.root, mean_file=args.mean_file, mean_values=args.mean_value,
                                 show_progress=True, weights_source=args.weights,
-                                allow_missing_weights=args.allow_missing_weights, max_memory=max_memory)
+                                allow_missing_weights=args.allow_missing_weights, max_memory=max_memory,
+                                output=args.output)
     save_features(features, args.output)
     n, d = features["embeddings"].shape
     print(f"wrote {args.output}: {n} x {d} '{args.blob}'"
@@ -399,29 +399,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_INPUT_OPTIONS = ("net", "weights", "source", "solver", "resume", "features", "files", "data", "mean_file",
-                  "train_log")
+# What each command-line input is, for the message of an output that would replace it.
+_INPUT_OPTIONS = {"net": "the net", "weights": "the weights", "source": "the source", "solver": "the solver",
+                  "resume": "the solver state to resume", "features": "the features", "files": "a file to compare",
+                  "data": "the data", "mean_file": "the mean file", "train_log": "the training log"}
 _OUTPUT_OPTIONS = ("output", "onnx_file", "json", "log")
 
 
 def _refuse_output_over_input(args) -> None:
-    """An output that is also one of the command's inputs would destroy it (`extract -o WEIGHTS`)."""
-    inputs = []
-    for name in _INPUT_OPTIONS:
+    """An output that is one of the command's inputs, or lies in an input folder, would destroy
+    it (`extract -o WEIGHTS`, `-o LMDB/data.mdb`); `train` and `extract` also check the files
+    their inputs name (nets, data, means, snapshots) before any work."""
+    from .io.run_inputs import RunInputs
+
+    outputs = [value for value in (getattr(args, name, None) for name in _OUTPUT_OPTIONS) if isinstance(value, str)]
+    if not outputs:
+        return
+    inputs = RunInputs()
+    for name, what in _INPUT_OPTIONS.items():
         value = getattr(args, name, None)
-        inputs += value if isinstance(value, list) else [value]
-    for name in _OUTPUT_OPTIONS:
-        output = getattr(args, name, None)
-        for given in inputs:
-            if isinstance(output, str) and isinstance(given, str) and _same_path(output, given):
-                raise CaffeCompatError(f"output {output}: is also the input {given}; write to another path")
-
-
-def _same_path(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):  # one of them does not exist (yet): it cannot be the other
-        return False
+        for given in value if isinstance(value, list) else [value]:
+            if isinstance(given, str):
+                inputs.add(given, what)
+    for output in outputs:
+        inputs.check_output(output)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

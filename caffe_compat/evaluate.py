@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import CaffeCompatError
 from .io.atomic import write_text
+from .io.run_inputs import RunInputs
 from .metrics import DEFAULT_RECALL_K, check_embeddings, evaluate
 
 PathLike = Union[str, Path]
@@ -93,6 +94,19 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _refuse_figures_over_inputs(figure_dir: Path, features_path: Path, paths, train_log) -> None:
+    """No figure may replace what the run reads: the features, the images they list, the log."""
+    inputs = RunInputs()
+    inputs.add(features_path, "the features")
+    if train_log is not None:
+        inputs.add(train_log, "the training log")
+    if paths is not None:
+        inputs.add_images([str(p if Path(p).is_absolute() else features_path.parent / p) for p in paths],
+                          f"an image listed in {features_path}")
+    for name in (RECALL_FIGURE, RETRIEVAL_FIGURE, LOSS_FIGURE):
+        inputs.check_output(figure_dir / name)
+
+
 def run_evaluate(features_path: PathLike, recall_k: Optional[Sequence[int]] = None, use_assignments: bool = False,
                  json_path: Optional[PathLike] = None, figure_dir: Optional[PathLike] = None,
                  device="cpu", train_log: Optional[PathLike] = None, dataset: Optional[str] = None) -> dict:
@@ -111,6 +125,8 @@ def run_evaluate(features_path: PathLike, recall_k: Optional[Sequence[int]] = No
         if dataset is not None:
             published = {"paper": figures.published_recall(dataset)}
     features = load_features(features_path)
+    if figure_dir is not None:
+        _refuse_figures_over_inputs(Path(figure_dir), features_path, features.paths, train_log)
     if use_assignments and features.assignments is None:
         raise CaffeCompatError(f"{features_path}: missing key 'assignments' (needed by --use-assignments)")
     result = evaluate(features.embeddings, features.labels,

@@ -21,8 +21,9 @@ from .data import close_data_layers
 from .devices import resolve_device
 from .errors import CaffeCompatError
 from .graph import build_graph, layer_included
-from .io.atomic import atomic_path
+from .io.atomic import atomic_path, is_null_device
 from .io.files import NetFile
+from .io.run_inputs import RunInputs
 from .net import CaffeNet
 from .progress import progress
 
@@ -141,9 +142,12 @@ def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc
                      device: str = "cpu", batch_size: Optional[int] = None, root: Optional[PathLike] = None,
                      mean_file: Optional[PathLike] = None, mean_values: Optional[Sequence[float]] = None,
                      show_progress: bool = False, weights_source: Optional[str] = None,
-                     allow_missing_weights: bool = False, max_memory=None) -> dict:
+                     allow_missing_weights: bool = False, max_memory=None,
+                     output: Optional[PathLike] = None) -> dict:
     """{'embeddings': n x d float32, 'labels': n, 'paths' (image lists; absolute)} in
-    dataset order. `mean_file`/`mean_values` replace the data layer's mean."""
+    dataset order. `mean_file`/`mean_values` replace the data layer's mean. `output`, the
+    file the features will go to, is refused before any work if it would replace a file
+    the run reads (the data, its images, a mean file)."""
     device = resolve_device(device)
     if batch_size is not None and batch_size <= 0:
         raise CaffeCompatError(f"--batch-size {batch_size}: must be positive")
@@ -154,6 +158,10 @@ def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc
     net_param, layer = point_at(net_file.net, data, batch_size, root=None if root is None else Path(root))
     override_mean(net_param, mean_file, mean_values)
     _check_mean_file(layer)
+    if output is not None:
+        inputs = RunInputs()
+        inputs.add_net_layers([each for each in net_param.layer if layer_included(each, "TEST")], str(net_file.path))
+        inputs.check_output(output)
     batch = _batch_size(layer)
     label_top = layer.top[1] if len(layer.top) > 1 else None
     net = CaffeNet(build_graph(net_param, "TEST", net_file.dialect, source=str(net_file.path)), weights,
@@ -197,6 +205,8 @@ def check_output_file(out: PathLike, what: str = "-o") -> Path:
     out = Path(out)
     if out.is_dir():
         raise CaffeCompatError(f"{out}: {what} is a folder; give a file name")
+    if is_null_device(out):  # written through, discarded
+        return out
     folder = out.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

@@ -85,12 +85,15 @@ def test_bad_output_folders(tmp_path):
     make_cub(tmp_path / "src")
     (tmp_path / "file").write_text("x")
     for out, needle in [(tmp_path / "file", "is a file"),
-                        (tmp_path / "src", "is also the input"),  # the CLI's check of every output
-                        (tmp_path / "src" / "CUB_200_2011" / "prepared", "or inside it"),
-                        (tmp_path / "src" / "CUB_200_2011" / "images", "or inside it")]:
+                        # The CLI's check of every output: none in an input folder.
+                        (tmp_path / "src", "is the input"),
+                        (tmp_path / "src" / "CUB_200_2011" / "prepared", "is inside the input"),
+                        (tmp_path / "src" / "CUB_200_2011" / "images", "is inside the input")]:
         result = run_cli("prepare", "cub", "--source", tmp_path / "src", "-o", out, cwd=tmp_path)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+    with pytest.raises(CaffeCompatError, match="or inside it; prepare never writes into the archive"):
+        datasets.prepare("cub", tmp_path / "src", tmp_path / "src" / "CUB_200_2011" / "prepared")  # from Python
     assert not (tmp_path / "src" / "CUB_200_2011" / "prepared").exists()
 
 

@@ -3,13 +3,20 @@ never sees half a file and a failed write leaves the old file in place.
 
 The temporary is `.NAME.caffe-compat-tmp-HOST-PID-N`: a write killed midway leaves it
 behind, and the next write of the same output on the same host removes those whose
-process is gone (another host's, in a shared folder, are not this host's to judge)."""
+process is gone (another host's, in a shared folder, are not this host's to judge).
+
+A target that exists and is not a regular file (a device node, a FIFO, a socket) is
+refused: renaming over it would replace the node. The null device is the exception:
+the output is written through it (discarded), never renamed over it."""
 from __future__ import annotations
 
 import contextlib
 import itertools
 import os
+import shutil
 import socket
+import stat
+import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -18,6 +25,31 @@ from ..errors import CaffeCompatError
 _MARK = ".caffe-compat-tmp-"
 _serial = itertools.count()  # two threads of one process never share a temporary
 _HOST = socket.gethostname().replace("/", "_") or "host"
+
+
+_SPECIAL_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                  (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def is_null_device(path: Union[str, Path]) -> bool:
+    """Whether `path` is the null device: /dev/null, or any node with its device numbers."""
+    try:
+        status = os.stat(path)
+        return stat.S_ISCHR(status.st_mode) and status.st_rdev == os.stat(os.devnull).st_rdev
+    except (OSError, ValueError):
+        return False
+
+
+def check_target(target: Union[str, Path], label: str) -> None:
+    """Refuse an output path that exists as a device node, FIFO or socket (the null device aside)."""
+    try:
+        mode = os.stat(target).st_mode
+    except (OSError, ValueError):  # absent (or unreachable: writing it will say so)
+        return
+    for is_kind, kind in _SPECIAL_KINDS:
+        if is_kind(mode) and not is_null_device(target):
+            raise CaffeCompatError(f"{label}: is {kind}, not a regular file; write to a file path "
+                                   f"(or {os.devnull} to discard the output)")
 
 
 def _process_alive(pid: int) -> bool:
@@ -56,6 +88,11 @@ def atomic_path(target: Union[str, Path]) -> Iterator[Path]:
     target = Path(target)
     if target.is_dir():
         raise CaffeCompatError(f"{target}: is a directory; the output must be a file path")
+    check_target(target, str(target))
+    if is_null_device(target):
+        with _written_through(target) as tmp:
+            yield tmp
+        return
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(target)
@@ -73,6 +110,24 @@ def atomic_path(target: Union[str, Path]) -> Iterator[Path]:
             raise CaffeCompatError(f"{target}: cannot be written ({err.strerror})") from None
         with contextlib.suppress(OSError):  # folders cannot be opened for fsync everywhere
             _fsync(target.parent, os.O_RDONLY)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _written_through(device: Path) -> Iterator[Path]:
+    """A temporary (in the system's temporary folder, not the device's) copied into `device`."""
+    fd, name = tempfile.mkstemp(prefix=f".{device.name}{_MARK}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        try:
+            with open(tmp, "rb") as source, open(device, "wb") as sink:
+                shutil.copyfileobj(source, sink)
+        except OSError as err:
+            raise CaffeCompatError(f"{device}: cannot be written ({err.strerror})") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

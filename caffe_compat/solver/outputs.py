@@ -8,10 +8,12 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import CaffeCompatError
 from ..io import atomic
+from ..io.run_inputs import RunInputs
+from .state import STATE_SUFFIX
 
 LOG_HEADER = ("iteration", "loss", "lr", "smoothed_loss")
 
@@ -28,6 +30,8 @@ def check_output_file(path: Path, what: str) -> None:
     folder that cannot take a new file (read-only, /proc, a file in the way)."""
     if path.is_dir():
         raise CaffeCompatError(f"{what} {path}: is a directory; give a file name")
+    if atomic.is_null_device(path):  # written through, discarded: nothing is created beside it
+        return
     _check_folder(path.parent, f"{what} {path}")
 
 
@@ -44,6 +48,36 @@ def snapshot_prefix(param, solver_path: Path) -> str:
 def check_snapshot_prefix(prefix: str, where: str) -> None:
     """Caffe's CheckSnapshotWritePermissions, by writing a probe file in the prefix's folder."""
     _check_folder(Path(prefix).parent, f"{where}: snapshot_prefix '{prefix}'")
+
+
+def refuse_outputs_over_inputs(solver_path: Path, nets: Sequence[Tuple[str, object]], weights: Optional[Path],
+                               resume: Optional[Path], outputs: Sequence[Optional[Path]], prefix: str,
+                               snapshot_iterations: range) -> None:
+    """No output of the run (--output, --log, its snapshots, HDF5Output files) may land on
+    what it reads: the solver, its nets (`nets`: (what, NetFile)) and every file their
+    layers read, the weights, the state it resumes."""
+    inputs = RunInputs()
+    inputs.add(solver_path, "the solver")
+    distinct = {}  # the train net is also the test net where the solver names no other
+    for what, net_file in nets:
+        distinct.setdefault(id(net_file), (what, net_file))
+    for what, net_file in distinct.values():
+        if os.path.realpath(net_file.path) != os.path.realpath(solver_path):  # not a net_param inside it
+            inputs.add(net_file.path, what)
+        inputs.add_net_layers(net_file.net.layer, str(net_file.path))
+    for path, what in ((weights, "the weights"), (resume, "the solver state to resume")):
+        if path is not None:
+            inputs.add(path, what)
+    for path in outputs:
+        if path is not None:
+            inputs.check_output(path)
+    for _, net_file in distinct.values():  # HDF5Output layers write at every forward pass
+        for layer in net_file.net.layer:
+            if layer.type == "HDF5Output" and layer.hdf5_output_param.file_name:
+                inputs.check_output(layer.hdf5_output_param.file_name, f"hdf5_output_param.file_name of layer "
+                                                                       f"'{layer.name}' in {net_file.path}")
+    inputs.check_snapshots(prefix, snapshot_iterations, (".caffemodel", STATE_SUFFIX),
+                           f"a snapshot of snapshot_prefix '{prefix}' in {solver_path}")
 
 
 def _check_folder(folder: Path, what: str) -> None:

@@ -26,7 +26,8 @@ from ..io.files import read_caffemodel, read_solver, weights_of, with_weights, w
 from ..net import CaffeNet
 from .distributed import Distributed, distribute_lifted_losses
 from .nets import build_net, net_source, share_weights, test_sources
-from .outputs import LogRow, check_output_file, check_snapshot_prefix, snapshot_prefix, write_training_log
+from .outputs import (LogRow, check_output_file, check_snapshot_prefix, refuse_outputs_over_inputs, snapshot_prefix,
+                      write_training_log)
 from .precision import MEMORY_FORMATS, LossScaler, autocast, check_precision, losses_in_float32
 from .progress import TrainProgress
 from .rules import CaffeSolver, check_solver, learnable_params
@@ -117,6 +118,13 @@ class Trainer:
 
         train_source, self.net_file = net_source(self.param, where)
         test_nets = test_sources(self.param, (train_source, self.net_file), where)
+        # A stop (Ctrl-C) snapshots at any iteration; a resumed one at its first rewrites the same state.
+        first = int(saved[1]["solver"]["iter"]) + 1 if saved is not None else 0
+        refuse_outputs_over_inputs(self.solver_path, [("the train net", self.net_file)]
+                                   + [("a test net", net_file) for _, net_file in test_nets],
+                                   None if weights is None else Path(weights), None if saved is None else saved[0],
+                                   (self.output, self.log_path), snapshot_prefix(self.param, self.solver_path),
+                                   range(first, max(first, self.param.max_iter + 1)))
         train_state = self.param.train_state if self.param.HasField("train_state") else None
         self.net = build_net(self.net_file, "TRAIN", train_state, train_source)
         if not self.net.loss_terms:
