@@ -14,7 +14,8 @@ from google.protobuf.message import DecodeError
 from ..errors import CaffeCompatError
 from . import atomic, wire
 from .blobs import array_to_blob, blob_shape, blob_to_array, shaped
-from .schema import check_strings, detect_binary_dialect, detect_text_dialect, messages, unknown_fields
+from .dialects.detect import detect_binary_dialect, detect_text_dialect
+from .schema import check_strings, messages, unknown_fields
 from .text import decode_text, looks_binary, parse_text
 from .upgrade import upgrade_net
 

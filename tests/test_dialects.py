@@ -1,0 +1,105 @@
+"""Fork dialects as data (caffe_compat/io/dialects): each fork's schema, built from BVLC's
+and its snippet, and the files of that fork read in it."""
+import warnings
+
+import pytest
+from conftest import REFERENCE, require
+
+from caffe_compat.errors import CaffeCompatError
+from caffe_compat.io.dialects import schema_file, snippet
+from caffe_compat.io.files import read_caffemodel, read_prototxt
+from caffe_compat.io.schema import messages
+
+SSD = REFERENCE / "forks" / "ssd"
+SSD_PROTOTXTS = sorted(p.name for p in require(SSD).glob("*.prototxt"))
+
+
+def _numbers(dialect, message, names):
+    fields = getattr(messages(dialect), message).DESCRIPTOR.fields_by_name
+    return {name: fields[name].number for name in names if name in fields}
+
+
+def test_ssd_layer_fields_are_the_forks():
+    expected = {"annotated_data_param": 200, "multibox_loss_param": 201, "permute_param": 202,
+                "prior_box_param": 203, "detection_output_param": 204, "detection_evaluate_param": 205,
+                "norm_param": 206, "video_data_param": 207, "parameter_param": 145, "swish_param": 147}
+    assert _numbers("ssd", "LayerParameter", expected) == expected
+    layer = messages("ssd").LayerParameter.DESCRIPTOR.fields_by_name
+    assert layer["detection_output_param"].message_type.name == "DetectionOutputParameter"
+    assert layer["norm_param"].message_type.name == "NormalizeParameter"
+    code_type = messages("ssd").DetectionOutputParameter.DESCRIPTOR.fields_by_name["code_type"]
+    assert code_type.enum_type.full_name == "caffe.PriorBoxParameter.CodeType"
+    assert [v.name for v in code_type.enum_type.values] == ["CORNER", "CENTER_SIZE", "CORNER_SIZE"]
+    assert messages("ssd").PriorBoxParameter().clip is False
+    assert messages("ssd").NormalizeParameter().eps == pytest.approx(1e-10)
+
+
+def test_opencv_layer_fields_are_opencvs():
+    expected = {"detection_output_param": 147, "permute_param": 148, "norm_param": 149,
+                "prior_box_param": 150, "proposal_param": 201, "psroi_pooling_param": 10002,
+                "roi_pooling_param": 8266711}
+    assert _numbers("opencv", "LayerParameter", list(expected) + ["swish_param", "clip_param"]) == expected
+    pooling = messages("opencv").PoolingParameter.DESCRIPTOR.fields_by_name
+    assert pooling["ceil_mode"].number == 13 and "round_mode" not in pooling
+    assert messages("opencv").PoolingParameter().ceil_mode is True
+    assert messages("opencv").PriorBoxParameter().clip is True  # OpenCV's default, not the SSD fork's
+    assert "normalized_bbox" in messages("opencv").DetectionOutputParameter.DESCRIPTOR.fields_by_name
+
+
+@pytest.mark.parametrize("name", SSD_PROTOTXTS)
+def test_ssd_fixtures_read_in_the_ssd_dialect(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no field left unknown
+        text = read_prototxt(SSD / name)
+        binary = read_caffemodel(SSD / name.replace(".prototxt", ".caffemodel"))
+    assert text.dialect == binary.dialect == "ssd"
+    fields = {"Permute": "permute_param", "PriorBox": "prior_box_param",
+              "DetectionOutput": "detection_output_param", "Normalize": "norm_param"}
+    for net in (text.net, binary.net):
+        for layer in net.layer:
+            if layer.type in fields:
+                assert layer.HasField(fields[layer.type]), (name, layer.name)
+
+
+def test_ssd_settings_are_decoded_by_name():
+    net = read_prototxt(SSD / "detout_00.prototxt").net
+    param = net.layer[-1].detection_output_param
+    assert (param.num_classes, param.keep_top_k, param.nms_param.top_k) == (21, 60, 40)
+    assert param.code_type == messages("ssd").PriorBoxParameter.CENTER_SIZE
+    prior = read_prototxt(SSD / "priorbox_01.prototxt").net.layer[-1].prior_box_param
+    assert list(prior.min_size) == [60] and list(prior.variance) == pytest.approx([0.1, 0.1, 0.2, 0.2])
+
+
+def test_a_snippet_changes_a_message_by_field_number_and_adds_messages():
+    base = schema_file("bvlc")
+    changed = type(base)()
+    changed.CopyFrom(base)
+    snippet.apply(changed, """
+        message PoolingParameter { optional bool ceil_mode = 13 [default = true]; }  // replaces round_mode
+        message LayerParameter { optional MyParameter my_param = 9000; }
+        message MyParameter {
+          enum Mode { A = 0; B = 1; }
+          optional Mode mode = 1 [default = B];
+          repeated FillerParameter filler = 2;
+          optional string tag = 3 [default = "x y"];
+        }""", "test snippet")
+    pooling = next(m for m in changed.message_type if m.name == "PoolingParameter")
+    assert [f.name for f in pooling.field if f.number == 13] == ["ceil_mode"]
+    mine = next(m for m in changed.message_type if m.name == "MyParameter")
+    assert [(f.name, f.type_name) for f in mine.field if f.type_name] == [
+        ("mode", ".caffe.MyParameter.Mode"), ("filler", ".caffe.FillerParameter")]
+    assert next(f for f in mine.field if f.name == "tag").default_value == "x y"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("message A { optional Nowhere x = 1; }", r"test snippet: field caffe\.A\.x: unknown type 'Nowhere'"),
+    ("message A {\n  optional int32 x = ;\n}", r"test snippet: line 2: expected a number, found ';'"),
+    ("message A { int32 x = 1; }", r"test snippet: line 1: message A: expected a field"),
+    ("service S {}", r"test snippet: line 1: expected a message or an enum, found 'service'"),
+    ("message A { optional int32 x = 1 [json_name = 'y']; }", r"field x: unsupported option 'json_name'"),
+])
+def test_a_bad_snippet_is_named_with_its_line(text, message):
+    changed = type(schema_file("bvlc"))()
+    changed.CopyFrom(schema_file("bvlc"))
+    with pytest.raises(CaffeCompatError, match=message):
+        snippet.apply(changed, text, "test snippet")
