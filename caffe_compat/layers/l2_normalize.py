@@ -9,6 +9,7 @@ derivative (the bottom's gradient omits the other channels' scales from the norm
 term). The scale's gradient is sum(top * top_diff) / scale, as the fork computes it."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -80,5 +81,5 @@ def build_normalize(ctx: LayerContext):
     if not p.HasField("scale_filler"):  # the fork's default: a constant 1
         filler = type(p.scale_filler)(type="constant", value=1.0)
     scale = fillers.fill(filler, blob_shape, ctx.name)
-    return ctx.wire(Normalize(scale, p.across_spatial, float(torch.tensor(p.eps, dtype=torch.float32))),
+    return ctx.wire(Normalize(scale, p.across_spatial, float(np.float32(p.eps))),
                     top_shapes=[tuple(ctx.bottom_shapes[0])])

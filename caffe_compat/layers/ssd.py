@@ -57,6 +57,20 @@ def prior_boxes(s: PriorBoxSettings, layer_h: int, layer_w: int, img_h: int, img
     return np.stack([boxes, variances.reshape(-1)])[None]
 
 
+class _NoBackward(torch.autograd.Function):
+    """The priors as a blob in the backward pass: gradients reach it (Caffe's diffs of
+    the layers above are computed as usual) and stop there, since the fork's PriorBox
+    backward leaves its bottoms' diffs alone."""
+
+    @staticmethod
+    def forward(ctx, priors, feature):
+        return priors.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
 class PriorBox(CaffeLayer):
     def __init__(self, settings: PriorBoxSettings):
         super().__init__()
@@ -76,7 +90,7 @@ class PriorBox(CaffeLayer):
         if key not in self._cache:
             values = prior_boxes(self.settings, layer_h, layer_w, img_h, img_w)
             self._cache[key] = torch.from_numpy(values).to(device=feature.device, dtype=feature.dtype)
-        return self._cache[key]
+        return _NoBackward.apply(self._cache[key], feature)
 
 
 @register("PriorBox")
