@@ -85,11 +85,12 @@ class PriorBox(CaffeLayer):
             img_h, img_w = legacy_hw(tuple(image.shape))
         if feature.device.type == "meta":
             count = layer_h * layer_w * self.settings.num_priors * 4
-            return torch.empty((1, 2, count), device="meta", dtype=feature.dtype)
-        key = (layer_h, layer_w, img_h, img_w, feature.device, feature.dtype)
+            return torch.empty((1, 2, count), device="meta")
+        key = (layer_h, layer_w, img_h, img_w, feature.device)
         if key not in self._cache:
+            # float32 whatever the feature's type: the fork's values, which bf16 would round
             values = prior_boxes(self.settings, layer_h, layer_w, img_h, img_w)
-            self._cache[key] = torch.from_numpy(values).to(device=feature.device, dtype=feature.dtype)
+            self._cache[key] = torch.from_numpy(values).to(feature.device)
         return _NoBackward.apply(self._cache[key], feature)
 
 
