@@ -10,6 +10,7 @@ from typing import Tuple
 
 import numpy as np
 
+from .io.schema import is_repeated
 from .layer_params import LayerFacts, Shape
 
 CODE_TYPES = {1: "CORNER", 2: "CENTER_SIZE", 3: "CORNER_SIZE"}  # PriorBoxParameter.CodeType
@@ -37,8 +38,19 @@ class PriorBoxSettings:
         return len(self.aspect_ratios) * len(self.min_sizes) + len(self.max_sizes)
 
 
+def _refuse_extensions(layer: LayerFacts, param, message: str, fields: Tuple[str, ...]) -> None:
+    """Fields other schemas (OpenCV's) add to these messages, which the SSD fork's
+    layers do not compute: refused when set rather than ignored."""
+    for name in fields:
+        field = param.DESCRIPTOR.fields_by_name.get(name)
+        if field is not None and (len(getattr(param, name)) if is_repeated(field) else param.HasField(name)):
+            raise layer.error(f"{message}.{name} is not a field of the SSD fork's layer; "
+                              f"caffe-compat computes the fork's {layer.type} only")
+
+
 def prior_box_settings(layer: LayerFacts) -> PriorBoxSettings:
     p = layer.param.prior_box_param
+    _refuse_extensions(layer, p, "prior_box_param", ("offset_h", "offset_w", "width", "height"))
     if not len(p.min_size):
         raise layer.error("prior_box_param.min_size must be given")
     min_sizes = tuple(_f32(s) for s in p.min_size)
@@ -48,7 +60,7 @@ def prior_box_settings(layer: LayerFacts) -> PriorBoxSettings:
     for value in p.aspect_ratio:
         ratio = np.float32(value)
         # duplicates within 1e-6 of a ratio already listed (inverses included) are skipped
-        if any(abs(ratio - np.float32(r)) < 1e-6 for r in ratios):
+        if any(float(abs(ratio - np.float32(r))) < 1e-6 for r in ratios):  # float difference, double bound
             continue
         ratios.append(float(ratio))
         if p.flip:
@@ -161,6 +173,7 @@ def detection_settings(layer: LayerFacts) -> DetectionSettings:
     priors; a fourth, the images it would draw on, is accepted and unused)."""
     layer.expect_bottoms(3, 4)
     p = layer.param.detection_output_param
+    _refuse_extensions(layer, p, "detection_output_param", ("normalized_bbox",))
     if not p.HasField("num_classes"):
         raise layer.error("detection_output_param.num_classes must be given")
     nms = p.nms_param

@@ -453,3 +453,36 @@ def test_bad_prototxt_is_one_cli_line(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "layer 'pb' (PriorBox)" in lines[0] and "max_size" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("layer_type,params,shapes,field", [
+    ("PriorBox", "prior_box_param { min_size: 30 width: 10 height: 20 }", [(1, 1, 3, 3), (1, 3, 30, 30)],
+     "prior_box_param.width"),
+    ("DetectionOutput", "detection_output_param { num_classes: 2 normalized_bbox: false }",
+     [(1, 40), (1, 20), (1, 2, 40)], "detection_output_param.normalized_bbox"),
+])
+def test_opencvs_extensions_are_refused_not_ignored(layer_type, params, shapes, field):
+    with pytest.raises(CaffeCompatError, match=field):
+        build(layer_type, params, shapes, dialect="opencv")
+    build(layer_type, params.replace("width: 10 height: 20", "").replace("normalized_bbox: false", ""), shapes,
+          dialect="opencv")
+
+
+@pytest.mark.parametrize("code_type", ["CENTER_SIZE", "CORNER_SIZE"])
+def test_a_prior_without_width_stops_decoding_as_the_forks_check(code_type):
+    loc, conf, prior = detection_inputs(1, 10, 2, True, seed=2)
+    prior[0, 0, 3 * 4 + 2] = prior[0, 0, 3 * 4]  # prior 3: xmax = xmin
+    _, converted = ssd_layer("DetectionOutput", f"detection_output_param {{ num_classes: 2 code_type: {code_type} }}",
+                             [loc.shape, conf.shape, prior.shape])
+    with pytest.raises(CaffeCompatError, match="layer 'layer' \\(DetectionOutput\\): a prior box"):
+        converted.module(*map(torch.from_numpy, (loc, conf, prior)))
+
+
+def test_images_without_detections_have_no_rows_beside_others():
+    loc, conf, prior = detection_inputs(3, 20, 3, True, seed=4)
+    conf[1] = 0  # image 1 detects nothing above the threshold
+    _, converted = ssd_layer("DetectionOutput", "detection_output_param { num_classes: 3 confidence_threshold: 0.2 }",
+                             [loc.shape, conf.shape, prior.shape])
+    ours = converted.module(*map(torch.from_numpy, (loc, conf, prior))).numpy().reshape(-1, 7)
+    assert_same_rows(ours, fork_detection_output(loc, conf, prior, 3, threshold=0.2))
+    assert set(ours[:, 0]) == {0, 2}
