@@ -313,6 +313,26 @@ def test_keep_top_k_among_equal_scores_follows_std_sort(device):
     assert not np.array_equal(stable, want)
 
 
+def _quicksort_killer(n):
+    """Scores on which introsort's partitions degrade (McIlroy's adversary, run against
+    libstdcxx_sort itself): values are fixed only as the comparisons need them."""
+    unset = n
+    value, solid, candidate = [unset] * n, [0], [0]
+
+    def before(x, y):
+        if value[x] == unset and value[y] == unset:
+            value[x if x == candidate[0] else y] = solid[0]
+            solid[0] += 1
+        if value[x] == unset:
+            candidate[0] = x
+        elif value[y] == unset:
+            candidate[0] = y
+        return value[x] < value[y]
+
+    libstdcxx_sort(list(range(n)), before)
+    return [-v for v in value]  # descending scores order as `before` did
+
+
 def test_libstdcxx_sort_matches_gcc(tmp_path):
     compiler = shutil.which("c++") or shutil.which("g++")
     assert compiler, "needs a C++ compiler (as the LRN kernel needs a C compiler)"
@@ -338,6 +358,7 @@ int main() {
     cases = [list(rng.integers(0, levels, size) / 4) for size in (0, 1, 2, 15, 16, 17, 40, 300, 2000)
              for levels in (1, 2, 5, 1000)]
     cases.append(list(range(600)))
+    cases += [_quicksort_killer(n) for n in (200, 1500)]  # these reach the heapsort fallback
     text = "".join(f"{len(c)} " + " ".join(map(str, c)) + "\n" for c in cases)
     lines = subprocess.run([str(tmp_path / "sort")], input=text, capture_output=True, text=True,
                            check=True).stdout.splitlines()

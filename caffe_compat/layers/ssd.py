@@ -5,9 +5,10 @@ PriorBox depends on shapes only: its boxes are computed once per feature map and
 size, in the fork's mix of float and double, and kept on the device they were asked on.
 DetectionOutput decodes, thresholds, runs greedy NMS per image and class, keeps the
 `keep_top_k` best per image and emits rows [image, label, score, xmin, ymin, xmax, ymax]
-in the fork's order: by image, then label, then score. Neither has a gradient. Its
-save_output_param and visualize write files and windows in the fork; here they are
-read and not acted on."""
+in the fork's order: by image, then label, then score. PriorBox passes no gradient to
+its bottoms, DetectionOutput has none (the fork's is not implemented). The fork's
+save_output_param and visualize write files and draw; here they are read and not acted
+on, and a fourth bottom (the images to draw on) is not read."""
 from __future__ import annotations
 
 from typing import Dict, Tuple
@@ -108,7 +109,7 @@ class DetectionOutput(CaffeLayer):
         self.settings = settings
         self.layer_name = layer_name
 
-    def forward(self, loc, conf, prior, *unused):
+    def forward(self, loc, conf, prior):
         with torch.no_grad():
             return self._detect(loc.detach().float(), conf.detach().float(), prior.detach().float())
 
