@@ -330,7 +330,7 @@ def _quicksort_killer(n):
         return value[x] < value[y]
 
     libstdcxx_sort(list(range(n)), before)
-    return [-v for v in value]  # descending scores order as `before` did
+    return [-v for v in value]  # scores on which "higher first" decides as `before` did
 
 
 def test_libstdcxx_sort_matches_gcc(tmp_path):
