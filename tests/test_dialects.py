@@ -103,3 +103,69 @@ def test_a_bad_snippet_is_named_with_its_line(text, message):
     changed.CopyFrom(schema_file("bvlc"))
     with pytest.raises(CaffeCompatError, match=message):
         snippet.apply(changed, text, "test snippet")
+
+
+def _caffemodel(tmp_path, dialect, build, name="w.caffemodel"):
+    net = messages(dialect).NetParameter(name="n")
+    build(net)
+    path = tmp_path / name
+    path.write_bytes(net.SerializeToString())
+    return path
+
+
+def _proposal(net):
+    # OpenCV's proposal_param is field 201, the SSD fork's multibox_loss_param: feat_stride 1
+    # there is loc_loss_type SMOOTH_L1 here, a varint either way (8 would be no valid enum value).
+    net.layer.add(name="rpn", type="Proposal").proposal_param.feat_stride = 1
+
+
+def test_field_204_is_the_ssd_forks_detection_output(tmp_path):
+    def build(net):
+        net.layer.add(name="det", type="DetectionOutput").detection_output_param.num_classes = 21
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one dialect fits: no note
+        net_file = read_caffemodel(_caffemodel(tmp_path, "ssd", build))
+    assert net_file.dialect == "ssd" and net_file.net.layer[0].detection_output_param.num_classes == 21
+    # OpenCV writes the same layer at 147 (BVLC's swish_param), which only it reads cleanly.
+    assert read_caffemodel(_caffemodel(tmp_path, "opencv", build, "cv.caffemodel")).dialect == "opencv"
+
+
+def test_a_caffemodel_that_fits_several_dialects_says_so(tmp_path):
+    path = _caffemodel(tmp_path, "opencv", _proposal)
+    with pytest.warns(UserWarning, match=r"w\.caffemodel: it fits dialects ssd, opencv; read as ssd \(--dialect"):
+        assert read_caffemodel(path).dialect == "ssd"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chosen = read_caffemodel(path, dialect="opencv")
+    assert chosen.dialect == "opencv" and chosen.net.layer[0].proposal_param.feat_stride == 1
+
+
+def test_the_prototxts_dialect_breaks_the_tie(tmp_path):
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "rpn" type: "Proposal" proposal_param { feat_stride: 8 } }\n')
+    prototxt = read_prototxt(tmp_path / "net.prototxt")
+    assert prototxt.dialect == "opencv"
+    with pytest.warns(UserWarning, match=r"fits dialects ssd, opencv; read as opencv, the prototxt's"):
+        net_file = read_caffemodel(_caffemodel(tmp_path, "opencv", _proposal), prototxt=prototxt)
+    assert net_file.dialect == "opencv" and net_file.net.layer[0].proposal_param.feat_stride == 1
+
+
+def test_a_caffemodel_of_another_fork_than_its_prototxt_is_refused(tmp_path):
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "loss" type: "LiftedStructSimilaritySoftmaxLoss" '
+        'lifted_struct_sim_softmax_loss_param { margin: 2 } }\n')
+    prototxt = read_prototxt(tmp_path / "net.prototxt")
+    path = _caffemodel(tmp_path, "ssd", lambda net: net.layer.add(name="p", type="Permute").permute_param.order.append(0))
+    with pytest.raises(CaffeCompatError, match=r"w\.caffemodel: written in dialect ssd \(the SSD fork .*\), but "
+                                               r".*net\.prototxt is in dialect lifted, which leaves 1 of its fields"):
+        read_caffemodel(path, prototxt=prototxt)
+    with pytest.warns(UserWarning, match=r"does not know were kept but ignored: layer\[0\] 'p': field 202"):
+        assert read_caffemodel(path, dialect="lifted", prototxt=prototxt).dialect == "lifted"
+
+
+def test_a_bvlc_prototxt_claims_no_fork(tmp_path):
+    # A deploy net (no loss) beside the lifted fork's trained weights: each file its own dialect.
+    (tmp_path / "net.prototxt").write_text('layer { name: "ip" type: "InnerProduct" }\n')
+    lifted = _caffemodel(tmp_path, "lifted", lambda net: net.layer.add(
+        name="loss", type="LiftedStructSimilaritySoftmaxLoss").lifted_struct_sim_softmax_loss_param.SetInParent())
+    assert read_caffemodel(lifted, prototxt=read_prototxt(tmp_path / "net.prototxt")).dialect == "lifted"
