@@ -151,7 +151,7 @@ def _cmd_extract(args) -> int:
     check_output_file(args.output)
     max_memory = parse_size(args.max_memory) if args.max_memory else None
     net_file = read_prototxt(args.net, args.dialect)
-    weights = weights_of(read_caffemodel(args.weights, args.dialect))
+    weights = weights_of(read_caffemodel(args.weights, args.dialect, net_file))
     features = extract_features(net_file, weights, args.data, args.blob, args.device, args.batch_size,
                                 root=args.root, mean_file=args.mean_file, mean_values=args.mean_value,
                                 show_progress=True, weights_source=args.weights,

@@ -4,7 +4,8 @@ A dialect is one fork's caffe.proto: BVLC's schema (caffe_compat.proto.caffe_pb2
 the fork's changes laid over it, written as a .proto snippet in this folder (the
 LayerParameter fields it adds, name, number and message, and the messages it adds or
 changes), plus the layer types the fork brings, each with its LayerParameter field.
-Adding a fork is one entry here and one snippet.
+Adding a fork is one entry here and one snippet. Where several dialects read a file
+equally well, the first listed wins (and a note names the others).
 """
 from __future__ import annotations
 
@@ -39,6 +40,24 @@ ENTRIES: Dict[str, Dialect] = {entry.name: entry for entry in (
         "Permute": "permute_param", "PriorBox": "prior_box_param",
         "DetectionOutput": "detection_output_param", "DetectionEvaluate": "detection_evaluate_param",
         "Normalize": "norm_param", "VideoData": "video_data_param", "SmoothL1Loss": ""}),
+    Dialect("ceil-mode", "the ceil_mode pooling forks (BVLC PR 3057: DenseNet-Caffe, ResNeXt, SENet nets)",
+            "ceil_mode.proto"),
+    Dialect("pspnet", "PSPNet / DeepLab-v2 (hszhao/PSPNet)", "pspnet.proto", {
+        "Interp": "interp_param", "BN": "bn_param"}),
+    Dialect("segnet", "SegNet (alexgkendall/caffe-segnet)", "segnet.proto", {
+        "BN": "bn_param", "Upsample": "upsample_param", "DenseImageData": "dense_image_data_param"}),
+    Dialect("faster-rcnn", "Fast/Faster R-CNN (rbgirshick/caffe-fast-rcnn)", "faster_rcnn.proto", {
+        "ROIPooling": "roi_pooling_param"}),
+    Dialect("shufflenet", "ShuffleNet (farmingyard/ShuffleNet)", "shufflenet.proto", {
+        "ShuffleChannel": "shuffle_channel_param"}),
+    Dialect("mobilenet", "MobileNet's depthwise convolution (farmingyard/caffe-mobilenet, BVLC PR 5665)", None, {
+        "ConvolutionDepthwise": "convolution_param"}),
+    Dialect("depthwise", "DepthwiseConvolution (yonghenglh6/DepthwiseConvolution)", None, {
+        "DepthwiseConvolution": "convolution_param"}),
+    Dialect("mobilenet-yolo", "MobileNet-YOLO (eric612/MobileNet-YOLO)", "mobilenet_yolo.proto", {
+        "ReLU6": "relu6_param"}),
+    Dialect("senet", "SENet (hujie-frank/SENet)", None, {"Axpy": ""}),
+    # Last: OpenCV gathers other forks' layers, a tie goes to the fork they come from.
     Dialect("opencv", "OpenCV's Caffe importer (opencv/opencv, opencv-caffe.proto)", "opencv.proto", {
         "DetectionOutput": "detection_output_param", "Permute": "permute_param",
         "Normalize": "norm_param", "PriorBox": "prior_box_param", "Proposal": "proposal_param",

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import FrozenSet, List, Tuple
+from dataclasses import dataclass
+from typing import FrozenSet, List, Optional, Tuple
 
 from google.protobuf.message import DecodeError
 
+from ...errors import CaffeCompatError
 from ..schema import messages, unknown_fields
 from . import ENTRIES
 
@@ -81,26 +83,69 @@ def _votes(net, dialect: str) -> int:
     return count
 
 
-def binary_candidates(data: bytes) -> List[str]:
-    """The dialects a serialized NetParameter (a caffemodel) fits equally well, best first.
-    Raises google.protobuf.message.DecodeError when no dialect can parse it."""
-    scored: List[Tuple[int, int, int, str]] = []
+@dataclass(frozen=True)
+class Fit:
+    """How well a dialect reads a caffemodel: fields it leaves unknown, layers that show it."""
+    dialect: str
+    unknown: int
+    votes: int
+
+
+def binary_fits(data: bytes) -> List[Fit]:
+    """Every dialect that parses a serialized NetParameter (a caffemodel), best first.
+    Raises google.protobuf.message.DecodeError when none can."""
+    fits: List[Fit] = []
     failure = None
-    for index, dialect in enumerate(ENTRIES):
+    for dialect in ENTRIES:
         net = messages(dialect).NetParameter()
         try:
             net.ParseFromString(data)
         except DecodeError as err:
             failure = failure or err
             continue
-        scored.append((len(unknown_fields(net)), -_votes(net, dialect), index, dialect))
-    if not scored:
+        fits.append(Fit(dialect, len(unknown_fields(net)), _votes(net, dialect)))
+    if not fits:
         raise failure
-    scored.sort()
-    unknown, votes = scored[0][:2]
-    if not votes:  # no fork shows: BVLC if it fits as well as any
-        return [BVLC] if any(s[3] == BVLC and s[0] == unknown for s in scored) else [scored[0][3]]
-    return [d for u, v, _, d in scored if (u, v) == (unknown, votes)]
+    order = list(ENTRIES)
+    return sorted(fits, key=lambda f: (f.unknown, -f.votes, order.index(f.dialect)))
+
+
+def binary_candidates(data: bytes) -> List[str]:
+    """The dialects a caffemodel fits equally well, best first: fewest unknown fields,
+    then most layers of their own; BVLC when no fork shows."""
+    return _candidates(binary_fits(data))
+
+
+def _candidates(fits: List[Fit]) -> List[str]:
+    best = fits[0]
+    if not best.votes:  # no fork shows: BVLC if it reads the file as well as any
+        return [BVLC] if any(f.dialect == BVLC and f.unknown == best.unknown for f in fits) else [best.dialect]
+    return [f.dialect for f in fits if (f.unknown, f.votes) == (best.unknown, best.votes)]
+
+
+def choose_binary(fits: List[Fit], source: str, prototxt: Optional[Tuple[str, str]] = None) -> Tuple[str, str]:
+    """The dialect to read a caffemodel in, and a note when the choice needs one.
+
+    With a prototxt of a fork (its dialect, its path), the prototxt's dialect whenever it
+    reads the caffemodel as well as the best fit; a caffemodel that it reads worse is
+    written for another fork: an error naming both files. Otherwise (no prototxt, or a
+    BVLC one, which claims no fork: a deploy net beside a fork's trained weights) the best
+    fit; a note names the others that fit as well."""
+    candidates = _candidates(fits)
+    alternatives = f"it fits dialects {', '.join(candidates)}"
+    if prototxt is None or prototxt[0] == BVLC:
+        note = f"{source}: {alternatives}; read as {candidates[0]} (--dialect chooses)" if len(candidates) > 1 else ""
+        return candidates[0], note
+    dialect, prototxt_path = prototxt
+    fit = next((f for f in fits if f.dialect == dialect), None)
+    if fit is None or fit.unknown > fits[0].unknown:
+        left = "cannot parse it" if fit is None else f"leaves {fit.unknown} of its fields unknown"
+        raise CaffeCompatError(
+            f"{source}: written in dialect {candidates[0]} ({ENTRIES[candidates[0]].fork}), but {prototxt_path} "
+            f"is in dialect {dialect}, which {left}; --dialect reads both in one")
+    if len(candidates) > 1:
+        return dialect, f"{source}: {alternatives}; read as {dialect}, the prototxt's (--dialect chooses)"
+    return dialect, ""
 
 
 def detect_text_dialect(text: str) -> str:

@@ -3,9 +3,12 @@
 No protoc at run time: this reads the proto2 subset Caffe's schemas use (messages,
 nested messages and enums, optional/repeated/required fields with `default` and
 `packed`) into descriptor protos. A message the base file already has is changed
-field by field (a snippet field replaces the base field of the same number or name,
-which is how a fork's field 145 or PoolingParameter 13 differs); any other message
-or enum is added. Type names resolve as protoc resolves them: innermost scope first.
+field by field: a snippet field replaces the base field of its name, and takes the
+number of a base field of another name (which is how a fork's field 145 or
+PoolingParameter 13 differs); that base field keeps its name at a private number
+(DISPLACED + its number), so a prototxt naming both still reads (the fork's own
+files never name it, and no caffemodel carries that number). Any other message or
+enum is added. Type names resolve as protoc resolves them: innermost scope first.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ _SCALARS = {
     "bytes": _Field.TYPE_BYTES, "uint32": _Field.TYPE_UINT32, "sfixed32": _Field.TYPE_SFIXED32,
     "sfixed64": _Field.TYPE_SFIXED64, "sint32": _Field.TYPE_SINT32, "sint64": _Field.TYPE_SINT64,
 }
+DISPLACED = 1 << 28  # above every number a fork uses (the largest seen: 8266712), below protobuf's 2**29
 _LABELS = {"optional": _Field.LABEL_OPTIONAL, "repeated": _Field.LABEL_REPEATED,
            "required": _Field.LABEL_REQUIRED}
 _TOKEN = re.compile(r"""\s+|//[^\n]*|/\*.*?\*/|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'"""
@@ -178,11 +182,18 @@ def _replace_named(container, item) -> None:
     container.append(item)
 
 
+def displaced_number(number: int) -> int:
+    """Where a base field whose number a fork takes for another field lives on."""
+    return DISPLACED + number
+
+
 def _merge(base: descriptor_pb2.DescriptorProto, change: descriptor_pb2.DescriptorProto) -> None:
     for field in change.field:
         for index in reversed(range(len(base.field))):
-            if base.field[index].number == field.number or base.field[index].name == field.name:
+            if base.field[index].name == field.name:
                 del base.field[index]
+            elif base.field[index].number == field.number:
+                base.field[index].number = displaced_number(field.number)
         base.field.append(field)
     for enum in change.enum_type:
         _replace_named(base.enum_type, enum)
