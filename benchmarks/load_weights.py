@@ -109,7 +109,8 @@ def write_caffemodel(prototxt: Path, path: Path) -> int:
 def load_protobuf(prototxt: Path, caffemodel: Path):
     """The reader as it was before the wire format (caffe_compat/io/files.py at b3e4ddf^)."""
     from caffe_compat.io.blobs import blob_to_array
-    from caffe_compat.io.schema import detect_binary_dialect, messages, unknown_fields
+    from caffe_compat.io.dialects.detect import detect_binary_dialect
+    from caffe_compat.io.schema import messages, unknown_fields
     from caffe_compat.io.upgrade import upgrade_net
 
     data = caffemodel.read_bytes()

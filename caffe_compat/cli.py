@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from . import __version__
 from .errors import CaffeCompatError
+from .io.dialects import ENTRIES as DIALECT_ENTRIES
 
 EXIT_BAD_INPUT = 2
 
@@ -147,7 +148,7 @@ def _cmd_extract(args) -> int:
     check_output_file(args.output)
     max_memory = parse_size(args.max_memory) if args.max_memory else None
     net_file = read_prototxt(args.net, args.dialect)
-    weights = weights_of(read_caffemodel(args.weights, args.dialect))
+    weights = weights_of(read_caffemodel(args.weights, args.dialect, net_file))
     features = extract_features(net_file, weights, args.data, args.blob, args.device, args.batch_size,
                                 root=args.root, mean_file=args.mean_file, mean_values=args.mean_value,
                                 show_progress=True, weights_source=args.weights,
@@ -248,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("net", help="NET.prototxt (or a caffemodel)")
     p.add_argument("weights", nargs="?", help="WEIGHTS.caffemodel")
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], type=str.upper)
-    p.add_argument("--dialect", choices=["bvlc", "lifted"], help="override the detected schema dialect")
+    p.add_argument("--dialect", choices=list(DIALECT_ENTRIES), help="override the detected schema dialect")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="also show the split layers Caffe inserted (in caffemodels)")
     p.set_defaults(run=_cmd_inspect)
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", nargs="?", help="WEIGHTS.caffemodel")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], type=str.upper)
-    p.add_argument("--dialect", choices=["bvlc", "lifted"])
+    p.add_argument("--dialect", choices=list(DIALECT_ENTRIES))
     _add_preprocess_options(p, "record in the model (shown by export-onnx and caffe_compat.load)")
     p.add_argument("--random-init", action="store_true",
                    help="no WEIGHTS: fill the parameters from the prototxt's fillers (seeded by --seed)")
@@ -295,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-batch", action="store_true", help="fix the batch size instead of a symbolic N")
     p.add_argument("--input-shape", metavar="N,C,H,W",
                    help="shape of the image input (needed for data layers without crop_size)")
-    p.add_argument("--dialect", choices=["bvlc", "lifted"])
+    p.add_argument("--dialect", choices=list(DIALECT_ENTRIES))
     _add_preprocess_options(p, "record in metadata_props")
     _add_weights_options(p)
     p.set_defaults(run=_cmd_export_onnx)
@@ -355,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean-file", metavar="MEAN.binaryproto", help="subtract this mean image instead of the net's")
     p.add_argument("--mean-value", type=float, nargs="+", metavar="B G R",
                    help="subtract these channel means instead of the net's mean")
-    p.add_argument("--dialect", choices=["bvlc", "lifted"])
+    p.add_argument("--dialect", choices=list(DIALECT_ENTRIES))
     _add_weights_options(p)
     p.set_defaults(run=_cmd_extract)
 

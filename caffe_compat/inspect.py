@@ -98,7 +98,7 @@ def inspect_net(net_path: PathLike, weights_path: Optional[PathLike] = None, pha
     out unless `show_all` (consumers then read the split blob's source). `input_shapes`
     ({blob: shape}) sizes inputs and data layers' tops, as `load_net`'s does."""
     net_file = read_net(net_path, dialect)
-    weights_file = read_caffemodel(weights_path, dialect) if weights_path else None
+    weights_file = read_caffemodel(weights_path, dialect, net_file) if weights_path else None
     blob_source = weights_file or (net_file if any(len(l.blobs) for l in net_file.net.layer) else None)
     stored = {}
     if blob_source is not None:

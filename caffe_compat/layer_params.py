@@ -223,9 +223,20 @@ def pool_window(layer: LayerFacts) -> Tuple[Shape, Shape, Shape, bool]:
         raise layer.error(f"stride {stride} must be positive")
     if pp.global_pooling and (pad != (0, 0) or stride != (1, 1)):
         raise layer.error("with global_pooling only pad 0 and stride 1 are allowed")
+    return kernel, stride, pad, _pool_ceil(layer, pp)
+
+
+def _pool_ceil(layer: LayerFacts, pp) -> bool:
+    """Whether the output size rounds up. Forks' PoolingParameter 13 is ceil_mode (a bool,
+    BVLC PR 3057), BVLC's is round_mode (an enum, CEIL = 0): each is read where the net
+    names it, and a layer naming both is refused rather than one silently winning."""
+    if "ceil_mode" in pp.DESCRIPTOR.fields_by_name and pp.HasField("ceil_mode"):
+        if pp.HasField("round_mode"):
+            raise layer.error("gives both ceil_mode and round_mode; keep one")
+        return pp.ceil_mode
     if pp.round_mode not in (POOL_CEIL, POOL_FLOOR):
         raise layer.error(f"unknown round_mode {pp.round_mode}")
-    return kernel, stride, pad, pp.round_mode == POOL_CEIL
+    return pp.round_mode == POOL_CEIL
 
 
 def pooled_size(size: int, kernel: int, stride: int, pad: int, clip: bool, ceil: bool = True) -> int:

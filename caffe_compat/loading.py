@@ -29,7 +29,7 @@ def load_net(prototxt: Union[PathLike, NetFile], weights: Optional[PathLike] = N
     net_file = prototxt if isinstance(prototxt, NetFile) else read_prototxt(prototxt, dialect)
     blobs = None
     if weights is not None:
-        blobs = weights_of(read_caffemodel(weights, dialect))
+        blobs = weights_of(read_caffemodel(weights, dialect, net_file))
     net_param, notes = feed_absent_sources(net_file.net, phase.upper(), level, stages, input_shapes)
     for note in notes:
         warnings.warn(f"{net_file.path}: {note}", stacklevel=2)

@@ -279,7 +279,7 @@ def load_for_export(source: PathLike, weights: Optional[PathLike] = None,
         recorded = payload["preprocess"]
     else:
         net_file = read_prototxt(source, dialect)
-        blobs = weights_of(read_caffemodel(weights, dialect))  # each file's dialect is detected on its own
+        blobs = weights_of(read_caffemodel(weights, dialect, net_file))
         digest = _sha256(source.read_bytes())
     has_data_layers = bool(data_layers_of(net_file.net))
     net_param = deploy_net(net_file.net, input_shape) if has_data_layers else net_file.net

@@ -18,14 +18,15 @@ def rel_err(ours, ref):
     return np.abs(np.asarray(ours, np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30)
 
 
-def build(layer_type, params="", shapes=((2, 3, 4, 5),), tops=1, top_names=None, phase="TEST"):
-    """Build the layer "layer" of `layer_type` with `params` (LayerParameter text), reading
-    bottoms b0, b1, ... of `shapes` and writing `top_names` (by default `tops` tops t0,
-    t1, ...), its module in `phase`'s train/eval mode as a net sets it.
+def build(layer_type, params="", shapes=((2, 3, 4, 5),), tops=1, top_names=None, phase="TEST", dialect="bvlc"):
+    """Build the layer "layer" of `layer_type` with `params` (LayerParameter text in
+    `dialect`'s schema), reading bottoms b0, b1, ... of `shapes` and writing `top_names`
+    (by default `tops` tops t0, t1, ...), its module in `phase`'s train/eval mode as a
+    net sets it.
     Returns (ctx, converted)."""
     bottoms = [f"b{i}" for i in range(len(shapes))]
     top_names = [f"t{i}" for i in range(tops)] if top_names is None else list(top_names)
-    param = text_format.Parse(f'name: "layer" type: "{layer_type}" {params}', messages("bvlc").LayerParameter())
+    param = text_format.Parse(f'name: "layer" type: "{layer_type}" {params}', messages(dialect).LayerParameter())
     param.bottom.extend(bottoms)
     param.top.extend(top_names)
     ctx = LayerContext("layer", layer_type, param, bottoms, top_names, [tuple(s) for s in shapes], phase)

@@ -26,6 +26,7 @@ def _fixture_nets():
               (REFERENCE / "nets" / "data_layer" / "data.prototxt", "TEST"),
               (REFERENCE / "nets" / "solver" / "train.prototxt", "TRAIN"),
               (PAPER / EMBED64, "TRAIN"), (PAPER / EXTRACT64, "TEST")]
+    cases += [(p, "TEST") for p in sorted((REFERENCE / "forks" / "ssd").glob("*.prototxt"))]
     return [pytest.param(p, phase, id=f"{p.parent.name}/{p.stem}-{phase}") for p, phase in cases]
 
 

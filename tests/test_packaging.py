@@ -20,6 +20,9 @@ def test_wheel_installs_one_top_level_name(tmp_path):
     assert top_level == {"caffe_compat"}
     assert "caffe_compat/proto/caffe.proto" in names and "caffe_compat/proto/caffe_pb2.py" in names
     assert "caffe_compat/converters/artifact.py" in names
+    # The dialects' schema snippets are package data, read at run time.
+    snippets = {f"caffe_compat/io/dialects/{p.name}" for p in (ROOT / "caffe_compat" / "io" / "dialects").glob("*.proto")}
+    assert snippets and snippets <= set(names)
     assert not any(n.startswith(("proto/", "converters/", "tests/", "benchmarks/")) for n in names)
     # Every module of the source tree is in the wheel (a package missing from setup.cfg's
     # list imports from a checkout but not once installed).

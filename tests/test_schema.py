@@ -6,8 +6,8 @@ import pytest
 
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.io import wire
-from caffe_compat.io.schema import (DIALECTS, detect_binary_dialect, detect_text_dialect, dialect_of,
-                                    messages, unknown_fields)
+from caffe_compat.io.dialects.detect import detect_binary_dialect, detect_text_dialect
+from caffe_compat.io.schema import DIALECTS, dialect_of, messages, unknown_fields
 from caffe_compat.proto import caffe_pb2
 
 COMMITTED_MODULE = caffe_pb2.__file__

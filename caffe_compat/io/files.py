@@ -14,7 +14,8 @@ from google.protobuf.message import DecodeError
 from ..errors import CaffeCompatError
 from . import atomic, wire
 from .blobs import array_to_blob, blob_shape, blob_to_array, shaped
-from .schema import check_strings, detect_binary_dialect, detect_text_dialect, messages, unknown_fields
+from .dialects.detect import binary_fits, choose_binary, detect_text_dialect
+from .schema import check_strings, messages, unknown_fields
 from .text import decode_text, looks_binary, parse_text
 from .upgrade import upgrade_net
 
@@ -76,8 +77,11 @@ def _prototxt_from(path: Path, data: bytes, dialect: Optional[str]) -> NetFile:
     return NetFile(net, dialect, path, upgraded)
 
 
-def read_caffemodel(path: PathLike, dialect: Optional[str] = None) -> NetFile:
-    """The net and its weights; the weights are views over the mapped file, never decoded by protobuf."""
+def read_caffemodel(path: PathLike, dialect: Optional[str] = None, prototxt: Optional[NetFile] = None) -> NetFile:
+    """The net and its weights; the weights are views over the mapped file, never decoded by protobuf.
+
+    `dialect` decides; else the caffemodel's own field numbers, checked against
+    `prototxt` (the net it goes with) when given, whose dialect wins a tie."""
     path = Path(path)
     _check_file(path, "caffemodel")
     try:
@@ -93,7 +97,11 @@ def read_caffemodel(path: PathLike, dialect: Optional[str] = None) -> NetFile:
     except wire.WireError as err:
         raise CaffeCompatError(f"{invalid}: {err}") from None
     try:
-        dialect = dialect or detect_binary_dialect(split.definitions)
+        if not dialect:
+            expected = (prototxt.dialect, str(prototxt.path)) if prototxt is not None else None
+            dialect, note = choose_binary(binary_fits(split.definitions), str(path), expected)
+            if note:
+                warnings.warn(note, stacklevel=2)
         net = messages(dialect).NetParameter()
         net.ParseFromString(split.definitions)
     except DecodeError as err:

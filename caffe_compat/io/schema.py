@@ -1,31 +1,23 @@
-"""Caffe's schema in its two dialects.
-
-"bvlc" is BVLC Caffe 1.0's caffe.proto (caffe_compat.proto.caffe_pb2). "lifted" is
-the lifted-loss paper's fork: the same schema except that LayerParameter field 145,
-BVLC's parameter_param, holds lifted_struct_sim_softmax_loss_param. Both share the
-wire format everywhere else, so the lifted classes are built at run time from a copy
-of caffe_pb2's descriptor, in a pool of their own.
+"""Caffe's schema in its dialects (caffe_compat.io.dialects: BVLC's caffe.proto and each
+fork's changes to it). "bvlc" is caffe_compat.proto.caffe_pb2 itself; every other
+dialect's classes are built at run time from its schema file, in a pool of its own.
 """
 from __future__ import annotations
 
 import functools
-import re
 import types
 from typing import List
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from ..errors import CaffeCompatError
 from ..proto import caffe_pb2
+from .dialects import ENTRIES, entry, schema_file
 
-DIALECTS = ("bvlc", "lifted")
+DIALECTS = tuple(ENTRIES)
 
-LIFTED_LOSS_TYPE = "LiftedStructSimilaritySoftmaxLoss"
-LIFTED_PARAM_FIELD = "lifted_struct_sim_softmax_loss_param"
-_LIFTED_PARAM_MESSAGE = "LiftedStructSimSoftmaxLossParameter"
-_FORKED_FIELD_NUMBER = 145
 _NAMED_LAYERS = ("caffe.LayerParameter", "caffe.V1LayerParameter")
 
 
@@ -37,26 +29,16 @@ def _message_class(descriptor):
     return get_class(descriptor)
 
 
-def _lifted_file() -> descriptor_pb2.FileDescriptorProto:
-    file_proto = descriptor_pb2.FileDescriptorProto.FromString(caffe_pb2.DESCRIPTOR.serialized_pb)
-    layer = next(m for m in file_proto.message_type if m.name == "LayerParameter")
-    field = next(f for f in layer.field if f.number == _FORKED_FIELD_NUMBER)
-    field.name = LIFTED_PARAM_FIELD
-    field.type_name = f".caffe.{_LIFTED_PARAM_MESSAGE}"
-    return file_proto
-
-
 @functools.lru_cache(maxsize=None)
 def messages(dialect: str) -> types.SimpleNamespace:
     """The message classes of `dialect` by name: messages("lifted").NetParameter, ..."""
-    if dialect not in DIALECTS:
-        raise CaffeCompatError(f"unknown Caffe dialect {dialect!r}; valid: {', '.join(DIALECTS)}")
+    entry(dialect)
     # (.values(): iterating the by-name map yields descriptors, not names, on upb 4.21.1.)
     if dialect == "bvlc":
         descriptors = caffe_pb2.DESCRIPTOR.message_types_by_name.values()
         return types.SimpleNamespace(**{d.name: getattr(caffe_pb2, d.name) for d in descriptors})
     pool = descriptor_pool.DescriptorPool()
-    descriptors = pool.AddSerializedFile(_lifted_file().SerializeToString()).message_types_by_name.values()
+    descriptors = pool.AddSerializedFile(schema_file(dialect).SerializeToString()).message_types_by_name.values()
     return types.SimpleNamespace(**{d.name: _message_class(d) for d in descriptors})
 
 
@@ -65,7 +47,7 @@ def dialect_of(message: Message) -> str:
     for dialect in DIALECTS:
         if type(message) is getattr(messages(dialect), message.DESCRIPTOR.name, None):
             return dialect
-    raise CaffeCompatError(f"{message.DESCRIPTOR.full_name} is not a message of either Caffe dialect")
+    raise CaffeCompatError(f"{message.DESCRIPTOR.full_name} is not a message of any Caffe dialect")
 
 
 def is_repeated(field) -> bool:
@@ -123,35 +105,3 @@ def _collect_unknown(message: Message, path: str, found: List[str]) -> None:
             continue
         for index, item in enumerate(value):
             _collect_unknown(item, _item_label(where, index, item), found)
-
-
-def detect_binary_dialect(data: bytes) -> str:
-    """The dialect of a serialized NetParameter (a caffemodel). Raises
-    google.protobuf.message.DecodeError when `data` is not one.
-
-    Lifted when a layer is the lifted loss, or carries a field 145 that decodes
-    cleanly as the loss's parameter: BVLC's parameter_param there holds a BlobShape
-    at field 1, length-delimited, which the margin (a float) does not accept.
-    Otherwise BVLC. V1 layers carry neither a type string nor field 145."""
-    net = messages("lifted").NetParameter()
-    net.ParseFromString(data)
-    for layer in net.layer:
-        if layer.type == LIFTED_LOSS_TYPE:
-            return "lifted"
-        # A Parameter layer's 145 is BVLC's even when empty (shapeless).
-        if (layer.type != "Parameter" and layer.HasField(LIFTED_PARAM_FIELD)
-                and not unknown_fields(getattr(layer, LIFTED_PARAM_FIELD))):
-            return "lifted"
-    return "bvlc"
-
-
-# Comments dropped, quoted strings kept whole (a '#' inside one is not a comment).
-_STRING_OR_COMMENT = re.compile(r""""(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|#[^\n]*""")
-_LIFTED_TEXT = re.compile(rf"""\b{LIFTED_PARAM_FIELD}\s*[:{{<]|\btype\s*:\s*["']{LIFTED_LOSS_TYPE}["']""")
-
-
-def detect_text_dialect(text: str) -> str:
-    """The dialect of a text-format net (a prototxt): lifted when it names the
-    lifted loss's parameter field or layer type outside comments."""
-    code = _STRING_OR_COMMENT.sub(lambda m: "" if m.group().startswith("#") else m.group(), text)
-    return "lifted" if _LIFTED_TEXT.search(code) else "bvlc"

@@ -22,12 +22,14 @@ FAMILIES: Dict[str, Dict[str, bool]] = {
     "eltwise": {"Eltwise": True},
     "hdf5": {"HDF5Data": False, "HDF5Output": False},
     "inner_product": {"InnerProduct": True, "Embed": True},
+    "l2_normalize": {"Normalize": False},
     "lifted": {"LiftedStructSimilaritySoftmaxLoss": False},
     "loss": {"SoftmaxWithLoss": False, "Accuracy": False, "EuclideanLoss": False, "ContrastiveLoss": False,
              "SigmoidCrossEntropyLoss": False, "HingeLoss": False, "MultinomialLogisticLoss": False,
              "InfogainLoss": False},
     "lrn": {"LRN": True},
     "normalization": {"BatchNorm": True, "Scale": True, "Bias": True, "MVN": True},
+    "permute": {"Permute": False},
     "pooling": {"Pooling": True, "SPP": True},
     "python_layer": {"Python": False},
     "recurrent": {"RNN": True, "LSTM": True, "LSTMUnit": True},
@@ -36,6 +38,7 @@ FAMILIES: Dict[str, Dict[str, bool]] = {
               "Silence": True, "ArgMax": True},
     "select": {"Filter": True, "BatchReindex": True},
     "softmax": {"Softmax": True},
+    "ssd": {"PriorBox": False, "DetectionOutput": False},
     "sources": {"DummyData": True, "Parameter": True},
 }
 

@@ -120,9 +120,6 @@ def build_parameter(ctx: LayerContext) -> Converted:
         raise ctx.error("takes no bottoms")
     if len(ctx.tops) != 1:
         raise ctx.error(f"expects 1 top, got {len(ctx.tops)}")
-    if "parameter_param" not in ctx.param.DESCRIPTOR.fields_by_name:
-        raise ctx.error("needs BVLC's parameter_param (LayerParameter field 145), which this net's dialect "
-                        "(the lifted-loss fork) uses for lifted_struct_sim_softmax_loss_param")
     shape = _shape_of(ctx.param.parameter_param.shape)
     if any(d < 0 for d in shape):
         raise ctx.error(f"shape {shape} has a negative dimension")

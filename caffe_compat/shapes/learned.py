@@ -125,7 +125,5 @@ def _rnn(v):
 
 @rule("Parameter")
 def _parameter(v):
-    if "parameter_param" not in v.param.DESCRIPTOR.fields_by_name:
-        raise v.error("needs BVLC's parameter_param (field 145), which the lifted-loss dialect uses otherwise")
     shape = tuple(int(d) for d in v.param.parameter_param.shape.dim)
     return [shape], [shape]

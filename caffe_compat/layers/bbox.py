@@ -1,0 +1,206 @@
+"""The SSD fork's box arithmetic (src/caffe/util/bbox_util.cpp) on tensors, CPU or CUDA
+alike: decoding, Jaccard overlap, greedy NMS, and libstdc++'s std::sort for the one
+place the fork sorts unstably.
+
+Each operation follows the fork's float32 arithmetic in its order, so that NMS meets
+the same overlaps the fork met (the reference fixtures agree to the bit)."""
+from __future__ import annotations
+
+from typing import Callable, List
+
+import torch
+
+
+def _corners(x0, y0, x1, y1):
+    return torch.stack([x0, y0, x1, y1], dim=-1)
+
+
+def decode(prior: torch.Tensor, variance: torch.Tensor, loc: torch.Tensor, code_type: str,
+           variance_encoded_in_target: bool) -> torch.Tensor:
+    """DecodeBBox for every prediction: prior and variance (P, 4) against loc (..., P, L, 4);
+    the boxes (..., P, L, 4) as (xmin, ymin, xmax, ymax). Never clipped: DetectionOutput
+    passes clip_bbox false."""
+    p = prior[:, None, :]
+    v = variance[:, None, :]
+    if code_type == "CORNER":
+        return p + loc if variance_encoded_in_target else p + v * loc
+    width = p[..., 2] - p[..., 0]
+    height = p[..., 3] - p[..., 1]
+    if code_type == "CORNER_SIZE":
+        extent = torch.stack([width, height, width, height], dim=-1)
+        return p + loc * extent if variance_encoded_in_target else p + v * loc * extent
+    # CENTER_SIZE
+    center_x = (p[..., 0] + p[..., 2]) / 2
+    center_y = (p[..., 1] + p[..., 3]) / 2
+    scaled = loc if variance_encoded_in_target else v * loc
+    box_cx = scaled[..., 0] * width + center_x
+    box_cy = scaled[..., 1] * height + center_y
+    # exp(float) is float (glibc's expf is correctly rounded, as is a double exp
+    # rounded to float, on any device); the product is float
+    box_w = torch.exp(scaled[..., 2].double()).float() * width
+    box_h = torch.exp(scaled[..., 3].double()).float() * height
+    # `center -/+ size / 2.` is computed in double from two floats: exact before its one
+    # rounding to float, as in float arithmetic
+    return _corners(box_cx - box_w / 2, box_cy - box_h / 2, box_cx + box_w / 2, box_cy + box_h / 2)
+
+
+def box_size(boxes: torch.Tensor) -> torch.Tensor:
+    """BBoxSize (normalized): width * height, 0 for a box whose max is below its min."""
+    width = boxes[..., 2] - boxes[..., 0]
+    height = boxes[..., 3] - boxes[..., 1]
+    inverted = (boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])
+    return torch.where(inverted, torch.zeros_like(width), width * height)
+
+
+def jaccard(a: torch.Tensor, size_a: torch.Tensor, b: torch.Tensor, size_b: torch.Tensor) -> torch.Tensor:
+    """JaccardOverlap of broadcast boxes a and b with their sizes; 0 where they do not meet."""
+    inter_w = torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])
+    inter_h = torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])
+    inter = inter_w * inter_h
+    overlap = inter / (size_a + size_b - inter)
+    return torch.where((inter_w > 0) & (inter_h > 0), overlap, torch.zeros_like(overlap))
+
+
+# The overlaps computed at once for a block of candidates: at most this many values.
+OVERLAP_BLOCK_VALUES = 1 << 24
+
+
+def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, threshold: float,
+               eta: float) -> torch.Tensor:
+    """ApplyNMSFast on many lists at once: boxes (B, K, 4), sizes and valid (B, K), each
+    list sorted as the fork sorts its candidates. A candidate is kept when its overlap
+    with every box kept before it is <= the threshold, which then shrinks by eta
+    while above 0.5 (adaptive NMS). The kept mask (B, K); no value leaves the device."""
+    count, length = valid.shape
+    kept = torch.zeros_like(valid)
+    limit = torch.full((count,), threshold, dtype=torch.float32, device=boxes.device)
+    block = max(1, min(64, OVERLAP_BLOCK_VALUES // max(1, count * length)))
+    for start in range(0, length, block):
+        stop = min(length, start + block)
+        overlaps = jaccard(boxes[:, start:stop, None, :], sizes[:, start:stop, None],
+                           boxes[:, None, :stop, :], sizes[:, None, :stop])
+        for k in range(start, stop):
+            # `overlap <= limit` is false for NaN overlaps too, as in the fork
+            clash = (kept[:, :k] & ~(overlaps[:, k - start, :k] <= limit[:, None])).any(dim=1)
+            keep = valid[:, k] & ~clash
+            kept[:, k] = keep
+            if eta < 1:
+                limit = torch.where(keep & (limit > 0.5), limit * eta, limit)
+    return kept
+
+
+def libstdcxx_sort(items: List, before: Callable) -> None:
+    """std::sort as GCC's libstdc++ (4.9 on) implements it, in place: introsort with a
+    median-of-three pivot, heapsort past 2 log2(n) levels, a final insertion sort. Its
+    order among equal items is what Caffe's unstable sorts produced."""
+    n = len(items)
+    if n > 1:
+        _introsort_loop(items, 0, n, 2 * (n.bit_length() - 1), before)
+        _final_insertion_sort(items, 0, n, before)
+
+
+_THRESHOLD = 16
+
+
+def _introsort_loop(a, first, last, depth, before):
+    while last - first > _THRESHOLD:
+        if depth == 0:
+            _make_heap(a, first, last, before)
+            _sort_heap(a, first, last, before)
+            return
+        depth -= 1
+        mid = first + (last - first) // 2
+        _move_median_to_first(a, first, first + 1, mid, last - 1, before)
+        cut = _unguarded_partition(a, first + 1, last, first, before)
+        _introsort_loop(a, cut, last, depth, before)
+        last = cut
+
+
+def _move_median_to_first(a, result, x, y, z, before):
+    if before(a[x], a[y]):
+        if before(a[y], a[z]):
+            pick = y
+        elif before(a[x], a[z]):
+            pick = z
+        else:
+            pick = x
+    elif before(a[x], a[z]):
+        pick = x
+    elif before(a[y], a[z]):
+        pick = z
+    else:
+        pick = y
+    a[result], a[pick] = a[pick], a[result]
+
+
+def _unguarded_partition(a, first, last, pivot, before):
+    while True:
+        while before(a[first], a[pivot]):
+            first += 1
+        last -= 1
+        while before(a[pivot], a[last]):
+            last -= 1
+        if not first < last:
+            return first
+        a[first], a[last] = a[last], a[first]
+        first += 1
+
+
+def _final_insertion_sort(a, first, last, before):
+    if last - first > _THRESHOLD:
+        _insertion_sort(a, first, first + _THRESHOLD, before)
+        for i in range(first + _THRESHOLD, last):
+            _unguarded_linear_insert(a, i, before)
+    else:
+        _insertion_sort(a, first, last, before)
+
+
+def _insertion_sort(a, first, last, before):
+    for i in range(first + 1, last):
+        if before(a[i], a[first]):
+            a[first:i + 1] = [a[i]] + a[first:i]
+        else:
+            _unguarded_linear_insert(a, i, before)
+
+
+def _unguarded_linear_insert(a, last, before):
+    value = a[last]
+    while before(value, a[last - 1]):
+        a[last] = a[last - 1]
+        last -= 1
+    a[last] = value
+
+
+def _adjust_heap(a, first, hole, length, value, before):
+    top = hole
+    child = hole
+    while child < (length - 1) // 2:
+        child = 2 * (child + 1)
+        if before(a[first + child], a[first + child - 1]):
+            child -= 1
+        a[first + hole] = a[first + child]
+        hole = child
+    if length % 2 == 0 and child == (length - 2) // 2:
+        child = 2 * (child + 1)
+        a[first + hole] = a[first + child - 1]
+        hole = child - 1
+    parent = (hole - 1) // 2
+    while hole > top and before(a[first + parent], value):
+        a[first + hole] = a[first + parent]
+        hole = parent
+        parent = (hole - 1) // 2
+    a[first + hole] = value
+
+
+def _make_heap(a, first, last, before):
+    length = last - first
+    for parent in range((length - 2) // 2, -1, -1):
+        _adjust_heap(a, first, parent, length, a[first + parent], before)
+
+
+def _sort_heap(a, first, last, before):
+    while last - first > 1:
+        last -= 1
+        value = a[last]
+        a[last] = a[first]
+        _adjust_heap(a, first, 0, last - first, value, before)

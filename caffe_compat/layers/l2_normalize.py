@@ -1,0 +1,85 @@
+"""The SSD fork's Normalize (src/caffe/layers/normalize_layer.cpp): each image's values
+divided by their L2 norm, over all its values (across_spatial) or over the channels at
+each position, then multiplied by a learned scale, one (channel_shared) or one per
+channel. eps is added to the sum of squares, inside the square root.
+
+The backward is the fork's own, not autograd's: it differentiates as if the scale were
+shared, so with one scale per channel whose values differ it is not the exact
+derivative (the bottom's gradient omits the other channels' scales from the norm's
+term). The scale's gradient is sum(top * top_diff) / scale, as the fork computes it."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..ssd_params import normalize_blob_shape
+from . import fillers
+from .registry import CaffeLayer, LayerContext, register
+
+
+def _images(x: torch.Tensor) -> torch.Tensor:
+    """(num, channels, positions): Caffe's legacy 4-D view of a bottom of rank 2 to 4."""
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+class _NormalizeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, across_spatial: bool, eps: float):
+        data = _images(x)
+        if across_spatial:
+            norm = (data.square().sum(dim=(1, 2), keepdim=True) + eps).sqrt()
+            top = data * (1.0 / norm.double()).float()
+        else:
+            norm = (data.square().sum(dim=1, keepdim=True) + eps).sqrt()
+            top = data / norm
+        top = top * (scale.reshape(1, -1, 1) if scale.dim() else scale)
+        ctx.across_spatial = across_spatial
+        ctx.save_for_backward(data, scale, norm, top)
+        return top.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, top_diff):
+        data, scale, norm, top = ctx.saved_tensors
+        diff = _images(top_diff)
+        shared = scale.dim() == 0
+        grad_x = grad_scale = None
+        if ctx.needs_input_grad[1]:
+            if shared:
+                grad_scale = (top * diff).sum() / scale
+            else:
+                grad_scale = ((top * diff).sum(dim=2) / scale).sum(dim=0)
+        if ctx.needs_input_grad[0]:
+            if ctx.across_spatial:
+                dot = (data * diff).sum(dim=(1, 2), keepdim=True)
+                grad = (diff - data * (dot / norm / norm)) * (1.0 / norm.double()).float()
+            else:
+                dot = (data * diff).sum(dim=1, keepdim=True)
+                grad = (diff - data * dot / norm.square()) / norm
+            grad_x = (grad * (scale if shared else scale.reshape(1, -1, 1))).reshape(top_diff.shape)
+        return grad_x, grad_scale, None, None
+
+
+class Normalize(CaffeLayer):
+    blob_names = ("scale",)
+
+    def __init__(self, scale: torch.Tensor, across_spatial: bool, eps: float):
+        super().__init__()
+        self.scale = nn.Parameter(scale)
+        self.across_spatial = across_spatial
+        self.eps = eps
+
+    def forward(self, x):
+        return _NormalizeFunction.apply(x, self.scale, self.across_spatial, self.eps)
+
+
+@register("Normalize")
+def build_normalize(ctx: LayerContext):
+    blob_shape = normalize_blob_shape(ctx)
+    p = ctx.param.norm_param
+    filler = p.scale_filler
+    if not p.HasField("scale_filler"):  # the fork's default: a constant 1
+        filler = type(p.scale_filler)(type="constant", value=1.0)
+    scale = fillers.fill(filler, blob_shape, ctx.name)
+    return ctx.wire(Normalize(scale, p.across_spatial, float(np.float32(p.eps))),
+                    top_shapes=[tuple(ctx.bottom_shapes[0])])
