@@ -21,7 +21,10 @@ EXIT_BAD_INPUT = 2
 def _cmd_inspect(args) -> int:
     from .inspect import format_inspection, inspect_net
 
-    info = inspect_net(args.net, args.weights, args.phase, args.dialect, show_all=args.all)
+    from .deploy import parse_input_shapes
+
+    info = inspect_net(args.net, args.weights, args.phase, args.dialect, show_all=args.all,
+                       input_shapes=parse_input_shapes(args.input_shape or []))
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0
 
@@ -48,7 +51,8 @@ def _cmd_compare(args) -> int:
 def _cmd_convert(args) -> int:
     from .converters.artifact import model_to_caffemodel, save_model
     from .converters.preprocess import describe as describe_preprocess, preprocess_metadata
-    from .loading import load_net, parse_input_shapes
+    from .deploy import parse_input_shapes
+    from .loading import load_net
     from .io.files import read_prototxt, with_weights, write_caffemodel
     from .memory import parse_size
 
@@ -252,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dialect", choices=list(DIALECT_ENTRIES), help="override the detected schema dialect")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="also show the split layers Caffe inserted (in caffemodels)")
+    p.add_argument("--input-shape", action="append", metavar="BLOB=N,C,H,W",
+                   help="shape of an input, or of a data layer's top, as convert takes it (repeatable)")
     p.set_defaults(run=_cmd_inspect)
 
     p = sub.add_parser("layers", help="list the supported Caffe layer types and their ONNX mappings")

@@ -211,3 +211,19 @@ def feed_absent_sources(net_param, phase: str, level: int = 0, stages: Sequence[
                      f"{repr(source) if source else '(empty)'} is absent; the {phase} net takes "
                      f"{'inputs' if len(tops) > 1 else 'an input'} instead: {inputs}")
     return result, notes
+
+
+def parse_input_shapes(texts: Sequence[str], option: str = "--input-shape") -> Dict[str, Tuple[int, ...]]:
+    """['data=1,3,227,227', 'label=1'] -> {'data': (1, 3, 227, 227), 'label': (1,)}."""
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for text in texts:
+        name, sep, dims = text.partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",")) if sep and name.strip() else ()
+        except ValueError:
+            shape = ()
+        if not shape or any(d <= 0 for d in shape):
+            raise CaffeCompatError(f"{option} {text!r}: expected BLOB=N,C,H,W with positive sizes, "
+                                   f"such as data=1,3,227,227")
+        shapes[name.strip()] = shape
+    return shapes

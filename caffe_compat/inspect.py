@@ -105,9 +105,13 @@ def inspect_net(net_path: PathLike, weights_path: Optional[PathLike] = None, pha
         stored = {l.name: [blob_shape(b) for b in l.blobs] for l in blob_source.net.layer if len(l.blobs)}
     graph = _graph(net_file, phase.upper())
     shapes = net_shapes(graph, input_shapes)
+    net_not_in_weights: List[str] = []
     if weights_file is not None:  # weights that set nothing are refused, as every other verb refuses them
         counts = {n.name: len(shapes.params[n.name] or ()) for n in graph.layers if n.type != "Input"}
         check_weights_fit(graph, counts, list(stored), str(weights_path), allow_missing=True)
+        # A layer whose every blob is another's (a shared param) gets its values through that one.
+        net_not_in_weights = [name for name, count in counts.items() if count and name not in stored
+                              and any((name, i) not in shapes.shared for i in range(count))]
     hidden = [] if show_all else [node for node in graph.layers if is_automatic_split(node)]
     hidden_names = {node.name for node in hidden}
     source_of = {top: node.bottoms[0] for node in hidden for top in node.tops}
@@ -146,6 +150,7 @@ def inspect_net(net_path: PathLike, weights_path: Optional[PathLike] = None, pha
         "shared_param_blobs": len(shapes.shared),
         "hidden_split_layers": len(hidden),
         "weights_not_in_net": sorted(set(stored) - {node.name for node in graph.layers}),
+        "net_not_in_weights": net_not_in_weights,
         "weights_mismatched": mismatched,
         "shape_notes": shapes.notes,
     }
@@ -233,6 +238,9 @@ def format_inspection(info: dict, columns: Optional[int] = None) -> str:
         out.append(f"{info['hidden_split_layers']} automatic split layer(s) of Caffe hidden (--all shows them)")
     if info["weights_not_in_net"]:
         out.append(f"in the weights but not this net: {', '.join(info['weights_not_in_net'])}")
+    if info["net_not_in_weights"]:
+        out.append(f"in this net but not the weights (their fillers' values unless given): "
+                   f"{', '.join(info['net_not_in_weights'])}")
     if info["weights_mismatched"]:
         out.append("in the weights with other shapes: " + "; ".join(info["weights_mismatched"]))
     if info["unknown_fields"]:

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 from .deploy import feed_absent_sources
-from .errors import CaffeCompatError
 from .graph import build_graph
 from .io.files import NetFile, read_caffemodel, read_prototxt, weights_of
 from .net import CaffeNet
@@ -41,19 +40,3 @@ def load_net(prototxt: Union[PathLike, NetFile], weights: Optional[PathLike] = N
 
         return compile_net(net)
     return net
-
-
-def parse_input_shapes(texts: Sequence[str], option: str = "--input-shape") -> Dict[str, Tuple[int, ...]]:
-    """['data=1,3,227,227', 'label=1'] -> {'data': (1, 3, 227, 227), 'label': (1,)}."""
-    shapes: Dict[str, Tuple[int, ...]] = {}
-    for text in texts:
-        name, sep, dims = text.partition("=")
-        try:
-            shape = tuple(int(d) for d in dims.replace("x", ",").split(",")) if sep and name.strip() else ()
-        except ValueError:
-            shape = ()
-        if not shape or any(d <= 0 for d in shape):
-            raise CaffeCompatError(f"{option} {text!r}: expected BLOB=N,C,H,W with positive sizes, "
-                                   f"such as data=1,3,227,227")
-        shapes[name.strip()] = shape
-    return shapes

@@ -144,6 +144,21 @@ def test_stored_blobs_that_do_not_fit_are_named(tmp_path):
     assert len(info["weights_mismatched"]) == 1 and "the net needs" in info["weights_mismatched"][0]
 
 
+def test_layers_missing_from_either_side_are_named_both_ways(tmp_path):
+    """The weights' layers the net lacks, and the net's layers with parameters the weights
+    lack (they would keep their fillers' values): both listed."""
+    solver = require(REFERENCE / "nets" / "solver")
+    net = tmp_path / "net.prototxt"
+    net.write_text((solver / "train.prototxt").read_text().replace('name: "fc_embedding"', 'name: "fc_new"'))
+    result = run_cli("inspect", net, solver / "init.caffemodel", "--phase", "TRAIN", "--input-shape",
+                     "data=16,3,32,30", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "in the weights but not this net: fc_embedding" in text
+    assert "in this net but not the weights (their fillers' values unless given): fc_new" in text
+    assert "at least" not in text  # --input-shape sized the data layer's top: every count is known
+
+
 def test_a_type_without_a_shape_rule_shows_question_marks(tmp_path):
     net = tmp_path / "net.prototxt"
     net.write_text(textwrap.dedent("""

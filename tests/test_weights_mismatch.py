@@ -16,7 +16,8 @@ from caffe_compat.io.files import (read_caffemodel, read_prototxt, weights_of, w
                                   write_prototxt)
 from caffe_compat.io.schema import messages
 from caffe_compat.layers import fillers
-from caffe_compat.loading import load_net, parse_input_shapes
+from caffe_compat.deploy import parse_input_shapes
+from caffe_compat.loading import load_net
 from caffe_compat.memory import parse_size
 from caffe_compat.net import CaffeNet
 from conftest import REFERENCE, require, run_cli, run_python
