@@ -2,7 +2,6 @@
 through the layer registry."""
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -347,11 +346,16 @@ class CaffeNet(nn.Module):
                     blobs.append(blob.detach())
         if not blobs:
             return None
-        # max |w| is NaN or inf exactly where w holds one, and cannot overflow as a sum would.
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(blobs, math.inf)))
-        if finite.all().item():
+        # The 2-norm: several times faster than the max-norm on CPU. It is NaN or inf
+        # wherever a blob holds one, and also past ~1e19 (float32), so a blob it flags is
+        # confirmed element by element (that happens only when training has gone wrong).
+        suspects = torch.isfinite(torch.stack(torch._foreach_norm(blobs))).logical_not_()
+        if not suspects.any().item():
             return None
-        return self.layer_names[owners[int(finite.logical_not().nonzero()[0, 0])]]
+        for index in suspects.nonzero()[:, 0].tolist():
+            if not torch.isfinite(blobs[index]).all().item():
+                return self.layer_names[owners[index]]
+        return None
 
     def caffe_weights(self) -> Dict[str, List[np.ndarray]]:
         """Blobs by Caffe layer name, as Caffe would save them."""
