@@ -227,7 +227,7 @@ def test_the_first_layer_in_net_order_is_named(solver_dir, monkeypatch):
         return rate
 
     monkeypatch.setattr(trainer.solver, "step", step_that_breaks_at_iteration_1)
-    with pytest.raises(CaffeCompatError, match=r"^iteration 1: .* layer 'conv2' .*no snapshot was written"):
+    with pytest.raises(CaffeCompatError, match=r"^iteration 1: .* layer 'conv2' .*this run wrote no snapshot"):
         trainer.run()
 
 

@@ -266,7 +266,7 @@ class Trainer:
         if layer is None:
             return
         kept = (f"the last snapshot, {self.last_snapshot}, is kept" if self.last_snapshot is not None
-                else "no snapshot was written")
+                else "this run wrote no snapshot")
         raise CaffeCompatError(f"iteration {it}: the update left NaN/inf in the weights of layer '{layer}' "
                                f"(loss {loss:.6g}, lr {rate:g}); stopped without writing them, {kept} "
                                f"(lower base_lr, or set clip_gradients)")
