@@ -203,7 +203,7 @@ class CaffeNet(nn.Module):
         self._share_params()
         self.param_multipliers = self._multipliers()
         if weights is not None:
-            self._copy_weights(weights)
+            self._copy_weights(weights, weights_source)
         self.train(graph.phase == "TRAIN")
 
     # building
@@ -315,11 +315,16 @@ class CaffeNet(nn.Module):
         for note in check_weights_fit(self.graph, blob_counts, list(weights), source, allow_missing):
             warnings.warn(note, stacklevel=3)
 
-    def _copy_weights(self, weights: Mapping[str, Sequence[np.ndarray]]) -> None:
+    def _copy_weights(self, weights: Mapping[str, Sequence[np.ndarray]], source: Optional[str]) -> None:
         for name, arrays in weights.items():
             module_name = self.module_names.get(name)
             if module_name is not None:
                 _check_and_copy(name, self.graph.layer(name).type, self.layers[module_name], arrays)
+        layer = self.first_nonfinite_layer()
+        if layer is not None:
+            where = f" ({source})" if source else ""
+            warnings.warn(f"weights of layer '{layer}'{where} hold NaN/inf; outputs will not be finite",
+                          stacklevel=3)
 
     def load_caffe_weights(self, weights: Mapping[str, Sequence[np.ndarray]], source: Optional[str] = None,
                            allow_missing: bool = False) -> None:
@@ -328,7 +333,29 @@ class CaffeNet(nn.Module):
         blob_counts = {self.layer_names[m]: len(getattr(module, "blob_names", ()))
                        for m, module in self.layers.items()}
         self._check_weights_fit(blob_counts, weights, source, allow_missing)
-        self._copy_weights(weights)
+        self._copy_weights(weights, source)
+
+    def first_nonfinite_layer(self) -> Optional[str]:
+        """The first layer, in net order, whose blobs hold NaN or inf; None when all are
+        finite. One fused reduction and one device sync: cheap enough for every iteration."""
+        owners, blobs = [], []
+        for module_name, module in self.layers.items():
+            for blob in caffe_blobs(module):
+                if blob.numel():
+                    owners.append(module_name)
+                    blobs.append(blob.detach())
+        if not blobs:
+            return None
+        # The 2-norm: several times faster than the max-norm on CPU. It is NaN or inf
+        # wherever a blob holds one, and also past ~1e19 (float32), so a blob it flags is
+        # confirmed element by element (that happens only when training has gone wrong).
+        suspects = torch.isfinite(torch.stack(torch._foreach_norm(blobs))).logical_not_()
+        if not suspects.any().item():
+            return None
+        for index in suspects.nonzero()[:, 0].tolist():
+            if not torch.isfinite(blobs[index]).all().item():
+                return self.layer_names[owners[index]]
+        return None
 
     def caffe_weights(self) -> Dict[str, List[np.ndarray]]:
         """Blobs by Caffe layer name, as Caffe would save them."""

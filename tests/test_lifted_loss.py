@@ -199,6 +199,30 @@ def test_no_positive_pair_gives_zero_and_one_warning():
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("shape", [(1, 5), (1, 5, 1, 1)])
+def test_batch_of_one_gives_zero_and_a_zero_gradient(shape):
+    # One embedding has neither positives nor negatives: the softmax there is 0 / 0.
+    layer = nn.Linear(3, 5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = LiftedStructSimilaritySoftmaxLoss()(layer(torch.randn(1, 3)).reshape(shape), torch.zeros(1))
+    assert [w.category for w in caught] == [NoPositivePairsWarning]
+    assert loss.shape == () and loss == 0
+    loss.backward()
+    for param in layer.parameters():
+        assert torch.equal(param.grad, torch.zeros_like(param))
+
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_no_positive_pair_with_caffe_exact_is_the_forks_nan(n):
+    # The fork computes loss / num_constraints / 2 and scales its (zero) diffs by
+    # top_diff / num_constraints / 2 with num_constraints 0.
+    with pytest.warns(NoPositivePairsWarning, match="NaN"):
+        loss, grad = loss_and_grad(lifted_struct_loss, torch.randn(n, 3), torch.arange(float(n)), 1.0,
+                                   caffe_exact=True)
+    assert torch.isnan(loss) and torch.isnan(grad).all()
+
+
 @pytest.mark.parametrize("embeddings, labels, message", [
     (torch.zeros(4, 3, 2, 1), torch.zeros(4), r"embeddings must have shape"),
     (torch.zeros(4), torch.zeros(4), r"embeddings must have shape"),
@@ -355,6 +379,13 @@ def distributed_worker(rank, port):
             dist.all_reduce(ours.grad)
             ours.grad /= dist.get_world_size()
             torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-7)
+
+        # A global batch of one (rank 0 holds it, the others none): 0 and a zero gradient.
+        single = x[:1 if rank == 0 else 0].clone().requires_grad_(True)
+        with pytest.warns(NoPositivePairsWarning):
+            loss = DistributedLiftedStructSimilaritySoftmaxLoss(0.7)(single, labels[:single.shape[0]])
+        loss.backward()
+        assert loss == 0 and torch.equal(single.grad, torch.zeros_like(single))
 
         # A malformed input on one rank fails on every rank instead of hanging.
         bad = x[rows] if rank == 0 else x[rows].reshape(-1, 3, 2)

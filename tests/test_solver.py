@@ -240,6 +240,15 @@ def test_bad_solvers_are_named(text, message):
         check_solver(solver_param(text), "solver.prototxt")
 
 
+@pytest.mark.parametrize("field", ["base_lr", "gamma", "momentum", "weight_decay", "momentum2", "delta",
+                                   "rms_decay", "power", "clip_gradients"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_fields_are_named(field, value):
+    with pytest.raises(CaffeCompatError, match=rf"solver.prototxt: {field} must be a finite number, got "
+                                               rf"{value.replace('+', '')}"):
+        check_solver(solver_param(f'lr_policy: "step" stepsize: 1 type: "Adam" {field}: {value}'), "solver.prototxt")
+
+
 def test_state_round_trip_continues_identically():
     text = 'type: "Adam" lr_policy: "multistep" stepvalue: 1 gamma: 0.5 base_lr: 0.01 momentum: 0.9'
     first, w1 = make_solver(text)

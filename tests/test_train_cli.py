@@ -16,8 +16,10 @@ import torch
 
 from caffe_compat.cli import main
 from caffe_compat.compare import compare_case
-from caffe_compat.io.files import read_caffemodel, weights_of
-from caffe_compat.solver import train
+from caffe_compat.errors import CaffeCompatError
+from caffe_compat.io.files import read_caffemodel, weights_of, with_weights, write_caffemodel
+from caffe_compat.losses import NoPositivePairsWarning
+from caffe_compat.solver import Trainer, train
 from caffe_compat.solver.precision import LossScaler
 from conftest import REFERENCE, free_port, require
 
@@ -156,6 +158,10 @@ def test_test_phase_runs_with_shared_weights(solver_dir, capsys):
     (('type: "SGD"', 'type: "Adamax"'), "unknown solver type 'Adamax'"),
     (('lr_policy: "step"', 'lr_policy: "cosine"'), "lr_policy is 'cosine'"),
     (("iter_size: 1", "iter_size: -2"), "iter_size must be >= 1"),
+    (("base_lr: 0.01", "base_lr: nan"), "base_lr must be a finite number, got nan"),
+    (("gamma: 0.5", "gamma: nan"), "gamma must be a finite number, got nan"),
+    (("momentum: 0.9", "momentum: nan"), "momentum must be a finite number, got nan"),
+    (("weight_decay: 0.0005", "weight_decay: inf"), "weight_decay must be a finite number, got inf"),
 ])
 def test_bad_solvers_exit_2(solver_dir, capsys, change, message):
     edit(solver_dir / "solver.prototxt", *change)
@@ -173,6 +179,68 @@ def test_missing_lmdb_exits_2_and_leaves_snapshots_alone(solver_dir, capsys):
     assert main(["train", "solver.prototxt", "--weights", "init.caffemodel"]) == 2
     assert "train_lmdb" in capsys.readouterr().err
     assert old.read_bytes() == b"an earlier snapshot" and sorted(os.listdir("snaps")) == [old.name]
+
+
+# ---- weights that are not finite are never written
+
+def finite_weights(path) -> bool:
+    return all(np.isfinite(a).all() for arrays in weights_of(read_caffemodel(path)).values() for a in arrays)
+
+
+def test_a_batch_of_one_trains_to_finite_weights(solver_dir):
+    # One embedding per batch: no positive pair, so the loss is 0 and its gradient zero.
+    edit(solver_dir / "train.prototxt", "batch_size: 16", "batch_size: 1")
+    with pytest.warns(NoPositivePairsWarning):
+        assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--max-iter", "2",
+                     "--output", "final.caffemodel", "--log", "log.csv"]) == 0
+    assert finite_weights("final.caffemodel")
+    assert [row[1] for row in logged("log.csv")] == [0.0, 0.0]
+
+
+def test_divergence_stops_in_one_line_keeping_the_last_snapshot(solver_dir, capsys):
+    edit(solver_dir / "solver.prototxt", "snapshot: 0", 'snapshot: 1 snapshot_prefix: "snaps/run"')
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--max-iter", "2"]) == 0
+    kept = {path.name: path.read_bytes() for path in Path("snaps").iterdir()}
+    assert finite_weights("snaps/run_iter_2.caffemodel")
+    capsys.readouterr()
+    # float32 lr 1e38 times fc_embedding's lr_mult 10 is inf: its update is NaN/inf.
+    edit(solver_dir / "solver.prototxt", "base_lr: 0.01", "base_lr: 1e38")
+    assert main(["train", "solver.prototxt", "--resume", "snaps/run_iter_2.solverstate.pt", "--max-iter", "4",
+                 "--output", "final_nan.caffemodel"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("caffe-compat: error: iteration 2: "), err
+    assert "layer 'fc_embedding'" in err and "snaps/run_iter_2.solverstate.pt, is kept" in err
+    assert {path.name: path.read_bytes() for path in Path("snaps").iterdir()} == kept
+    assert not Path("final_nan.caffemodel").exists()
+
+
+def test_the_first_layer_in_net_order_is_named(solver_dir, monkeypatch):
+    trainer = Trainer("solver.prototxt", weights="init.caffemodel", max_iter=5, stream=io.StringIO())
+    real_step = trainer.solver.step
+
+    def step_that_breaks_at_iteration_1():
+        rate = real_step()
+        if trainer.solver.iter == 2:
+            for layer in ("fc_embedding", "conv2"):
+                with torch.no_grad():
+                    trainer.net.layers[trainer.net.module_names[layer]].weight.view(-1)[3] = float("nan")
+        return rate
+
+    monkeypatch.setattr(trainer.solver, "step", step_that_breaks_at_iteration_1)
+    with pytest.raises(CaffeCompatError, match=r"^iteration 1: .* layer 'conv2' .*this run wrote no snapshot"):
+        trainer.run()
+
+
+def test_untrained_weights_holding_nan_are_not_written(solver_dir, capsys):
+    init = read_caffemodel("init.caffemodel")
+    weights = {name: [a.copy() for a in arrays] for name, arrays in weights_of(init).items()}
+    weights["conv2"][1][0] = np.inf
+    write_caffemodel(with_weights(init.net, weights), "inf.caffemodel")
+    with pytest.warns(UserWarning, match=r"weights of layer 'conv2' \(inf.caffemodel\) hold NaN/inf"):
+        assert main(["train", "solver.prototxt", "--weights", "inf.caffemodel", "--max-iter", "0",
+                     "--output", "out.caffemodel"]) == 2
+    assert "out.caffemodel: not written: the weights of layer 'conv2' hold NaN/inf" in capsys.readouterr().err
+    assert not Path("out.caffemodel").exists()
 
 
 def test_weights_and_resume_together_are_refused(solver_dir, capsys):

@@ -191,6 +191,53 @@ def test_extract_and_compare_refuse_weights_sharing_no_layer(tmp_path, capsys):
     assert "shares no layer" in stderr and "conv_basic.prototxt" in stderr and "other.caffemodel" in stderr
 
 
+# ---------------------------------------------------------------- weights holding NaN or inf
+
+def poisoned(path, layer: str, value: float):
+    """A copy of the caffemodel at `path` with one value of `layer`'s first blob set to `value`."""
+    model = read_caffemodel(path)
+    weights = {name: [a.copy() for a in arrays] for name, arrays in weights_of(model).items()}
+    weights[layer][0].reshape(-1)[1] = value
+    out = path.with_name(f"{layer}_{value}.caffemodel")
+    write_caffemodel(with_weights(model.net, weights), out)
+    return out
+
+
+def test_convert_warns_in_one_line_naming_the_first_layer(tmp_path):
+    net, weights = files_of(tmp_path, "conv", TWO_CONVS)
+    nan_weights = poisoned(poisoned(weights, "conv2", np.nan), "conv1", np.inf)
+    result = run_cli("convert", net, nan_weights, "-o", tmp_path / "out.pt", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (f"caffe-compat: warning: weights of layer 'conv1' ({nan_weights}) hold NaN/inf; "
+                             f"outputs will not be finite\n")
+
+
+def test_export_onnx_and_extract_warn_on_nan_weights(tmp_path):
+    net, weights = files_of(tmp_path, "conv", TWO_CONVS)
+    nan_weights = poisoned(weights, "conv2", np.nan)
+    message = rf"weights of layer 'conv2' \({nan_weights}\) hold NaN/inf; outputs will not be finite"
+    with pytest.warns(UserWarning, match=message):
+        assert main(["export-onnx", str(net), str(nan_weights), "-o", str(tmp_path / "out.onnx")]) == 0
+    solver = require(REFERENCE / "nets" / "solver")
+    net_file = read_prototxt(solver / "train.prototxt")
+    net_file.net.layer[0].include[0].phase = 1  # the Data layer in TEST, the loss dropped: an extraction net
+    del net_file.net.layer[-1]
+    write_prototxt(net_file.net, tmp_path / "extract.prototxt")
+    shutil.copy(solver / "init.caffemodel", tmp_path / "init.caffemodel")
+    nan_weights = poisoned(tmp_path / "init.caffemodel", "fc_embedding", np.nan)
+    with pytest.warns(UserWarning, match=rf"weights of layer 'fc_embedding' \({nan_weights}\) hold NaN/inf"):
+        assert main(["extract", str(tmp_path / "extract.prototxt"), str(nan_weights), "--data",
+                     str(solver / "train_lmdb"), "-o", str(tmp_path / "f.npz")]) == 0
+
+
+def test_finite_weights_give_no_such_warning(tmp_path, recwarn):
+    net, weights = files_of(tmp_path, "conv", TWO_CONVS)
+    load_net(net, weights)
+    # Finite, but its squares overflow float32: still finite weights.
+    load_net(net, poisoned(weights, "conv1", 1e30))
+    assert not [w for w in recwarn if "NaN" in str(w.message)]
+
+
 # ---------------------------------------------------------------- shared params
 
 def test_param_name_on_a_layer_without_parameters_is_an_error():

@@ -26,7 +26,8 @@ of order eps / NEAR_FRACTION. A zero distance gets the zero subgradient.
 
 caffe_exact=True keeps the fork's arithmetic: no centring, squared norms by a dot
 product, D^2 = (-2 x_i.x_j + |x_i|^2) + |x_j|^2 unclamped (NaN where rounding makes it
-negative), and division by zero distances (NaN gradients for coincident positives).
+negative), division by zero distances (NaN gradients for coincident positives), and the fork's
+division by a zero pair count (NaN loss and gradient for a batch without positive pairs).
 """
 from __future__ import annotations
 
@@ -141,7 +142,8 @@ def _add_pair_gradients(grad: Tensor, x: Tensor, rows: Tensor, cols: Tensor, coe
 class LiftedStructLoss(torch.autograd.Function):
     """loss, N = LiftedStructLoss.apply(x, labels, margin, caffe_exact) for flat (n, d)
     x and labels as floats of x's dtype; N (an int) is the number of ordered positive
-    pairs, and a batch without any gives loss 0."""
+    pairs. A batch without any (a batch of one included) gives loss 0 and a zero
+    gradient; with caffe_exact NaN and a NaN gradient, as the fork's 0 / 0."""
 
     @staticmethod
     def forward(ctx, x: Tensor, labels: Tensor, margin: float, caffe_exact: bool):
@@ -182,13 +184,21 @@ class LiftedStructLoss(torch.autograd.Function):
         ctx.negative_scale = anchor_weights.view(-1, 1).div_(sums)
         ctx.mark_non_differentiable(labels)
         total = squares[0] if len(squares) == 1 else torch.stack(squares).sum()
-        return total.mul_(1 / (2 * max(num_ordered, 1))), num_ordered
+        if num_ordered == 0:
+            # No positive pair, no term of the loss: 0. The fork divides its zero sum by
+            # its zero pair count (NaN), which caffe_exact keeps; see backward.
+            return total.fill_(torch.nan if caffe_exact else 0), 0
+        return total.mul_(1 / (2 * num_ordered)), num_ordered
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         geometry = ctx.geometry
+        if ctx.num_ordered == 0:
+            # Zero, not the arithmetic below: an anchor without negatives (a batch of one)
+            # has softmax 0 / 0 there. The fork scales its zero diffs by 1 / 0: NaN.
+            return torch.full_like(geometry.raw, torch.nan if geometry.caffe_exact else 0), None, None, None
         x = geometry.x
         with torch.autocast(x.device.type, enabled=False):
             # C = dLoss/dD / D (times N) over ordered entries; grad_i = sum_j (C_ij + C_ji)
@@ -228,7 +238,7 @@ class LiftedStructLoss(torch.autograd.Function):
             if near_rows:
                 _add_pair_gradients(grad, geometry.raw, torch.cat(near_rows), torch.cat(near_cols),
                                     torch.cat(near_coefs))
-            grad.mul_(grad_loss / max(ctx.num_ordered, 1))
+            grad.mul_(grad_loss / ctx.num_ordered)
         return grad, None, None, None
 
 

@@ -30,7 +30,8 @@ __all__ = ["LiftedStructSimilaritySoftmaxLoss", "NoPositivePairsWarning", "lifte
 
 
 class NoPositivePairsWarning(UserWarning):
-    """The batch has no two samples with the same label: the loss is 0 and teaches nothing."""
+    """The batch has no two samples with the same label: the loss is 0 and teaches nothing
+    (NaN with caffe_exact, as in the fork)."""
 
 
 def lifted_shape_error(embedding_shape: Tuple[int, ...], label_shape: Tuple[int, ...]):
@@ -91,8 +92,10 @@ def lifted_struct_loss(embeddings: Tensor, labels: Tensor, margin: float = 1.0,
     the dtype allows (centred batch, small distances from differences; see blockwise)
     and gives a zero subgradient at a zero distance; True reproduces the fork's
     arithmetic, NaN included (a positive pair at distance 0 makes its gradient NaN). A batch
-    without positive pairs gives 0 (zero gradient, still connected to the graph) and a
-    NoPositivePairsWarning.
+    without positive pairs (a batch of one among them) has no term of the loss: it gives 0
+    with a zero gradient (still connected to the graph) and a NoPositivePairsWarning; with
+    caffe_exact=True it gives NaN and a NaN gradient, as the fork divides by its zero
+    pair count.
     """
     margin = float(margin)
     if not math.isfinite(margin):
@@ -105,8 +108,9 @@ def lifted_struct_loss(embeddings: Tensor, labels: Tensor, margin: float = 1.0,
     else:
         loss, num_ordered = LiftedStructLoss.apply(x, labels, margin, caffe_exact)
     if num_ordered == 0:
+        value = "NaN (the fork's 0 / 0, kept by caffe_exact)" if caffe_exact else "0"
         warnings.warn(f"LiftedStructSimilaritySoftmaxLoss: no positive pair among {x.shape[0]} samples "
-                      f"(every label distinct); the loss is 0", NoPositivePairsWarning, stacklevel=2)
+                      f"(every label distinct); the loss is {value}", NoPositivePairsWarning, stacklevel=2)
     # Checked after the fact, as one non-finite input makes the loss non-finite, and
     # this costs nothing in the usual case.
     if not math.isfinite(loss.item()):

@@ -36,9 +36,19 @@ def solver_type(param, where: str = "solver") -> str:
     return param.type
 
 
+# Real-valued fields of the update arithmetic: one NaN or inf there makes every weight
+# NaN at the first update (clip_gradients too: its comparison with NaN is never true).
+FINITE_FIELDS = ("base_lr", "gamma", "power", "momentum", "momentum2", "weight_decay", "delta", "rms_decay",
+                 "clip_gradients")
+
+
 def check_solver(param, where: str = "solver") -> str:
     """Caffe's checks on a SolverParameter, as errors naming the field; returns the type."""
     kind = solver_type(param, where)
+    for name in FINITE_FIELDS:
+        value = getattr(param, name)
+        if not math.isfinite(value):
+            raise CaffeCompatError(f"{where}: {name} must be a finite number, got {value}")
     check_policy(param, where)
     if param.iter_size < 1:
         raise CaffeCompatError(f"{where}: iter_size must be >= 1, got {param.iter_size}")
@@ -113,10 +123,13 @@ class CaffeSolver:
         grads = [p.tensor.grad if p.tensor.grad is not None else torch.zeros_like(p.tensor) for p in self.params]
         self._clip(grads)
         updates = []
-        for p, grad, history in zip(self.params, grads, self.history):
-            self._normalize(grad)
-            self._regularize(p, grad)
-            updates.append(self._update_value(p, grad, history, rate))
+        # A float32 rate times lr_mult may overflow to inf, as in Caffe: the trainer's
+        # check on the weights then reports it, in one line.
+        with np.errstate(over="ignore"):
+            for p, grad, history in zip(self.params, grads, self.history):
+                self._normalize(grad)
+                self._regularize(p, grad)
+                updates.append(self._update_value(p, grad, history, rate))
         for p, update in zip(self.params, updates):
             p.tensor.sub_(update)
         self.iter += 1

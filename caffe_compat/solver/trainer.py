@@ -167,8 +167,10 @@ class Trainer:
         self.smoothed_loss = 0.0
         self.images_per_iter = self._images_per_iteration()
         self.progress: Optional[TrainProgress] = None
+        self.last_snapshot: Optional[Path] = None  # the newest solver state known good
         if saved is not None:
             self._restore(*saved)
+            self.last_snapshot = saved[0]
 
     def _check_outputs(self, where: str) -> None:
         """Every path this run will write, checked before any training work."""
@@ -208,6 +210,7 @@ class Trainer:
                         rate = self.solver.skip()
                         self._print(f"iteration {it}: fp16 gradients overflowed, update skipped; loss scale now "
                                     f"{self.loss_scaler.scale:g}")
+                    self._stop_if_not_finite(it, last_loss, rate)
                     self.log_rows.append(LogRow(it, last_loss, rate, smoothed))
                     self.progress.iteration(it, last_loss, smoothed, rate)
                     if param.snapshot and self.solver.iter % param.snapshot == 0:
@@ -263,6 +266,18 @@ class Trainer:
                 last = self.dist.mean(last, self.device)
             total += last
         return total, last
+
+    def _stop_if_not_finite(self, it: int, loss: float, rate: float) -> None:
+        """Stop at the first update that leaves NaN or inf in the weights, before any
+        snapshot or output holds them: those on disk stay the last good ones."""
+        layer = self.net.first_nonfinite_layer()
+        if layer is None:
+            return
+        kept = (f"the last snapshot, {self.last_snapshot}, is kept" if self.last_snapshot is not None
+                else "this run wrote no snapshot")
+        raise CaffeCompatError(f"iteration {it}: the update left NaN/inf in the weights of layer '{layer}' "
+                               f"(loss {loss:.6g}, lr {rate:g}); stopped without writing them, {kept} "
+                               f"(lower base_lr, or set clip_gradients)")
 
     def _agree(self, flag: bool) -> bool:
         return self.dist.any(flag, self.device) if self.dist.active else flag
@@ -360,9 +375,15 @@ class Trainer:
                 torch.save(state, tmp)
             self._write_log()
             self._print(f"Snapshotting to {base}.caffemodel and {state_path}")
+        self.last_snapshot = state_path
         return state_path
 
     def write_caffemodel(self, path: PathLike) -> None:
+        # Training checks every update; this catches weights that were never trained
+        # (--max-iter 0, or a resume at max_iter) and came in holding NaN or inf.
+        layer = self.net.first_nonfinite_layer()
+        if layer is not None:
+            raise CaffeCompatError(f"{path}: not written: the weights of layer '{layer}' hold NaN/inf")
         write_caffemodel(with_weights(self.net_file.net, self.net.caffe_weights()), path)
 
     def _write_log(self) -> None:
