@@ -3,6 +3,7 @@ hostile index entries, bad output folders, a kill -9 in the middle, progress lin
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ def tree_digest(root):
 
 def assert_nothing_written(tmp_path, before):
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob(".out.prepare-*")), "a staging folder was left"
+    assert not list(tmp_path.glob(".out.caffe-compat-tmp-*")), "a staging folder was left"
     assert tree_digest(tmp_path / "src") == before
 
 
@@ -124,7 +125,7 @@ def test_kill_9_during_prepare_then_rerun_works(tmp_path, fmt):
     process = subprocess.Popen([sys.executable, "-m", "caffe_compat", "prepare", "cub", "--source",
                                 str(tmp_path / "src"), "-o", str(out), "--format", fmt],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staging = tmp_path / f".out.prepare-{process.pid}.tmp"
+    staging = tmp_path / f".out.caffe-compat-tmp-{socket.gethostname()}-{process.pid}-0"
     deadline = time.monotonic() + 60
     # Kill once the build is under way: images (or LMDB pages) in the staging folder.
     while not (staging.is_dir() and any(p.is_file() for p in staging.rglob("*"))):
@@ -136,7 +137,7 @@ def test_kill_9_during_prepare_then_rerun_works(tmp_path, fmt):
 
     summary = datasets.prepare("cub", tmp_path / "src", out, fmt)
     assert summary["train"]["images"] == 200 and summary["test"]["images"] == 200
-    assert not staging.exists() and not list(tmp_path.glob(".out.prepare-*"))
+    assert not staging.exists() and not list(tmp_path.glob(".out.caffe-compat-tmp-*"))
     if fmt == "list":
         assert len((out / "train.txt").read_text().splitlines()) == 200
         assert len(list((out / "images").rglob("*.jpg"))) == 400
