@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from caffe_compat import datasets
+from caffe_compat.cli import main
 from caffe_compat.errors import CaffeCompatError
 from conftest import run_cli
 from test_datasets import make_cars, make_cub, make_sop, write_mat
@@ -161,3 +162,48 @@ def test_cars_class_that_is_not_one_number_is_located(tmp_path, label):
     write_mat(tmp_path / "src" / "cars_annos.mat", {"annotations": records}, compressed=False)
     with pytest.raises(CaffeCompatError, match=r"annotations\(2\) needs a path string and one class"):
         datasets.prepare("cars", tmp_path / "src", tmp_path / "out")
+
+
+def test_output_through_a_link_to_an_empty_folder(tmp_path):
+    make_cub(tmp_path / "src")
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "data").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "big" / "data")
+    summary = datasets.prepare("cub", tmp_path / "src", tmp_path / "out")
+    assert (tmp_path / "out").is_symlink() and summary["train"]["path"] == str(tmp_path / "out" / "train.txt")
+    assert len((tmp_path / "big" / "data" / "train.txt").read_text().splitlines()) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "out", "src"]
+    assert sorted(p.name for p in (tmp_path / "big").iterdir()) == ["data"]
+
+
+def test_output_that_is_a_dangling_link_is_refused_before_any_work(tmp_path, monkeypatch):
+    make_cub(tmp_path / "src")
+    (tmp_path / "out").symlink_to(tmp_path / "gone" / "data")
+    before = tree_digest(tmp_path / "src")
+    monkeypatch.setattr(datasets, "_checked_splits", lambda *_: pytest.fail("the archive was read"))
+    with pytest.raises(CaffeCompatError) as err:
+        datasets.prepare("cub", tmp_path / "src", tmp_path / "out")
+    assert str(err.value) == (f"{tmp_path / 'out'}: is a symbolic link to {tmp_path / 'gone' / 'data'}, which does "
+                              f"not exist; give a new or empty folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"] and (tmp_path / "out").is_symlink()
+    assert tree_digest(tmp_path / "src") == before
+
+
+def test_the_loser_of_two_prepares_to_one_output_says_so(tmp_path, capsys, monkeypatch):
+    make_cub(tmp_path / "src")
+    out = tmp_path / "out"
+    write_list = datasets._write_list
+
+    def other_run_finishes_first(items, preprocess, staging, split, bar):
+        if not out.exists():  # the winner renames its folder into place after our check
+            out.mkdir()
+            (out / datasets.MARKER).write_text("the other run's\n")
+        return write_list(items, preprocess, staging, split, bar)
+
+    monkeypatch.setattr(datasets, "_write_list", other_run_finishes_first)
+    assert main(["prepare", "cub", "--source", str(tmp_path / "src"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"caffe-compat: error: {out}: was created by another writer while this run built it "
+                       f"(another run to the same output?); it is left as it is and this run's result discarded")
+    assert [p.name for p in out.iterdir()] == [datasets.MARKER]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
