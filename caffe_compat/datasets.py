@@ -271,8 +271,7 @@ _READERS = {"cub": (_cub_items, _resized_square), "cars": (_cars_items, _resized
             "sop": (_sop_items, _cropped_padded_square)}
 
 
-def _checked_splits(name: str, source: Path, fmt: str) -> Dict[str, List[Item]]:
-    """The archive's splits, every index entry and image checked; nothing is written."""
+def _check_choices(name: str, fmt: str) -> None:
     if name not in _READERS:
         raise CaffeCompatError(f"dataset: unknown name {name!r} (one of {', '.join(DATASETS)})")
     if fmt not in FORMATS:
@@ -280,6 +279,11 @@ def _checked_splits(name: str, source: Path, fmt: str) -> Dict[str, List[Item]]:
     _require("PIL", "images")
     if fmt == "lmdb":
         _require("lmdb", "lmdb")
+
+
+def _checked_splits(name: str, source: Path, fmt: str) -> Dict[str, List[Item]]:
+    """The archive's splits, every index entry and image checked; nothing is written."""
+    _check_choices(name, fmt)
     if not source.is_dir():
         raise CaffeCompatError(f"{source}: dataset folder not found")
     splits = dict(zip(("train", "test"), _READERS[name][0](source)))
@@ -307,7 +311,8 @@ def prepare(name: str, source: PathLike, out: PathLike, fmt: str = "list") -> Di
     renamed into place when complete, and nothing under `source` is ever written.
     Returns {split: {"path", "images", "classes"}}."""
     source, out = Path(source), Path(out)
-    check_output(out, source)
+    _check_choices(name, fmt)
+    check_output(out, source)  # before the archive is read: reading SOP's takes a while
     splits = _checked_splits(name, source, fmt)
 
     write = _write_list if fmt == "list" else _write_lmdb
