@@ -97,7 +97,7 @@ def _disk_full(folder: Path) -> bool:
 
 
 def _write_failure(target: Union[str, Path], err: BaseException, failures: Failures = (),
-                  folder: Optional[Path] = None) -> Optional[CaffeCompatError]:
+                   folder: Optional[Path] = None) -> Optional[CaffeCompatError]:
     """The one-line error for a write of `target` (into `folder`, by default its own) that
     raised `err`; None when neither an OS failure, nor one of `failures` (a writer's own
     error types), nor a full disk explains it: then it is a fault of ours, shown as it is."""
@@ -115,14 +115,26 @@ def _write_failure(target: Union[str, Path], err: BaseException, failures: Failu
     return CaffeCompatError(f"{target}: cannot be written ({reason})")
 
 
-def _temporary(target: Path, create: Callable[[Path], None]) -> Path:
+@contextlib.contextmanager
+def _judged(target: Union[str, Path], failures: Failures = (), folder: Optional[Path] = None) -> Iterator[None]:
+    """The block's errors as `_write_failure` judges them; what it cannot explain, as it is."""
     try:
+        yield
+    except CaffeCompatError:
+        raise
+    except Exception as err:
+        failure = _write_failure(target, err, failures, folder)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def _temporary(target: Path, create: Callable[[Path], None]) -> Path:
+    with _judged(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(target)
         tmp = target.parent / f".{target.name}{_MARK}{_HOST}-{os.getpid()}-{next(_serial)}"
         create(tmp)
-    except OSError as err:
-        raise _write_failure(target, err) from None
     return tmp
 
 
@@ -132,7 +144,7 @@ def _new_file(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: Union[str, Path], failures: Failures = ()) -> Iterator[Path]:
+def atomic_path(target: Union[str, Path]) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success make it durable and
     rename it to target. Raises CaffeCompatError naming target when it cannot be written
     (see `_write_failure`; errors the block raises are judged the same way)."""
@@ -141,16 +153,10 @@ def atomic_path(target: Union[str, Path], failures: Failures = ()) -> Iterator[P
         raise CaffeCompatError(f"{target}: is a directory; the output must be a file path")
     tmp = _temporary(target, _new_file)
     try:
-        yield tmp
-        _fsync(tmp, os.O_RDONLY)
-        os.replace(tmp, target)
-    except CaffeCompatError:
-        raise
-    except Exception as err:  # judged by _write_failure; what it cannot explain is re-raised
-        failure = _write_failure(target, err, failures)
-        if failure is None:
-            raise
-        raise failure from None
+        with _judged(target):
+            yield tmp
+            _fsync(tmp, os.O_RDONLY)
+            os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -198,22 +204,16 @@ def atomic_folder(target: Union[str, Path], failures: Failures = ()) -> Iterator
     target = folder_target(named)
     tmp = _temporary(target, os.mkdir)
     try:
-        yield tmp
-        try:
-            os.replace(tmp, target)
-        except OSError as err:
-            if err.errno not in _TAKEN:
-                raise
-            raise CaffeCompatError(f"{named}: was created by another writer while this run built it (another "
-                                   f"run to the same output?); it is left as it is and this run's result "
-                                   f"discarded") from None
-    except CaffeCompatError:
-        raise
-    except Exception as err:  # as in atomic_path
-        failure = _write_failure(named, err, failures, target.parent)
-        if failure is None:
-            raise
-        raise failure from None
+        with _judged(named, failures, target.parent):
+            yield tmp
+            try:
+                os.replace(tmp, target)
+            except OSError as err:
+                if err.errno not in _TAKEN:
+                    raise
+                raise CaffeCompatError(f"{named}: was created by another writer while this run built it "
+                                       f"(another run to the same output?); it is left as it is and this run's "
+                                       f"result discarded") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     with contextlib.suppress(OSError):
