@@ -25,7 +25,6 @@ from ..errors import CaffeCompatError
 _MARK = ".caffe-compat-tmp-"
 _serial = itertools.count()  # two threads of one process never share a temporary
 _HOST = socket.gethostname().replace("/", "_") or "host"
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # A write that failed with no errno to show (LMDB reports a short write as EIO, torch's
 # own file writer as RuntimeError) is put down to a full disk when less than this is free.
 _FULL_BELOW = 1 << 20
@@ -102,7 +101,7 @@ def _write_failure(target: Union[str, Path], err: BaseException, failures: Failu
     raised `err`; None when neither an OS failure, nor one of `failures` (a writer's own
     error types), nor a full disk explains it: then it is a fault of ours, shown as it is."""
     cause = _os_failure(err)
-    if cause is not None and cause.errno in _NO_SPACE:
+    if cause is not None and cause.errno == errno.ENOSPC:
         reason = "no space left on device"
     elif cause is None and _disk_full(folder or Path(target).parent):
         reason = "no space left on device"
