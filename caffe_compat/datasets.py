@@ -20,14 +20,14 @@ imageset_to_leveldb.cpp writes them. OUT/prepare.json records what was prepared.
 
 Safety: index entries must be relative paths inside the archive (checked, with the
 index file and line, before anything is written); OUT is built as a hidden sibling
-(.OUT.prepare-PID.tmp) and renamed into place when complete, so a killed run leaves
-no half-built OUT and the next run removes its leftovers.
+(io/atomic.py's atomic_folder) and renamed into place when complete, so a killed run
+or a full disk leaves no half-built OUT and the next run removes its leftovers. OUT
+may be a link to an empty folder (that folder receives the dataset), not a dangling one.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -35,7 +35,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .errors import CaffeCompatError
-from .io.datum import write_datum_lmdb
+from .io.atomic import atomic_folder, folder_target
+from .io.datum import fill_datum_lmdb
 from .matfile import read_mat
 from .progress import progress
 
@@ -228,7 +229,7 @@ def _write_lmdb(items: List[Item], preprocess, out: Path, split: str, bar) -> st
             yield np.asarray(_load(item, preprocess))[:, :, ::-1].transpose(2, 0, 1), item.label
             bar.update()
 
-    write_datum_lmdb(out / f"{split}_lmdb", records(), commit_every=LMDB_COMMIT_EVERY)
+    fill_datum_lmdb(out / f"{split}_lmdb", records(), commit_every=LMDB_COMMIT_EVERY)
     return f"{split}_lmdb"
 
 
@@ -240,7 +241,8 @@ def _require(module: str, extra: str) -> None:
 
 
 def check_output(out: Path, source: Path) -> None:
-    """`out` must be a new or empty folder outside the archive."""
+    """`out` must be a new or empty folder (or a link to one) outside the archive."""
+    folder_target(out)  # a dangling link is refused here, before any work
     if out.exists() and not out.is_dir():
         raise CaffeCompatError(f"{out}: is a file; -o names the folder prepare writes")
     archive, target = source.resolve(), out.resolve()
@@ -251,44 +253,6 @@ def check_output(out: Path, source: Path) -> None:
             raise CaffeCompatError(f"{out}: already holds a prepared dataset ({MARKER}); remove it or give "
                                    f"another -o")
         raise CaffeCompatError(f"{out}: exists and is not empty; give a new or empty folder")
-
-
-def _staging_folder(out: Path) -> Path:
-    """A fresh sibling of `out` to build in, named for this process; the staging folders
-    of killed runs (their process gone) are removed first."""
-    prefix = f".{out.name}.prepare-"
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        for stale in parent.glob(prefix + "*.tmp"):
-            pid = stale.name[len(prefix):-len(".tmp")]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)
-        staging = parent / f"{prefix}{os.getpid()}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-    except OSError as err:
-        raise CaffeCompatError(f"{out}: cannot create the output folder's staging folder in {parent}: "
-                               f"{err.strerror}") from None
-    return staging
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # an earlier run of ours that reused this pid
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
-def _publish(staging: Path, out: Path) -> None:
-    if out.is_dir():
-        out.rmdir()  # checked empty before the build; fails loudly if something appeared since
-    os.replace(staging, out)
 
 
 def prepared(out: PathLike, name: str, source: PathLike, fmt: str = "list") -> Optional[Dict[str, dict]]:
@@ -307,8 +271,7 @@ _READERS = {"cub": (_cub_items, _resized_square), "cars": (_cars_items, _resized
             "sop": (_sop_items, _cropped_padded_square)}
 
 
-def _checked_splits(name: str, source: Path, fmt: str) -> Dict[str, List[Item]]:
-    """The archive's splits, every index entry and image checked; nothing is written."""
+def _check_choices(name: str, fmt: str) -> None:
     if name not in _READERS:
         raise CaffeCompatError(f"dataset: unknown name {name!r} (one of {', '.join(DATASETS)})")
     if fmt not in FORMATS:
@@ -316,6 +279,11 @@ def _checked_splits(name: str, source: Path, fmt: str) -> Dict[str, List[Item]]:
     _require("PIL", "images")
     if fmt == "lmdb":
         _require("lmdb", "lmdb")
+
+
+def _checked_splits(name: str, source: Path, fmt: str) -> Dict[str, List[Item]]:
+    """The archive's splits, every index entry and image checked; nothing is written."""
+    _check_choices(name, fmt)
     if not source.is_dir():
         raise CaffeCompatError(f"{source}: dataset folder not found")
     splits = dict(zip(("train", "test"), _READERS[name][0](source)))
@@ -343,21 +311,23 @@ def prepare(name: str, source: PathLike, out: PathLike, fmt: str = "list") -> Di
     renamed into place when complete, and nothing under `source` is ever written.
     Returns {split: {"path", "images", "classes"}}."""
     source, out = Path(source), Path(out)
+    _check_choices(name, fmt)
+    check_output(out, source)  # before the archive is read: reading SOP's takes a while
     splits = _checked_splits(name, source, fmt)
-    check_output(out, source)
 
-    staging = _staging_folder(out)
     write = _write_list if fmt == "list" else _write_lmdb
     preprocess = _READERS[name][1]
     record = {"dataset": name, "format": fmt, "source": str(source.resolve()), "splits": {}}
-    try:
+    failures = ()
+    if fmt == "lmdb":
+        import lmdb
+
+        failures = (lmdb.Error,)
+    # Failures name OUT, not the hidden folder: the LMDBs are written in place inside it.
+    with atomic_folder(out, failures) as staging:
         with progress(total=sum(map(len, splits.values())), desc=f"prepare {name}", unit="img") as bar:
             for split, items in splits.items():
                 record["splits"][split] = {"path": write(items, preprocess, staging, split, bar),
                                            "images": len(items), "classes": len({item.label for item in items})}
         (staging / MARKER).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        _publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {split: {**info, "path": str(out / info["path"])} for split, info in record["splits"].items()}

@@ -8,6 +8,7 @@ work folder."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Dict, List
 import numpy as np
 
 from .errors import CaffeCompatError
-from .io.atomic import write_text
+from .io.atomic import temporary_of, write_text
 
 DEFAULT_WORKDIR = "caffe-compat-demo"
 DEFAULT_ITERATIONS = 500
@@ -72,24 +73,60 @@ solver_mode: CPU
 OUTPUTS = ("train_lmdb", "held_out_lmdb", "unseen_lmdb", "lenet_embedder.prototxt", "deploy.prototxt",
            "solver.prototxt", "init.caffemodel", "trained.caffemodel", "train_log.csv", "features_held_out.npz",
            "features_unseen.npz", "results.json", "embedder.onnx", "figures")
+# What those folders hold, and the snapshot an interrupted training writes (snapshot_prefix).
+INSIDE = {"train_lmdb": ("data.mdb", "lock.mdb"), "held_out_lmdb": ("data.mdb", "lock.mdb"),
+          "unseen_lmdb": ("data.mdb", "lock.mdb"),
+          "figures": ("training_loss.png", "recall_at_k.png", "retrieval_unseen.png")}
+SNAPSHOT = re.compile(r"snapshot_iter_\d+\.(caffemodel|solverstate\.pt)")
+# Written into the work folder first: only a folder holding it is the demo's to empty on a rerun
+# (a Caffe project's own solver.prototxt or figures/ carry the same names).
+MARKER = ".caffe-compat-demo"
 
 
 def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
+def _not_the_demos(folder: Path) -> List[str]:
+    """The entries of `folder` (and of its LMDB and figure folders) the demo does not
+    write; a killed write's temporary counts as its output's."""
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        name = temporary_of(entry.name) or entry.name
+        if name == MARKER or SNAPSHOT.fullmatch(name):
+            continue
+        if name not in OUTPUTS or entry.is_symlink() or entry.is_dir() != (name in INSIDE):
+            foreign.append(entry.name)
+        elif entry.is_dir():
+            foreign += [f"{entry.name}/{inner.name}" for inner in sorted(entry.iterdir())
+                        if (temporary_of(inner.name) or inner.name) not in INSIDE[name]]
+    return foreign
+
+
 def prepare_workdir(workdir) -> Path:
+    """The work folder, made ready: a new or empty folder, or a previous demo's (its MARKER
+    and only what the demo writes), emptied. Any other folder is refused, nothing touched."""
     folder = Path(workdir)
     if folder.exists() and not folder.is_dir():
         raise CaffeCompatError(f"--workdir {folder}: is a file, not a folder")
     try:
+        if folder.is_dir() and any(folder.iterdir()):
+            mine = (folder / MARKER).is_file()
+            foreign = _not_the_demos(folder) if mine else sorted(p.name for p in folder.iterdir())
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                whose = "files the demo did not write" if mine else f"files and no {MARKER} (not a demo's folder)"
+                raise CaffeCompatError(f"--workdir {folder}: holds {whose}: {shown}; the demo writes only into a "
+                                       f"new or empty folder or a previous demo's; give another --workdir")
         folder.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUTS:
-            old = folder / name
-            if old.is_dir():
-                shutil.rmtree(old)
-            elif old.exists():
-                old.unlink()
+        write_text(folder / MARKER, "caffe-compat demo's work folder: a rerun of the demo empties it\n")
+        for entry in folder.iterdir():
+            if entry.name == MARKER:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     except OSError as err:
         raise CaffeCompatError(f"--workdir {folder}: cannot write there: {err.strerror or err}") from None
     return folder

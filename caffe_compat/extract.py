@@ -21,7 +21,7 @@ from .data import close_data_layers
 from .devices import resolve_device
 from .errors import CaffeCompatError
 from .graph import build_graph, layer_included
-from .io.atomic import atomic_path, is_null_device
+from .io.atomic import atomic_file, is_null_device
 from .io.files import NetFile
 from .io.run_inputs import RunInputs
 from .net import CaffeNet
@@ -223,9 +223,8 @@ def save_features(features: dict, out: PathLike) -> None:
     if "paths" in features:
         folder = os.path.abspath(out.parent)
         features["paths"] = np.array([_from_folder(str(p), folder) for p in features["paths"]])
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **features)
+    with atomic_file(out) as handle:
+        np.savez(handle, **features)
 
 
 def _from_folder(path: str, folder: str) -> str:

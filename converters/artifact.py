@@ -26,7 +26,7 @@ from google.protobuf import text_format
 from .. import __version__
 from ..errors import CaffeCompatError
 from ..graph import build_graph
-from ..io.atomic import atomic_path, write_bytes
+from ..io.atomic import atomic_file, write_bytes
 from ..io.files import NetFile, with_weights, write_caffemodel
 from ..io.schema import messages
 from ..net import CaffeNet
@@ -101,8 +101,8 @@ def write_payload(payload: dict, path: PathLike) -> None:
 
     payload = {**payload, "weights": {name: [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
                                       for name, arrays in payload["weights"].items()}}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_file(path) as handle:
+        torch.save(payload, handle)
 
 
 def _to_safetensors(payload: dict) -> bytes:

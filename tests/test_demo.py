@@ -45,16 +45,63 @@ def test_splits_keep_unseen_classes_out_of_training():
     assert len(splits.train) + len(splits.held_out) + len(splits.unseen) == len(splits.labels)
 
 
-def test_a_rerun_replaces_its_own_files_only(tmp_path):
-    from caffe_compat.demo import OUTPUTS, prepare_workdir
+def tree(root):
+    """Every file and folder under root, files with their bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
-    (tmp_path / "train_lmdb").mkdir()
-    (tmp_path / "train_lmdb" / "data.mdb").write_bytes(b"old")
-    (tmp_path / "results.json").write_text("{}")
-    (tmp_path / "mine.txt").write_text("keep me")
-    assert prepare_workdir(tmp_path) == tmp_path
-    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
-    assert {"train_lmdb", "results.json", "figures"} <= set(OUTPUTS)
+
+def test_a_caffe_project_folder_is_refused_untouched(tmp_path):
+    project = tmp_path / "project"
+    (project / "train_lmdb").mkdir(parents=True)
+    (project / "train_lmdb" / "data.mdb").write_bytes(b"the project's data")
+    (project / "figures").mkdir()
+    (project / "figures" / "loss.png").write_bytes(b"a figure")
+    for name in ("solver.prototxt", "deploy.prototxt"):
+        (project / name).write_text("the project's\n")
+    before = tree(project)
+    result = run_cli("demo", "--workdir", project, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"caffe-compat: error: --workdir {project}: holds files and no .caffe-compat-demo (not a demo's folder): "
+        f"deploy.prototxt, figures, solver.prototxt and 1 more; the demo writes only into a new or empty folder "
+        f"or a previous demo's; give another --workdir"]
+    assert tree(project) == before
+
+
+def previous_demo(folder):
+    from caffe_compat.demo import MARKER
+
+    (folder / "figures").mkdir(parents=True)
+    (folder / "figures" / "recall_at_k.png").write_bytes(b"old")
+    (folder / "train_lmdb").mkdir()
+    (folder / "train_lmdb" / "data.mdb").write_bytes(b"old")
+    (folder / "results.json").write_text("{}")
+    (folder / ".results.json.caffe-compat-tmp-host-1-0").write_text("a killed write's")
+    (folder / "snapshot_iter_7.solverstate.pt").write_bytes(b"an interrupted training's")
+    (folder / MARKER).write_text("")
+
+
+@pytest.mark.parametrize("foreign", ["mine.txt", "figures/mine.png", "train_lmdb/notes.txt"])
+def test_a_previous_demos_folder_with_foreign_files_is_refused_untouched(tmp_path, foreign):
+    from caffe_compat.demo import prepare_workdir
+    from caffe_compat.errors import CaffeCompatError
+
+    previous_demo(tmp_path)
+    (tmp_path / foreign).write_text("keep me")
+    before = tree(tmp_path)
+    with pytest.raises(CaffeCompatError, match=f"holds files the demo did not write: {foreign};"):
+        prepare_workdir(tmp_path)
+    assert tree(tmp_path) == before
+
+
+def test_new_empty_and_previous_demo_folders_are_accepted(tmp_path):
+    from caffe_compat.demo import MARKER, prepare_workdir
+
+    previous_demo(tmp_path / "previous")
+    (tmp_path / "empty").mkdir()
+    for name in ("new/inner", "empty", "previous"):
+        assert prepare_workdir(tmp_path / name) == tmp_path / name
+        assert [p.name for p in (tmp_path / name).iterdir()] == [MARKER]
 
 
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):

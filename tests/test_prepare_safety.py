@@ -3,6 +3,7 @@ hostile index entries, bad output folders, a kill -9 in the middle, progress lin
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from caffe_compat import datasets
+from caffe_compat.cli import main
 from caffe_compat.errors import CaffeCompatError
 from conftest import run_cli
 from test_datasets import make_cars, make_cub, make_sop, write_mat
@@ -25,7 +27,7 @@ def tree_digest(root):
 
 def assert_nothing_written(tmp_path, before):
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob(".out.prepare-*")), "a staging folder was left"
+    assert not list(tmp_path.glob(".out.caffe-compat-tmp-*")), "a staging folder was left"
     assert tree_digest(tmp_path / "src") == before
 
 
@@ -127,7 +129,7 @@ def test_kill_9_during_prepare_then_rerun_works(tmp_path, fmt):
     process = subprocess.Popen([sys.executable, "-m", "caffe_compat", "prepare", "cub", "--source",
                                 str(tmp_path / "src"), "-o", str(out), "--format", fmt],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staging = tmp_path / f".out.prepare-{process.pid}.tmp"
+    staging = tmp_path / f".out.caffe-compat-tmp-{socket.gethostname()}-{process.pid}-0"
     deadline = time.monotonic() + 60
     # Kill once the build is under way: images (or LMDB pages) in the staging folder.
     while not (staging.is_dir() and any(p.is_file() for p in staging.rglob("*"))):
@@ -139,7 +141,7 @@ def test_kill_9_during_prepare_then_rerun_works(tmp_path, fmt):
 
     summary = datasets.prepare("cub", tmp_path / "src", out, fmt)
     assert summary["train"]["images"] == 200 and summary["test"]["images"] == 200
-    assert not staging.exists() and not list(tmp_path.glob(".out.prepare-*"))
+    assert not staging.exists() and not list(tmp_path.glob(".out.caffe-compat-tmp-*"))
     if fmt == "list":
         assert len((out / "train.txt").read_text().splitlines()) == 200
         assert len(list((out / "images").rglob("*.jpg"))) == 400
@@ -163,3 +165,48 @@ def test_cars_class_that_is_not_one_number_is_located(tmp_path, label):
     write_mat(tmp_path / "src" / "cars_annos.mat", {"annotations": records}, compressed=False)
     with pytest.raises(CaffeCompatError, match=r"annotations\(2\) needs a path string and one class"):
         datasets.prepare("cars", tmp_path / "src", tmp_path / "out")
+
+
+def test_output_through_a_link_to_an_empty_folder(tmp_path):
+    make_cub(tmp_path / "src")
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "data").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "big" / "data")
+    summary = datasets.prepare("cub", tmp_path / "src", tmp_path / "out")
+    assert (tmp_path / "out").is_symlink() and summary["train"]["path"] == str(tmp_path / "out" / "train.txt")
+    assert len((tmp_path / "big" / "data" / "train.txt").read_text().splitlines()) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "out", "src"]
+    assert sorted(p.name for p in (tmp_path / "big").iterdir()) == ["data"]
+
+
+def test_output_that_is_a_dangling_link_is_refused_before_any_work(tmp_path, monkeypatch):
+    make_cub(tmp_path / "src")
+    (tmp_path / "out").symlink_to(tmp_path / "gone" / "data")
+    before = tree_digest(tmp_path / "src")
+    monkeypatch.setattr(datasets, "_checked_splits", lambda *_: pytest.fail("the archive was read"))
+    with pytest.raises(CaffeCompatError) as err:
+        datasets.prepare("cub", tmp_path / "src", tmp_path / "out")
+    assert str(err.value) == (f"{tmp_path / 'out'}: is a symbolic link to {tmp_path / 'gone' / 'data'}, which does "
+                              f"not exist; give a new or empty folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"] and (tmp_path / "out").is_symlink()
+    assert tree_digest(tmp_path / "src") == before
+
+
+def test_the_loser_of_two_prepares_to_one_output_says_so(tmp_path, capsys, monkeypatch):
+    make_cub(tmp_path / "src")
+    out = tmp_path / "out"
+    write_list = datasets._write_list
+
+    def other_run_finishes_first(items, preprocess, staging, split, bar):
+        if not out.exists():  # the winner renames its folder into place after our check
+            out.mkdir()
+            (out / datasets.MARKER).write_text("the other run's\n")
+        return write_list(items, preprocess, staging, split, bar)
+
+    monkeypatch.setattr(datasets, "_write_list", other_run_finishes_first)
+    assert main(["prepare", "cub", "--source", str(tmp_path / "src"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"caffe-compat: error: {out}: was created by another writer while this run built it "
+                       f"(another run to the same output?); it is left as it is and this run's result discarded")
+    assert [p.name for p in out.iterdir()] == [datasets.MARKER]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]

@@ -9,6 +9,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ..errors import CaffeCompatError
+from .atomic import atomic_folder
 from .blobs import shaped
 from .schema import messages
 
@@ -62,12 +63,24 @@ def array_to_datum(array: np.ndarray, label: int):
 def write_datum_lmdb(path, records: Iterable[Tuple[np.ndarray, int]], commit_every: int = 1000,
                      initial_map_size: int = 1 << 28) -> int:
     """Write (C x H x W array, label) records under keys 00000000, 00000001, ... (the key
-    order Caffe's Data layer reads in). The folder must not exist yet. Returns the count."""
+    order Caffe's Data layer reads in). The folder must not exist yet; it is built beside
+    its place and renamed there when complete (io/atomic.py), so a failed or killed write
+    leaves no partial LMDB. Returns the count."""
     import lmdb
 
     path = Path(path)
     if path.exists():
         raise CaffeCompatError(f"{path}: already exists; remove it first (records would mix)")
+    with atomic_folder(path, failures=(lmdb.Error,)) as building:
+        return fill_datum_lmdb(building, records, commit_every, initial_map_size)
+
+
+def fill_datum_lmdb(path, records: Iterable[Tuple[np.ndarray, int]], commit_every: int = 1000,
+                    initial_map_size: int = 1 << 28) -> int:
+    """`write_datum_lmdb` in place, for a caller that builds the whole folder around it
+    atomically; raises lmdb.Error and OSError as they come."""
+    import lmdb
+
     # The map starts small and doubles when full: some platforms allocate all of it up front.
     env = lmdb.open(str(path), map_size=initial_map_size)
     count = 0

@@ -371,8 +371,8 @@ class Trainer:
         state_path = Path(base + ".solverstate.pt")
         if self.is_root:
             self.write_caffemodel(base + ".caffemodel")
-            with atomic.atomic_path(state_path) as tmp:
-                torch.save(state, tmp)
+            with atomic.atomic_file(state_path) as handle:
+                torch.save(state, handle)
             self._write_log()
             self._print(f"Snapshotting to {base}.caffemodel and {state_path}")
         self.last_snapshot = state_path
