@@ -418,3 +418,34 @@ def test_an_input_blob_is_not_an_output(tmp_path):
     model = check(export_onnx(net, ["x"]))
     rows = np.array([[-1, 2, -3, 4], [5, -6, 7, -8]], np.float32)
     np.testing.assert_array_equal(run_onnx(model, {"x": rows})[model.graph.output[0].name], np.maximum(rows, 0))
+
+
+@pytest.mark.parametrize("layer_type, params", [("LSTM", ""), ("RNN", ""), ("LSTM", "expose_hidden: true")])
+def test_three_step_recurrent_net_exports_checked_and_equal(tmp_path, layer_type, params):
+    # The Scan's outputs need shapes ONNX can infer, or the checker refuses the net's outputs.
+    states = 2 if layer_type == "LSTM" else 1
+    exposed = "expose_hidden" in params
+    lines = ['layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 3 dim: 2 dim: 4 } } }',
+             'layer { name: "cont" type: "Input" top: "cont" input_param { shape { dim: 3 dim: 2 } } }']
+    bottoms, tops = ['"x"', '"cont"'], ['"h"']
+    for k in range(states if exposed else 0):
+        lines.append(f'layer {{ name: "s{k}" type: "Input" top: "s{k}" input_param {{ shape {{ dim: 1 dim: 2 dim: 5 }} }} }}')
+        bottoms.append(f'"s{k}"')
+        tops.append(f'"s{k}_out"')
+    lines.append(f'layer {{ name: "rec" type: "{layer_type}" ' + " ".join(f"bottom: {b}" for b in bottoms) + " "
+                 + " ".join(f"top: {t}" for t in tops) + f' recurrent_param {{ num_output: 5 {params} '
+                 'weight_filler { type: "uniform" min: -0.5 max: 0.5 } bias_filler { type: "constant" value: 0.1 } } }')
+    proto = tmp_path / "rec.prototxt"
+    proto.write_text("\n".join(lines) + "\n")
+    model_file, out = tmp_path / "rec.pt", tmp_path / "rec.onnx"
+    assert main(["convert", str(proto), "--random-init", "-o", str(model_file)]) == 0
+    assert main(["export-onnx", str(model_file), "-o", str(out), "--output", "h"]) == 0
+    model = check(onnx.load(str(out)))
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.normal(size=(3, 2, 4)).astype(np.float32), "cont": np.array([[0, 0], [1, 1], [0, 1]], np.float32)}
+    for k in range(states if exposed else 0):
+        feeds[f"s{k}"] = rng.normal(size=(1, 2, 5)).astype(np.float32)
+    from caffe_compat.converters.artifact import load
+
+    expected = torch_outputs(load(model_file), feeds, ["h"])["h"]
+    assert_close(run_onnx(model, feeds)["h"], expected, TORCH_RTOL, f"{layer_type} {params}")
