@@ -36,6 +36,7 @@ import numpy as np
 
 from .errors import CaffeCompatError
 from .io.datum import write_datum_lmdb
+from .io.text import parse_json
 from .matfile import read_mat
 from .progress import progress
 
@@ -295,11 +296,11 @@ def prepared(out: PathLike, name: str, source: PathLike, fmt: str = "list") -> O
     """The summary of a finished `prepare(name, source, out, fmt)` found in `out`, else None."""
     out = Path(out)
     try:
-        record = json.loads((out / MARKER).read_text(encoding="utf-8"))
+        record = parse_json(out / MARKER, (out / MARKER).read_text(encoding="utf-8"))
         same = (record["dataset"], record["format"], record["source"]) == (name, fmt, str(Path(source).resolve()))
         return {split: {**info, "path": str(out / info["path"])} for split, info in record["splits"].items()} \
             if same else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, CaffeCompatError):
         return None
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .deploy import DATA_LAYER_TYPES, source_of
 from .devices import resolve_device
-from .errors import CaffeCompatError
+from .errors import CaffeCompatError, printable
 from .graph import layer_included
 from .memory import available_memory, format_size
 from .io.files import NetFile, read_prototxt
@@ -194,6 +194,7 @@ def time_net(net_path: PathLike, weights: Optional[PathLike] = None, iterations:
                  for name, f, b in zip(names, forward_ms, backward_ms)]
     emit("Average time per layer: ")
     for name, f, b in per_layer:
+        name = printable(name)  # layer names come from the prototxt
         emit(f"{name:>10}\tforward: {f:.6g} ms.")
         emit(f"{name:>10}\tbackward: {b:.6g} ms.")
     summary = {"layers": per_layer, "forward_ms": 1000 * forward_total / iterations,
@@ -229,7 +230,7 @@ def score_net(net_path: PathLike, weights: PathLike, iterations: int = DEFAULT_I
                     values = outputs[name].detach().double().reshape(-1).cpu()
                     sums[name] = sums[name] + values if name in sums else values
                     for value in values.tolist():
-                        emit(f"Batch {batch}, {name} = {value:.6g}")
+                        emit(f"Batch {batch}, {printable(name)} = {value:.6g}")
     finally:
         _close_data_layers(net)
     emit(f"Loss: {loss / iterations:.6g}")
@@ -239,7 +240,7 @@ def score_net(net_path: PathLike, weights: PathLike, iterations: int = DEFAULT_I
         weight = weights_of_top.get(name, 0.0)
         for value in means[name]:
             note = f" (* {weight:g} = {weight * value:.6g} loss)" if weight else ""
-            emit(f"{name} = {value:.6g}{note}")
+            emit(f"{printable(name)} = {value:.6g}{note}")
     return {"loss": loss / iterations, "outputs": means}
 
 
