@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import CaffeCompatError
+from .errors import CaffeCompatError, quote
 from .io.datum import write_datum_lmdb
 from .io.text import parse_json
 from .matfile import read_mat
@@ -95,7 +95,7 @@ def _integer(text: str, where: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise CaffeCompatError(f"{where}: {text!r} is not an integer") from None
+        raise CaffeCompatError(f"{where}: {quote(text)} is not an integer") from None
 
 
 def _inside(entry: str, where: str) -> str:
@@ -105,7 +105,7 @@ def _inside(entry: str, where: str) -> str:
     normal = os.path.normpath(entry) if entry else ""
     if (not normal or "\0" in entry or os.path.isabs(entry) or Path(entry).anchor or normal == "."
             or normal == os.pardir or normal.startswith(os.pardir + os.sep)):
-        raise CaffeCompatError(f"{where}: entry {entry!r} is not a path inside the archive "
+        raise CaffeCompatError(f"{where}: entry {quote(entry)} is not a path inside the archive "
                                f"(absolute, empty or climbing out with '..'); nothing was written")
     return Path(normal).as_posix()
 

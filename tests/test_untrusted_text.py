@@ -3,9 +3,11 @@ file stores is screened as a prototxt is, JSON is bounded in depth, quoted input
 short, and names reach the terminal escaped, each on its own one line."""
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -210,3 +212,79 @@ def test_command_line_mistakes_are_one_escaped_line(capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(lines) == 1 and "\x1b" not in lines[0]
     assert "unrecognized arguments: stray\\ncaffe-compat: error: forged\\x1b[31m" in lines[0]
+
+
+# ---------------------------------------------------------------- file content quoted elsewhere
+
+@pytest.fixture
+def solver_snapshot(tmp_path, monkeypatch):
+    """The solver fixture trained one iteration in a writable copy (the working directory),
+    and the solver state it wrote."""
+    target = tmp_path / "solver"
+    shutil.copytree(require(REFERENCE / "nets" / "solver"), target)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    monkeypatch.chdir(target)
+    solver = target / "solver.prototxt"
+    solver.write_text(solver.read_text().replace("max_iter: 10", "max_iter: 1")
+                      .replace("snapshot: 0", 'snapshot: 1 snapshot_prefix: "snaps/run"'))
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel"]) == 0
+    return torch.load("snaps/run_iter_1.solverstate.pt", weights_only=True)
+
+
+def test_solver_state_values_are_quoted_cut_short(solver_snapshot, capsys):
+    state = solver_snapshot
+    cursor = state["readers"]["train"][0]["data"]["cursor"]
+    deep = []
+    for _ in range(5000):
+        deep = [deep]
+    limit = sys.getrecursionlimit()
+    for position, needle in [("p" * 40_000, "... (40,000 characters) outside the LMDB's"),
+                             (deep, "read position [[[[[[[...]]]]]]] outside the LMDB's")]:
+        cursor["position"] = position
+        sys.setrecursionlimit(20_000)  # pickling recurses once per level; reading back does not
+        try:
+            torch.save(state, "hostile.solverstate.pt")
+        finally:
+            sys.setrecursionlimit(limit)
+        line = one_error_line(capsys, "train", "solver.prototxt", "--resume", "hostile.solverstate.pt",
+                              "--max-iter", "2")
+        assert needle in line and len(line) < 400, line
+    cursor["position"] = 0
+    state["solver"]["type"] = "T" * 40_000
+    torch.save(state, "hostile.solverstate.pt")
+    line = one_error_line(capsys, "train", "solver.prototxt", "--resume", "hostile.solverstate.pt")
+    assert "... (40,000 characters) solver, this one is SGD" in line and len(line) < 400, line
+
+
+def test_image_list_and_training_log_lines_are_quoted_cut_short(tmp_path):
+    from caffe_compat.data.sources import _read_list
+    from caffe_compat.figures import read_training_log
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.jpg 0\n" + "x" * 40_000 + "\n")
+    cut = r"line 2: expected 'path label', got 'x+'\.\.\. \(40,000 characters\)$"
+    with pytest.raises(CaffeCompatError, match=cut):
+        _read_list(str(listing), "layer 'data'")
+    log = tmp_path / "log.csv"
+    log.write_text("iteration,loss,lr\n0,1,0.1\n" + "9," * 20_000 + "\n")
+    with pytest.raises(CaffeCompatError) as caught:
+        read_training_log(log)
+    assert "log.csv:3: expected 3 values, found '9,9," in str(caught.value) and len(str(caught.value)) < 400
+
+
+def test_archive_entries_hdf5_lists_and_layer_labels_are_quoted_cut_short():
+    from caffe_compat.datasets import _inside, _integer
+    from caffe_compat.io.schema import messages, unknown_fields
+    from caffe_compat.layers.hdf5 import _read_file_list
+
+    long = "x" * 40_000
+    for call in (lambda: _inside("/" + long, "images.txt:1"), lambda: _integer(long, "labels.txt:1"),
+                 lambda: _read_file_list(long, "layer 'h5'")):
+        with pytest.raises(CaffeCompatError) as caught:
+            call()
+        assert "... (40,00" in str(caught.value) and len(str(caught.value)) < 400, str(caught.value)[:400]
+    net = messages("bvlc").NetParameter()
+    net.layer.add(name=long).MergeFromString(b"\xf8\xf0\x04\x01")  # field 9999, varint 1
+    parsed = messages("bvlc").NetParameter.FromString(net.SerializeToString())
+    assert unknown_fields(parsed) == ["layer[0] '" + "x" * 200 + "'... (40,000 characters): field 9999"]

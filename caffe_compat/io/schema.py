@@ -17,7 +17,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from ..errors import CaffeCompatError
+from ..errors import CaffeCompatError, quote
 from ..proto import caffe_pb2
 
 DIALECTS = ("bvlc", "lifted")
@@ -77,7 +77,7 @@ def is_repeated(field) -> bool:
 def _item_label(where: str, index: int, item: Message) -> str:
     label = f"{where}[{index}]"
     if item.DESCRIPTOR.full_name in _NAMED_LAYERS:
-        label += f" {item.name!r}"
+        label += f" {quote(item.name)}"
     return label
 
 
