@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
-from .errors import CaffeCompatError
+from .errors import CaffeCompatError, terminal_line
 from .io.dialects import ENTRIES as DIALECT_ENTRIES
 
 EXIT_BAD_INPUT = 2
@@ -240,7 +240,7 @@ class _OneLineParser(argparse.ArgumentParser):
     """Command-line mistakes end as bad input does: one line, exit 2 (the usage is in --help)."""
 
     def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {terminal_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -433,7 +433,7 @@ def _refuse_output_over_input(args) -> None:
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"caffe-compat: warning: {message}\n"
+    return f"caffe-compat: warning: {terminal_line(str(message))}\n"
 
 
 def _seed_fillers(args) -> None:
@@ -461,7 +461,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CaffeCompatError as err:
         if args.debug:
             traceback.print_exc()
-        print(f"caffe-compat: error: {err}", file=sys.stderr)
+        print(f"caffe-compat: error: {terminal_line(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # output piped into `head` and the like
         return 0

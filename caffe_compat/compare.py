@@ -3,7 +3,6 @@ every blob, gradient and parameter Caffe recorded (the format of the reference R
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import warnings
@@ -16,8 +15,9 @@ import torch
 
 from .data import close_data_layers
 from .devices import resolve_device
-from .errors import CaffeCompatError
+from .errors import CaffeCompatError, printable
 from .io.files import read_caffemodel, read_prototxt, weights_of
+from .io.text import parse_json
 from .layers.registry import caffe_blobs
 
 PathLike = Union[str, Path]
@@ -138,7 +138,9 @@ def _compare_case(prototxt, weights, reference: Path, device, rtol, grad_rtol, n
     except (OSError, ValueError) as err:
         raise CaffeCompatError(f"{reference}: not a readable .npz: {err}") from None
     case = name or reference.stem
-    meta = json.loads(str(ref.pop("meta"))) if "meta" in ref else {}
+    meta = parse_json(f"{reference}: key 'meta'", str(ref.pop("meta"))) if "meta" in ref else {}
+    if not isinstance(meta, dict):
+        raise CaffeCompatError(f"{reference}: key 'meta': expected a JSON object")
     keys = list(ref)
     if any(k.startswith("param/") for k in keys) and not any(k.startswith(("input/", "blob/", "batch")) for k in keys):
         return _compare_params(case, weights, ref, rtol if rtol is not None else 1e-4)
@@ -318,7 +320,7 @@ def run_compare(files: Sequence[PathLike], device, rtol: Optional[float], grad_r
         except Exception as err:  # a case that breaks is one FAIL row; the others still run
             rows = [failed_case(npz.stem, err)]
         for row in rows:
-            print(row.format())
+            print(printable(row.format()))  # keys and notes come from the files
             passed += row.ok
             failed += not row.ok
     print(f"{passed} passed, {failed} failed")

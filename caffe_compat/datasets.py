@@ -34,9 +34,10 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import CaffeCompatError
+from .errors import CaffeCompatError, quote
 from .io.atomic import atomic_folder, folder_target
 from .io.datum import fill_datum_lmdb
+from .io.text import parse_json
 from .matfile import read_mat
 from .progress import progress
 
@@ -95,7 +96,7 @@ def _integer(text: str, where: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise CaffeCompatError(f"{where}: {text!r} is not an integer") from None
+        raise CaffeCompatError(f"{where}: {quote(text)} is not an integer") from None
 
 
 def _inside(entry: str, where: str) -> str:
@@ -105,7 +106,7 @@ def _inside(entry: str, where: str) -> str:
     normal = os.path.normpath(entry) if entry else ""
     if (not normal or "\0" in entry or os.path.isabs(entry) or Path(entry).anchor or normal == "."
             or normal == os.pardir or normal.startswith(os.pardir + os.sep)):
-        raise CaffeCompatError(f"{where}: entry {entry!r} is not a path inside the archive "
+        raise CaffeCompatError(f"{where}: entry {quote(entry)} is not a path inside the archive "
                                f"(absolute, empty or climbing out with '..'); nothing was written")
     return Path(normal).as_posix()
 
@@ -259,11 +260,11 @@ def prepared(out: PathLike, name: str, source: PathLike, fmt: str = "list") -> O
     """The summary of a finished `prepare(name, source, out, fmt)` found in `out`, else None."""
     out = Path(out)
     try:
-        record = json.loads((out / MARKER).read_text(encoding="utf-8"))
+        record = parse_json(out / MARKER, (out / MARKER).read_text(encoding="utf-8"))
         same = (record["dataset"], record["format"], record["source"]) == (name, fmt, str(Path(source).resolve()))
         return {split: {**info, "path": str(out / info["path"])} for split, info in record["splits"].items()} \
             if same else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, CaffeCompatError):
         return None
 
 

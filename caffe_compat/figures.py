@@ -10,7 +10,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import CaffeCompatError
+from .errors import CaffeCompatError, quote
 from .io.atomic import atomic_path
 from .metrics import check_embeddings, nearest_neighbours
 
@@ -55,7 +55,7 @@ def read_training_log(log_csv: PathLike) -> dict:
     missing = [name for name in ("iteration", "loss", "lr") if name not in header]
     if missing:
         raise CaffeCompatError(f"{log_csv}: expected a header with iteration, loss and lr, found "
-                               f"{','.join(header)!r}")
+                               f"{quote(','.join(header))}")
     smoothed = next((i for i, name in enumerate(header) if name.startswith("smoothed")), None)
     columns = {name: header.index(name) for name in ("iteration", "loss", "lr")}
     if smoothed is not None:
@@ -63,11 +63,11 @@ def read_training_log(log_csv: PathLike) -> dict:
     values = []
     for line, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
-            raise CaffeCompatError(f"{log_csv}:{line}: expected {len(header)} values, found {','.join(row)!r}")
+            raise CaffeCompatError(f"{log_csv}:{line}: expected {len(header)} values, found {quote(','.join(row))}")
         try:
             values.append([float(row[i]) for i in columns.values()])
         except ValueError:
-            raise CaffeCompatError(f"{log_csv}:{line}: expected numbers, found {','.join(row)!r}") from None
+            raise CaffeCompatError(f"{log_csv}:{line}: expected numbers, found {quote(','.join(row))}") from None
     if not values:
         raise CaffeCompatError(f"{log_csv}: no rows after the header")
     table = np.array(values)

@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
-from .errors import CaffeCompatError
+from .errors import CaffeCompatError, printable
 from .graph import PHASES, Graph, LayerNode, build_graph, check_weights_fit
 from .io.blobs import blob_shape
 from .io.files import read_caffemodel, read_net
@@ -223,7 +223,9 @@ def format_inspection(info: dict, columns: Optional[int] = None) -> str:
             wiring = f"{', '.join(r['tops'])} (in place)"
         else:
             wiring = f"{', '.join(r['bottoms']) or '-'} -> {', '.join(r['tops']) or '-'}"
-        rows.append((r["name"], r["type"], wiring, shapes, blobs, count, settings_text(r["params"])))
+        # Names and settings come from the file: escaped, a name cannot break the table.
+        rows.append(tuple(map(printable, (r["name"], r["type"], wiring, shapes, blobs, count,
+                                          settings_text(r["params"])))))
     head = [f"net '{info['net']}' ({info['file']}), phase {info['phase']}, dialect {info['dialect']}"
             + (f", weights {info['weights']} (dialect {info['weights_dialect']})" if info["weights"] else "")
             + (", upgraded from the legacy format" if info["upgraded_from_legacy"] else "")]
@@ -247,7 +249,9 @@ def format_inspection(info: dict, columns: Optional[int] = None) -> str:
         out.append("unknown fields (kept, not understood): " + "; ".join(info["unknown_fields"]))
     for note in info["shape_notes"]:
         out.append(f"shapes after this are unknown ('?'): {note}")
-    wrap = [line for text in head for line in textwrap.wrap(text, columns, subsequent_indent="  ", break_on_hyphens=False)]
+    wrap = [line for text in map(printable, head)
+            for line in textwrap.wrap(text, columns, subsequent_indent="  ", break_on_hyphens=False)]
     wrap += _table(rows, columns)
-    wrap += [line for text in out for line in textwrap.wrap(text, columns, subsequent_indent="  ", break_on_hyphens=False)]
+    wrap += [line for text in map(printable, out)
+             for line in textwrap.wrap(text, columns, subsequent_indent="  ", break_on_hyphens=False)]
     return "\n".join(wrap)

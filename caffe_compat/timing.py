@@ -21,7 +21,7 @@ import torch
 
 from .deploy import DATA_LAYER_TYPES, source_of
 from .devices import resolve_device
-from .errors import CaffeCompatError
+from .errors import CaffeCompatError, printable
 from .graph import layer_included
 from .memory import available_memory, format_size
 from .io.files import NetFile, read_prototxt
@@ -196,6 +196,7 @@ def time_net(net_path: PathLike, weights: Optional[PathLike] = None, iterations:
                  for name, f, b in zip(names, forward_ms, backward_ms)]
     emit("Average time per layer: ")
     for name, f, b in per_layer:
+        name = printable(name)  # layer names come from the prototxt
         emit(f"{name:>10}\tforward: {f:.6g} ms.")
         emit(f"{name:>10}\tbackward: {b:.6g} ms.")
     summary = {"layers": per_layer, "forward_ms": 1000 * forward_total / iterations,
@@ -245,7 +246,7 @@ def score_net(net_path: PathLike, weights: PathLike, iterations: int = DEFAULT_I
         if total.numel() == 1 or all_values:
             for value in means[name]:
                 note = f" (* {weight:g} = {weight * value:.6g} loss)" if weight else ""
-                emit(f"{name} = {value:.6g}{note}")
+                emit(f"{printable(name)} = {value:.6g}{note}")
         else:
             emit(f"{_summary(name, mean, shapes[name])} (mean of {iterations} batches; --all-values prints each)")
     return {"loss": loss / iterations, "outputs": means}
@@ -253,13 +254,13 @@ def score_net(net_path: PathLike, weights: PathLike, iterations: int = DEFAULT_I
 
 def _blob_lines(name: str, values: torch.Tensor, shape: Tuple[int, ...], all_values: bool) -> List[str]:
     if values.numel() == 1 or all_values:
-        return [f"{name} = {value:.6g}" for value in values.tolist()]
+        return [f"{printable(name)} = {value:.6g}" for value in values.tolist()]
     return [_summary(name, values, shape)]
 
 
 def _summary(name: str, values: torch.Tensor, shape: Tuple[int, ...]) -> str:
     dims = "x".join(map(str, shape))
-    return (f"{name}: shape {dims}, mean {float(values.mean()):.6g}, "
+    return (f"{printable(name)}: shape {dims}, mean {float(values.mean()):.6g}, "
             f"min {float(values.min()):.6g}, max {float(values.max()):.6g}")
 
 

@@ -24,11 +24,12 @@ import numpy as np
 from google.protobuf import text_format
 
 from .. import __version__
-from ..errors import CaffeCompatError
+from ..errors import CaffeCompatError, quote, shortened
 from ..graph import build_graph
 from ..io.atomic import atomic_file, write_bytes
 from ..io.files import NetFile, with_weights, write_caffemodel
 from ..io.schema import messages
+from ..io.text import parse_json, parse_text, screen_text
 from ..net import CaffeNet
 from .preprocess import PreprocessOverrides, with_overrides
 
@@ -120,7 +121,7 @@ def _to_safetensors(payload: dict) -> bytes:
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
-    return f"{err.__class__.__name__}: {text[0]}" if text else err.__class__.__name__
+    return f"{err.__class__.__name__}: {shortened(text[0])}" if text else err.__class__.__name__
 
 
 def _read_pt(path: Path) -> object:
@@ -138,16 +139,16 @@ def _read_pt(path: Path) -> object:
                                    f"to load") from None
         reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
         raise CaffeCompatError(f"{path}: not a caffe-compat model, or damaged (not a plain-data pickle"
-                               f"{': ' + reason.group(1).strip() if reason else ''})") from None
+                               f"{': ' + shortened(reason.group(1).strip()) if reason else ''})") from None
     except Exception as err:  # torch raises many types for foreign or damaged files
         raise CaffeCompatError(f"{path}: not a caffe-compat model, or damaged ({_first_line(err)})") from None
     if isinstance(payload, dict) and isinstance(payload.get("weights"), dict):
         weights = {}
         for name, tensors in payload["weights"].items():
             if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in tensors):
-                raise CaffeCompatError(f"{path}: key 'weights' / {name!r}: expected a list of tensors")
+                raise CaffeCompatError(f"{path}: key 'weights' / {quote(name)}: expected a list of tensors")
             if any(t.layout != torch.strided or t.dtype not in (torch.float32, torch.float64) for t in tensors):
-                raise CaffeCompatError(f"{path}: key 'weights' / {name!r}: tensors must be dense float32 or "
+                raise CaffeCompatError(f"{path}: key 'weights' / {quote(name)}: tensors must be dense float32 or "
                                        f"float64")
             weights[name] = [t.numpy() for t in tensors]
         payload = {**payload, "weights": weights}
@@ -166,10 +167,7 @@ def _read_safetensors(path: Path) -> dict:
     payload: Dict[str, object] = dict(metadata)
     for key in ("format_version", "preprocess", "layers"):
         if key in payload:
-            try:
-                payload[key] = json.loads(payload[key])
-            except ValueError:
-                raise CaffeCompatError(f"{path}: metadata key '{key}' is not JSON") from None
+            payload[key] = parse_json(f"{path}: metadata key '{key}'", payload[key])
     layers = payload.pop("layers", None)
     if not isinstance(layers, list) or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
                                                and isinstance(e[1], int) for e in layers):
@@ -179,10 +177,10 @@ def _read_safetensors(path: Path) -> dict:
         keys = [f"{name}/{i}" for i in range(count)]
         absent = [k for k in keys if k not in tensors]
         if absent:
-            raise CaffeCompatError(f"{path}: tensor '{absent[0]}' (listed in 'layers') is missing")
+            raise CaffeCompatError(f"{path}: tensor {quote(absent[0])} (listed in 'layers') is missing")
         weights[name] = [tensors.pop(k) for k in keys]
     if tensors:
-        raise CaffeCompatError(f"{path}: tensor '{next(iter(tensors))}' belongs to no listed layer")
+        raise CaffeCompatError(f"{path}: tensor {quote(next(iter(tensors)))} belongs to no listed layer")
     payload["weights"] = weights
     return payload
 
@@ -197,7 +195,7 @@ def _validate(payload: object, path: Path) -> dict:
         raise CaffeCompatError(f"{path}: not a caffe-compat model (written by 'caffe-compat convert' or 'train')")
     version = payload.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:
-        raise CaffeCompatError(f"{path}: model format version {version!r}; this caffe-compat reads version "
+        raise CaffeCompatError(f"{path}: model format version {quote(version)}; this caffe-compat reads version "
                                f"{FORMAT_VERSION} (convert the Caffe files again)")
     for key, kind in _FIELDS.items():
         if key not in payload:
@@ -206,15 +204,16 @@ def _validate(payload: object, path: Path) -> dict:
             raise CaffeCompatError(f"{path}: key '{key}': expected {kind.__name__}, found "
                                    f"{type(payload[key]).__name__}")
     if payload["dialect"] not in DIALECTS:
-        raise CaffeCompatError(f"{path}: key 'dialect': {payload['dialect']!r} is not one of {', '.join(DIALECTS)}")
+        raise CaffeCompatError(f"{path}: key 'dialect': {quote(payload['dialect'])} is not one of "
+                               f"{', '.join(DIALECTS)}")
     if payload["phase"] not in PHASES:
-        raise CaffeCompatError(f"{path}: key 'phase': {payload['phase']!r} is not one of {', '.join(PHASES)}")
+        raise CaffeCompatError(f"{path}: key 'phase': {quote(payload['phase'])} is not one of {', '.join(PHASES)}")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in payload["preprocess"].items()):
         raise CaffeCompatError(f"{path}: key 'preprocess': expected strings by strings")
     for name, arrays in payload["weights"].items():
         if not isinstance(name, str) or not all(isinstance(a, np.ndarray) and a.dtype in WEIGHT_DTYPES
                                                 for a in arrays):
-            raise CaffeCompatError(f"{path}: key 'weights' / {name!r}: expected float32 or float64 arrays")
+            raise CaffeCompatError(f"{path}: key 'weights' / {quote(name)}: expected float32 or float64 arrays")
     if text_sha256(payload["net_prototxt"]) != payload["net_sha256"]:
         raise CaffeCompatError(f"{path}: the stored net text does not match its checksum (key 'net_sha256'): "
                                f"the file is damaged")
@@ -234,11 +233,10 @@ def read_model(path: PathLike) -> dict:
 
 
 def model_net_file(payload: dict, path: PathLike) -> NetFile:
-    net = messages(payload["dialect"]).NetParameter()
-    try:
-        text_format.Parse(payload["net_prototxt"], net)
-    except text_format.ParseError as err:
-        raise CaffeCompatError(f"{path}: key 'net_prototxt': not a valid net ({_first_line(err)})") from None
+    """The stored net text, screened and parsed as a prototxt file is."""
+    where = f"{path}: key 'net_prototxt'"
+    text = screen_text(where, payload["net_prototxt"], "net")
+    net = parse_text(where, text, messages(payload["dialect"]).NetParameter(), "net")
     return NetFile(net, payload["dialect"], Path(path))
 
 

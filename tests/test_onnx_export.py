@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from caffe_compat.cli import main
+from caffe_compat.converters.artifact import load as load_model
 from caffe_compat.converters.onnx import L2_SUFFIX, default_outputs, export_onnx, load_for_export
 from caffe_compat.converters.preprocess import preprocess_metadata
 from caffe_compat.deploy import deploy_net
@@ -423,3 +424,30 @@ def test_an_input_blob_is_not_an_output(tmp_path):
     model = check(export_onnx(net, ["x"]))
     rows = np.array([[-1, 2, -3, 4], [5, -6, 7, -8]], np.float32)
     np.testing.assert_array_equal(run_onnx(model, {"x": rows})[model.graph.output[0].name], np.maximum(rows, 0))
+
+
+@pytest.mark.parametrize("layer_type, params", [("LSTM", ""), ("RNN", ""), ("LSTM", "expose_hidden: true")])
+def test_three_step_recurrent_net_exports_checked_and_equal(tmp_path, layer_type, params):
+    # The Scan's outputs need shapes ONNX can infer, or the checker refuses the net's outputs.
+    def given(name, *dims):
+        shape = " ".join(f"dim: {d}" for d in dims)
+        return f'layer {{ name: "{name}" type: "Input" top: "{name}" input_param {{ shape {{ {shape} }} }} }}'
+
+    states = [f"s{k}" for k in range(2 if layer_type == "LSTM" else 1)] if "expose_hidden" in params else []
+    lines = [given("x", 3, 2, 4), given("cont", 3, 2)] + [given(s, 1, 2, 5) for s in states]
+    tops = ["h"] + [f"{s}_final" for s in states]
+    wiring = " ".join([f'bottom: "{b}"' for b in ["x", "cont", *states]] + [f'top: "{t}"' for t in tops])
+    lines.append(f'layer {{ name: "rec" type: "{layer_type}" {wiring} recurrent_param {{ num_output: 5 {params} '
+                 'weight_filler { type: "uniform" min: -0.5 max: 0.5 } bias_filler { type: "constant" value: 0.1 } } }')
+    proto = tmp_path / "rec.prototxt"
+    proto.write_text("\n".join(lines) + "\n")
+    model_file, out = tmp_path / "rec.pt", tmp_path / "rec.onnx"
+    assert main(["convert", str(proto), "--random-init", "-o", str(model_file)]) == 0
+    assert main(["export-onnx", str(model_file), "-o", str(out), "--output", "h"]) == 0
+    model = check(onnx.load(str(out)))
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.normal(size=(3, 2, 4)).astype(np.float32),
+             "cont": np.array([[0, 0], [1, 1], [0, 1]], np.float32)}
+    feeds.update({s: rng.normal(size=(1, 2, 5)).astype(np.float32) for s in states})
+    expected = torch_outputs(load_model(model_file), feeds, ["h"])["h"]
+    assert_close(run_onnx(model, feeds)["h"], expected, TORCH_RTOL, f"{layer_type} {params}")

@@ -92,6 +92,15 @@ def test_test_summarises_a_blob_larger_than_a_scalar(classifier, tmp_path):
     assert sum(line.startswith("Batch 0, ip = ") for line in every) == BATCH * 3
 
 
+def test_test_prints_output_names_escaped(classifier):
+    net_path, weights_path, *_ = classifier
+    net_path.write_text(net_path.read_text().replace('top: "accuracy"', 'top: "acc\\nforged\\x1b[31m"'))
+    lines = []
+    score_net(net_path, weights_path, iterations=1, emit=lines.append)
+    assert not any("\x1b" in line or "\n" in line for line in lines)
+    assert lines[1].startswith("Batch 0, acc\\nforged\\x1b[31m = ") and lines[-2].startswith("acc\\nforged\\x1b[31m = ")
+
+
 def test_time_prints_every_layer_and_the_totals(classifier, tmp_path):
     net_path, weights_path, *_ = classifier
     result = run_cli("time", net_path, weights_path, "--iterations", 3, cwd=tmp_path)

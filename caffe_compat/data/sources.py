@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..errors import CaffeCompatError
+from ..errors import CaffeCompatError, quote
 from ..io.datum import datum_to_array, parse_datum
 from .lmdb_pages import check_lmdb_file
 from .prefetch import PrefetchingDataLayer, data_layers
@@ -98,7 +98,7 @@ class LmdbDataLayer(PrefetchingDataLayer):
 
     def _check_cursor(self, cursor: dict, what: str) -> None:
         if not _is_index(cursor["position"], self.entries):
-            raise CaffeCompatError(f"{what}: read position {cursor['position']!r} outside the LMDB's "
+            raise CaffeCompatError(f"{what}: read position {quote(cursor['position'])} outside the LMDB's "
                                    f"{self.entries} records")
 
     def _records(self, cursor: dict) -> Iterator[Tuple[bytes, bytes]]:
@@ -251,7 +251,7 @@ class ImageListLayer(PrefetchingDataLayer):
     def _check_cursor(self, cursor: dict, what: str) -> None:
         count = len(self.lines)
         if not _is_index(cursor["position"], count):
-            raise CaffeCompatError(f"{what}: read position {cursor['position']!r} outside the list's {count} images")
+            raise CaffeCompatError(f"{what}: read position {quote(cursor['position'])} outside the list's {count} images")
         order = cursor["order"]
         if order is not None and (not isinstance(order, list) or not all(isinstance(i, int) for i in order)
                                   or sorted(order) != list(range(count))):
@@ -326,9 +326,9 @@ def _read_list(source: str, where: str) -> List[Tuple[str, int]]:
         try:
             lines.append((name, int(label)))
         except ValueError:
-            raise CaffeCompatError(f"{where}: {source} line {number}: expected 'path label', got {line!r}") from None
+            raise CaffeCompatError(f"{where}: {source} line {number}: expected 'path label', got {quote(line)}") from None
         if not name:
-            raise CaffeCompatError(f"{where}: {source} line {number}: expected 'path label', got {line!r}")
+            raise CaffeCompatError(f"{where}: {source} line {number}: expected 'path label', got {quote(line)}")
     if not lines:
         raise CaffeCompatError(f"{where}: image_data_param.source {describe_path(source)} lists no images")
     return lines

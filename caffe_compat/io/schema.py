@@ -12,7 +12,7 @@ from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from ..errors import CaffeCompatError
+from ..errors import CaffeCompatError, quote
 from ..proto import caffe_pb2
 from .dialects import ENTRIES, entry, schema_file
 
@@ -59,7 +59,7 @@ def is_repeated(field) -> bool:
 def _item_label(where: str, index: int, item: Message) -> str:
     label = f"{where}[{index}]"
     if item.DESCRIPTOR.full_name in _NAMED_LAYERS:
-        label += f" {item.name!r}"
+        label += f" {quote(item.name)}"
     return label
 
 

@@ -1,20 +1,24 @@
-"""Text-format messages (net and solver prototxts), screened before anything parses
-them: protobuf's text parser takes quadratic time on long runs of backslashes (a
-40,000-character string took 17 s) and never ends on a megabyte, and a regular
-expression over an unterminated string full of escaped quotes is quadratic too, so
-text that is no plausible prototxt is refused first, naming the line."""
+"""Text-format messages (net and solver prototxts, and the net text a model file
+stores), screened before anything parses them: protobuf's text parser takes quadratic
+time on long runs of backslashes (a 40,000-character string took 17 s) and never ends
+on a megabyte, and a regular expression over an unterminated string full of escaped
+quotes is quadratic too, so text that is no plausible prototxt is refused first, naming
+the line. JSON read from files is bounded in depth before it is parsed."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Union
 
 from google.protobuf import text_format
 
-from ..errors import CaffeCompatError
+from ..errors import CaffeCompatError, shortened
 from .schema import check_strings
 
 MAX_LINE = 1 << 20
-_MAX_DETAIL = 300  # protobuf quotes the offending text, however long
+MAX_JSON_DEPTH = 64  # caffe-compat's own JSON is 3 deep; json's parser recurses per level
+Where = Union[str, Path]  # what a message names: a file, or a file and its key
 # Real prototxts escape one character at a time; protobuf's unescaping backtracks over a
 # whole run of backslashes from each of its positions.
 MAX_BACKSLASH_RUN = 64
@@ -23,6 +27,9 @@ MAX_BACKSLASH_RUN = 64
 # (an opening quote whose string does not end on its line).
 _TOKEN = re.compile(r""""(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|#[^\n]*|["']""")
 _BACKSLASHES = re.compile(r"\\{%d,}" % (MAX_BACKSLASH_RUN + 1))
+# A JSON string (or an unterminated one, to the end: no match ever fails, so the scan is
+# linear), or a bracket.
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\[\s\S])*(?:"|\\?\Z)|[\[\]{}]')
 
 
 def looks_binary(data: bytes) -> bool:
@@ -52,34 +59,56 @@ def decode_text(path: Path, data: bytes, what: str) -> str:
         line = data.count(b"\n", 0, err.start) + 1
         raise CaffeCompatError(f"{path}: line {line}: not valid UTF-8 text (byte {err.start}), "
                                f"expected a text {what}") from None
+    return screen_text(path, text, what)
+
+
+def screen_text(where: Where, text: str, what: str) -> str:
+    """`text`, unless it cannot be a valid `what`: then raises naming `where` and the line."""
     start = 0
     while start <= len(text):
         end = text.find("\n", start)
         end = len(text) if end < 0 else end
         if end - start > MAX_LINE:
-            raise CaffeCompatError(f"{path}: line {_line_of(text, start)} is longer than {MAX_LINE} characters; "
+            raise CaffeCompatError(f"{where}: line {_line_of(text, start)} is longer than {MAX_LINE} characters; "
                                    f"not a {what}")
         start = end + 1
     for token in _TOKEN.finditer(text):
         if len(token.group()) == 1:
-            raise CaffeCompatError(f"{path}: line {_line_of(text, token.start())}: a string opened with "
+            raise CaffeCompatError(f"{where}: line {_line_of(text, token.start())}: a string opened with "
                                    f"{token.group()} never ends on its line; not a valid {what}")
         run = _BACKSLASHES.search(token.group()) if token.group()[0] != "#" else None
         if run:
-            raise CaffeCompatError(f"{path}: line {_line_of(text, token.start())}: a string holds a run of "
+            raise CaffeCompatError(f"{where}: line {_line_of(text, token.start())}: a string holds a run of "
                                    f"{len(run.group())} backslashes (at most {MAX_BACKSLASH_RUN} accepted)")
     return text
 
 
-def parse_text(path: Path, text: str, message, what: str):
-    """`message`, filled from `text` (screened by decode_text); every failure names `path`."""
+def parse_text(where: Where, text: str, message, what: str):
+    """`message`, filled from `text` (screened by screen_text); every failure names `where`."""
     try:
         text_format.Parse(text, message)
-    except text_format.ParseError as err:
-        detail = str(err).replace("\n", " ")
-        detail = detail if len(detail) <= _MAX_DETAIL else detail[:_MAX_DETAIL] + "..."
-        raise CaffeCompatError(f"{path}: not a valid {what}: {detail}") from None
+    except text_format.ParseError as err:  # protobuf quotes the offending text, however long
+        detail = shortened(str(err).replace("\n", " "))
+        raise CaffeCompatError(f"{where}: not a valid {what}: {detail}") from None
     except RecursionError:
-        raise CaffeCompatError(f"{path}: not a valid {what}: messages nested too deeply") from None
-    check_strings(message, str(path))
+        raise CaffeCompatError(f"{where}: not a valid {what}: messages nested too deeply") from None
+    check_strings(message, str(where))
     return message
+
+
+def parse_json(where: Where, text: str):
+    """The value `text` holds, if it is JSON nested at most MAX_JSON_DEPTH deep; else
+    raises naming `where` (json's parser would recurse past Python's limit)."""
+    depth = 0
+    for token in _JSON_TOKEN.finditer(text):
+        bracket = token.group()
+        if bracket in ("[", "{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise CaffeCompatError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} deep")
+        elif bracket in ("]", "}"):
+            depth -= 1
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise CaffeCompatError(f"{where}: not JSON ({shortened(str(err))})") from None

@@ -9,7 +9,7 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from ..errors import CaffeCompatError
+from ..errors import CaffeCompatError, quote
 from ..io.atomic import atomic_path
 from .registry import CaffeLayer, Converted, LayerContext, register
 
@@ -27,9 +27,9 @@ def _read_file_list(source: str, where: str) -> List[str]:
     try:
         names = Path(source).read_text().split()
     except OSError as err:
-        raise CaffeCompatError(f"{where}: cannot read the HDF5 file list {source!r} ({err.strerror})") from None
+        raise CaffeCompatError(f"{where}: cannot read the HDF5 file list {quote(source)} ({err.strerror})") from None
     if not names:
-        raise CaffeCompatError(f"{where}: the HDF5 file list {source!r} names no files")
+        raise CaffeCompatError(f"{where}: the HDF5 file list {quote(source)} names no files")
     return names
 
 

@@ -309,9 +309,14 @@ def _onnx_scan(g: OnnxGraph, ctx, module: _Recurrent, inputs, outputs, body_buil
     body_build(body, states, step_input, cont, static, new_states, scanned)
     from onnx import helper  # the emitters run only when exporting
 
-    float_info = [helper.make_tensor_value_info(name, FLOAT, None)
-                  for name in states + [step_input, cont]]
-    out_info = [helper.make_tensor_value_info(name, FLOAT, None) for name in new_states + [scanned]]
+    # The body's values typed with their shapes: without them ONNX's shape inference
+    # cannot give the Scan's outputs a shape, and the checker refuses a graph output
+    # without one.
+    streams, state = x_shape[1], [x_shape[1], module.hidden]
+    float_info = [helper.make_tensor_value_info(name, FLOAT, state) for name in states]
+    float_info += [helper.make_tensor_value_info(step_input, FLOAT, [streams, weights.shape[0]]),
+                   helper.make_tensor_value_info(cont, FLOAT, [streams])]
+    out_info = [helper.make_tensor_value_info(name, FLOAT, state) for name in new_states + [scanned]]
     g.initializers.extend(body.initializers)
     graph = helper.make_graph(body.nodes, hint + "/step", float_info, out_info)
     finals = [g.fresh(f"{hint}/final_state{k}") for k in range(module.states)]

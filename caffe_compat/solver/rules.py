@@ -14,7 +14,7 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from ..errors import CaffeCompatError
+from ..errors import CaffeCompatError, shortened
 from ..net import CaffeNet
 from .policies import check_policy, learning_rate
 
@@ -209,7 +209,8 @@ class CaffeSolver:
 
     def load_state_dict(self, state: dict, where: str = "solver state") -> None:
         if state.get("type") != self.kind:
-            raise CaffeCompatError(f"{where}: written by a {state.get('type')} solver, this one is {self.kind}")
+            raise CaffeCompatError(f"{where}: written by a {shortened(str(state.get('type')))} solver, this one is "
+                                   f"{self.kind}")
         saved = state["history"]
         names = [p.name for p in self.params]
         if sorted(saved) != sorted(names):

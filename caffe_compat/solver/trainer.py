@@ -20,7 +20,7 @@ import torch
 from ..data import (close_data_layers, data_layers, load_reader_states, parse_sampler, reader_states,
                     seed_data_layers, set_sampler, shard_data_layers)
 from ..devices import resolve_device
-from ..errors import CaffeCompatError
+from ..errors import CaffeCompatError, printable
 from ..io import atomic
 from ..io.files import read_caffemodel, read_solver, weights_of, with_weights, write_caffemodel
 from ..net import CaffeNet
@@ -396,6 +396,7 @@ class Trainer:
         return self.dist.rank == 0
 
     def _print(self, line: str) -> None:
+        line = printable(line)  # net, blob and file names in it come from the user's files
         if self.progress is not None:
             self.progress.print(line)
         elif self.is_root:
