@@ -199,6 +199,12 @@ def test_no_positive_pair_gives_zero_and_one_warning():
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("caffe_exact", [False, True])
+def test_an_empty_batch_is_one_clear_error(caffe_exact):
+    with pytest.raises(CaffeCompatError, match="the batch holds no embeddings"):
+        LiftedStructSimilaritySoftmaxLoss(caffe_exact=caffe_exact)(torch.zeros(0, 4), torch.zeros(0))
+
+
 @pytest.mark.parametrize("shape", [(1, 5), (1, 5, 1, 1)])
 def test_batch_of_one_gives_zero_and_a_zero_gradient(shape):
     # One embedding has neither positives nor negatives: the softmax there is 0 / 0.

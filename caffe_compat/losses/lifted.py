@@ -101,6 +101,8 @@ def lifted_struct_loss(embeddings: Tensor, labels: Tensor, margin: float = 1.0,
     if not math.isfinite(margin):
         raise CaffeCompatError(f"LiftedStructSimilaritySoftmaxLoss: margin must be finite, got {margin}")
     x, labels = _flatten_checked(embeddings, labels)
+    if not x.shape[0]:  # no data layer of Caffe's gives one; there is no anchor to take a loss over
+        raise CaffeCompatError("LiftedStructSimilaritySoftmaxLoss: the batch holds no embeddings")
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):  # distances in full precision
