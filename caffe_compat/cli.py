@@ -451,7 +451,14 @@ def _seed_fillers(args) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .caffe_flags import translate
+
     parser = build_parser()
+    try:
+        argv = translate(sys.argv[1:] if argv is None else argv)  # caffe's own -solver, -weights, -gpu ...
+    except CaffeCompatError as err:
+        print(f"caffe-compat: error: {terminal_line(str(err))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     args = parser.parse_args(argv)
     previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning  # notes, one line each
     try:
