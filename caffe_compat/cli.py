@@ -22,9 +22,10 @@ def _cmd_inspect(args) -> int:
     from .inspect import format_inspection, inspect_net
 
     from .deploy import parse_input_shapes
+    from .io.files import read_net
 
-    info = inspect_net(args.net, args.weights, args.phase, args.dialect, show_all=args.all,
-                       input_shapes=parse_input_shapes(args.input_shape or []))
+    shapes = parse_input_shapes(args.input_shape, read_net(args.net, args.dialect).net) if args.input_shape else None
+    info = inspect_net(args.net, args.weights, args.phase, args.dialect, show_all=args.all, input_shapes=shapes)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0
 
@@ -68,9 +69,9 @@ def _cmd_convert(args) -> int:
         raise CaffeCompatError("convert takes NET.prototxt WEIGHTS.caffemodel -o OUT, NET.prototxt --random-init "
                                "-o OUT (weights from the prototxt's fillers), or MODEL -o NET.caffemodel"
                                + (": give WEIGHTS or --random-init, not both" if args.random_init else ""))
-    input_shapes = parse_input_shapes(args.input_shape or [])
     max_memory = parse_size(args.max_memory) if args.max_memory else None
     net_file = read_prototxt(source, args.dialect)
+    input_shapes = parse_input_shapes(args.input_shape or [], net_file.net)
     net = load_net(net_file, args.weights, phase=args.phase, dialect=args.dialect, input_shapes=input_shapes,
                    allow_missing_weights=args.allow_missing_weights, max_memory=max_memory)
     if out.suffix == ".caffemodel":
@@ -139,6 +140,7 @@ def _cmd_export_onnx(args) -> int:
                            dialect=args.dialect, outputs=args.outputs, opset=args.opset,
                            l2_normalize=args.l2_normalize, static_batch=args.static_batch,
                            preprocess=_preprocess_overrides(args), allow_missing_weights=args.allow_missing_weights,
+                           embed_preprocessing=args.embed_preprocessing, image_layout=args.image_layout,
                            max_memory=parse_size(args.max_memory) if args.max_memory else None)
     print(summary.describe())
     return 0
@@ -256,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dialect", choices=list(DIALECT_ENTRIES), help="override the detected schema dialect")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="also show the split layers Caffe inserted (in caffemodels)")
-    p.add_argument("--input-shape", action="append", metavar="BLOB=N,C,H,W",
+    p.add_argument("--input-shape", action="append", metavar="[BLOB=]N,C,H,W",
                    help="shape of an input, or of a data layer's top, as convert takes it (repeatable)")
     p.set_defaults(run=_cmd_inspect)
 
@@ -283,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preprocess_options(p, "record in the model (shown by export-onnx and caffe_compat.load)")
     p.add_argument("--random-init", action="store_true",
                    help="no WEIGHTS: fill the parameters from the prototxt's fillers (seeded by --seed)")
-    p.add_argument("--input-shape", action="append", metavar="BLOB=N,C,H,W",
-                   help="shape of an input, or of a data layer's top whose source is absent (repeatable)")
+    p.add_argument("--input-shape", action="append", metavar="[BLOB=]N,C,H,W",
+                   help="shape of an input, or of a data layer's top whose source is absent; without BLOB=, "
+                        "the image input (repeatable)")
     _add_weights_options(p)
     p.set_defaults(run=_cmd_convert)
 
@@ -300,7 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--l2-normalize", action="store_true",
                    help="append x / max(||x||_2, 1e-12) per example to each output (cosine retrieval)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size instead of a symbolic N")
-    p.add_argument("--input-shape", metavar="N,C,H,W",
+    p.add_argument("--embed-preprocessing", choices=("rgb", "bgr"), type=str.lower,
+                   help="take uint8 images in this channel order as input 'image', the channel order, crop, "
+                        "mean and scale done in the graph (default: Caffe's float BGR input)")
+    p.add_argument("--image-layout", choices=("nhwc", "nchw"), default="nhwc", type=str.lower,
+                   help="layout of the images --embed-preprocessing takes (default nhwc, as image libraries "
+                        "give them)")
+    p.add_argument("--input-shape", metavar="[BLOB=]N,C,H,W",
                    help="shape of the image input (needed for data layers without crop_size)")
     p.add_argument("--dialect", choices=list(DIALECT_ENTRIES))
     _add_preprocess_options(p, "record in metadata_props")

@@ -213,17 +213,29 @@ def feed_absent_sources(net_param, phase: str, level: int = 0, stages: Sequence[
     return result, notes
 
 
-def parse_input_shapes(texts: Sequence[str], option: str = "--input-shape") -> Dict[str, Tuple[int, ...]]:
-    """['data=1,3,227,227', 'label=1'] -> {'data': (1, 3, 227, 227), 'label': (1,)}."""
+def image_input_name(net_param) -> Optional[str]:
+    """The blob an image goes into: the first data layer's first top, else the first input."""
+    for layer in net_param.layer:
+        if (layer.type in DATA_LAYER_TYPES or layer.type == "Input") and len(layer.top):
+            return layer.top[0]
+    return net_param.input[0] if len(net_param.input) else None
+
+
+def parse_input_shapes(texts: Sequence[str], net_param=None,
+                       option: str = "--input-shape") -> Dict[str, Tuple[int, ...]]:
+    """['data=1,3,227,227', 'label=1'] -> {'data': (1, 3, 227, 227), 'label': (1,)}. An
+    entry without BLOB= (as `export-onnx` has always taken it) shapes `net_param`'s image
+    input (see `image_input_name`)."""
     shapes: Dict[str, Tuple[int, ...]] = {}
     for text in texts:
-        name, sep, dims = text.partition("=")
+        name, sep, dims = text.rpartition("=")
+        name = name.strip() if sep else (image_input_name(net_param) if net_param is not None else None)
         try:
-            shape = tuple(int(d) for d in dims.replace("x", ",").split(",")) if sep and name.strip() else ()
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",")) if name else ()
         except ValueError:
             shape = ()
         if not shape or any(d <= 0 for d in shape):
-            raise CaffeCompatError(f"{option} {text!r}: expected BLOB=N,C,H,W with positive sizes, "
-                                   f"such as data=1,3,227,227")
-        shapes[name.strip()] = shape
+            raise CaffeCompatError(f"{option} {text!r}: expected BLOB=N,C,H,W (or N,C,H,W for the image input) "
+                                   f"with positive sizes, such as data=1,3,227,227")
+        shapes[name] = shape
     return shapes

@@ -28,6 +28,7 @@ from ..layers.onnx_graph import OnnxGraph
 from ..layers.registry import REGISTRY, LayerContext
 from ..net import CaffeNet
 from .artifact import model_net_file, model_weights, read_model
+from .onnx_preprocess import IMAGE_INPUT, ImageFront, append_front, image_front, image_input
 from .preprocess import PreprocessOverrides, preprocess_metadata, with_overrides
 
 PathLike = Union[str, Path]
@@ -104,7 +105,7 @@ def _with_inputs(net: CaffeNet) -> CaffeNet:
 
 def export_onnx(net: CaffeNet, outputs: Optional[Sequence[str]] = None, opset: int = DEFAULT_OPSET,
                 l2_normalize: bool = False, static_batch: bool = False,
-                metadata: Optional[Mapping[str, str]] = None) -> onnx.ModelProto:
+                metadata: Optional[Mapping[str, str]] = None, front: Optional[ImageFront] = None) -> onnx.ModelProto:
     """The ONNX model computing `outputs` (blob names; default: `default_outputs`) of
     `net`'s layers with their inference (TEST) behaviour.
 
@@ -114,6 +115,8 @@ def export_onnx(net: CaffeNet, outputs: Optional[Sequence[str]] = None, opset: i
     the norm taken per example over all axes but the first, named '<blob>/l2_normalized'.
     `metadata` adds to (and overrides) the model's metadata_props; where it holds
     `preprocess.*` entries (see `converters.preprocess`) they replace the net's own account.
+    `front` (see `onnx_preprocess.image_front`) makes the image input uint8 images, the
+    preprocessing done in the graph.
     """
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise CaffeCompatError(f"opset {opset} is not supported: give one from {MIN_OPSET} to "
@@ -154,6 +157,14 @@ def export_onnx(net: CaffeNet, outputs: Optional[Sequence[str]] = None, opset: i
 
     g = OnnxGraph(opset)
     inputs = [name for name in net.input_names if (name, 0) in needed]
+    fronted = None
+    if front is not None:
+        fronted = props.get("preprocess.input")
+        if fronted not in inputs or len(net.blob_shapes[fronted]) != 4:
+            raise CaffeCompatError(f"net '{net.graph.name}': --embed-preprocessing needs a 4-D image input the "
+                                   f"outputs use; the net's inputs are {', '.join(inputs)}")
+        g.reserve(IMAGE_INPUT)
+        props["preprocess.embedded"] = front.describe()
     names: Dict[Version, str] = {}
     for name in inputs:
         names[(name, 0)] = name
@@ -170,6 +181,8 @@ def export_onnx(net: CaffeNet, outputs: Optional[Sequence[str]] = None, opset: i
             if write not in names:
                 names[write] = g.fresh(f"{write[0]}:{layer_name}")
 
+    if fronted is not None:
+        append_front(g, front, IMAGE_INPUT, fronted)
     was_training = net.training
     net.eval()
     try:
@@ -195,8 +208,9 @@ def export_onnx(net: CaffeNet, outputs: Optional[Sequence[str]] = None, opset: i
             shape[0] = BATCH_DIM
         return shape
 
-    graph = helper.make_graph(g.nodes, net.graph.name or "caffe_net",
-                              [_value_info(name, declared(name)) for name in inputs],
+    graph_inputs = [image_input(front, net.blob_shapes[name], declared(name)[0]) if name == fronted
+                    else _value_info(name, declared(name)) for name in inputs]
+    graph = helper.make_graph(g.nodes, net.graph.name or "caffe_net", graph_inputs,
                               [_value_info(name, None) for name in output_names], g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="caffe-compat", producer_version=__version__,
@@ -240,9 +254,9 @@ def write_onnx(net: CaffeNet, path: PathLike, **options) -> onnx.ModelProto:
 # ---------------------------------------------------------------- from files
 
 def parse_shape(text: str) -> Tuple[int, ...]:
-    """'N,C,H,W' -> (N, C, H, W), all positive."""
+    """'N,C,H,W' (or 'BLOB=N,C,H,W', as convert takes it) -> (N, C, H, W), all positive."""
     try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+        shape = tuple(int(part) for part in text.rpartition("=")[2].replace("x", ",").split(","))
     except ValueError:
         shape = ()
     if not shape or any(d <= 0 for d in shape):
@@ -326,6 +340,10 @@ def export_files(source: PathLike, weights: Optional[PathLike], out: PathLike,
     net, metadata = load_for_export(source, weights, input_shape, dialect, preprocess, allow_missing_weights,
                                     max_memory)
     metadata.update(options.pop("metadata", None) or {})
+    embed = options.pop("embed_preprocessing", None)
+    layout = options.pop("image_layout", "nhwc")
+    if embed is not None:
+        options["front"] = image_front(metadata, embed, layout, Path(source).resolve().parent)
     try:
         model = write_onnx(net, out, metadata=metadata, **options)
     except CaffeCompatError as err:

@@ -56,7 +56,7 @@ def _inference_data_layer(net_param):
     return next((layer for layer in layers if in_test_phase(layer)), layers[0] if layers else None)
 
 
-def _resolve(path: str, base_dir: Optional[Path]) -> Path:
+def resolve_mean_file(path: str, base_dir: Optional[Path]) -> Path:
     """A path as Caffe reads it (from the working directory), else beside the net file."""
     candidate = Path(path)
     if candidate.is_absolute() or candidate.exists() or base_dir is None:
@@ -67,7 +67,7 @@ def _resolve(path: str, base_dir: Optional[Path]) -> Path:
 def _mean_file_props(mean_file: str, base_dir: Optional[Path], required: bool) -> Dict[str, str]:
     props = {"preprocess.mean_file": str(mean_file)}
     try:
-        mean = read_binaryproto(_resolve(str(mean_file), base_dir))
+        mean = read_binaryproto(resolve_mean_file(str(mean_file), base_dir))
     except CaffeCompatError as err:
         if required:
             raise

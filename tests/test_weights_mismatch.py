@@ -311,7 +311,7 @@ def test_cli_max_memory_refuses_and_bad_sizes_are_one_line(tmp_path, capsys):
     assert main(["convert", str(prototxt), "--random-init", "--max-memory", "1G", "-o", out]) == 2
     stderr = capsys.readouterr().err
     assert "'ip_huge'" in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    for option, value in (("--max-memory", "lots"), ("--input-shape", "data=1,x"), ("--input-shape", "1,3,8,8")):
+    for option, value in (("--max-memory", "lots"), ("--input-shape", "data=1,x"), ("--input-shape", "1,3,0,8")):
         assert main(["convert", str(prototxt), "--random-init", option, value, "-o", out]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and option in lines[0] and repr(value) in lines[0], lines
@@ -332,6 +332,10 @@ def test_sizes_and_shapes_parse():
     assert parse_input_shapes(["data=1,3,227,227", "label=1"]) == {"data": (1, 3, 227, 227), "label": (1,)}
     with pytest.raises(CaffeCompatError):
         parse_input_shapes(["=1,3"])
+    # Without BLOB= (export-onnx's form) the entry shapes the net's image input.
+    assert parse_input_shapes(["2,3,8,8"], parse(TWO_CONVS)) == {"data": (2, 3, 8, 8)}
+    with pytest.raises(CaffeCompatError, match="or N,C,H,W for the image input"):
+        parse_input_shapes(["2,3,8,8"])
 
 
 def test_allow_missing_weights_is_reproducible_and_states_its_seed(tmp_path):
