@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import CaffeCompatError
-from ..io.dialects import likely_fork
+from ..io.dialects import add_layer_parameter, likely_fork
 from ..layer_params import LayerFacts, Shape
 from .catalog import CATALOG
 
@@ -141,8 +141,17 @@ def _registrar(slot: str, what: str, layer_types):
     return decorate
 
 
-def register(*layer_types: str):
-    """Register a PyTorch builder for one or more Caffe layer types."""
+def register(*layer_types: str, param=None, field: Optional[Tuple[str, int]] = None):
+    """Register a PyTorch builder for one or more Caffe layer types. `param` adds the
+    layers' parameter message to the schema of every dialect, so that prototxts and
+    caffemodels carrying it read with its settings decoded: a .proto snippet (the message,
+    and `message LayerParameter { optional MyParameter my_param = N; }` unless `field`
+    gives (name, number)) or a message Descriptor with `field`. Register before reading
+    the net's files."""
+    if param is not None:
+        add_layer_parameter(param, field, f"@register({', '.join(map(repr, layer_types))})", layer_types)
+    elif field is not None:
+        raise CaffeCompatError("register(field=...) needs param=, the message the field holds")
     return _registrar("build", "a builder", layer_types)
 
 

@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError
 
 from ...errors import CaffeCompatError
 from ..schema import messages, unknown_fields
-from . import ENTRIES
+from . import ENTRIES, added_types, generation
 
 BVLC = "bvlc"
 
@@ -26,15 +26,23 @@ def _descriptors(dialect: str):
         stack.extend(descriptor.nested_types)
 
 
-@functools.lru_cache(maxsize=None)
 def field_names(dialect: str) -> FrozenSet[str]:
     """Every field name of every message of `dialect`."""
+    return _field_names(dialect, generation())
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(dialect: str, _generation: int) -> FrozenSet[str]:
     return frozenset(f.name for d in _descriptors(dialect) for f in d.fields)
 
 
-@functools.lru_cache(maxsize=None)
 def own_layer_fields(dialect: str) -> FrozenSet[str]:
     """LayerParameter fields of `dialect` that BVLC's has not, by name and number."""
+    return _own_layer_fields(dialect, generation())
+
+
+@functools.lru_cache(maxsize=None)
+def _own_layer_fields(dialect: str, _generation: int) -> FrozenSet[str]:
     bvlc = {(f.name, f.number) for f in messages(BVLC).LayerParameter.DESCRIPTOR.fields}
     return frozenset(f.name for f in messages(dialect).LayerParameter.DESCRIPTOR.fields
                      if (f.name, f.number) not in bvlc)
@@ -74,8 +82,11 @@ def _votes(net, dialect: str) -> int:
     if dialect == BVLC:
         return 0
     own, types, bvlc_types = own_layer_fields(dialect), own_types(dialect), ENTRIES[BVLC].layer_types
+    users = added_types()
     count = 0
     for layer in net.layer:
+        if layer.type in users:  # registered from Python with its own field: shows no fork
+            continue
         if layer.type in types:
             count += 1
         elif layer.type not in bvlc_types and any(f.name in own for f, _ in layer.ListFields()):
