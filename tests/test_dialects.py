@@ -374,3 +374,29 @@ print(layer.scale_up_param.factor, layer.scale_up_param.mode, type(layer).DESCRI
     done = run_python(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["2.0", "1", "31337"]
+
+
+def test_convert_writes_a_model_back_in_the_dialect_it_came_from(tmp_path):
+    from conftest import run_cli
+    prototxt = FORK_LAYERS / "ceilpool_00.prototxt"
+    made = run_cli("convert", prototxt, FORK_LAYERS / "ceilpool_00.caffemodel", "-o", "m.pt", cwd=tmp_path)
+    assert made.returncode == 0 and "dialect ceil-mode" in made.stdout, made.stderr
+    back = run_cli("convert", "m.pt", "-o", "back.caffemodel", cwd=tmp_path)
+    assert back.returncode == 0, back.stderr
+    # PoolingParameter field 13 as the fork writes it: ceil_mode false, varint 0 (BVLC's round_mode CEIL).
+    net = messages("ceil-mode").NetParameter.FromString((tmp_path / "back.caffemodel").read_bytes())
+    pooling = net.layer[-1].pooling_param
+    assert pooling.HasField("ceil_mode") and pooling.ceil_mode is False
+    assert pooling.SerializeToString().count(b"\x68\x00") == 1
+
+
+def test_pooling_field_13_alone_names_both_readings(tmp_path):
+    def build(net):
+        net.layer.add(name="pool", type="Pooling").pooling_param.ceil_mode = False
+    path = _caffemodel(tmp_path, "ceil-mode", build)
+    with pytest.warns(UserWarning, match=r"it fits dialects bvlc, ceil-mode, opencv; read as bvlc"):
+        assert read_caffemodel(path).net.layer[0].pooling_param.round_mode == 0  # CEIL: the opposite
+    (tmp_path / "net.prototxt").write_text('layer { name: "pool" type: "Pooling" pooling_param { ceil_mode: false } }')
+    with pytest.warns(UserWarning, match=r"read as ceil-mode, the prototxt's"):
+        net_file = read_caffemodel(path, prototxt=read_prototxt(tmp_path / "net.prototxt"))
+    assert net_file.net.layer[0].pooling_param.ceil_mode is False

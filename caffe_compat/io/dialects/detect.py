@@ -96,10 +96,17 @@ def _votes(net, dialect: str) -> int:
 
 @dataclass(frozen=True)
 class Fit:
-    """How well a dialect reads a caffemodel: fields it leaves unknown, layers that show it."""
+    """How well a dialect reads a caffemodel: fields it leaves unknown, layers that show it,
+    and whether it reads PoolingParameter 13, set in the file, as ceil_mode."""
     dialect: str
     unknown: int
     votes: int
+    ceil_mode: bool = False
+
+
+def _ceil_mode_set(net) -> bool:
+    return any(layer.HasField("pooling_param") and "ceil_mode" in layer.pooling_param.DESCRIPTOR.fields_by_name
+               and layer.pooling_param.HasField("ceil_mode") for layer in net.layer)
 
 
 def binary_fits(data: bytes) -> List[Fit]:
@@ -114,7 +121,7 @@ def binary_fits(data: bytes) -> List[Fit]:
         except DecodeError as err:
             failure = failure or err
             continue
-        fits.append(Fit(dialect, len(unknown_fields(net)), _votes(net, dialect)))
+        fits.append(Fit(dialect, len(unknown_fields(net)), _votes(net, dialect), _ceil_mode_set(net)))
     if not fits:
         raise failure
     order = list(ENTRIES)
@@ -130,7 +137,11 @@ def binary_candidates(data: bytes) -> List[str]:
 def _candidates(fits: List[Fit]) -> List[str]:
     best = fits[0]
     if not best.votes:  # no fork shows: BVLC if it reads the file as well as any
-        return [BVLC] if any(f.dialect == BVLC and f.unknown == best.unknown for f in fits) else [best.dialect]
+        if not any(f.dialect == BVLC and f.unknown == best.unknown for f in fits):
+            return [best.dialect]
+        # PoolingParameter 13 set: BVLC's round_mode or a fork's ceil_mode (CEIL = 0 = false), the
+        # opposite rounding, and the bytes cannot tell: every reading is named.
+        return [BVLC] + [f.dialect for f in fits if f.ceil_mode and f.unknown == best.unknown]
     return [f.dialect for f in fits if (f.unknown, f.votes) == (best.unknown, best.votes)]
 
 
