@@ -108,7 +108,7 @@ def inspect_net(net_path: PathLike, weights_path: Optional[PathLike] = None, pha
     """What `inspect` shows, as a JSON-able dict. Caffe's automatic split layers are left
     out unless `show_all` (consumers then read the split blob's source). `input_shapes`
     ({blob: shape}) sizes inputs and data layers' tops, as `load_net`'s does."""
-    net_file = read_net(net_path, dialect)
+    net_file = read_net(net_path, dialect, lenient=True)  # inspect refuses no net for a fork's field
     weights_file = read_caffemodel(weights_path, dialect, net_file) if weights_path else None
     blob_source = weights_file or (net_file if any(len(l.blobs) for l in net_file.net.layer) else None)
     stored = {}

@@ -400,3 +400,20 @@ def test_pooling_field_13_alone_names_both_readings(tmp_path):
     with pytest.warns(UserWarning, match=r"read as ceil-mode, the prototxt's"):
         net_file = read_caffemodel(path, prototxt=read_prototxt(tmp_path / "net.prototxt"))
     assert net_file.net.layer[0].pooling_param.ceil_mode is False
+
+
+def test_inspect_reads_a_prototxt_with_field_names_no_dialect_has(tmp_path):
+    from conftest import run_cli
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }\n'
+        'layer { name: "region" type: "Region" bottom: "data" top: "out" region_param { classes: 20 } }\n')
+    shown = run_cli("inspect", "net.prototxt", "--json", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    import json
+    info = json.loads(shown.stdout)
+    assert [r["name"] for r in info["layers"]] == ["data", "region"]
+    assert info["unknown_fields"] == ["field name 'classes' (not in dialect bvlc: skipped)",
+                                      "field name 'region_param' (not in dialect bvlc: skipped)"]
+    assert info["cannot_build"] == ["'region' (Region, from a fork this project has no entry for)"]
+    refused = run_cli("convert", "net.prototxt", "--random-init", "-o", "m.pt", cwd=tmp_path)
+    assert refused.returncode == 2 and 'has no field named "region_param"' in refused.stderr

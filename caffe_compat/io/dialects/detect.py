@@ -61,13 +61,22 @@ _TYPE = re.compile(r"""\btype\s*:\s*["']([^"']*)["']""")
 _FIELD_NAME = re.compile(r"\b([A-Za-z_]\w*)\s*(?=[:{<])")
 
 
+def _names_and_types(text: str) -> Tuple[set, set]:
+    """The field names and the layer types a text-format net uses, outside comments."""
+    code = _STRING_OR_COMMENT.sub(lambda m: "" if m.group().startswith("#") else m.group(), text)
+    return set(_FIELD_NAME.findall(_STRING_OR_COMMENT.sub('""', code))), set(_TYPE.findall(code))
+
+
+def unknown_names(text: str, dialect: str) -> FrozenSet[str]:
+    """Field names `text` uses that `dialect` has in no message."""
+    return frozenset(_names_and_types(text)[0] - field_names(dialect))
+
+
 def text_candidates(text: str) -> List[str]:
     """The dialects whose schema knows every field name `text` uses, those with most of
     their own layer types first; BVLC when no fork's name or type shows. When none knows
     every name, the one that knows most (its parser then names the field it lacks)."""
-    code = _STRING_OR_COMMENT.sub(lambda m: "" if m.group().startswith("#") else m.group(), text)
-    types = set(_TYPE.findall(code))
-    names = set(_FIELD_NAME.findall(_STRING_OR_COMMENT.sub('""', code)))
+    names, types = _names_and_types(text)
     fork_names = names - field_names(BVLC)
     ranked = sorted(((len(fork_names - field_names(d)), -len(types & own_types(d)), i, d)
                      for i, d in enumerate(ENTRIES)))
