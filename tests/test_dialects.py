@@ -417,3 +417,22 @@ def test_inspect_reads_a_prototxt_with_field_names_no_dialect_has(tmp_path):
     assert info["cannot_build"] == ["'region' (Region, from a fork this project has no entry for)"]
     refused = run_cli("convert", "net.prototxt", "--random-init", "-o", "m.pt", cwd=tmp_path)
     assert refused.returncode == 2 and 'has no field named "region_param"' in refused.stderr
+
+
+def test_opencvs_face_detector_detection_output_reads_in_opencvs_dialect(tmp_path):
+    # From opencv/opencv samples/dnn/face_detector/deploy.prototxt: `clip` is in OpenCV's
+    # DetectionOutputParameter only (the SSD fork has `clip` in PriorBoxParameter).
+    (tmp_path / "net.prototxt").write_text('''
+layer { name: "p" type: "PriorBox" bottom: "f" bottom: "data" top: "p"
+        prior_box_param { min_size: 30.0 max_size: 60.0 aspect_ratio: 2 flip: true clip: false step: 8 } }
+layer { name: "detection_out" type: "DetectionOutput" bottom: "l" bottom: "c" bottom: "p" top: "d"
+        detection_output_param { num_classes: 2 share_location: true background_label_id: 0
+          nms_param { nms_threshold: 0.45 top_k: 400 } code_type: CENTER_SIZE keep_top_k: 200
+          confidence_threshold: 0.2 clip: 1 } }
+''')
+    net_file = read_prototxt(tmp_path / "net.prototxt")
+    assert net_file.dialect == "opencv"
+    assert net_file.net.layer[1].detection_output_param.clip is True
+    assert net_file.net.layer[0].prior_box_param.clip is False
+    with pytest.raises(CaffeCompatError, match='DetectionOutputParameter" has no field named "clip"'):
+        read_prototxt(tmp_path / "net.prototxt", dialect="ssd")

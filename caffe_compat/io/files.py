@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from ..errors import CaffeCompatError
 from . import atomic, wire
 from .blobs import array_to_blob, blob_shape, blob_to_array, shaped
-from .dialects.detect import binary_fits, choose_binary, detect_text_dialect, unknown_names
+from .dialects.detect import binary_fits, choose_binary, text_candidates, unknown_names
 from .schema import check_strings, messages, unknown_fields
 from .text import decode_text, looks_binary, parse_text
 from .upgrade import upgrade_net
@@ -71,10 +71,19 @@ def read_prototxt(path: PathLike, dialect: Optional[str] = None) -> NetFile:
 
 def _prototxt_from(path: Path, data: bytes, dialect: Optional[str], lenient: bool = False) -> NetFile:
     text = decode_text(path, data, "prototxt")
-    dialect = dialect or detect_text_dialect(text)
-    unknown = [f"field name '{name}' (not in dialect {dialect}: skipped)"
-               for name in sorted(unknown_names(text, dialect))] if lenient else []
-    net = parse_text(path, text, messages(dialect).NetParameter(), "prototxt", allow_unknown=bool(unknown))
+    # Names are checked against each dialect as a whole, not message by message: a
+    # candidate may still lack a name where the file puts it; then the next one is tried.
+    failures = []
+    for dialect in [dialect] if dialect else text_candidates(text):
+        unknown = [f"field name '{name}' (not in dialect {dialect}: skipped)"
+                   for name in sorted(unknown_names(text, dialect))] if lenient else []
+        try:
+            net = parse_text(path, text, messages(dialect).NetParameter(), "prototxt", allow_unknown=bool(unknown))
+            break
+        except CaffeCompatError as err:
+            failures.append(err)
+    else:
+        raise failures[0]  # the best candidate's complaint
     upgraded = upgrade_net(net)
     return NetFile(net, dialect, path, upgraded, unknown)
 
