@@ -156,15 +156,15 @@ def test_the_prototxts_dialect_breaks_the_tie(tmp_path):
     assert net_file.dialect == "opencv" and net_file.net.layer[0].proposal_param.feat_stride == 1
 
 
-def test_a_caffemodel_of_another_fork_than_its_prototxt_is_refused(tmp_path):
+def test_a_caffemodel_of_another_fork_than_its_prototxt_is_read_in_its_own_with_a_note(tmp_path):
     (tmp_path / "net.prototxt").write_text(
         'layer { name: "loss" type: "LiftedStructSimilaritySoftmaxLoss" '
         'lifted_struct_sim_softmax_loss_param { margin: 2 } }\n')
     prototxt = read_prototxt(tmp_path / "net.prototxt")
     path = _caffemodel(tmp_path, "ssd", lambda net: net.layer.add(name="p", type="Permute").permute_param.order.append(0))
-    with pytest.raises(CaffeCompatError, match=r"w\.caffemodel: written in dialect ssd \(the SSD fork .*\), but "
-                                               r".*net\.prototxt is in dialect lifted, which leaves 1 of its fields"):
-        read_caffemodel(path, prototxt=prototxt)
+    with pytest.warns(UserWarning, match=r"w\.caffemodel: written in dialect ssd \(the SSD fork .*\), read so; "
+                                         r".*net\.prototxt is in dialect lifted, which would leave 1 of its fields"):
+        assert read_caffemodel(path, prototxt=prototxt).dialect == "ssd"
     with pytest.warns(UserWarning, match=r"does not know were kept but ignored: layer\[0\] 'p': field 202"):
         assert read_caffemodel(path, dialect="lifted", prototxt=prototxt).dialect == "lifted"
 

@@ -92,7 +92,8 @@ def read_caffemodel(path: PathLike, dialect: Optional[str] = None, prototxt: Opt
     """The net and its weights; the weights are views over the mapped file, never decoded by protobuf.
 
     `dialect` decides; else the caffemodel's own field numbers, checked against
-    `prototxt` (the net it goes with) when given, whose dialect wins a tie."""
+    `prototxt` (the net it goes with) when given, whose dialect wins a tie (a note says
+    when they disagree)."""
     path = Path(path)
     _check_file(path, "caffemodel")
     try:

@@ -11,7 +11,6 @@ from typing import FrozenSet, List, Optional, Tuple
 
 from google.protobuf.message import DecodeError
 
-from ...errors import CaffeCompatError
 from ..schema import messages, unknown_fields
 from . import ENTRIES, added_types, generation
 
@@ -158,10 +157,12 @@ def choose_binary(fits: List[Fit], source: str, prototxt: Optional[Tuple[str, st
     """The dialect to read a caffemodel in, and a note when the choice needs one.
 
     With a prototxt of a fork (its dialect, its path), the prototxt's dialect whenever it
-    reads the caffemodel as well as the best fit; a caffemodel that it reads worse is
-    written for another fork: an error naming both files. Otherwise (no prototxt, or a
-    BVLC one, which claims no fork: a deploy net beside a fork's trained weights) the best
-    fit; a note names the others that fit as well."""
+    reads the caffemodel as well as the best fit. A caffemodel that it reads worse was
+    written by another fork: read in its own, with a note naming both (OpenCV's face
+    detector pairs a prototxt for OpenCV with weights SSD's Caffe wrote; settings come
+    from the prototxt, only the weights from the caffemodel). Otherwise (no prototxt, or
+    a BVLC one, which claims no fork: a deploy net beside a fork's trained weights) the
+    best fit; a note names the others that fit as well."""
     candidates = _candidates(fits)
     alternatives = f"it fits dialects {', '.join(candidates)}"
     if prototxt is None or prototxt[0] == BVLC:
@@ -170,10 +171,10 @@ def choose_binary(fits: List[Fit], source: str, prototxt: Optional[Tuple[str, st
     dialect, prototxt_path = prototxt
     fit = next((f for f in fits if f.dialect == dialect), None)
     if fit is None or fit.unknown > fits[0].unknown:
-        left = "cannot parse it" if fit is None else f"leaves {fit.unknown} of its fields unknown"
-        raise CaffeCompatError(
-            f"{source}: written in dialect {candidates[0]} ({ENTRIES[candidates[0]].fork}), but {prototxt_path} "
-            f"is in dialect {dialect}, which {left}; --dialect reads both in one")
+        left = "cannot parse it" if fit is None else f"would leave {fit.unknown} of its fields unknown"
+        return candidates[0], (
+            f"{source}: written in dialect {candidates[0]} ({ENTRIES[candidates[0]].fork}), read so; "
+            f"{prototxt_path} is in dialect {dialect}, which {left} (the net's settings come from the prototxt)")
     if len(candidates) > 1:
         return dialect, f"{source}: {alternatives}; read as {dialect}, the prototxt's (--dialect chooses)"
     return dialect, ""
