@@ -343,6 +343,8 @@ def test_a_fork_layer_registered_with_its_parameter_reads_and_runs(tmp_path):
      r"@register\('X'\): field caffe.XParameter.a: unknown type 'Nope'"),
     ("register('X', param=3, field=('x_param', 9000))", "param must be a .proto snippet"),
     ("register('X', field=('x_param', 9000))", "needs param="),
+    ("register('X', param='message XParameter { optional float a = 1; }', field='x_param = 9000')",
+     r"field must be \(name, number\) of the LayerParameter field holding param's message, got 'x_param = 9000'"),
 ])
 def test_a_bad_layer_parameter_is_refused_in_one_line(call, message):
     from conftest import run_python

@@ -167,8 +167,11 @@ def add_layer_parameter(param, field: Optional[tuple], source: str, layer_types=
         raise CaffeCompatError(f"{source}: param must be a .proto snippet (str) or a message Descriptor, "
                                f"not {type(param).__name__}")
     if field is not None:
-        name, number = field
-        target = next(m for m in messages if m.name != "LayerParameter").name  # the first message
+        name, number = field if isinstance(field, tuple) and len(field) == 2 else (None, None)
+        target = next((m.name for m in messages if m.name != "LayerParameter"), None)  # the first message
+        if not isinstance(name, str) or not isinstance(number, int) or target is None:
+            raise CaffeCompatError(f"{source}: field must be (name, number) of the LayerParameter field holding "
+                                   f"param's message, got {field!r}")
         messages.append(descriptor_pb2.DescriptorProto(name="LayerParameter", field=[descriptor_pb2.FieldDescriptorProto(
             name=name, number=number, label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL, type_name=target)]))
     if not any(m.name == "LayerParameter" and m.field for m in messages):
