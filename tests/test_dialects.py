@@ -438,3 +438,14 @@ layer { name: "detection_out" type: "DetectionOutput" bottom: "l" bottom: "c" bo
     assert net_file.net.layer[0].prior_box_param.clip is False
     with pytest.raises(CaffeCompatError, match='DetectionOutputParameter" has no field named "clip"'):
         read_prototxt(tmp_path / "net.prototxt", dialect="ssd")
+
+
+def test_a_caffemodel_without_fork_marks_takes_its_prototxts_dialect_silently(tmp_path):
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "p" type: "Permute" bottom: "x" top: "y" permute_param { order: 0 } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "y" top: "z" }\n')
+    path = _caffemodel(tmp_path, "bvlc", lambda net: net.layer.add(name="ip", type="InnerProduct").blobs.add())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_caffemodel(path).dialect == "bvlc"
+        assert read_caffemodel(path, prototxt=read_prototxt(tmp_path / "net.prototxt")).dialect == "ssd"

@@ -140,17 +140,17 @@ def _clash(file_proto, messages, enums) -> str:
             if message.name in names:
                 return f"message {message.name} exists"
             continue
-        for field in message.field:
-            for key in (field.name, field.number):
+        for declared in message.field:
+            for key in (declared.name, declared.number):
                 if key in taken:
                     return f"LayerParameter field {taken[key].number} is {taken[key].name}"
     return next((f"enum {e.name} exists" for e in enums if e.name in names), "")
 
 
-def add_layer_parameter(param, field: Optional[tuple], source: str, layer_types=()) -> None:
+def add_layer_parameter(param, layer_field: Optional[tuple], source: str, layer_types=()) -> None:
     """Add a layer's parameter message to every dialect's schema: `param` is a .proto
-    snippet (its messages, and the LayerParameter field unless `field` names it) or a
-    message Descriptor; `field` is (name, number) of its LayerParameter field. Refused
+    snippet (its messages, and the LayerParameter field unless `layer_field` names it) or a
+    message Descriptor; `layer_field` is (name, number) of its LayerParameter field. Refused
     when BVLC's schema already uses a name or number it needs."""
     from google.protobuf import descriptor_pb2
 
@@ -166,12 +166,12 @@ def add_layer_parameter(param, field: Optional[tuple], source: str, layer_types=
     else:
         raise CaffeCompatError(f"{source}: param must be a .proto snippet (str) or a message Descriptor, "
                                f"not {type(param).__name__}")
-    if field is not None:
-        name, number = field if isinstance(field, tuple) and len(field) == 2 else (None, None)
+    if layer_field is not None:
+        name, number = layer_field if isinstance(layer_field, tuple) and len(layer_field) == 2 else (None, None)
         target = next((m.name for m in messages if m.name != "LayerParameter"), None)  # the first message
         if not isinstance(name, str) or not isinstance(number, int) or target is None:
             raise CaffeCompatError(f"{source}: field must be (name, number) of the LayerParameter field holding "
-                                   f"param's message, got {field!r}")
+                                   f"param's message, got {layer_field!r}")
         messages.append(descriptor_pb2.DescriptorProto(name="LayerParameter", field=[descriptor_pb2.FieldDescriptorProto(
             name=name, number=number, label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL, type_name=target)]))
     if not any(m.name == "LayerParameter" and m.field for m in messages):
@@ -191,10 +191,10 @@ def add_layer_parameter(param, field: Optional[tuple], source: str, layer_types=
 def _relative_types(message, package: str) -> None:
     """Type names of a Descriptor's copy, made relative (its package's or caffe's), so they
     resolve in the caffe schema."""
-    for field in message.field:
+    for declared in message.field:
         for prefix in (f".{package}.", ".caffe."):
-            if field.type_name.startswith(prefix):
-                field.type_name = field.type_name[len(prefix):]
+            if declared.type_name.startswith(prefix):
+                declared.type_name = declared.type_name[len(prefix):]
                 break
     for nested in message.nested_type:
         _relative_types(nested, package)

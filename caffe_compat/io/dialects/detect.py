@@ -47,6 +47,25 @@ def _own_layer_fields(dialect: str, _generation: int) -> FrozenSet[str]:
                      if (f.name, f.number) not in bvlc)
 
 
+@functools.lru_cache(maxsize=None)
+def _fork_numbers(_generation: int) -> FrozenSet[int]:
+    """LayerParameter numbers some fork gives a meaning BVLC's has not."""
+    return frozenset(messages(d).LayerParameter.DESCRIPTOR.fields_by_name[name].number
+                     for d in ENTRIES for name in own_layer_fields(d))
+
+
+def _plainly_bvlc(net) -> bool:
+    """A net BVLC's schema reads whole that shows no fork: no layer of a fork's type, none
+    setting a number a fork uses otherwise, no PoolingParameter 13 (ceil_mode elsewhere).
+    Forks otherwise only add fields, which BVLC would have left unknown."""
+    fork_types = frozenset(t for d in ENTRIES for t in own_types(d))
+    numbers = _fork_numbers(generation())
+    return not unknown_fields(net) and not any(
+        layer.type in fork_types or any(f.number in numbers for f, _ in layer.ListFields())
+        or (layer.HasField("pooling_param") and layer.pooling_param.HasField("round_mode"))
+        for layer in net.layer)
+
+
 def own_types(dialect: str) -> FrozenSet[str]:
     """Layer types `dialect` brings that BVLC has not."""
     if dialect == BVLC:
@@ -129,6 +148,8 @@ def binary_fits(data: bytes) -> List[Fit]:
         except DecodeError as err:
             failure = failure or err
             continue
+        if dialect == BVLC and _plainly_bvlc(net):  # most files: every dialect reads them the same
+            return [Fit(d, 0, 0) for d in ENTRIES]
         fits.append(Fit(dialect, len(unknown_fields(net)), _votes(net, dialect), _ceil_mode_set(net)))
     if not fits:
         raise failure
