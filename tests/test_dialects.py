@@ -444,7 +444,7 @@ def test_a_caffemodel_without_fork_marks_takes_its_prototxts_dialect_silently(tm
     (tmp_path / "net.prototxt").write_text(
         'layer { name: "p" type: "Permute" bottom: "x" top: "y" permute_param { order: 0 } }\n'
         'layer { name: "ip" type: "InnerProduct" bottom: "y" top: "z" }\n')
-    path = _caffemodel(tmp_path, "bvlc", lambda net: net.layer.add(name="ip", type="InnerProduct").blobs.add())
+    path = _caffemodel(tmp_path, "bvlc", lambda net: net.layer.add(name="ip", type="InnerProduct").top.append("z"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_caffemodel(path).dialect == "bvlc"
