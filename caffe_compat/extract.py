@@ -24,6 +24,7 @@ from .errors import CaffeCompatError
 from .graph import build_graph, layer_included
 from .io.atomic import atomic_path
 from .io.files import NetFile, read_regular_file
+from .memory import check_blob_memory
 from .net import CaffeNet
 from .progress import progress
 
@@ -157,6 +158,7 @@ def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc
     net = CaffeNet(build_graph(net_param, "TEST", net_file.dialect, source=str(net_file.path)), weights,
                    weights_source=weights_source, allow_missing_weights=allow_missing_weights,
                    max_memory=max_memory).to(device).eval()
+    check_blob_memory(net.blob_shapes, f"{net_file.path}: its TEST net")  # before a batch is allocated
     # The data layer's count: an LMDB another process is appending to is read as of one commit.
     source = next(module for name, module in data_layers(net) if name == layer.name)
     total = source.record_count()

@@ -19,7 +19,7 @@ import torch
 
 from ..data import (close_data_layers, data_layers, load_reader_states, parse_sampler, reader_states,
                     seed_data_layers, set_sampler, shard_data_layers)
-from ..devices import resolve_device
+from ..devices import resolve_device, solver_device
 from ..errors import CaffeCompatError
 from ..io import atomic
 from ..io.files import read_caffemodel, read_solver, weights_of, with_weights, write_caffemodel
@@ -72,10 +72,6 @@ class _StopRequest:
             signal.signal(sig, previous)
 
 
-def _default_device(param) -> str:
-    return "cuda" if param.solver_mode == param.GPU and torch.cuda.is_available() else "cpu"
-
-
 class Trainer:
     """Caffe's Solver::Solve for one solver prototxt."""
 
@@ -106,7 +102,8 @@ class Trainer:
         self.loss_scaler = LossScaler() if precision == "fp16" else None
         self.stream = stream if stream is not None else sys.stdout
         self.dist = Distributed.from_env()
-        self.device = resolve_device(device or _default_device(self.param))
+        self.device = resolve_device(device or solver_device(self.param.solver_mode == self.param.GPU,
+                                                             self.param.device_id, where))
         if self.dist.active and self.device.type == "cuda":
             self.device = resolve_device(f"cuda:{self.dist.local_rank}")
             torch.cuda.set_device(self.device)
