@@ -18,12 +18,11 @@ import numpy as np
 import torch
 
 from .data import close_data_layers, data_layers
-from .data.sources import MAX_LIST_BYTES
 from .devices import resolve_device
 from .errors import CaffeCompatError
 from .graph import build_graph, layer_included
 from .io.atomic import atomic_path
-from .io.files import NetFile, read_regular_file
+from .io.files import MAX_LIST_BYTES, NetFile, read_regular_file
 from .memory import check_blob_memory
 from .net import CaffeNet
 from .progress import progress

@@ -25,17 +25,13 @@ import torch
 
 from ..errors import CaffeCompatError
 from ..io.datum import datum_to_array, parse_datum
-from ..io.files import read_regular_file
+from ..io.files import MAX_IMAGE_BYTES, MAX_LIST_BYTES, read_regular_file
 from .lmdb_pages import check_lmdb_file
 from .prefetch import PrefetchingDataLayer, data_layers
 from .samplers import BatchSampler, parse_sampler
 from .transform import Transformer, describe_path
 
 LMDB_BACKEND = 1
-# Only regular files are read, up to these sizes: far above any image or list a net is
-# trained on, far below what would exhaust the memory of the threads decoding them.
-MAX_IMAGE_BYTES = 256 * 2 ** 20
-MAX_LIST_BYTES = 2 ** 30
 
 
 def decode_image(data: bytes, color: Optional[bool], where: str) -> np.ndarray:

@@ -61,6 +61,10 @@ def _read_bytes(path: Path, what: str, limit: int = -1) -> bytes:
         raise CaffeCompatError(f"{path}: cannot be read ({err.strerror}), expected a {what}") from None
 
 
+# Image lists and images are read only up to these sizes: far above any list or image a
+# net is trained on, far below what would exhaust the memory of the threads decoding them.
+MAX_IMAGE_BYTES = 256 * 2 ** 20
+MAX_LIST_BYTES = 2 ** 30
 _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
