@@ -49,7 +49,7 @@ def check_data(source: Path) -> None:
             import lmdb  # noqa: F401
         except ImportError:
             raise CaffeCompatError("reading LMDB needs the lmdb package (pip install 'caffe-compat[lmdb]')") from None
-    elif not os.path.lexists(source):
+    elif not source.exists():
         raise CaffeCompatError(f"{source}: no such LMDB folder or image list")
     else:
         list_entries(source)

@@ -89,6 +89,7 @@ class LmdbDataLayer(PrefetchingDataLayer):
         self.entries = snapshot.entries
 
     def _first_record(self) -> Tuple[bytes, bytes]:
+        """(key, value) of the snapshot's first record."""
         import lmdb
 
         with _SNAPSHOTS.use(self._path, self._where) as snapshot, snapshot.lock:
@@ -183,9 +184,9 @@ class _Snapshot:
                 # lock.mdb cannot be created or written here (a read-only folder, another
                 # user's files): read without the reader table, as Caffe built with
                 # ALLOW_LMDB_NOLOCK does, and say what that costs.
+                self.env = lmdb.open(path, lock=False, **options)
                 warnings.warn(f"{where}: {path}: LMDB's lock file cannot be written here; reading without its "
                               f"reader lock, so no process may write this LMDB meanwhile", stacklevel=2)
-                self.env = lmdb.open(path, lock=False, **options)
         except lmdb.Error as err:
             raise CaffeCompatError(f"{where}: cannot open the LMDB {path}: {err}") from None
         try:
