@@ -157,7 +157,7 @@ def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc
     net = CaffeNet(build_graph(net_param, "TEST", net_file.dialect, source=str(net_file.path)), weights,
                    weights_source=weights_source, allow_missing_weights=allow_missing_weights,
                    max_memory=max_memory).to(device).eval()
-    check_blob_memory(net.blob_shapes, f"{net_file.path}: its TEST net")  # before a batch is allocated
+    check_blob_memory(net.blob_shapes, f"{net_file.path}: its TEST net", device=device)  # before a batch exists
     # The data layer's count: an LMDB another process is appending to is read as of one commit.
     source = next(module for name, module in data_layers(net) if name == layer.name)
     total = source.record_count()

@@ -71,10 +71,21 @@ def available_memory() -> Optional[int]:
     return min(known) if known else None
 
 
-def check_blob_memory(blob_shapes: Mapping[str, Sequence[int]], where: str, gradients: bool = False) -> None:
+def _device_memory(device) -> Optional[int]:
+    """Free bytes on `device` (a torch.device or its name): the GPU's own for CUDA, else
+    what this process can allocate."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory()
+
+
+def check_blob_memory(blob_shapes: Mapping[str, Sequence[int]], where: str, gradients: bool = False,
+                      device="cpu") -> None:
     """Running a net holds every blob at once (training, each with its gradient): refuse,
-    before any is allocated, blobs that cannot fit in the memory available."""
-    budget = available_memory()
+    before any is allocated, blobs that cannot fit in the memory available on `device`."""
+    budget = _device_memory(device)
     copies = 2 if gradients else 1
     sizes = {name: 4 * copies * math.prod(shape) for name, shape in blob_shapes.items()}
     if budget is None or sum(sizes.values()) <= budget:
@@ -83,4 +94,4 @@ def check_blob_memory(blob_shapes: Mapping[str, Sequence[int]], where: str, grad
     what = "its blobs and their gradients" if gradients else "its blobs"
     raise CaffeCompatError(f"{where}: {what} need {format_size(sum(sizes.values()))} (blob '{largest}' "
                            f"{tuple(blob_shapes[largest])} alone {format_size(sizes[largest])}), more than "
-                           f"the memory available ({format_size(budget)})")
+                           f"the memory available on {device} ({format_size(budget)})")

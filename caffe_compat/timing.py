@@ -68,7 +68,7 @@ def load_for_running(net_path: PathLike, weights: Optional[PathLike], phase: str
                                        f"working directory, as in Caffe)")
     dev = resolve_device(device)
     net = load_net(NetFile(net_param, net_file.dialect, net_file.path), weights, phase=phase).to(dev)
-    check_blob_memory(net.blob_shapes, str(net_file.path))
+    check_blob_memory(net.blob_shapes, str(net_file.path), device=dev)
     inputs = {name: torch.zeros(net.blob_shapes[name], device=dev) for name in net.input_names}
     return net, inputs
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from caffe_compat.errors import CaffeCompatError
+from caffe_compat.memory import check_blob_memory
 from caffe_compat.solver import Trainer
 from conftest import REFERENCE, require, run_python
 
@@ -123,3 +124,13 @@ def test_a_device_id_past_the_gpus_here_is_refused(solver_dir, monkeypatch):
     with pytest.raises(CaffeCompatError, match=r"^solver.prototxt: device_id 99: no such GPU, this machine has 1 "
                                                r"CUDA device\(s\) \(0 to 0\); set device_id or give --device$"):
         Trainer("solver.prototxt")
+
+
+def test_blobs_on_a_gpu_are_measured_against_the_gpus_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 ** 30, 80 * 2 ** 30))
+    blobs = {"data": (64, 3, 1024, 1024)}  # 768 MiB, or 1.5 GiB with the gradients
+    check_blob_memory(blobs, "net.prototxt", device="cuda:0")
+    with pytest.raises(CaffeCompatError, match=r"^net.prototxt: its blobs and their gradients need 1.5 GiB \(blob "
+                                               r"'data' \(64, 3, 1024, 1024\) alone 1.5 GiB\), more than the memory "
+                                               r"available on cuda:0 \(1.0 GiB\)$"):
+        check_blob_memory(blobs, "net.prototxt", gradients=True, device="cuda:0")

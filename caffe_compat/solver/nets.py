@@ -59,7 +59,7 @@ def _state_of(net_file: NetFile, override) -> Tuple[int, List[str]]:
     return level, stages
 
 
-def build_net(net_file: NetFile, phase: str, override, where: str) -> CaffeNet:
+def build_net(net_file: NetFile, phase: str, override, where: str, device) -> CaffeNet:
     level, stages = _state_of(net_file, override)
     graph = build_graph(net_file.net, phase, net_file.dialect, level, stages)
     if graph.inputs:
@@ -67,7 +67,7 @@ def build_net(net_file: NetFile, phase: str, override, where: str) -> CaffeNet:
                                f"training needs data layers (Data or ImageData) instead")
     net = CaffeNet(graph)
     # Before the first batch allocates them: a batch_size too large is one line, not a MemoryError.
-    check_blob_memory(net.blob_shapes, f"{where}: the {phase} net", gradients=phase == "TRAIN")
+    check_blob_memory(net.blob_shapes, f"{where}: the {phase} net", gradients=phase == "TRAIN", device=device)
     return net
 
 

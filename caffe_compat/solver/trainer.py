@@ -115,13 +115,14 @@ class Trainer:
         train_source, self.net_file = net_source(self.param, where)
         test_nets = test_sources(self.param, (train_source, self.net_file), where)
         train_state = self.param.train_state if self.param.HasField("train_state") else None
-        self.net = build_net(self.net_file, "TRAIN", train_state, train_source)
+        self.net = build_net(self.net_file, "TRAIN", train_state, train_source, self.device)
         if not self.net.loss_terms:
             raise CaffeCompatError(f"{train_source}: the TRAIN net has no loss layer")
         self.test_nets: List[Tuple[CaffeNet, int]] = []
         for i, (description, net_file) in enumerate(test_nets):
             test_state = self.param.test_state[i] if self.param.test_state else None
-            self.test_nets.append((build_net(net_file, "TEST", test_state, description), int(self.param.test_iter[i])))
+            self.test_nets.append((build_net(net_file, "TEST", test_state, description, self.device),
+                                   int(self.param.test_iter[i])))
         if weights is not None:
             self.net.load_caffe_weights(weights_of(read_caffemodel(weights)), source=str(weights),
                                         allow_missing=allow_missing_weights)
