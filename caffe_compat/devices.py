@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 from .errors import CaffeCompatError
 
@@ -31,3 +32,22 @@ def resolve_device(name, what: str = "--device"):
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise CaffeCompatError(f"{what} {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
+
+
+def solver_device(gpu: bool, device_id: int, where: str) -> str:
+    """The device a solver's `solver_mode` and `device_id` name, as Caffe reads them: GPU
+    is device_id's CUDA device, refused when there is no such device. Without CUDA here
+    the net trains on the CPU, and says so in one warning line."""
+    import torch
+
+    if not gpu:
+        return "cpu"
+    if not torch.cuda.is_available():
+        warnings.warn(f"{where}: solver_mode is GPU (device_id {device_id}), but CUDA is not available here: "
+                      f"training on the CPU (--device cpu chooses it without this warning)", stacklevel=2)
+        return "cpu"
+    count = torch.cuda.device_count()
+    if device_id >= count:
+        raise CaffeCompatError(f"{where}: device_id {device_id}: no such GPU, this machine has {count} CUDA "
+                               f"device(s) (0 to {count - 1}); set device_id or give --device")
+    return f"cuda:{device_id}"

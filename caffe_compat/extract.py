@@ -17,13 +17,14 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .data import close_data_layers
+from .data import close_data_layers, data_layers
 from .devices import resolve_device
 from .errors import CaffeCompatError
 from .graph import build_graph, layer_included
 from .io.atomic import atomic_file, is_null_device
-from .io.files import NetFile
+from .io.files import MAX_LIST_BYTES, NetFile, read_regular_file
 from .io.run_inputs import RunInputs
+from .memory import check_blob_memory
 from .net import CaffeNet
 from .progress import progress
 
@@ -42,28 +43,27 @@ def _batch_size(layer) -> int:
     return layer.data_param.batch_size if layer.type == "Data" else layer.image_data_param.batch_size
 
 
-def count_records(source: Path) -> int:
+def check_data(source: Path) -> None:
+    """Fail before any work on a --data that is neither an LMDB folder nor a readable image list."""
     if source.is_dir():
         try:
-            import lmdb
+            import lmdb  # noqa: F401
         except ImportError:
             raise CaffeCompatError("reading LMDB needs the lmdb package (pip install 'caffe-compat[lmdb]')") from None
-        try:
-            with lmdb.open(str(source), readonly=True, lock=False) as env:
-                return env.stat()["entries"]
-        except lmdb.Error as err:
-            raise CaffeCompatError(f"{source}: not a readable LMDB: {err}") from None
-    if not source.is_file():
+    elif not source.exists():
         raise CaffeCompatError(f"{source}: no such LMDB folder or image list")
-    return len(list_entries(source))
+    else:
+        list_entries(source)
 
 
 def list_entries(source: Path):
     """The image paths of a Caffe image list, split from their labels at the last space as
     Caffe's ImageData layer does."""
     try:
-        text = source.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+        text = read_regular_file(source, MAX_LIST_BYTES).decode("utf-8")
+    except OSError as err:
+        raise CaffeCompatError(f"{source}: not a readable image list: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
         raise CaffeCompatError(f"{source}: not a readable image list: {err}") from None
     return [line.rstrip().rpartition(" ")[0] for line in text.splitlines() if line.strip()]
 
@@ -152,9 +152,7 @@ def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc
     if batch_size is not None and batch_size <= 0:
         raise CaffeCompatError(f"--batch-size {batch_size}: must be positive")
     data = Path(data)
-    total = count_records(data)
-    if total == 0:
-        raise CaffeCompatError(f"{data}: holds no records")
+    check_data(data)
     net_param, layer = point_at(net_file.net, data, batch_size, root=None if root is None else Path(root))
     override_mean(net_param, mean_file, mean_values)
     _check_mean_file(layer)
@@ -167,6 +165,10 @@ def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc
     net = CaffeNet(build_graph(net_param, "TEST", net_file.dialect, source=str(net_file.path)), weights,
                    weights_source=weights_source, allow_missing_weights=allow_missing_weights,
                    max_memory=max_memory).to(device).eval()
+    check_blob_memory(net.blob_shapes, f"{net_file.path}: its TEST net", device=device)  # before a batch exists
+    # The data layer's count: an LMDB another process is appending to is read as of one commit.
+    source = next(module for name, module in data_layers(net) if name == layer.name)
+    total = source.record_count()
     if blob not in net.blob_shapes:
         raise CaffeCompatError(f"net '{net_param.name}' has no blob '{blob}' "
                                f"(blobs: {', '.join(list(net.blob_shapes)[:12])}, ...)")
@@ -196,7 +198,7 @@ def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc
         result["labels"] = labels.astype(np.int64) if np.array_equal(labels, np.round(labels)) else labels
     if layer.type == "ImageData":
         root_folder = layer.image_data_param.root_folder
-        result["paths"] = np.array([os.path.abspath(root_folder + entry) for entry in list_entries(data)])
+        result["paths"] = np.array([os.path.abspath(root_folder + entry) for entry, _ in source.lines])
     return result
 
 

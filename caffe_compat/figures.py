@@ -5,6 +5,7 @@ backend), written atomically."""
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from .errors import CaffeCompatError, quote
 from .io.atomic import atomic_path
+from .io.files import MAX_IMAGE_BYTES, read_regular_file
 from .metrics import check_embeddings, nearest_neighbours
 
 PathLike = Union[str, Path]
@@ -182,10 +184,14 @@ def _image(item, where: str) -> np.ndarray:
         except ImportError:
             raise CaffeCompatError("reading images needs Pillow: pip install 'caffe-compat[images]'") from None
         try:
-            with Image.open(item) as opened:
-                return np.asarray(opened.convert("RGB"))
+            data = read_regular_file(item, MAX_IMAGE_BYTES)  # a FIFO would block, /dev/zero fill the memory
         except FileNotFoundError:
             raise CaffeCompatError(f"{item}: image not found ({where})") from None
+        except OSError as err:
+            raise CaffeCompatError(f"{item}: not a readable image ({where}): {err.strerror or err}") from None
+        try:
+            with Image.open(io.BytesIO(data)) as opened:
+                return np.asarray(opened.convert("RGB"))
         except OSError as err:
             raise CaffeCompatError(f"{item}: not a readable image ({where}): {err}") from None
     if hasattr(item, "convert"):  # a PIL image

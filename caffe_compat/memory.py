@@ -2,9 +2,10 @@
 process can still allocate (free RAM, and the address-space limit when one is set)."""
 from __future__ import annotations
 
+import math
 import os
 import re
-from typing import Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 from .errors import CaffeCompatError
 
@@ -68,3 +69,29 @@ def available_memory() -> Optional[int]:
     """Bytes this process can still allocate, as far as the system says; None when unknown."""
     known = [n for n in (_meminfo_available(), _address_space_left()) if n is not None]
     return min(known) if known else None
+
+
+def _device_memory(device) -> Optional[int]:
+    """Free bytes on `device` (a torch.device or its name): the GPU's own for CUDA, else
+    what this process can allocate."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory()
+
+
+def check_blob_memory(blob_shapes: Mapping[str, Sequence[int]], where: str, gradients: bool = False,
+                      device="cpu") -> None:
+    """Running a net holds every blob at once (training, each with its gradient): refuse,
+    before any is allocated, blobs that cannot fit in the memory available on `device`."""
+    budget = _device_memory(device)
+    copies = 2 if gradients else 1
+    sizes = {name: 4 * copies * math.prod(shape) for name, shape in blob_shapes.items()}
+    if budget is None or sum(sizes.values()) <= budget:
+        return
+    largest = max(sizes, key=sizes.get)
+    what = "its blobs and their gradients" if gradients else "its blobs"
+    raise CaffeCompatError(f"{where}: {what} need {format_size(sum(sizes.values()))} (blob '{largest}' "
+                           f"{tuple(blob_shapes[largest])} alone {format_size(sizes[largest])}), more than "
+                           f"the memory available on {device} ({format_size(budget)})")

@@ -11,7 +11,6 @@ value as Caffe prints it, a larger blob (an embedding) as its shape and mean, un
 value is asked for (`all_values`, Caffe's own output: one line per element)."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from .deploy import DATA_LAYER_TYPES, source_of
 from .devices import resolve_device
 from .errors import CaffeCompatError, printable
 from .graph import layer_included
-from .memory import available_memory, format_size
+from .memory import check_blob_memory
 from .io.files import NetFile, read_prototxt
 
 PathLike = Union[str, Path]
@@ -71,21 +70,9 @@ def load_for_running(net_path: PathLike, weights: Optional[PathLike], phase: str
                                        f"working directory, as in Caffe)")
     dev = resolve_device(device)
     net = load_net(NetFile(net_param, net_file.dialect, net_file.path), weights, phase=phase).to(dev)
-    _check_blob_memory(net, net_file.path)
+    check_blob_memory(net.blob_shapes, str(net_file.path), device=dev)
     inputs = {name: torch.zeros(net.blob_shapes[name], device=dev) for name in net.input_names}
     return net, inputs
-
-
-def _check_blob_memory(net, path) -> None:
-    """Running holds every blob at once: refuse before allocating blobs that cannot fit."""
-    budget = available_memory()
-    sizes = {name: 4 * math.prod(shape) for name, shape in net.blob_shapes.items()}
-    if budget is None or sum(sizes.values()) <= budget:
-        return
-    largest = max(sizes, key=sizes.get)
-    raise CaffeCompatError(f"{path}: its blobs need {format_size(sum(sizes.values()))} (blob '{largest}' "
-                           f"{tuple(net.blob_shapes[largest])} alone {format_size(sizes[largest])}), more than "
-                           f"the memory available ({format_size(budget)})")
 
 
 def _sync(device: torch.device) -> None:

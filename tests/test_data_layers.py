@@ -451,7 +451,7 @@ def test_a_reader_finalised_while_the_environments_are_locked_does_not_deadlock(
     # another reader's generator in the same thread; its exit takes the lock again.
     import threading
 
-    from caffe_compat.data.sources import _ENVIRONMENTS, _lmdb_records
+    from caffe_compat.data.sources import _SNAPSHOTS, _lmdb_records
 
     source, _ = small_lmdb
     path = str(source.resolve())
@@ -459,11 +459,11 @@ def test_a_reader_finalised_while_the_environments_are_locked_does_not_deadlock(
     next(records)
 
     def finalise_under_the_lock():
-        with _ENVIRONMENTS._lock:
+        with _SNAPSHOTS._lock:
             records.close()
 
     worker = threading.Thread(target=finalise_under_the_lock, daemon=True)
     worker.start()
     worker.join(timeout=20)
     assert not worker.is_alive(), "closing a reader under the environments' lock deadlocked"
-    assert path not in _ENVIRONMENTS._open
+    assert path not in _SNAPSHOTS._open

@@ -1,4 +1,5 @@
 """`caffe-compat extract`: one blob per record, in dataset order, with labels."""
+import os
 import subprocess
 import sys
 
@@ -83,7 +84,10 @@ def test_extract_image_list_records_paths(tmp_path):
 def test_extract_errors_name_the_problem(tmp_path, capsys):
     net = _test_phase_net(tmp_path, batch_size=4)
     model = REFERENCE / "nets" / "solver" / "final.caffemodel"
+    os.mkfifo(tmp_path / "fifo.txt")
     for args, needle in [(["--data", str(tmp_path / "missing")], "no such LMDB folder or image list"),
+                         (["--data", str(tmp_path / "fifo.txt")], "not a readable image list: not a regular file "
+                                                                  "(a FIFO)"),
                          (["--data", str(REFERENCE / "nets" / "solver" / "train_lmdb"), "--blob", "nope"],
                           "has no blob 'nope'")]:
         code, lines = run_here(capsys, "extract", net, model, *args, "-o", tmp_path / "f.npz")

@@ -1,11 +1,14 @@
 """Figures: the training log reader (old and new CSV), smoothing, the paper's curve,
 the split of retrieval queries into successes and failures."""
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from caffe_compat import figures
 from caffe_compat.errors import CaffeCompatError
+from conftest import bounded
 
 pytest.importorskip("matplotlib", reason="matplotlib is in the test extra")
 
@@ -80,6 +83,10 @@ def test_retrieval_figure_names_missing_images(tmp_path):
     x = np.arange(4, dtype=np.float32)[:, None]
     with pytest.raises(CaffeCompatError, match="gone.png: image not found"):
         figures.retrieval_figure(x, [1, 1, 2, 2], [tmp_path / "gone.png"] * 4, tmp_path / "g.png", k=1)
+    os.mkfifo(tmp_path / "fifo.png")
+    with bounded(30), pytest.raises(CaffeCompatError, match=r"fifo.png: not a readable image .*: not a regular file "
+                                                            r"\(a FIFO\)"):
+        figures.retrieval_figure(x, [1, 1, 2, 2], [tmp_path / "fifo.png"] * 4, tmp_path / "g.png", k=1)
     with pytest.raises(CaffeCompatError, match="images: 3 images for 4 embeddings"):
         figures.retrieval_figure(x, [1, 1, 2, 2], [tmp_path / "gone.png"] * 3, tmp_path / "g.png", k=1)
 

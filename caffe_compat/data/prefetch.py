@@ -56,6 +56,10 @@ class PrefetchingDataLayer(nn.Module):
         self.reseed(torch.initial_seed())
 
     # what subclasses provide
+    def record_count(self) -> int:
+        """The records of one pass over the source."""
+        raise NotImplementedError
+
     def _initial_cursor(self) -> dict:
         raise NotImplementedError
 

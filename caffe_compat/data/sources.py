@@ -16,7 +16,8 @@ import contextlib
 import io
 import os
 import threading
-from pathlib import Path
+import warnings
+import weakref
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 
 from ..errors import CaffeCompatError, quote
 from ..io.datum import datum_to_array, parse_datum
+from ..io.files import MAX_IMAGE_BYTES, MAX_LIST_BYTES, read_regular_file
 from .lmdb_pages import check_lmdb_file
 from .prefetch import PrefetchingDataLayer, data_layers
 from .samplers import BatchSampler, parse_sampler
@@ -68,6 +70,7 @@ class LmdbDataLayer(PrefetchingDataLayer):
         self.source = data_param.source
         self._where = where
         self._path = _check_lmdb(self.source, data_param, where)
+        self._hold_snapshot()
         self._force = True if transform_param.force_color else False if transform_param.force_gray else None
         key, value = self._first_record()
         transformer = Transformer(transform_param, phase, where)
@@ -78,20 +81,33 @@ class LmdbDataLayer(PrefetchingDataLayer):
         super().__init__(name, int(data_param.batch_size), transformer, tuple(first.shape),
                          output_labels, int(data_param.prefetch))
 
+    def _hold_snapshot(self) -> None:
+        """Keep the LMDB's snapshot while the layer lives: every batch, after any restart,
+        reads the records its first batch read."""
+        snapshot = _SNAPSHOTS.acquire(self._path, self._where)
+        weakref.finalize(self, _SNAPSHOTS.release, snapshot)
+        self.entries = snapshot.entries
+
     def _first_record(self) -> Tuple[bytes, bytes]:
-        """(key, value) of the first record; sets `entries`."""
+        """(key, value) of the snapshot's first record."""
         import lmdb
 
-        with _ENVIRONMENTS.use(self._path, self._where) as env, env.begin() as txn:
+        with _SNAPSHOTS.use(self._path, self._where) as snapshot, snapshot.lock:
             try:
-                self.entries = txn.stat()["entries"]
-                record = next(iter(txn.cursor()), None)
+                record = next(iter(snapshot.txn.cursor()), None)
             except lmdb.Error as err:
                 raise _damaged(self._path, self._where, None, err) from None
         if not self.entries or record is None:
             raise CaffeCompatError(f"{self._where}: data_param.source {describe_path(self.source)}: the LMDB "
                                    f"holds no records")
         return record
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._hold_snapshot()  # a copy holds the snapshot too
+
+    def record_count(self) -> int:
+        return self.entries
 
     def _initial_cursor(self) -> dict:
         return {"position": 0}
@@ -146,63 +162,119 @@ def _check_lmdb(source: str, data_param, where: str) -> str:
     return os.path.realpath(source)
 
 
-class _Environments:
-    """Open LMDBs, shared: py-lmdb refuses to open one environment twice in a process, so
-    each is opened once, used by every layer reading it, and closed when the last lets go."""
+class _Snapshot:
+    """An LMDB opened with LMDB's reader lock and one read transaction on it, whose records
+    every reader of the folder in this process reads: a database another process is
+    appending to is read as of one commit (as Caffe's one cursor per reader does), and
+    its pages are not reused by that writer while the transaction lasts."""
+
+    def __init__(self, path: str, where: str):
+        import lmdb
+
+        self.path = path
+        self.users = 0
+        # Cursors of the one transaction step under this lock (producer threads share it);
+        # re-entrant, as a garbage collection between steps can close another reader.
+        self.lock = threading.RLock()
+        options = dict(readonly=True, readahead=False, max_readers=256)
+        try:
+            try:
+                self.env = lmdb.open(path, lock=True, **options)
+            except lmdb.ReadonlyError:
+                # lock.mdb cannot be created or written here (a read-only folder, another
+                # user's files): read without the reader table, as Caffe built with
+                # ALLOW_LMDB_NOLOCK does, and say what that costs.
+                self.env = lmdb.open(path, lock=False, **options)
+                warnings.warn(f"{where}: {path}: LMDB's lock file cannot be written here; reading without its "
+                              f"reader lock, so no process may write this LMDB meanwhile", stacklevel=2)
+        except lmdb.Error as err:
+            raise CaffeCompatError(f"{where}: cannot open the LMDB {path}: {err}") from None
+        try:
+            self.txn = self._begin(where)
+            check_lmdb_file(path, where, self.txn.id())  # before any cursor reads a page
+            self.entries = self.txn.stat()["entries"]
+        except BaseException:
+            self.env.close()
+            raise
+
+    def _begin(self, where: str):
+        import lmdb
+
+        try:
+            try:
+                return self.env.begin(buffers=False)
+            except lmdb.MapResizedError:  # a writer grew the map since it was opened: map it anew
+                self.env.set_mapsize(0)
+                return self.env.begin(buffers=False)
+        except lmdb.Error as err:
+            raise CaffeCompatError(f"{where}: cannot read the LMDB {self.path}: {err}") from None
+
+    def close(self) -> None:
+        with self.lock:
+            self.env.close()  # ends the transaction and its cursors too
+
+
+class _Snapshots:
+    """The open snapshots by folder: py-lmdb refuses to open one environment twice in a
+    process, so each is opened once, used by every layer reading it, and closed when the
+    last lets go."""
 
     def __init__(self):
         # Re-entrant: a garbage collection inside the locked section (lmdb.open allocates)
         # can finalise another reader's generator, whose exit takes the lock in this thread.
         self._lock = threading.RLock()
-        self._open: Dict[str, list] = {}  # path -> [environment, users]
+        self._open: Dict[str, _Snapshot] = {}
+
+    def acquire(self, path: str, where: str) -> _Snapshot:
+        with self._lock:
+            snapshot = self._open.get(path)
+            if snapshot is None:
+                snapshot = self._open[path] = _Snapshot(path, where)
+            snapshot.users += 1
+            return snapshot
+
+    def release(self, snapshot: _Snapshot) -> None:
+        with self._lock:
+            snapshot.users -= 1
+            if not snapshot.users:
+                if self._open.get(snapshot.path) is snapshot:
+                    del self._open[snapshot.path]
+                snapshot.close()
 
     @contextlib.contextmanager
     def use(self, path: str, where: str):
-        import lmdb
-
-        with self._lock:
-            entry = self._open.get(path)
-            if entry is None:
-                check_lmdb_file(path, where)  # before LMDB maps it: a damaged file would kill the process
-                try:
-                    env = lmdb.open(path, readonly=True, lock=False, readahead=False, max_readers=256)
-                except lmdb.Error as err:
-                    raise CaffeCompatError(f"{where}: cannot open the LMDB {path}: {err}") from None
-                entry = self._open[path] = [env, 0]
-            entry[1] += 1
+        snapshot = self.acquire(path, where)
         try:
-            yield entry[0]
+            yield snapshot
         finally:
-            with self._lock:
-                entry[1] -= 1
-                if not entry[1]:
-                    if self._open.get(path) is entry:
-                        del self._open[path]
-                    entry[0].close()
+            self.release(snapshot)
 
 
-_ENVIRONMENTS = _Environments()
+_SNAPSHOTS = _Snapshots()
 
 
 def _lmdb_records(path: str, start: int, where: str) -> Iterator[Tuple[bytes, bytes]]:
     """(key, value) in key order from the start-th record, wrapping around forever; the
-    environment stays open while the generator lives."""
+    snapshot stays open while the generator lives."""
     import lmdb
 
     key = None
     try:
-        with _ENVIRONMENTS.use(path, where) as env, env.begin(buffers=False) as txn:
-            cursor = txn.cursor()
-            cursor.first()  # LMDB reads each record as the cursor moves: a damaged one fails here
-            for _ in range(start):
-                key = cursor.key()
-                cursor.next()
+        with _SNAPSHOTS.use(path, where) as snapshot:
+            with snapshot.lock:
+                cursor = snapshot.txn.cursor()
+                cursor.first()  # LMDB reads each record as the cursor moves: a damaged one fails here
+                for _ in range(start):
+                    key = cursor.key()
+                    cursor.next()
             while True:
-                key = cursor.key()
-                yield key, cursor.value()
-                if not cursor.next():
-                    key = None
-                    cursor.first()
+                with snapshot.lock:
+                    key = cursor.key()
+                    record = key, cursor.value()
+                    if not cursor.next():
+                        key = None
+                        cursor.first()
+                yield record
     except lmdb.Error as err:
         raise _damaged(path, where, key, err) from None
 
@@ -244,6 +316,9 @@ class ImageListLayer(PrefetchingDataLayer):
         first, record = self._load(0)
         transformer.check(tuple(first.shape), record)
         super().__init__(name, int(param.batch_size), transformer, tuple(first.shape), output_labels, prefetch)
+
+    def record_count(self) -> int:
+        return len(self.lines)
 
     def _initial_cursor(self) -> dict:
         return {"position": 0, "order": None, "started": False}
@@ -293,7 +368,7 @@ class ImageListLayer(PrefetchingDataLayer):
         path = self.root_folder + name  # Caffe concatenates: root_folder needs its trailing '/'
         where = f"{self._where}: {self.source} entry {index + 1}: image {describe_path(path)}"
         try:
-            data = Path(path).read_bytes()
+            data = read_regular_file(path, MAX_IMAGE_BYTES)
         except OSError as err:
             hint = (" (root_folder is prepended as written: does it need a trailing '/'?)"
                     if self.root_folder and not self.root_folder.endswith("/") else "")
@@ -312,10 +387,13 @@ def _read_list(source: str, where: str) -> List[Tuple[str, int]]:
     if not source:
         raise CaffeCompatError(f"{where}: image_data_param.source is empty")
     try:
-        text = Path(source).read_text(encoding="utf-8")
+        text = read_regular_file(source, MAX_LIST_BYTES).decode("utf-8")
     except OSError as err:
         raise CaffeCompatError(f"{where}: image_data_param.source {describe_path(source)}: "
                                f"{err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise CaffeCompatError(f"{where}: image_data_param.source {describe_path(source)}: not UTF-8 text "
+                               f"({err.reason} at byte {err.start})") from None
     lines = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.rstrip()

@@ -2,6 +2,9 @@
 solver prototxts and binaryproto blobs. Every failure names the file."""
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +15,7 @@ from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from ..errors import CaffeCompatError
+from ..memory import format_size
 from . import atomic, wire
 from .blobs import array_to_blob, blob_shape, blob_to_array, shaped
 from .dialects.detect import binary_fits, choose_binary, text_candidates, unknown_names
@@ -56,6 +60,33 @@ def _read_bytes(path: Path, what: str, limit: int = -1) -> bytes:
             return handle.read(limit)
     except OSError as err:
         raise CaffeCompatError(f"{path}: cannot be read ({err.strerror}), expected a {what}") from None
+
+
+# Image lists and images are read only up to these sizes: far above any list or image a
+# net is trained on, far below what would exhaust the memory of the threads decoding them.
+MAX_IMAGE_BYTES = 256 * 2 ** 20
+MAX_LIST_BYTES = 2 ** 30
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_regular_file(path: PathLike, limit: int) -> bytes:
+    """The bytes of `path`, a regular file of at most `limit` bytes; else OSError whose
+    strerror says why. Opened without blocking, so a FIFO is refused at once rather than
+    waited on, and a device is never read (/dev/zero would fill the memory)."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+            raise OSError(errno.EINVAL, f"not a regular file ({kind})", str(path))
+        with open(descriptor, "rb", closefd=False) as handle:
+            data = handle.read(limit + 1)  # no further than past the limit, however large the file
+    finally:
+        os.close(descriptor)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than the {format_size(limit)} a file may have here", str(path))
+    return data
 
 
 def _warn_unknown(path: Path, unknown: List[str]) -> None:

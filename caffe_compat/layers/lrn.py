@@ -71,6 +71,10 @@ class _LRNFunction(torch.autograd.Function):
 KERNEL_SOURCE = Path(__file__).with_name("lrn_kernel.c")
 KERNEL_SEGMENT = 4096  # most pixels per work item: its ring of rows stays in the L2 cache
 KERNEL_ELEMENTS_PER_THREAD = 65536  # smaller tensors are not worth waking a thread for
+# The kernel's scratch holds local_size + 1 rows per thread, and its window sums add
+# local_size rows: wider windows (published nets use 5) run in the PyTorch form, whose
+# memory and passes stop growing at the channel count.
+KERNEL_MAX_SIZE = 255
 _SIGNATURES = {"forward": 2, "backward": 3}  # pointer arguments before the sizes
 
 
@@ -134,16 +138,16 @@ class _NativeAcrossLRNFunction(torch.autograd.Function):
         return bottom_diff, None, None, None, None
 
 
-def _kernel_applies(x: torch.Tensor) -> bool:
+def _kernel_applies(x: torch.Tensor, size: int) -> bool:
     # Under torch.compile the PyTorch form is traced instead: inductor fuses it itself.
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and size <= KERNEL_MAX_SIZE
             and not torch.compiler.is_compiling() and _kernel() is not None)
 
 
 def _lrn(x, across_channels: bool, size: int, alpha: float, beta: float, k: float):
     # Sums of squares overflow float16 under autocast: the normaliser is computed in float32.
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
-    if across_channels and _kernel_applies(wide):
+    if across_channels and _kernel_applies(wide, size):
         return _NativeAcrossLRNFunction.apply(wide, size, alpha, beta, k).to(x.dtype)
     window_mean = channel_window_mean if across_channels else spatial_window_mean
     return _LRNFunction.apply(wide, window_mean, size, alpha, beta, k).to(x.dtype)

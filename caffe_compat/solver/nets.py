@@ -9,6 +9,7 @@ from typing import List, Tuple
 from ..errors import CaffeCompatError
 from ..graph import build_graph
 from ..io.files import NetFile, read_prototxt
+from ..memory import check_blob_memory
 from ..net import CaffeNet
 
 
@@ -58,13 +59,16 @@ def _state_of(net_file: NetFile, override) -> Tuple[int, List[str]]:
     return level, stages
 
 
-def build_net(net_file: NetFile, phase: str, override, where: str) -> CaffeNet:
+def build_net(net_file: NetFile, phase: str, override, where: str, device) -> CaffeNet:
     level, stages = _state_of(net_file, override)
     graph = build_graph(net_file.net, phase, net_file.dialect, level, stages)
     if graph.inputs:
         raise CaffeCompatError(f"{where}: the {phase} net reads Input blobs ({', '.join(graph.inputs)}); "
                                f"training needs data layers (Data or ImageData) instead")
-    return CaffeNet(graph)
+    net = CaffeNet(graph)
+    # Before the first batch allocates them: a batch_size too large is one line, not a MemoryError.
+    check_blob_memory(net.blob_shapes, f"{where}: the {phase} net", gradients=phase == "TRAIN", device=device)
+    return net
 
 
 def share_weights(target: CaffeNet, source: CaffeNet) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from ..data import (close_data_layers, data_layers, load_reader_states, parse_sampler, reader_states,
                     seed_data_layers, set_sampler, shard_data_layers)
-from ..devices import resolve_device
+from ..devices import resolve_device, solver_device
 from ..errors import CaffeCompatError, printable
 from ..io import atomic
 from ..io.files import read_caffemodel, read_solver, weights_of, with_weights, write_caffemodel
@@ -73,10 +73,6 @@ class _StopRequest:
             signal.signal(sig, previous)
 
 
-def _default_device(param) -> str:
-    return "cuda" if param.solver_mode == param.GPU and torch.cuda.is_available() else "cpu"
-
-
 class Trainer:
     """Caffe's Solver::Solve for one solver prototxt."""
 
@@ -107,7 +103,8 @@ class Trainer:
         self.loss_scaler = LossScaler() if precision == "fp16" else None
         self.stream = stream if stream is not None else sys.stdout
         self.dist = Distributed.from_env()
-        self.device = resolve_device(device or _default_device(self.param))
+        self.device = resolve_device(device or solver_device(self.param.solver_mode == self.param.GPU,
+                                                             self.param.device_id, where))
         if self.dist.active and self.device.type == "cuda":
             self.device = resolve_device(f"cuda:{self.dist.local_rank}")
             torch.cuda.set_device(self.device)
@@ -126,13 +123,14 @@ class Trainer:
                                    (self.output, self.log_path), snapshot_prefix(self.param, self.solver_path),
                                    range(first, max(first, self.param.max_iter + 1)))
         train_state = self.param.train_state if self.param.HasField("train_state") else None
-        self.net = build_net(self.net_file, "TRAIN", train_state, train_source)
+        self.net = build_net(self.net_file, "TRAIN", train_state, train_source, self.device)
         if not self.net.loss_terms:
             raise CaffeCompatError(f"{train_source}: the TRAIN net has no loss layer")
         self.test_nets: List[Tuple[CaffeNet, int]] = []
         for i, (description, net_file) in enumerate(test_nets):
             test_state = self.param.test_state[i] if self.param.test_state else None
-            self.test_nets.append((build_net(net_file, "TEST", test_state, description), int(self.param.test_iter[i])))
+            self.test_nets.append((build_net(net_file, "TEST", test_state, description, self.device),
+                                   int(self.param.test_iter[i])))
         if weights is not None:
             self.net.load_caffe_weights(weights_of(read_caffemodel(weights)), source=str(weights),
                                         allow_missing=allow_missing_weights)
