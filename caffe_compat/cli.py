@@ -225,14 +225,18 @@ def _cmd_train(args) -> int:
     result = train(args.solver, weights=args.weights, resume=args.resume, device=args.device,
                    max_iter=args.max_iter, output=args.output, log_path=args.log, sampler=args.sampler,
                    precision=args.precision or "fp32", memory_format=args.memory_format,
-                   allow_missing_weights=args.allow_missing_weights)
+                   allow_missing_weights=args.allow_missing_weights, net=args.net, mean_file=args.mean_file,
+                   mean_values=args.mean_value)
     if not result.stopped_early:
         return 0
     state = str(result.snapshots[-1])
     again = ["caffe-compat", "train", args.solver, "--resume", state]
-    for option in ("device", "max_iter", "output", "log", "sampler", "precision", "memory_format"):
+    for option in ("net", "device", "max_iter", "output", "log", "sampler", "precision", "memory_format",
+                   "mean_file"):
         if getattr(args, option) is not None:
             again += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    if args.mean_value:
+        again += ["--mean-value", *map(str, args.mean_value)]
     print(f"caffe-compat: stopped by {signal.Signals(result.stop_signal).name} at iteration {result.iterations}; "
           f"snapshot {state}; resume with: {shlex.join(again)}", file=sys.stderr)
     return 128 + result.stop_signal  # the shell's code for a process ended by that signal
@@ -342,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("solver", help="SOLVER.prototxt (its paths resolve from the working directory)")
     p.add_argument("--weights", help="INIT.caffemodel to fine-tune from")
     p.add_argument("--resume", help="a .solverstate.pt snapshot to continue from")
+    p.add_argument("--net", help="NET.prototxt to train in place of the solver's net (the paper's solver names "
+                                 "its authors' absolute path); the test passes use it too unless the solver "
+                                 "names test nets")
+    p.add_argument("--mean-file", metavar="MEAN.binaryproto",
+                   help="subtract this mean image in every data layer instead of the net's")
+    p.add_argument("--mean-value", type=float, nargs="+", metavar="B G R",
+                   help="subtract these channel means in every data layer instead of the net's")
     p.add_argument("--device", help="cpu or cuda (default: cuda when the solver says GPU and one exists)")
     p.add_argument("--max-iter", type=int, help="override the solver's max_iter")
     p.add_argument("--output", help="write the final weights to this caffemodel")

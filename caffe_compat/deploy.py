@@ -23,7 +23,8 @@ layers whose source is absent, so that converting a net never needs its data.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from .errors import CaffeCompatError
 from .graph import layer_included
@@ -239,3 +240,25 @@ def parse_input_shapes(texts: Sequence[str], net_param=None,
                                    f"with positive sizes, such as data=1,3,227,227")
         shapes[name] = shape
     return shapes
+
+
+def override_mean(net, mean_file: Optional[Union[str, Path]] = None,
+                  mean_values: Optional[Sequence[float]] = None) -> None:
+    """Make every Data/ImageData layer of `net` (a NetParameter, changed in place) subtract
+    `mean_file` or `mean_values` instead of what its transform_param says."""
+    if mean_file is None and mean_values is None:
+        return
+    if mean_file is not None and mean_values is not None:
+        raise CaffeCompatError("give --mean-file or --mean-value, not both")
+    if mean_values is not None and len(mean_values) not in (1, 3):
+        raise CaffeCompatError(f"--mean-value: give 1 or 3 values (B G R), not {len(mean_values)}")
+    if mean_file is not None and not Path(mean_file).is_file():
+        raise CaffeCompatError(f"{mean_file}: no such mean file")
+    for layer in net.layer:
+        if layer.type in ("Data", "ImageData"):
+            layer.transform_param.ClearField("mean_file")
+            del layer.transform_param.mean_value[:]
+            if mean_file is not None:
+                layer.transform_param.mean_file = os.path.abspath(mean_file)
+            else:
+                layer.transform_param.mean_value.extend(mean_values)

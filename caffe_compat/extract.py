@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .data import close_data_layers, data_layers
+from .deploy import override_mean
 from .devices import resolve_device
 from .errors import CaffeCompatError
 from .graph import build_graph, layer_included
@@ -80,28 +81,6 @@ def list_root(source: Path, root: Optional[Path] = None) -> str:
     if not folder.is_dir():
         raise CaffeCompatError(f"{folder}: --root is not a folder")
     return os.path.abspath(folder) + os.sep
-
-
-def override_mean(net, mean_file: Optional[Union[str, Path]] = None,
-                  mean_values: Optional[Sequence[float]] = None) -> None:
-    """Make every Data/ImageData layer of `net` (a NetParameter, changed in place) subtract
-    `mean_file` or `mean_values` instead of what its transform_param says."""
-    if mean_file is None and mean_values is None:
-        return
-    if mean_file is not None and mean_values is not None:
-        raise CaffeCompatError("give --mean-file or --mean-value, not both")
-    if mean_values is not None and len(mean_values) not in (1, 3):
-        raise CaffeCompatError(f"--mean-value: give 1 or 3 values (B G R), not {len(mean_values)}")
-    if mean_file is not None and not Path(mean_file).is_file():
-        raise CaffeCompatError(f"{mean_file}: no such mean file")
-    for layer in net.layer:
-        if layer.type in DATA_TYPES:
-            layer.transform_param.ClearField("mean_file")
-            del layer.transform_param.mean_value[:]
-            if mean_file is not None:
-                layer.transform_param.mean_file = os.path.abspath(mean_file)
-            else:
-                layer.transform_param.mean_value.extend(mean_values)
 
 
 def point_at(net, data: Path, batch_size: Optional[int], phase: str = "TEST", root: Optional[Path] = None):

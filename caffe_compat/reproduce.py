@@ -20,11 +20,11 @@ from typing import Dict, Optional, TextIO, Union
 import torch
 
 from .datasets import check_output, check_source, prepare, prepared
-from .deploy import deploy_net
+from .deploy import deploy_net, override_mean
 from .devices import resolve_device
 from .errors import CaffeCompatError
 from .evaluate import format_table
-from .extract import extract_features, override_mean, point_at, save_features
+from .extract import extract_features, point_at, save_features
 from .graph import build_graph
 from .io.files import NetFile, read_caffemodel, weights_of, write_prototxt
 from .metrics import evaluate

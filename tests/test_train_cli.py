@@ -417,3 +417,21 @@ def test_fp16_loss_scale_halves_on_overflow_and_grows_after_clean_iterations():
     assert scaler.unscale(grads) and grads[0].tolist() == [1.0, 1.0] and scaler.scale == 8.0
     assert not scaler.unscale([torch.tensor([float("inf")])]) and scaler.scale == 4.0
     assert scaler.unscale([torch.ones(1)]) and scaler.unscale([torch.ones(1)]) and scaler.scale == 8.0
+
+
+def test_net_and_mean_options_stand_in_for_the_solvers_paths(solver_dir):
+    """The paper's solver names its net and mean at its authors' absolute paths: --net and
+    --mean-value / --mean-file replace them, and train exactly as the edited files would."""
+    edit(solver_dir / "solver.prototxt", 'net: "train.prototxt"', 'net: "/cvgl/u/hsong/train.prototxt"')
+    edit(solver_dir / "solver.prototxt", "max_iter: 10", "max_iter: 2")
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel"]) == 2  # the absolute path is absent
+    assert main(["train", "solver.prototxt", "--net", "train.prototxt", "--weights", "init.caffemodel",
+                 "--mean-value", "100", "--log", "given.csv"]) == 0
+    edit(solver_dir / "solver.prototxt", 'net: "/cvgl/u/hsong/train.prototxt"', 'net: "train.prototxt"')
+    edit(solver_dir / "train.prototxt", "mean_value: 128 mean_value: 120 mean_value: 110", "mean_value: 100")
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--log", "edited.csv"]) == 0
+    assert logged("given.csv") == logged("edited.csv")
+    original = logged("edited.csv")[0][1]
+    edit(solver_dir / "train.prototxt", "mean_value: 100", "mean_value: 128 mean_value: 120 mean_value: 110")
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--log", "unchanged.csv"]) == 0
+    assert logged("unchanged.csv")[0][1] != original  # the mean matters to the loss: the test can fail

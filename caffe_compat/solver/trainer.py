@@ -12,13 +12,14 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, TextIO, Tuple, Union
+from typing import Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..data import (close_data_layers, data_layers, load_reader_states, parse_sampler, reader_states,
                     seed_data_layers, set_sampler, shard_data_layers)
+from ..deploy import override_mean
 from ..devices import resolve_device, solver_device
 from ..errors import CaffeCompatError, printable
 from ..io import atomic
@@ -81,12 +82,17 @@ class Trainer:
                  max_iter: Optional[int] = None, sampler: Optional[str] = None,
                  log_path: Optional[PathLike] = None, output: Optional[PathLike] = None,
                  stream: Optional[TextIO] = None, allow_missing_weights: bool = False, precision: str = "fp32",
-                 memory_format: Optional[str] = None):
+                 memory_format: Optional[str] = None, net: Optional[PathLike] = None,
+                 mean_file: Optional[PathLike] = None, mean_values: Optional[Sequence[float]] = None):
         if weights is not None and resume is not None:
             raise CaffeCompatError("give --weights to fine-tune or --resume to continue, not both")
         self.solver_path = Path(solver_path)
         where = str(self.solver_path)
         self.param = read_solver(solver_path)
+        if net is not None:  # in place of the solver's (the paper's names its authors' absolute path)
+            for name in ("net", "net_param", "train_net", "train_net_param"):
+                self.param.ClearField(name)
+            self.param.net = str(net)
         if max_iter is not None:
             if max_iter < 0:
                 raise CaffeCompatError(f"--max-iter must be >= 0, got {max_iter}")
@@ -115,6 +121,8 @@ class Trainer:
 
         train_source, self.net_file = net_source(self.param, where)
         test_nets = test_sources(self.param, (train_source, self.net_file), where)
+        for net_file in {id(f): f for f in [self.net_file] + [f for _, f in test_nets]}.values():
+            override_mean(net_file.net, mean_file, mean_values)
         # A stop (Ctrl-C) snapshots at any iteration; a resumed one at its first rewrites the same state.
         first = int(saved[1]["solver"]["iter"]) + 1 if saved is not None else 0
         refuse_outputs_over_inputs(self.solver_path, [("the train net", self.net_file)]
@@ -431,7 +439,8 @@ def train(solver_path: PathLike, weights: Optional[PathLike] = None, resume: Opt
           device: Optional[str] = None, max_iter: Optional[int] = None, output: Optional[PathLike] = None,
           log_path: Optional[PathLike] = None, sampler: Optional[str] = None,
           stream: Optional[TextIO] = None, allow_missing_weights: bool = False, precision: str = "fp32",
-          memory_format: Optional[str] = None) -> TrainResult:
+          memory_format: Optional[str] = None, net: Optional[PathLike] = None,
+          mean_file: Optional[PathLike] = None, mean_values: Optional[Sequence[float]] = None) -> TrainResult:
     """Train as `caffe train --solver=SOLVER [--weights W | --snapshot S]` would."""
     dist = Distributed.from_env()
     try:
@@ -441,7 +450,7 @@ def train(solver_path: PathLike, weights: Optional[PathLike] = None, resume: Opt
             trainer = Trainer(solver_path, weights=weights, resume=resume, device=device, max_iter=max_iter,
                               sampler=sampler, log_path=log_path, output=output, stream=stream,
                               allow_missing_weights=allow_missing_weights, precision=precision,
-                              memory_format=memory_format)
+                              memory_format=memory_format, net=net, mean_file=mean_file, mean_values=mean_values)
         return trainer.run()
     finally:
         if dist.active:
