@@ -6,6 +6,7 @@ import json
 import shlex
 import signal
 import sys
+import textwrap
 import traceback
 import warnings
 from pathlib import Path
@@ -249,43 +250,108 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {terminal_line(message)} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="caffe-compat", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("--version", action="version", version=f"caffe-compat {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+DESCRIPTION = ("Caffe nets, weights and the lifted structured embedding loss in PyTorch and ONNX, number for "
+               "number, with no Caffe installed: read Caffe's files (and its forks'), run and train them as Caffe "
+               "does, evaluate as the paper does, export to ONNX or back to caffemodels.")
 
-    p = sub.add_parser("inspect", help="list a net's layers, blobs and parameters")
-    p.add_argument("net", help="NET.prototxt (or a caffemodel)")
-    p.add_argument("weights", nargs="?", help="WEIGHTS.caffemodel")
-    p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], type=str.upper)
-    p.add_argument("--dialect", choices=list(DIALECT_ENTRIES), help="override the detected schema dialect")
+EPILOG = """a first session:
+  caffe-compat demo                                   the whole path on a built-in example
+  caffe-compat inspect deploy.prototxt model.caffemodel
+  caffe-compat convert deploy.prototxt model.caffemodel -o model.safetensors
+  caffe-compat export-onnx deploy.prototxt model.caffemodel -o model.onnx
+
+`caffe-compat VERB --help` explains each verb, with an example."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Prose wrapped to the terminal; indented lines (command examples) kept as written."""
+
+    def _fill_text(self, text, width, indent):
+        return "\n".join(indent + line if not line or line.startswith("  ")
+                         else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
+
+
+def _verb(sub, name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
+    """A verb's parser: `summary` in the verb list, `description` and `examples` on its --help page."""
+    return sub.add_parser(name, help=summary, description=description, epilog="example:\n" + examples,
+                          formatter_class=_HelpFormatter)
+
+
+def _add_phase(p, default: str, what: str) -> None:
+    p.add_argument("--phase", default=default, choices=["TRAIN", "TEST"], type=str.upper,
+                   help=f"which phase's layers {what} (include/exclude rules; default {default})")
+
+
+def _add_device(p, default: Optional[str] = "cpu") -> None:
+    p.add_argument("--device", default=default,
+                   help="cpu, cuda or cuda:N" + (f" (default {default})" if default else ""))
+
+
+def _add_dialect(p) -> None:
+    forks = "; ".join(f"{name}: {entry.fork}" for name, entry in DIALECT_ENTRIES.items())
+    p.add_argument("--dialect", choices=list(DIALECT_ENTRIES), metavar="DIALECT",
+                   help=f"read the files as this Caffe fork's schema instead of the one detected from them "
+                        f"(field names in a prototxt, field numbers in a caffemodel). {forks}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="caffe-compat", description=DESCRIPTION, epilog=EPILOG,
+                            formatter_class=_HelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--version", action="version", version=f"caffe-compat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
+
+    p = _verb(sub, "inspect", "list a net's layers, blobs and parameters",
+              "A net's layers, wiring, settings, blob shapes and parameter counts, computed from the prototxt "
+              "alone (no torch, nothing allocated); with weights, which layers each side lacks. Layers of "
+              "Caffe's forks are shown with the fork they come from.",
+              "  caffe-compat inspect train_val.prototxt --phase TRAIN\n"
+              "  caffe-compat inspect deploy.prototxt bvlc_googlenet.caffemodel --json")
+    p.add_argument("net", help="NET.prototxt (or a caffemodel, which holds its net)")
+    p.add_argument("weights", nargs="?", help="WEIGHTS.caffemodel to check against the net")
+    _add_phase(p, "TEST", "to show")
+    _add_dialect(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="also show the split layers Caffe inserted (in caffemodels)")
     p.add_argument("--input-shape", action="append", metavar="[BLOB=]N,C,H,W",
                    help="shape of an input, or of a data layer's top, as convert takes it (repeatable)")
     p.set_defaults(run=_cmd_inspect)
 
-    p = sub.add_parser("layers", help="list the supported Caffe layer types and their ONNX mappings")
+    p = _verb(sub, "layers", "list the supported Caffe layer types and their ONNX mappings",
+              "Every Caffe layer type caffe-compat builds, the file of its family, and whether it exports to ONNX.",
+              "  caffe-compat layers --markdown")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="machine-readable output")
     form.add_argument("--markdown", action="store_true", help="as the README's table")
     p.set_defaults(run=_cmd_layers)
 
-    p = sub.add_parser("compare", help="compare a converted net with Caffe's recorded numbers")
+    p = _verb(sub, "compare", "compare a converted net with Caffe's recorded numbers",
+              "Runs the net on the inputs Caffe was given (REF.npz: input/, blob/, diff/, paramdiff/ keys, as "
+              "tools/caffe_reference.py writes them) and compares every recorded blob, gradient and parameter; "
+              "one row per key, then 'N passed, M failed'. Exit 1 when any row fails.",
+              "  caffe-compat compare net.prototxt net.caffemodel reference.npz\n"
+              "  caffe-compat compare cases/            (every NAME.npz with its NAME.prototxt)")
     p.add_argument("files", nargs="+", help="NET.prototxt [WEIGHTS.caffemodel] REF.npz, or a directory of cases")
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
     p.add_argument("--rtol", type=float, help="forward tolerance (default 1e-5; 1e-4 for nets over 10 layers)")
     p.add_argument("--grad-rtol", type=float, help="gradient tolerance (default 1e-4)")
     _add_weights_options(p)
     p.set_defaults(run=_cmd_compare)
 
-    p = sub.add_parser("convert", help="Caffe -> caffe-compat model, or model -> caffemodel")
+    p = _verb(sub, "convert", "Caffe -> caffe-compat model, or model -> caffemodel",
+              "Writes a self-contained model (net, weights, the preprocessing it expects, checksums) that "
+              "caffe_compat.load() reads; or Caffe weights, from a model or from the prototxt's fillers. The "
+              "output's suffix says which: .pt, .safetensors or .caffemodel.",
+              "  caffe-compat convert deploy.prototxt bvlc_googlenet.caffemodel -o googlenet.safetensors\n"
+              "  caffe-compat convert train_val.prototxt --random-init --seed 0 -o init.caffemodel\n"
+              "  caffe-compat convert googlenet.safetensors -o back.caffemodel")
     p.add_argument("source", help="NET.prototxt, or a MODEL written by convert/train")
     p.add_argument("weights", nargs="?", help="WEIGHTS.caffemodel")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], type=str.upper)
-    p.add_argument("--dialect", choices=list(DIALECT_ENTRIES))
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="MODEL.pt, MODEL.safetensors or WEIGHTS.caffemodel (written to a temporary and renamed)")
+    _add_phase(p, "TEST", "the model holds")
+    _add_dialect(p)
     _add_preprocess_options(p, "record in the model (shown by export-onnx and caffe_compat.load)")
     p.add_argument("--random-init", action="store_true",
                    help="no WEIGHTS: fill the parameters from the prototxt's fillers (seeded by --seed)")
@@ -295,11 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weights_options(p)
     p.set_defaults(run=_cmd_convert)
 
-    p = sub.add_parser("export-onnx", help="Caffe net (or a converted/trained model) -> ONNX")
+    p = _verb(sub, "export-onnx", "Caffe net (or a converted/trained model) -> ONNX",
+              "ONNX written from the Caffe graph with standard operators, the TEST phase's layers up to the "
+              "outputs; the preprocessing the net expects is recorded in metadata_props (or done in the graph "
+              "with --embed-preprocessing).",
+              "  caffe-compat export-onnx deploy.prototxt bvlc_googlenet.caffemodel -o googlenet.onnx --output prob\n"
+              "  caffe-compat export-onnx embedder.safetensors -o embedder.onnx --l2-normalize "
+              "--embed-preprocessing rgb")
     p.add_argument("source", help="NET.prototxt, or a MODEL written by convert/train")
     p.add_argument("weights", nargs="?", help="WEIGHTS.caffemodel (with NET.prototxt)")
     # -o is the file and --output a blob, as in the project's documented usage.
-    p.add_argument("-o", dest="onnx_file", required=True, metavar="OUT.onnx")
+    p.add_argument("-o", dest="onnx_file", required=True, metavar="OUT.onnx", help="the ONNX file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 or later (default 17)")
     p.add_argument("--output", dest="outputs", action="append", metavar="BLOB",
                    help="export up to this blob (repeatable; default fc_embedding, else the net's "
@@ -315,34 +387,46 @@ def build_parser() -> argparse.ArgumentParser:
                         "give them)")
     p.add_argument("--input-shape", metavar="[BLOB=]N,C,H,W",
                    help="shape of the image input (needed for data layers without crop_size)")
-    p.add_argument("--dialect", choices=list(DIALECT_ENTRIES))
+    _add_dialect(p)
     _add_preprocess_options(p, "record in metadata_props")
     _add_weights_options(p)
     p.set_defaults(run=_cmd_export_onnx)
 
-    p = sub.add_parser("time", help="per-layer forward and backward times, as `caffe time` prints them")
+    p = _verb(sub, "time", "per-layer forward and backward times, as `caffe time` prints them",
+              "One warm-up pass, then each layer's forward and backward timed over the iterations, averaged, "
+              "and the totals; the same lines as `caffe time`. Takes caffe's own flags too (-model, -iterations).",
+              "  caffe-compat time deploy.prototxt --phase TEST --iterations 10\n"
+              "  caffe-compat time -model train_val.prototxt -iterations 5")
     p.add_argument("net", help="NET.prototxt")
     p.add_argument("weights", nargs="?", help="WEIGHTS.caffemodel (default: the prototxt's fillers)")
     p.add_argument("--iterations", type=int, default=50, help="timed iterations (default 50, as caffe's)")
-    p.add_argument("--phase", default="TRAIN", choices=["TRAIN", "TEST"], type=str.upper,
-                   help="the phase to time (default TRAIN, as caffe's)")
-    p.add_argument("--device", default="cpu")
+    _add_phase(p, "TRAIN", "to time (TRAIN as caffe's)")
+    _add_device(p)
     p.add_argument("--batch-size", type=int, help="override the data layers' and Input blobs' batch size")
     p.set_defaults(run=_cmd_time)
 
-    p = sub.add_parser("test", help="score a net on its TEST data: each output blob's mean, as `caffe test`")
+    p = _verb(sub, "test", "score a net on its TEST data: each output blob's mean, as `caffe test`",
+              "Runs the net's data layers for the iterations and prints each output per batch and its mean "
+              "(accuracy, loss with its weight), as `caffe test` does. Takes caffe's own flags too.",
+              "  caffe-compat test train_val.prototxt snapshot_iter_20000.caffemodel --iterations 100\n"
+              "  caffe-compat test -model train_val.prototxt -weights final.caffemodel -iterations 100")
     p.add_argument("net", help="NET.prototxt with data layers for the phase")
     p.add_argument("weights", help="WEIGHTS.caffemodel")
     p.add_argument("--iterations", type=int, default=50, help="batches to run (default 50, as caffe's)")
-    p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], type=str.upper,
-                   help="the phase to run (default TEST)")
-    p.add_argument("--device", default="cpu")
+    _add_phase(p, "TEST", "to run")
+    _add_device(p)
     p.add_argument("--all-values", action="store_true",
                    help="print every element of every output per batch, as caffe test does (default: a "
                         "scalar output's value, a larger one's shape and mean)")
     p.set_defaults(run=_cmd_test)
 
-    p = sub.add_parser("train", help="train a net with a Caffe solver prototxt, as `caffe train`")
+    p = _verb(sub, "train", "train a net with a Caffe solver prototxt, as `caffe train`",
+              "Caffe's solver arithmetic (SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam), lr policies, "
+              "iter_size, test passes and snapshots (.caffemodel and a resumable .solverstate.pt); Ctrl-C "
+              "snapshots and prints the resume command. Takes caffe's own flags too (-solver, -weights, -gpu).",
+              "  caffe-compat train solver.prototxt --weights bvlc_googlenet.caffemodel --log train.csv\n"
+              "  caffe-compat train solver.prototxt --net train_val.prototxt --mean-value 104 117 123\n"
+              "  caffe-compat train -solver solver.prototxt -weights init.caffemodel -gpu 0")
     p.add_argument("solver", help="SOLVER.prototxt (its paths resolve from the working directory)")
     p.add_argument("--weights", help="INIT.caffemodel to fine-tune from")
     p.add_argument("--resume", help="a .solverstate.pt snapshot to continue from")
@@ -353,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subtract this mean image in every data layer instead of the net's")
     p.add_argument("--mean-value", type=float, nargs="+", metavar="B G R",
                    help="subtract these channel means in every data layer instead of the net's")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when the solver says GPU and one exists)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the solver's solver_mode and device_id, "
+                                    "as in Caffe; on CPU when the machine has no GPU)")
     p.add_argument("--max-iter", type=int, help="override the solver's max_iter")
     p.add_argument("--output", help="write the final weights to this caffemodel")
     # --log-csv: torchrun's own parser rejects `--log` as an ambiguous abbreviation.
@@ -368,25 +453,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weights_options(p, memory=False, seed=False)  # the solver's random_seed, as Caffe's
     p.set_defaults(run=_cmd_train)
 
-    p = sub.add_parser("extract", help="run a net's TEST phase over a dataset and save one blob per image")
+    p = _verb(sub, "extract", "run a net's TEST phase over a dataset and save one blob per image",
+              "Feeds the net's TEST data layer from --data in order (no shuffling, its own transform_param) and "
+              "saves one blob per image with the labels (and an image list's paths) for `evaluate`.",
+              "  caffe-compat extract extract.prototxt final.caffemodel --data cub/test.txt -o features.npz\n"
+              "  caffe-compat extract extract.prototxt final.caffemodel --data test_lmdb --mean-value 104 117 123 "
+              "-o features.npz")
     p.add_argument("net", help="NET.prototxt with a Data or ImageData layer in its TEST phase")
     p.add_argument("weights", help="WEIGHTS.caffemodel")
     p.add_argument("--data", required=True, help="an LMDB folder of Datum records, or an image list file")
     p.add_argument("--root", help="folder the list's relative image paths resolve against (default: the list "
                                   "file's folder; the prototxt's root_folder is not used)")
-    p.add_argument("--blob", default="fc_embedding")
+    p.add_argument("--blob", default="fc_embedding", help="the blob to save per image (default fc_embedding, "
+                                                          "the paper's embedding)")
     p.add_argument("-o", "--output", required=True,
                    help="FEATURES.npz (embeddings, labels, image paths relative to its folder or absolute)")
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
     p.add_argument("--batch-size", type=int, help="override the data layer's batch size")
     p.add_argument("--mean-file", metavar="MEAN.binaryproto", help="subtract this mean image instead of the net's")
     p.add_argument("--mean-value", type=float, nargs="+", metavar="B G R",
                    help="subtract these channel means instead of the net's mean")
-    p.add_argument("--dialect", choices=list(DIALECT_ENTRIES))
+    _add_dialect(p)
     _add_weights_options(p)
     p.set_defaults(run=_cmd_extract)
 
-    p = sub.add_parser("evaluate", help="Recall@K, NMI, F1 and RI as the paper's MATLAB code computes them")
+    p = _verb(sub, "evaluate", "Recall@K, NMI, F1 and RI as the paper's MATLAB code computes them",
+              "Retrieval (Recall@K) and clustering (k-means with k the number of classes: NMI, pair F1, RI) of "
+              "the embeddings in FEATURES.npz, as the paper's evaluation computes them; figures on request.",
+              "  caffe-compat evaluate features.npz\n"
+              "  caffe-compat evaluate features.npz --figure-dir figures --train-log train.csv --dataset cub")
     p.add_argument("features", help="FEATURES.npz with embeddings and labels")
     p.add_argument("--recall-k", type=int, nargs="+", help="K values (default 1 2 4 8)")
     p.add_argument("--use-assignments", action="store_true",
@@ -396,30 +491,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-log", help="also plot this training log (the CSV of `train --log`)")
     p.add_argument("--dataset", choices=["cub", "cars", "sop"],
                    help="draw the paper's published Recall@K for this dataset beside ours")
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
     p.set_defaults(run=_cmd_evaluate)
 
-    p = sub.add_parser("prepare", help="a dataset's official archive -> the paper's splits and preprocessing")
-    p.add_argument("dataset", choices=["cub", "cars", "sop"])
-    p.add_argument("--source", required=True, help="the extracted official archive")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p = _verb(sub, "prepare", "a dataset's official archive -> the paper's splits and preprocessing",
+              "CUB-200-2011, Stanford Cars or Stanford Online Products (see the README for where each comes "
+              "from) to the paper's train/test splits, as image lists or LMDBs; nothing under --source is "
+              "written, and the output appears only when complete.",
+              "  caffe-compat prepare cub --source ~/data/CUB_200_2011 -o cub\n"
+              "  caffe-compat prepare sop --source ~/data --format lmdb -o sop_lmdb")
+    p.add_argument("dataset", choices=["cub", "cars", "sop"], help="which dataset the archive holds")
+    p.add_argument("--source", required=True, help="the extracted official archive (or the folder above it)")
+    p.add_argument("-o", "--output", required=True, help="a new or empty output folder")
     p.add_argument("--format", choices=["list", "lmdb"], default="list",
-                   help="image lists (Caffe ImageData) or LMDBs of Datum records")
+                   help="image lists (Caffe ImageData) or LMDBs of Datum records (default list)")
     p.set_defaults(run=_cmd_prepare)
 
-    p = sub.add_parser("reproduce", help="the paper's protocol: prepare, fine-tune, extract, evaluate")
-    p.add_argument("--dataset", required=True, choices=["cub", "cars", "sop"])
+    p = _verb(sub, "reproduce", "the paper's protocol: prepare, fine-tune, extract, evaluate",
+              "Checks every input, estimates the whole run, then prepares the data, fine-tunes the paper's "
+              "GoogLeNet embedder with its solver, extracts the test set's embeddings and evaluates them beside "
+              "the paper's published numbers.",
+              "  caffe-compat reproduce --dataset cub --source ~/data --weights bvlc_googlenet.caffemodel "
+              "--device cuda")
+    p.add_argument("--dataset", required=True, choices=["cub", "cars", "sop"], help="the paper's dataset to run")
     p.add_argument("--source", required=True, help="the dataset's extracted official archive")
     p.add_argument("--weights", required=True, help="bvlc_googlenet.caffemodel (ImageNet weights)")
-    p.add_argument("--embedding", type=int, default=64, choices=[64, 128, 256, 512])
-    p.add_argument("--device", help="cpu or cuda")
-    p.add_argument("--workdir", default="reproduce", help="where data, snapshots and results go")
+    p.add_argument("--embedding", type=int, default=64, choices=[64, 128, 256, 512],
+                   help="embedding size (default 64)")
+    _add_device(p)
+    p.add_argument("--workdir", default="reproduce", help="where data, snapshots and results go (default ./reproduce)")
     p.add_argument("--max-iter", type=int, default=20000, help="the paper's 20000 by default")
     p.add_argument("--batch-size", type=int, default=128, help="the paper's 128 by default")
     p.add_argument("--mean-file", help="imagenet_mean.binaryproto (default: its channel means 104,117,123)")
     p.set_defaults(run=_cmd_reproduce)
 
-    p = sub.add_parser("demo", help="train, evaluate and export a digits embedder end to end (about a minute)")
+    p = _verb(sub, "demo", "train, evaluate and export a digits embedder end to end (about a minute)",
+              "The paper's method on real data shipped with scikit-learn: a LeNet embedder written as Caffe "
+              "prototxts, trained with the lifted loss and Caffe's solver on some digit classes, evaluated on "
+              "held-out and unseen classes before and after, exported to ONNX and checked in ONNX Runtime.",
+              "  caffe-compat demo\n"
+              "  caffe-compat demo --workdir /tmp/demo --iterations 200")
     p.add_argument("--workdir", default="caffe-compat-demo", help="where the demo writes (default ./caffe-compat-demo)")
     p.add_argument("--iterations", type=int, default=500, help="training iterations (default 500)")
     p.set_defaults(run=_cmd_demo)

@@ -82,3 +82,20 @@ def test_inspect_needs_no_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "conv1" in result.stdout and "upgraded from the legacy format" in result.stdout
+
+
+def test_every_verb_explains_itself_with_an_example_and_every_option():
+    """--help of each verb: a description, an example, and a help text for every option."""
+    import argparse
+
+    from caffe_compat.cli import build_parser
+
+    parser = build_parser()
+    (verbs,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    undocumented = []
+    for name, verb in verbs.choices.items():
+        page = verb.format_help()
+        assert verb.description and "example:\n  caffe-compat" in page, name
+        undocumented += [f"{name} {action.option_strings or action.dest}" for action in verb._actions
+                         if not action.help and action.dest != "help"]
+    assert not undocumented
