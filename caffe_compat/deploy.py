@@ -262,3 +262,45 @@ def override_mean(net, mean_file: Optional[Union[str, Path]] = None,
                 layer.transform_param.mean_file = os.path.abspath(mean_file)
             else:
                 layer.transform_param.mean_value.extend(mean_values)
+
+
+def recorded_shapes(net_param, phase: str, level: int = 0, stages: Sequence[str] = ()) -> Dict[str, Tuple[int, ...]]:
+    """{top: shape} for the data layers of `phase` that read an existing source but declare
+    no image size (no crop_size, no new_height/new_width): the size of their first record,
+    as Caffe's data layers shape their tops from it. Layers whose record cannot be read
+    here (lmdb or Pillow missing) are left out, their shapes unknown."""
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for layer in net_param.layer:
+        source = source_of(layer)
+        if (not source or not len(layer.top) or _data_shape(layer) is not None
+                or not layer_included(layer, phase, level, stages) or not os.path.exists(source)):
+            continue
+        where = f"layer '{layer.name}' ({layer.type})"
+        try:
+            channels, height, width = _first_record(layer, source, where)
+        except ImportError:
+            continue
+        shapes[layer.top[0]] = (_batch_size(layer), channels, height, width)
+    return shapes
+
+
+def _first_record(layer, source: str, where: str) -> Tuple[int, int, int]:
+    if layer.type == "Data":
+        from .io.lmdb_reader import first_record_shape
+
+        return first_record_shape(source, where)
+    from PIL import Image
+
+    from .io.files import MAX_LIST_BYTES, read_regular_file
+
+    param = layer.image_data_param
+    lines = read_regular_file(Path(source), MAX_LIST_BYTES).decode("utf-8", "replace").splitlines()
+    entry = next((line.strip().rpartition(" ")[0] for line in lines if line.strip()), "")
+    if not entry:
+        raise CaffeCompatError(f"{where}: image_data_param.source {source} lists no image")
+    try:
+        with Image.open(param.root_folder + entry) as image:
+            width, height = image.size
+    except OSError as err:
+        raise CaffeCompatError(f"{where}: {param.root_folder + entry}: cannot be read ({err})") from None
+    return (3 if param.is_color else 1), height, width

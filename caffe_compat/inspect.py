@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
+from .deploy import recorded_shapes
 from .errors import CaffeCompatError, printable
 from .graph import PHASES, Graph, LayerNode, build_graph, check_weights_fit
 from .io.blobs import blob_shape
@@ -115,7 +116,8 @@ def inspect_net(net_path: PathLike, weights_path: Optional[PathLike] = None, pha
     if blob_source is not None:
         stored = {l.name: [blob_shape(b) for b in l.blobs] for l in blob_source.net.layer if len(l.blobs)}
     graph = _graph(net_file, phase.upper())
-    shapes = net_shapes(graph, input_shapes)
+    # Data layers whose records are here shape their tops from the first one, as Caffe's do.
+    shapes = net_shapes(graph, {**recorded_shapes(net_file.net, phase.upper()), **(input_shapes or {})})
     net_not_in_weights: List[str] = []
     if weights_file is not None:  # weights that set nothing are refused, as every other verb refuses them
         counts = {n.name: len(shapes.params[n.name] or ()) for n in graph.layers if n.type != "Input"}

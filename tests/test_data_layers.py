@@ -451,7 +451,8 @@ def test_a_reader_finalised_while_the_environments_are_locked_does_not_deadlock(
     # another reader's generator in the same thread; its exit takes the lock again.
     import threading
 
-    from caffe_compat.data.sources import _SNAPSHOTS, _lmdb_records
+    from caffe_compat.data.sources import _lmdb_records
+    from caffe_compat.io.lmdb_reader import SNAPSHOTS as _SNAPSHOTS
 
     source, _ = small_lmdb
     path = str(source.resolve())

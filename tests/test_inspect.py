@@ -159,6 +159,30 @@ def test_layers_missing_from_either_side_are_named_both_ways(tmp_path):
     assert "at least" not in text  # --input-shape sized the data layer's top: every count is known
 
 
+def test_data_layers_whose_records_are_here_shape_from_the_first_one(tmp_path, monkeypatch):
+    """A TRAIN net with its data at hand: the Data layer's tops take the first record's
+    size (and an ImageData layer's the first listed image's), so every shape is known."""
+    from PIL import Image
+
+    solver = require(REFERENCE / "nets" / "solver")
+    monkeypatch.chdir(solver)
+    import lmdb
+
+    from caffe_compat.io.schema import messages
+    with lmdb.open("train_lmdb", readonly=True, lock=False) as env, env.begin() as txn:
+        datum = messages("bvlc").Datum.FromString(next(iter(txn.cursor()))[1])
+    info = inspect_net("train.prototxt", phase="TRAIN")
+    assert info["layers"][0]["top_shapes"] == {"data": [16, datum.channels, datum.height, datum.width],
+                                               "label": [16]}
+    assert info["total_params_complete"] and not info["shape_notes"]
+    Image.new("RGB", (20, 12)).save(tmp_path / "a.png")
+    (tmp_path / "list.txt").write_text("a.png 0\n")
+    net = tmp_path / "net.prototxt"
+    net.write_text(f'layer {{ name: "images" type: "ImageData" top: "data" top: "label" image_data_param {{ '
+                   f'source: "{tmp_path / "list.txt"}" root_folder: "{tmp_path}/" batch_size: 4 }} }}')
+    assert inspect_net(net)["layers"][0]["top_shapes"] == {"data": [4, 3, 12, 20], "label": [4]}
+
+
 def test_a_type_without_a_shape_rule_shows_question_marks(tmp_path):
     net = tmp_path / "net.prototxt"
     net.write_text(textwrap.dedent("""

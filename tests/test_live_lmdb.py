@@ -11,7 +11,7 @@ import lmdb
 import torch
 
 from caffe_compat.data import close_data_layers, data_layers
-from caffe_compat.data.sources import _SNAPSHOTS
+from caffe_compat.io.lmdb_reader import SNAPSHOTS as _SNAPSHOTS
 from caffe_compat.graph import build_graph
 from caffe_compat.io.schema import messages
 from caffe_compat.net import CaffeNet

@@ -12,13 +12,10 @@ processes together read what one process with batch W*N reads.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import threading
-import warnings
 import weakref
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,7 +23,7 @@ import torch
 from ..errors import CaffeCompatError, quote
 from ..io.datum import datum_to_array, parse_datum
 from ..io.files import MAX_IMAGE_BYTES, MAX_LIST_BYTES, read_regular_file
-from .lmdb_pages import check_lmdb_file
+from ..io.lmdb_reader import SNAPSHOTS
 from .prefetch import PrefetchingDataLayer, data_layers
 from .samplers import BatchSampler, parse_sampler
 from .transform import Transformer, describe_path
@@ -84,15 +81,15 @@ class LmdbDataLayer(PrefetchingDataLayer):
     def _hold_snapshot(self) -> None:
         """Keep the LMDB's snapshot while the layer lives: every batch, after any restart,
         reads the records its first batch read."""
-        snapshot = _SNAPSHOTS.acquire(self._path, self._where)
-        weakref.finalize(self, _SNAPSHOTS.release, snapshot)
+        snapshot = SNAPSHOTS.acquire(self._path, self._where)
+        weakref.finalize(self, SNAPSHOTS.release, snapshot)
         self.entries = snapshot.entries
 
     def _first_record(self) -> Tuple[bytes, bytes]:
         """(key, value) of the snapshot's first record."""
         import lmdb
 
-        with _SNAPSHOTS.use(self._path, self._where) as snapshot, snapshot.lock:
+        with SNAPSHOTS.use(self._path, self._where) as snapshot, snapshot.lock:
             try:
                 record = next(iter(snapshot.txn.cursor()), None)
             except lmdb.Error as err:
@@ -162,97 +159,6 @@ def _check_lmdb(source: str, data_param, where: str) -> str:
     return os.path.realpath(source)
 
 
-class _Snapshot:
-    """An LMDB opened with LMDB's reader lock and one read transaction on it, whose records
-    every reader of the folder in this process reads: a database another process is
-    appending to is read as of one commit (as Caffe's one cursor per reader does), and
-    its pages are not reused by that writer while the transaction lasts."""
-
-    def __init__(self, path: str, where: str):
-        import lmdb
-
-        self.path = path
-        self.users = 0
-        # Cursors of the one transaction step under this lock (producer threads share it);
-        # re-entrant, as a garbage collection between steps can close another reader.
-        self.lock = threading.RLock()
-        options = dict(readonly=True, readahead=False, max_readers=256)
-        try:
-            try:
-                self.env = lmdb.open(path, lock=True, **options)
-            except lmdb.ReadonlyError:
-                # lock.mdb cannot be created or written here (a read-only folder, another
-                # user's files): read without the reader table, as Caffe built with
-                # ALLOW_LMDB_NOLOCK does, and say what that costs.
-                self.env = lmdb.open(path, lock=False, **options)
-                warnings.warn(f"{where}: {path}: LMDB's lock file cannot be written here; reading without its "
-                              f"reader lock, so no process may write this LMDB meanwhile", stacklevel=2)
-        except lmdb.Error as err:
-            raise CaffeCompatError(f"{where}: cannot open the LMDB {path}: {err}") from None
-        try:
-            self.txn = self._begin(where)
-            check_lmdb_file(path, where, self.txn.id())  # before any cursor reads a page
-            self.entries = self.txn.stat()["entries"]
-        except BaseException:
-            self.env.close()
-            raise
-
-    def _begin(self, where: str):
-        import lmdb
-
-        try:
-            try:
-                return self.env.begin(buffers=False)
-            except lmdb.MapResizedError:  # a writer grew the map since it was opened: map it anew
-                self.env.set_mapsize(0)
-                return self.env.begin(buffers=False)
-        except lmdb.Error as err:
-            raise CaffeCompatError(f"{where}: cannot read the LMDB {self.path}: {err}") from None
-
-    def close(self) -> None:
-        with self.lock:
-            self.env.close()  # ends the transaction and its cursors too
-
-
-class _Snapshots:
-    """The open snapshots by folder: py-lmdb refuses to open one environment twice in a
-    process, so each is opened once, used by every layer reading it, and closed when the
-    last lets go."""
-
-    def __init__(self):
-        # Re-entrant: a garbage collection inside the locked section (lmdb.open allocates)
-        # can finalise another reader's generator, whose exit takes the lock in this thread.
-        self._lock = threading.RLock()
-        self._open: Dict[str, _Snapshot] = {}
-
-    def acquire(self, path: str, where: str) -> _Snapshot:
-        with self._lock:
-            snapshot = self._open.get(path)
-            if snapshot is None:
-                snapshot = self._open[path] = _Snapshot(path, where)
-            snapshot.users += 1
-            return snapshot
-
-    def release(self, snapshot: _Snapshot) -> None:
-        with self._lock:
-            snapshot.users -= 1
-            if not snapshot.users:
-                if self._open.get(snapshot.path) is snapshot:
-                    del self._open[snapshot.path]
-                snapshot.close()
-
-    @contextlib.contextmanager
-    def use(self, path: str, where: str):
-        snapshot = self.acquire(path, where)
-        try:
-            yield snapshot
-        finally:
-            self.release(snapshot)
-
-
-_SNAPSHOTS = _Snapshots()
-
-
 def _lmdb_records(path: str, start: int, where: str) -> Iterator[Tuple[bytes, bytes]]:
     """(key, value) in key order from the start-th record, wrapping around forever; the
     snapshot stays open while the generator lives."""
@@ -260,7 +166,7 @@ def _lmdb_records(path: str, start: int, where: str) -> Iterator[Tuple[bytes, by
 
     key = None
     try:
-        with _SNAPSHOTS.use(path, where) as snapshot:
+        with SNAPSHOTS.use(path, where) as snapshot:
             with snapshot.lock:
                 cursor = snapshot.txn.cursor()
                 cursor.first()  # LMDB reads each record as the cursor moves: a damaged one fails here
