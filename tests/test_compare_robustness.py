@@ -74,8 +74,8 @@ def test_compare_survives_a_net_with_nothing_to_differentiate(tmp_path):
 
 def test_compare_directory_scores_the_cases_after_broken_ones(tmp_path, capsys):
     x = RNG.standard_normal((2, 3)).astype(np.float32)
-    # a) an unknown layer type (CaffeCompatError); b) an input that does not fit the
-    # net (a RuntimeError from torch); c) a case that passes
+    # a) an unknown layer type; b) an input that does not fit the net (named with the
+    # shape the net was built for); c) a case that passes
     write_case(tmp_path, "a_unknown", INPUT + 'layer { name: "u" type: "Nope" bottom: "data" top: "u" }\n',
                {"input/data": x, "blob/u": x})
     write_case(tmp_path, "b_misfit", INPUT + 'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
@@ -88,7 +88,7 @@ def test_compare_directory_scores_the_cases_after_broken_ones(tmp_path, capsys):
     rows = {line.split()[0]: line for line in lines[1:-1]}
     assert rows["a_unknown"].split()[1] == "(case)" and "FAIL" in rows["a_unknown"]
     assert "unknown layer type 'Nope'" in rows["a_unknown"]
-    assert "FAIL" in rows["b_misfit"] and "RuntimeError" in rows["b_misfit"]
+    assert "FAIL" in rows["b_misfit"] and "bottom 'data' is 2x5, but the net was built for 2x3" in rows["b_misfit"]
     assert rows["c_good"].split()[1] == "blob/r" and rows["c_good"].split()[-1] == "ok"
     assert lines[-1] == "1 passed, 2 failed"
 

@@ -166,11 +166,14 @@ def test_parameter_is_its_blob_and_takes_the_tops_gradient():
     np.testing.assert_array_equal(module.blob.grad.numpy(), diff.numpy())
 
 
-def test_parameter_in_the_lifted_dialect_is_refused_naming_field_145():
+def test_parameter_in_the_lifted_dialect_reads_its_field_by_name():
+    """The lifted fork's 145 is its loss's parameter; BVLC's parameter_param keeps its name
+    there (a hybrid prototxt reads), so a Parameter layer still gets its shape."""
     net = messages("lifted").NetParameter()
-    text_format.Parse('layer { name: "p" type: "Parameter" top: "p" }', net)
-    with pytest.raises(CaffeCompatError, match="145"):
-        CaffeNet(build_graph(net, "TEST", "lifted"))
+    text_format.Parse('layer { name: "p" type: "Parameter" top: "p" parameter_param { shape { dim: 3 } } }', net)
+    assert messages("lifted").LayerParameter.DESCRIPTOR.fields_by_number[145].name == \
+        "lifted_struct_sim_softmax_loss_param"
+    assert CaffeNet(build_graph(net, "TEST", "lifted")).blob_shapes["p"] == (3,)
 
 
 def test_parameter_onnx():
