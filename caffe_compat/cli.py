@@ -80,6 +80,12 @@ def _cmd_convert(args) -> int:
         return 0
     preprocess = preprocess_metadata(net_file.net, source.resolve().parent, _preprocess_overrides(args),
                                      {name: net.blob_shapes[name] for name in net.input_names})
+    if out.suffix == ".py":
+        from .converters.source import write_source
+
+        weights_out = write_source(net, out, net_file, args.weights, args.seed, preprocess)
+        print(f"wrote {out} (standalone PyTorch, needs only torch) and its weights {weights_out}")
+        return 0
     save_model(net, out, net_file.dialect, preprocess)
     count = sum(p.numel() for p in net.state_dict().values())
     print(f"wrote {out}: {len(net.layers)} layers, {count:,} values, phase {net.phase}, dialect {net_file.dialect}")

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import fillers
 from .onnx_graph import INT64, OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, no_source_form, register, register_onnx, register_source
 
 
 class InnerProduct(CaffeLayer):
@@ -109,3 +109,13 @@ def embed_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
         return
     (rows,) = g.node("Gather", [weight, index], hint=name + "/rows", axis=0)
     g.node("Add", [rows, g.initializer(module.bias, name + "/bias")], outputs)
+
+
+@register_source("InnerProduct")
+def inner_product_to_source(src, ctx, module: InnerProduct, inputs, outputs):
+    if module.transpose:
+        raise no_source_form(ctx, "transpose: true, whose weights nn.Linear holds the other way round")
+    outputs_count, inputs_count = module.weight.shape
+    blobs = {"weight": module.weight} if module.bias is None else {"weight": module.weight, "bias": module.bias}
+    layer = src.attribute(ctx, f"nn.Linear({inputs_count}, {outputs_count}, bias={module.bias is not None})", blobs)
+    src.assign(outputs, f"{layer}({inputs[0]}.flatten({module.axis}))")
