@@ -1,0 +1,204 @@
+"""`convert NET WEIGHTS -o model.py`: standalone PyTorch source that needs only torch and
+gives the CaffeNet's numbers to the bit (its LRN is the PyTorch form, so the CaffeNet is
+run with that form too; against the C kernel see test_lrn_against_the_c_kernel)."""
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from caffe_compat.cli import main
+from caffe_compat.layers import lrn
+from caffe_compat.loading import load_net
+
+from conftest import PAPER_MODEL, REFERENCE, require, run_python
+
+LAYER_CASES = ["concat", "conv_1x1_stride", "conv_basic", "conv_group_dilation", "deconv", "inplace_chain",
+               "ip_axis", "lifted_margin_half_far", "lifted_multi_pos_m32_d16", "lifted_pairs_m128_d64",
+               "lrn_across", "lrn_within", "pointwise", "pool_ave_pad", "pool_clip_rule", "pool_global",
+               "pool_max_ceil", "pool_max_pad", "pool_rect", "prelu", "relu_leaky", "shape_ops", "softmax",
+               "threshold"]
+EXTRACT = PAPER_MODEL / "extract_googlenet_ebay_feature_embed64.prototxt"
+TRAIN_VAL = PAPER_MODEL / "train_val_googlenet_finetune_liftedstructsim_softmax_pair_m128_multilabel_embed64.prototxt"
+DOCS_MODEL = Path(__file__).resolve().parents[1] / "docs" / "paper_embedder_model.py"
+
+# Runs generated files where caffe_compat cannot be imported: off sys.path, and refused by
+# a finder ahead of the editable install's. Args: triples MODEL.py INPUTS.pt OUTPUTS.pt.
+DRIVER = """
+import importlib.abc, importlib.util, sys
+from pathlib import Path
+
+class Refused(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("caffe_compat", "converters"):
+            raise ImportError("the generated file imports " + name)
+
+sys.meta_path.insert(0, Refused())
+sys.path = [p for p in sys.path if not (Path(p or ".") / "caffe_compat").exists()]
+import torch
+
+args = sys.argv[1:]
+for model_path, inputs_path, outputs_path in zip(args[0::3], args[1::3], args[2::3]):
+    spec = importlib.util.spec_from_file_location(Path(model_path).stem, model_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.load()
+    with torch.no_grad():
+        out = model(*torch.load(inputs_path, weights_only=True))
+    out = out if isinstance(out, tuple) else (out,)
+    torch.save(dict(zip(module.OUTPUTS, out)), outputs_path)
+print(sorted(n for n in sys.modules if n.partition(".")[0] not in ("torch", "numpy")
+             and n.partition(".")[0] in ("caffe_compat", "converters", "safetensors", "onnx")))
+"""
+
+
+def convert(*args) -> None:
+    assert main(["convert", *map(str, args)]) == 0
+
+
+def import_file(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cases():
+    """(name, prototxt, weights or None, CLI options, inputs) of every covered net."""
+    cases = []
+    for stem in [REFERENCE / "nets" / "googlenet_deploy", REFERENCE / "nets" / "v1_legacy" / "v1"] + \
+            [REFERENCE / "layers" / name for name in LAYER_CASES]:
+        proto, weights = require(stem.with_suffix(".prototxt")), require(stem.with_suffix(".caffemodel"))
+        ref = np.load(stem.with_suffix(".npz"))
+        net = load_net(proto, weights)
+        inputs = [torch.from_numpy(ref[f"input/{name}"]) for name in net.input_names]
+        cases.append((stem.name, proto, weights, [], inputs))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 227, 227, generator=generator) * 255
+    cases.append(("paper_extract", require(EXTRACT), None, ["--random-init"], [images[:2]]))
+    cases.append(("paper_train", require(TRAIN_VAL), None,
+                  ["--random-init", "--phase", "TRAIN", "--input-shape", "data=4,3,227,227",
+                   "--input-shape", "label=4"], [images, torch.tensor([0.0, 1.0, 0.0, 1.0])]))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """Every covered net converted and run by its generated file in a Python without caffe_compat:
+    {name: (prototxt, weights, options, inputs, outputs by name)}."""
+    tmp = tmp_path_factory.mktemp("source")
+    cases, args = {}, []
+    for name, proto, weights, options, inputs in _cases():
+        model = tmp / f"{name}.py"
+        convert(proto, *([weights] if weights else []), *options, "-o", model)
+        torch.save(inputs, tmp / f"{name}.inputs.pt")
+        args += [model, tmp / f"{name}.inputs.pt", tmp / f"{name}.outputs.pt"]
+        cases[name] = (proto, weights, options, inputs)
+    result = run_python(DRIVER, *args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"  # nothing but torch (and the standard library) was imported
+    return {name: (*case, torch.load(tmp / f"{name}.outputs.pt", weights_only=True))
+            for name, case in cases.items()}
+
+
+def _caffenet(proto, weights, options):
+    phase = "TRAIN" if "TRAIN" in options else "TEST"
+    shapes = {o.split("=")[0]: tuple(int(d) for d in o.split("=")[1].split(","))
+              for o in options if "=" in o}
+    torch.manual_seed(0)  # --random-init's seed: the same fillers
+    net = load_net(proto, weights, phase=phase, input_shapes=shapes or None)
+    return net.eval()
+
+
+def test_outputs_equal_the_caffenets_to_the_bit(generated, monkeypatch):
+    monkeypatch.setattr(lrn, "_kernel_applies", lambda x: False)  # the PyTorch LRN, as the generated file's
+    for name, (proto, weights, options, inputs, outputs) in generated.items():
+        net = _caffenet(proto, weights, options)
+        with torch.no_grad():
+            expected = net(*inputs)
+        assert list(outputs) == list(net.output_names), name
+        for blob, value in outputs.items():
+            assert torch.equal(value, expected[blob]), f"{name}: {blob}"
+
+
+def test_lrn_against_the_c_kernel(generated):
+    """The C kernel (the CaffeNet's on CPU) rounds differently: within 1e-6 relative of it."""
+    proto, weights, options, inputs, outputs = generated["lrn_across"]
+    kernel = load_net(proto, weights).eval()(*inputs)["lrn"]
+    assert lrn._kernel_applies(inputs[0])
+    assert (outputs["lrn"] - kernel).abs().max() <= 1e-6 * kernel.abs().max()
+
+
+@pytest.mark.parametrize("case", ["inplace_chain", "conv_group_dilation", "pool_ave_pad", "deconv", "prelu"])
+def test_gradients_equal_the_caffenets(tmp_path, case):
+    stem = REFERENCE / "layers" / case
+    proto, weights = stem.with_suffix(".prototxt"), stem.with_suffix(".caffemodel")
+    convert(proto, weights, "-o", tmp_path / "model.py")
+    model = import_file(tmp_path / "model.py").load()
+    net = load_net(proto, weights).eval()
+    ref = np.load(stem.with_suffix(".npz"))
+    inputs = [torch.from_numpy(ref[f"input/{n}"]).requires_grad_() for n in net.input_names]
+    twins = [x.detach().clone().requires_grad_() for x in inputs]
+    ours = model(*twins)
+    expected = net(*inputs)
+    for (blob, value), top in zip(expected.items(), ours if isinstance(ours, tuple) else (ours,)):
+        diff = torch.from_numpy(ref[f"topdiff/{blob}"])
+        value.backward(diff, retain_graph=True)
+        top.backward(diff, retain_graph=True)
+    for a, b in zip(inputs, twins):
+        assert torch.equal(a.grad, b.grad)
+    theirs = {name: p.grad for name, p in net.named_parameters()}
+    mine = {name: p.grad for name, p in model.named_parameters()}
+    assert len(mine) == len(theirs)
+    for name, grad in mine.items():
+        layer, attr = name.rsplit(".", 1)
+        assert torch.equal(grad, theirs[f"layers.{layer}.{attr}"]), name
+
+
+def test_file_is_pyflakes_clean_short_and_stable(tmp_path):
+    proto, weights = REFERENCE / "nets" / "googlenet_deploy.prototxt", REFERENCE / "nets" / "googlenet_deploy.caffemodel"
+    convert(proto, weights, "-o", tmp_path / "a.py")
+    convert(proto, weights, "-o", tmp_path / "b.py")
+    text = (tmp_path / "a.py").read_text()
+    assert text == (tmp_path / "b.py").read_text()
+    assert (tmp_path / "a.pth").read_bytes() == (tmp_path / "b.pth").read_bytes()
+    assert max(len(line) for line in text.splitlines()) <= 120
+    assert "self.inception_3a_1x1 = nn.Conv2d(192, 64, 1)" in text
+    imports = [line for line in text.splitlines() if line.startswith(("import ", "from "))]
+    assert imports == ["from pathlib import Path", "import torch", "import torch.nn.functional as F", "from torch import nn"]
+    if importlib.util.find_spec("pyflakes") is not None:
+        command = [sys.executable, "-m", "pyflakes"]
+    elif shutil.which("pyflakes"):
+        command = [shutil.which("pyflakes")]
+    else:
+        pytest.skip("pyflakes is not installed")
+    result = subprocess.run(command + [str(tmp_path / "a.py")], capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stdout, result.stdout
+
+
+def test_docs_example_is_what_convert_writes(tmp_path):
+    """docs/paper_embedder_model.py: the paper's 64-d embedder, --random-init --seed 0."""
+    convert(EXTRACT, "--random-init", "--seed", "0", "-o", tmp_path / "paper_embedder_model.py")
+    assert (tmp_path / "paper_embedder_model.py").read_text() == DOCS_MODEL.read_text()
+
+
+def test_torch_compile_runs_the_generated_module(tmp_path):
+    stem = REFERENCE / "layers" / "pool_clip_rule"
+    convert(stem.with_suffix(".prototxt"), stem.with_suffix(".caffemodel"), "-o", tmp_path / "model.py")
+    model = import_file(tmp_path / "model.py").load()
+    x = torch.from_numpy(np.load(stem.with_suffix(".npz"))["input/data"])
+    assert torch.equal(torch.compile(model)(x), model(x))  # MAX pooling: exact whatever the kernel
+
+
+def test_layer_without_source_form_is_refused_in_one_line(tmp_path, capsys):
+    stem = REFERENCE / "layers" / "softmax_loss"
+    out = tmp_path / "model.py"
+    assert main(["convert", str(stem.with_suffix(".prototxt")), str(stem.with_suffix(".caffemodel")),
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "layer 'loss' (SoftmaxWithLoss)" in err, err
+    assert not list(tmp_path.iterdir())
