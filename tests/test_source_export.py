@@ -21,7 +21,7 @@ LAYER_CASES = ["concat", "conv_1x1_stride", "conv_basic", "conv_group_dilation",
                "ip_axis", "lifted_margin_half_far", "lifted_multi_pos_m32_d16", "lifted_pairs_m128_d64",
                "lrn_across", "lrn_within", "pointwise", "pool_ave_pad", "pool_clip_rule", "pool_global",
                "pool_max_ceil", "pool_max_pad", "pool_rect", "prelu", "relu_leaky", "shape_ops", "softmax",
-               "threshold"]
+               "threshold", "batchnorm_scale", "crop", "eltwise", "reduction_misc", "scale_bias_bottoms"]
 EXTRACT = PAPER_MODEL / "extract_googlenet_ebay_feature_embed64.prototxt"
 TRAIN_VAL = PAPER_MODEL / "train_val_googlenet_finetune_liftedstructsim_softmax_pair_m128_multilabel_embed64.prototxt"
 DOCS_MODEL = Path(__file__).resolve().parents[1] / "docs" / "paper_embedder_model.py"
