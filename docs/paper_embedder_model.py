@@ -104,7 +104,7 @@ class CaffeNet(nn.Module):
         self.inception_5b_5x5_reduce = nn.Conv2d(832, 48, 1)
         self.inception_5b_5x5 = nn.Conv2d(48, 128, 5, padding=2)
         self.inception_5b_pool_proj = nn.Conv2d(832, 128, 1)
-        self.fc_embedding = nn.Linear(1024, 64, bias=True)
+        self.fc_embedding = nn.Linear(1024, 64)
 
     def forward(self, data):
         conv1_7x7_s2 = self.conv1_7x7_s2(data)

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import fillers
 from .onnx_graph import INT64, OnnxGraph
-from .registry import CaffeLayer, LayerContext, no_source_form, register, register_onnx, register_source
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 
 class InnerProduct(CaffeLayer):
@@ -111,11 +111,28 @@ def embed_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
     g.node("Add", [rows, g.initializer(module.bias, name + "/bias")], outputs)
 
 
+TRANSPOSED_SOURCE = '''
+class TransposedLinear(nn.Module):
+    """Caffe's InnerProduct with transpose: true, whose weight is stored (inputs, outputs)."""
+
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight.t(), self.bias)
+'''
+
+
 @register_source("InnerProduct")
 def inner_product_to_source(src, ctx, module: InnerProduct, inputs, outputs):
-    if module.transpose:
-        raise no_source_form(ctx, "transpose: true, whose weights nn.Linear holds the other way round")
-    outputs_count, inputs_count = module.weight.shape
     blobs = {"weight": module.weight} if module.bias is None else {"weight": module.weight, "bias": module.bias}
-    layer = src.attribute(ctx, f"nn.Linear({inputs_count}, {outputs_count}, bias={module.bias is not None})", blobs)
+    bias = "" if module.bias is not None else ", bias=False"
+    if module.transpose:
+        src.helper(TRANSPOSED_SOURCE)
+        layer = src.attribute(ctx, f"TransposedLinear({', '.join(map(str, module.weight.shape))}{bias})", blobs)
+    else:
+        outputs_count, inputs_count = module.weight.shape
+        layer = src.attribute(ctx, f"nn.Linear({inputs_count}, {outputs_count}{bias})", blobs)
     src.assign(outputs, f"{layer}({inputs[0]}.flatten({module.axis}))")

@@ -372,3 +372,29 @@ def tile_to_source(src, ctx, module: Tile, inputs, outputs):
 @register_source("Silence")
 def silence_to_source(src, ctx, module: Silence, inputs, outputs):
     """Nothing to compute: Silence only consumes its bottoms."""
+
+
+ARGMAX_SOURCE = '''
+def argmax(x, axis, top_k, out_max_val, top_shape):
+    """Caffe's ArgMax: the indices (as floats), or the values, of the top_k largest entries along
+    `axis`; with axis None over each example flattened, (N, 1, top_k) indices or (N, 2, top_k)
+    indices and values, unit axes appended up to top_shape's rank. Among equal values the larger
+    index comes first, as Caffe sorts (value, index) pairs. No gradient."""
+    x = x.detach()
+    dim = 1 if axis is None else axis
+    flat = x.reshape(x.shape[0], -1) if axis is None else x
+    values, order = torch.sort(flat.flip(dim), dim=dim, descending=True, stable=True)
+    values = values.narrow(dim, 0, top_k)
+    indices = ((flat.shape[dim] - 1) - order.narrow(dim, 0, top_k)).to(x.dtype)
+    if axis is not None:
+        return values if out_max_val else indices
+    top = torch.cat([indices, values], dim=1) if out_max_val else indices
+    return top.reshape((-1,) + top_shape[1:])
+'''
+
+
+@register_source("ArgMax")
+def argmax_to_source(src, ctx, module: ArgMax, inputs, outputs):
+    src.helper(ARGMAX_SOURCE)
+    src.assign(outputs, f"argmax({inputs[0]}, {module.axis}, {module.top_k}, {module.out_max_val!r}, "
+                        f"{module.top_shape})")
