@@ -30,6 +30,7 @@ from ..io.atomic import write_bytes, write_text
 from ..io.files import NetFile
 from ..layers.registry import REGISTRY, LayerContext
 from ..net import CaffeNet, safe_name
+from .artifact import load as load_model
 from .preprocess import describe as describe_preprocess
 
 PathLike = Union[str, Path]
@@ -208,21 +209,41 @@ def _state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {key: copies.setdefault(id(t), t.detach().cpu().clone().contiguous()) for key, t in state.items()}
 
 
-def write_source(net: CaffeNet, out: PathLike, net_file: NetFile, weights: Optional[PathLike],
-                 seed: Optional[int], preprocess: Optional[Mapping[str, str]] = None) -> Path:
+def file_origin(what: str, path: PathLike) -> str:
+    """A header line naming a source file by its name and sha256."""
+    return f"{what} {Path(path).name} (sha256 {file_sha256(path)})"
+
+
+def write_source(net: CaffeNet, out: PathLike, origin: Sequence[str], dialect: str,
+                 preprocess: Optional[Mapping[str, str]] = None, inputs: Sequence[PathLike] = ()) -> Path:
     """Write `out` (model.py) and its weights beside it (model.pth); returns the weights' path.
-    Nothing is written when a layer has no source form."""
-    out = Path(out)
-    sources = [f"net {Path(str(net_file.path)).name} (sha256 {file_sha256(net_file.path)})"]
-    if weights is not None:
-        sources.append(f"weights {Path(weights).name} (sha256 {file_sha256(weights)})")
-    else:
-        sources.append(f"weights: the prototxt's fillers, seed {seed} (--random-init)")
-    text, state = generate(net, sources, net_file.dialect, preprocess)
-    weights_out = out.with_suffix(WEIGHTS_SUFFIX)
+    `origin`: the header's lines naming where the net and its weights came from; `inputs`: the
+    files read, which the weights must not overwrite. Nothing is written when a layer has no
+    source form."""
+    weights_out = Path(out).with_suffix(WEIGHTS_SUFFIX)
+    if any(Path(p).resolve() == weights_out.resolve() for p in inputs):
+        raise CaffeCompatError(f"{weights_out}: the weights of {out} would go there, but the conversion reads it; "
+                               f"name the output otherwise")
+    text, state = generate(net, origin, dialect, preprocess)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     write_bytes(weights_out, buffer.getvalue())
     write_text(out, text)
     return weights_out
 
+
+def net_to_source(net: CaffeNet, out: PathLike, net_file: NetFile, weights: Optional[PathLike], seed: int,
+                  preprocess: Optional[Mapping[str, str]] = None) -> Path:
+    """`convert NET (WEIGHTS | --random-init) -o model.py`."""
+    origin = [file_origin("net", net_file.path),
+              file_origin("weights", weights) if weights is not None
+              else f"weights: the prototxt's fillers, seed {seed} (--random-init)"]
+    inputs = [net_file.path] + ([weights] if weights is not None else [])
+    return write_source(net, out, origin, net_file.dialect, preprocess, inputs)
+
+
+def model_to_source(model_path: PathLike, out: PathLike) -> Path:
+    """`convert MODEL -o model.py`: a model file written by convert or train, in its saved phase."""
+    net = load_model(model_path)
+    return write_source(net, out, [file_origin("model", model_path)], net.graph.dialect, net.preprocess,
+                        [model_path])

@@ -162,6 +162,21 @@ def test_gradients_equal_the_caffenets(tmp_path, case):
         assert torch.equal(grad, theirs[f"layers.{layer}.{attr}"]), name
 
 
+@pytest.mark.parametrize("case", ["lifted_pairs_m128_d64", "lifted_multi_pos_m32_d16", "lifted_margin_half_far"])
+def test_lifted_loss_gradient_is_caffes(tmp_path, case):
+    """The file's lifted loss is differentiated by autograd, not the package's hand-written
+    backward: its gradient meets the fixtures' gradient tolerance against Caffe's (1e-4 relative)."""
+    stem = REFERENCE / "layers" / case
+    convert(stem.with_suffix(".prototxt"), stem.with_suffix(".caffemodel"), "-o", tmp_path / "model.py")
+    module = import_file(tmp_path / "model.py")
+    ref = np.load(stem.with_suffix(".npz"))
+    embeddings, labels = (torch.from_numpy(ref[f"input/{name}"]) for name in module.INPUTS)
+    embeddings.requires_grad_()
+    module.load()(embeddings, labels).backward()
+    caffe = torch.from_numpy(ref[f"diff/{module.INPUTS[0]}"])
+    assert (embeddings.grad - caffe).abs().max() <= 1e-4 * caffe.abs().max()
+
+
 def test_files_are_pyflakes_clean_short_and_import_only_torch(generated):
     files = sorted(generated[0].glob("*.py"))
     for path in files:
@@ -202,6 +217,30 @@ def test_torch_compile_runs_the_generated_module(tmp_path):
     model = import_file(tmp_path / "model.py").load()
     x = torch.from_numpy(np.load(stem.with_suffix(".npz"))["input/data"])
     assert torch.equal(torch.compile(model)(x), model(x))  # MAX pooling: exact whatever the kernel
+
+
+def test_model_file_converts_to_source(tmp_path):
+    """convert MODEL.pt -o model.py: the model's net and weights, its preprocessing in the header."""
+    stem = REFERENCE / "layers" / "conv_basic"
+    convert(stem.with_suffix(".prototxt"), stem.with_suffix(".caffemodel"), "--mean-value", "104", "117", "123",
+            "-o", tmp_path / "conv.pt")
+    convert(tmp_path / "conv.pt", "-o", tmp_path / "model.py")
+    module = import_file(tmp_path / "model.py")
+    assert "# model conv.pt (sha256" in (tmp_path / "model.py").read_text()
+    assert "mean 104.0,117.0,123.0 (mean_value)" in (tmp_path / "model.py").read_text()
+    x = torch.from_numpy(np.load(stem.with_suffix(".npz"))["input/data"])
+    expected = load_net(stem.with_suffix(".prototxt"), stem.with_suffix(".caffemodel")).eval()(x)["conv"]
+    assert torch.equal(module.load()(x), expected)
+
+
+def test_weights_never_overwrite_an_input(tmp_path, capsys):
+    stem = REFERENCE / "layers" / "conv_basic"
+    weights = tmp_path / "model.pth"
+    shutil.copy(stem.with_suffix(".caffemodel"), weights)
+    assert main(["convert", str(stem.with_suffix(".prototxt")), str(weights), "-o", str(tmp_path / "model.py")]) == 2
+    assert "the conversion reads it" in capsys.readouterr().err
+    assert weights.read_bytes() == stem.with_suffix(".caffemodel").read_bytes()
+    assert not (tmp_path / "model.py").exists()
 
 
 def test_layer_without_source_form_is_refused_in_one_line(tmp_path):
