@@ -79,6 +79,9 @@ def wrap(line: str, indent: str) -> List[str]:
     text = indent + line
     if len(text) <= LINE_LIMIT:
         return [text]
+    targets, sep, value = line.partition(" = ")
+    if sep:  # brackets around a tuple on either side, so that it may continue on the next line
+        text = indent + " = ".join(f"({side})" if _top_level_comma(side) else side for side in (targets, value))
     opening = min(i for i in (text.find("("), text.find("[")) if i >= 0)
     hang = " " * (opening + 1)
     lines, current = [], ""
@@ -90,6 +93,15 @@ def wrap(line: str, indent: str) -> List[str]:
             current += piece
     lines.append(current)
     return lines
+
+
+def _top_level_comma(text: str) -> bool:
+    depth = 0
+    for i, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if depth == 0 and text.startswith(", ", i):
+            return True
+    return False
 
 
 def file_sha256(path: PathLike) -> str:
@@ -169,6 +181,8 @@ def generate(net: CaffeNet, sources: Sequence[str], dialect: str,
     reserved = RESERVED | _defined_names(writer.helpers)
     writer, variables = _emit(net, reserved)  # again, now that no blob may take a helper's name
     cls = class_name(net.graph.name)
+    if cls in reserved:  # a net named like a helper
+        cls += "Net"
     inputs = [variables[b] for b in net.input_names]
     outputs = [variables[b] for b in net.output_names]
     body = [f"class {cls}(nn.Module):",

@@ -259,3 +259,16 @@ def test_layer_without_source_form_is_refused_in_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "layer 'mine' (MyOwnType)" in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.prototxt"]
+
+
+def test_long_statements_wrap_inside_brackets():
+    """A Split into many long-named tops: both sides bracketed, broken after commas, within 120 columns."""
+    from caffe_compat.converters.source import wrap
+
+    tops = ", ".join(f"inception_{i}_split_output" for i in range(8))
+    lines = wrap(f"{tops} = {', '.join(['pool2_3x3_s2'] * 8)}", " " * 8)
+    assert len(lines) > 1 and max(map(len, lines)) <= 120
+    namespace = {}
+    exec(compile("def split(pool2_3x3_s2):\n" + "\n".join(lines) + "\n        return inception_7_split_output",
+                 "generated", "exec"), namespace)
+    assert namespace["split"](5) == 5
