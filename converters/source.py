@@ -153,14 +153,14 @@ def _emit(net: CaffeNet, reserved: frozenset) -> tuple:
                                + (f" (nor {len(refused) - 1} other layer(s))" if len(refused) > 1 else "")
                                + "; convert to .pt or .safetensors instead")
     for (layer, index), (owner, owner_index) in param_owners(net.graph).items():
-        attr = caffe_blob_key(net, layer, index)
-        owner_attr = caffe_blob_key(net, owner, owner_index)
+        attr = _blob_attribute(net, layer, index)
+        owner_attr = _blob_attribute(net, owner, owner_index)
         writer.init_lines.append(f"self.{writer.attribute_names[layer]}.{attr} = "
                                  f"self.{writer.attribute_names[owner]}.{owner_attr}")
     return writer, variables
 
 
-def caffe_blob_key(net: CaffeNet, layer: str, index: int) -> str:
+def _blob_attribute(net: CaffeNet, layer: str, index: int) -> str:
     return net.layers[net.module_names[layer]].blob_names[index]
 
 

@@ -272,3 +272,47 @@ def test_long_statements_wrap_inside_brackets():
     exec(compile("def split(pool2_3x3_s2):\n" + "\n".join(lines) + "\n        return inception_7_split_output",
                  "generated", "exec"), namespace)
     assert namespace["split"](5) == 5
+
+
+SIAMESE = """name: "siamese"
+layer { name: "a" type: "Input" top: "a" input_param { shape { dim: 2 dim: 5 } } }
+layer { name: "b" type: "Input" top: "b" input_param { shape { dim: 2 dim: 5 } } }
+layer { name: "ip_a" type: "InnerProduct" bottom: "a" top: "fa" param { name: "w" } param { name: "bias" }
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+layer { name: "ip_b" type: "InnerProduct" bottom: "b" top: "fb" param { name: "w" } param { name: "bias" }
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+"""
+
+
+def test_shared_parameters_stay_shared(tmp_path):
+    (tmp_path / "net.prototxt").write_text(SIAMESE)
+    convert(tmp_path / "net.prototxt", "--random-init", "-o", tmp_path / "model.py")
+    model = import_file(tmp_path / "model.py").load()
+    assert model.ip_b.weight is model.ip_a.weight and model.ip_b.bias is model.ip_a.bias
+    net = _caffenet(tmp_path / "net.prototxt", None, ["--random-init"])
+    a, b = torch.randn(2, 5), torch.randn(2, 5)
+    expected = net(a, b)
+    assert all(torch.equal(x, expected[name]) for x, name in zip(model(a, b), ("fa", "fb")))
+
+
+MORE_TYPES = """name: "more"
+layer { name: "ids" type: "Input" top: "ids" input_param { shape { dim: 4 dim: 3 } } }
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 4 dim: 6 } } }
+layer { name: "embed" type: "Embed" bottom: "ids" top: "e"
+        embed_param { num_output: 5 input_dim: 10 weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+layer { name: "clip" type: "Clip" bottom: "x" top: "c" clip_param { min: -0.5 max: 0.7 } }
+layer { name: "swish" type: "Swish" bottom: "x" top: "s" swish_param { beta: 1.5 } }
+"""
+
+
+def test_embed_clip_swish_equal_the_caffenets(tmp_path):
+    (tmp_path / "net.prototxt").write_text(MORE_TYPES)
+    convert(tmp_path / "net.prototxt", "--random-init", "-o", tmp_path / "model.py")
+    model = import_file(tmp_path / "model.py").load()
+    net = _caffenet(tmp_path / "net.prototxt", None, ["--random-init"])
+    ids = torch.tensor([[0.0, 9.0, 3.7], [1.0, 2.0, 5.0], [8.0, 8.0, 0.2], [4.0, 6.0, 7.0]])
+    x = torch.randn(4, 6)
+    x[0, 0] = float("nan")
+    expected = net(ids, x)
+    for value, name in zip(model(ids, x), ("e", "c", "s")):  # bit for bit, the NaN that Swish passes on too
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, equal_nan=True)

@@ -136,3 +136,27 @@ def inner_product_to_source(src, ctx, module: InnerProduct, inputs, outputs):
         outputs_count, inputs_count = module.weight.shape
         layer = src.attribute(ctx, f"nn.Linear({inputs_count}, {outputs_count}{bias})", blobs)
     src.assign(outputs, f"{layer}({inputs[0]}.flatten({module.axis}))")
+
+
+EMBED_SOURCE = '''
+class Embed(nn.Module):
+    """Caffe's Embed: the weight's rows picked by the bottom's values truncated to integers (+ bias)."""
+
+    def __init__(self, input_dim, num_output, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(input_dim, num_output))
+        self.bias = nn.Parameter(torch.empty(num_output)) if bias else None
+
+    def forward(self, x):
+        top = F.embedding(x.long(), self.weight)
+        return top if self.bias is None else top + self.bias
+'''
+
+
+@register_source("Embed")
+def embed_to_source(src, ctx, module: Embed, inputs, outputs):
+    src.helper(EMBED_SOURCE)
+    blobs = {name: getattr(module, name) for name in module.blob_names}
+    bias = "" if module.bias is not None else ", bias=False"
+    layer = src.attribute(ctx, f"Embed({', '.join(map(str, module.weight.shape))}{bias})", blobs)
+    src.assign(outputs, f"{layer}({inputs[0]})")
