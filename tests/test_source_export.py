@@ -196,7 +196,8 @@ def test_files_are_pyflakes_clean_short_and_import_only_torch(generated):
 
 
 def test_same_inputs_give_the_same_bytes(tmp_path):
-    proto, weights = REFERENCE / "nets" / "googlenet_deploy.prototxt", REFERENCE / "nets" / "googlenet_deploy.caffemodel"
+    stem = REFERENCE / "nets" / "googlenet_deploy"
+    proto, weights = stem.with_suffix(".prototxt"), stem.with_suffix(".caffemodel")
     convert(proto, weights, "-o", tmp_path / "a.py")
     convert(proto, weights, "-o", tmp_path / "b.py")
     text = (tmp_path / "a.py").read_text()
@@ -299,7 +300,8 @@ MORE_TYPES = """name: "more"
 layer { name: "ids" type: "Input" top: "ids" input_param { shape { dim: 4 dim: 3 } } }
 layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 4 dim: 6 } } }
 layer { name: "embed" type: "Embed" bottom: "ids" top: "e"
-        embed_param { num_output: 5 input_dim: 10 weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+        embed_param { num_output: 5 input_dim: 10 weight_filler { type: "gaussian" }
+                      bias_filler { type: "gaussian" } } }
 layer { name: "clip" type: "Clip" bottom: "x" top: "c" clip_param { min: -0.5 max: 0.7 } }
 layer { name: "swish" type: "Swish" bottom: "x" top: "s" swish_param { beta: 1.5 } }
 """
