@@ -64,6 +64,11 @@ def _cmd_convert(args) -> int:
         model_to_caffemodel(source, out)
         print(f"wrote {out} (Caffe weights)")
         return 0
+    if args.weights is None and not args.random_init and source.suffix in MODEL_SUFFIXES and out.suffix == ".py":
+        from .converters.source import model_to_source
+
+        print(f"wrote {out} (standalone PyTorch, needs only torch) and its weights {model_to_source(source, out)}")
+        return 0
     if args.weights is None and not args.random_init and source.suffix in MODEL_SUFFIXES:
         return _rewrite_model(source, out, args)
     if (args.weights is None) == (not args.random_init):
@@ -82,6 +87,12 @@ def _cmd_convert(args) -> int:
         return 0
     preprocess = preprocess_metadata(net_file.net, source.resolve().parent, _preprocess_overrides(args),
                                      {name: net.blob_shapes[name] for name in net.input_names})
+    if out.suffix == ".py":
+        from .converters.source import net_to_source
+
+        weights_out = net_to_source(net, out, net_file, args.weights, args.seed, preprocess)
+        print(f"wrote {out} (standalone PyTorch, needs only torch) and its weights {weights_out}")
+        return 0
     save_model(net, out, net_file.dialect, preprocess)
     count = sum(p.numel() for p in net.state_dict().values())
     print(f"wrote {out}: {len(net.layers)} layers, {count:,} values, phase {net.phase}, dialect {net_file.dialect}")

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import fillers
 from .onnx_graph import FLOAT, OnnxGraph
-from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
+from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx, register_source
 
 Step = Tuple[str, List[str], dict]
 
@@ -373,3 +373,87 @@ def build_dropout(ctx: LayerContext) -> Converted:
 @register_onnx("Dropout")
 def dropout_to_onnx(g: OnnxGraph, ctx, module: Dropout, inputs, outputs):
     g.node("Identity", inputs, outputs)
+
+
+# ---------------------------------------------------------------- standalone source
+
+_FIXED_SOURCE = {"Sigmoid": "torch.sigmoid", "TanH": "torch.tanh", "AbsVal": "torch.abs", "BNLL": "F.softplus"}
+PRELU_SOURCE = '''
+class PReLU(nn.Module):
+    """Caffe's PReLU: x where x > 0, else x times the slope of its channel (axis 1), or one slope."""
+
+    def __init__(self, slope_shape):
+        super().__init__()
+        self.slope = nn.Parameter(torch.empty(slope_shape[:1]))
+        self.slope_shape = slope_shape
+
+    def forward(self, x):
+        return torch.where(x > 0, x, x * self.slope.reshape(self.slope_shape))
+'''
+
+
+def _scaled(x: str, scale: float, shift: float = 0.0) -> str:
+    """Caffe's scale-then-shift as the modules compute it, factors of 1 and shifts of 0 left out."""
+    if scale != 1:
+        x = f"{x} * {scale!r}"
+    if shift != 0:
+        x = f"{x} + {shift!r}"
+    return x
+
+
+@register_source("ReLU")
+def relu_to_source(src, ctx, module: ReLU, inputs, outputs):
+    slope = module.negative_slope
+    src.assign(outputs, f"F.relu({inputs[0]})" if slope == 0 else f"F.leaky_relu({inputs[0]}, {slope!r})")
+
+
+@register_source("PReLU")
+def prelu_to_source(src, ctx, module: PReLU, inputs, outputs):
+    src.helper(PRELU_SOURCE)
+    layer = src.attribute(ctx, f"PReLU({module.slope_shape})", {"slope": module.slope})
+    src.assign(outputs, f"{layer}({inputs[0]})")
+
+
+@register_source("ELU")
+def elu_to_source(src, ctx, module: ELU, inputs, outputs):
+    src.assign(outputs, f"F.elu({inputs[0]}, {module.alpha!r})")
+
+
+@register_source(*_FIXED_SOURCE)
+def fixed_to_source(src, ctx, module, inputs, outputs):
+    src.assign(outputs, f"{_FIXED_SOURCE[ctx.type]}({inputs[0]})")
+
+
+@register_source("Power")
+def power_to_source(src, ctx, module: Power, inputs, outputs):
+    x = inputs[0]
+    if module.constant is not None:  # a constant top whose gradient is zero, as in Caffe
+        src.assign(outputs, f"torch.nan_to_num({x} * 0.0, nan=0.0, posinf=0.0, neginf=0.0) + {module.constant!r}")
+    elif module.identity:
+        src.assign(outputs, f"{x}.view_as({x})")
+    else:
+        base = _scaled(x, module.scale, module.shift)
+        src.assign(outputs, base if module.power == 1 else f"torch.pow({base}, {module.power!r})")
+
+
+@register_source("Exp")
+def exp_to_source(src, ctx, module: Exp, inputs, outputs):
+    y = f"torch.exp({_scaled(inputs[0], module.inner_scale)})"
+    src.assign(outputs, y if module.outer_scale == 1 else f"{y} * {module.outer_scale!r}")
+
+
+@register_source("Log")
+def log_to_source(src, ctx, module: Log, inputs, outputs):
+    y = f"torch.log({_scaled(inputs[0], module.scale, module.shift)})"
+    src.assign(outputs, y if module.base_scale == 1 else f"{y} * {module.base_scale!r}")
+
+
+@register_source("Threshold")
+def threshold_to_source(src, ctx, module: Threshold, inputs, outputs):
+    src.assign(outputs, f"({inputs[0]} > {module.threshold!r}).to({inputs[0]}.dtype)")
+
+
+@register_source("Dropout")
+def dropout_to_source(src, ctx, module: Dropout, inputs, outputs):
+    # Caffe's TEST phase (eval mode) passes the blob through; TRAIN scales the kept values by 1 / (1 - ratio).
+    src.assign(outputs, f"F.dropout({inputs[0]}, {module.ratio!r}, self.training)")

@@ -6,7 +6,7 @@ import torch
 
 from .activation import _neuron, _scalar
 from .onnx_graph import OnnxGraph
-from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
+from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx, register_source
 
 
 class Clip(CaffeLayer):
@@ -65,3 +65,25 @@ def swish_to_onnx(g: OnnxGraph, ctx, module: Swish, inputs, outputs):
         (x,) = g.node("Mul", [x, _scalar(g, module.beta, ctx.name + "/beta")], hint=ctx.name + "/scaled")
     (gate,) = g.node("Sigmoid", [x], hint=ctx.name + "/gate")
     g.node("Mul", [inputs[0], gate], outputs)
+
+
+CLIP_SOURCE = '''
+def caffe_clip(x, low, high):
+    """Caffe's Clip: max(low, min(x, high)) (NaN gives low), its gradient passing where
+    low <= x <= high, both ends included."""
+    clipped = x.detach().clamp(max=high).clamp(min=low)
+    clipped = clipped.nan_to_num(nan=low, posinf=float("inf"), neginf=float("-inf"))
+    return torch.where((x >= low) & (x <= high), x, clipped)
+'''
+
+
+@register_source("Clip")
+def clip_to_source(src, ctx, module: Clip, inputs, outputs):
+    src.helper(CLIP_SOURCE)
+    src.assign(outputs, f"caffe_clip({inputs[0]}, {module.low!r}, {module.high!r})")
+
+
+@register_source("Swish")
+def swish_to_source(src, ctx, module: Swish, inputs, outputs):
+    x = inputs[0]
+    src.assign(outputs, f"{x} * torch.sigmoid({x if module.beta == 1 else f'{x} * {module.beta!r}'})")

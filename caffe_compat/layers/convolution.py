@@ -15,7 +15,7 @@ from torch import nn
 from ..layer_params import conv_output, conv_window
 from . import fillers
 from .onnx_graph import OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, no_source_form, register, register_onnx, register_source
 
 CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 TRANSPOSED_CONVOLUTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -196,3 +196,26 @@ def im2col_to_onnx(g: OnnxGraph, ctx, module: Im2col, inputs, outputs):
     g.node("Conv", [inputs[0], g.initializer(weight, ctx.name + "/taps")], outputs,
            kernel_shape=list(module.kernel), strides=list(module.stride), pads=list(module.pad) * 2,
            dilations=list(module.dilation), group=channels)
+
+
+def _size(values) -> str:
+    """A kernel, stride... as torch's modules take it: one number when all axes agree."""
+    return str(values[0]) if len(set(values)) == 1 else str(tuple(values))
+
+
+@register_source("Convolution", "Deconvolution")
+def convolution_to_source(src, ctx, module: Convolution, inputs, outputs):
+    g = module.geometry
+    if g.axis != 1:
+        raise no_source_form(ctx, f"channel axis {g.axis}")
+    spatial = len(g.kernel)
+    kind = f"ConvTranspose{spatial}d" if module.transposed else f"Conv{spatial}d"
+    blobs = {"weight": module.weight} if module.bias is None else {"weight": module.weight, "bias": module.bias}
+    settings = [f"{g.channels}", f"{g.num_output}", _size(g.kernel)]
+    for name, value, default in (("stride", g.stride, 1), ("padding", g.pad, 0), ("dilation", g.dilation, 1)):
+        if any(v != default for v in value):
+            settings.append(f"{name}={_size(value)}")
+    settings += [f"groups={g.group}"] * (g.group != 1) + ["bias=False"] * (module.bias is None)
+    layer = src.attribute(ctx, f"nn.{kind}({', '.join(settings)})", blobs)
+    for x, top in zip(inputs, outputs):
+        src.assign([top], f"{layer}({x})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Tuple
 
 from .onnx_graph import OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 
 class Crop(CaffeLayer):
@@ -71,3 +71,12 @@ def crop_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
     (ends_tensor,) = g.node("Concat", [batch_end, g.ints(ends[1:], name + "/ends")], hint=name + "/ends", axis=0)
     g.node("Slice", [inputs[0], g.ints(starts, name + "/starts"), ends_tensor, g.ints(axes, name + "/axes")],
            outputs)
+
+
+@register_source("Crop")
+def crop_to_source(src, ctx, module: Crop, inputs, outputs):
+    x, reference = inputs
+    if module.start_axis == 0:  # the batch axis follows the reference's
+        x = f"{x}.narrow(0, {module.offsets[0]}, {reference}.shape[0])"
+    window = ", ".join(":" if w.start is None else f"{w.start}:{w.stop}" for w in module.window)
+    src.assign(outputs, f"{x}[{window}]")

@@ -7,7 +7,7 @@ import torch
 
 from .activation import _emit_chain, _scalar
 from .onnx_graph import OnnxGraph
-from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
+from .registry import CaffeLayer, Converted, LayerContext, no_source_form, register, register_onnx, register_source
 
 
 class _QuotientGradient(torch.autograd.Function):
@@ -91,3 +91,21 @@ def eltwise_to_onnx(g: OnnxGraph, ctx, module: Eltwise, inputs, outputs):
         terms = [name if c == 1 else g.node("Mul", [name, _scalar(g, c, f"{ctx.name}/coeff{i}")])[0]
                  for i, (name, c) in enumerate(zip(inputs, module.coeffs))]
         g.node("Sum", terms, outputs)
+
+
+@register_source("Eltwise")
+def eltwise_to_source(src, ctx, module: Eltwise, inputs, outputs):
+    if module.operation == "PROD":
+        if not module.stable_prod_grad:
+            raise no_source_form(ctx, "stable_prod_grad: false, whose gradient is Caffe's quotient")
+        src.assign(outputs, " * ".join(inputs))
+    elif module.operation == "SUM":
+        src.assign(outputs, " + ".join(b if c == 1 else f"{b} * {c!r}" for b, c in zip(inputs, module.coeffs)))
+    else:
+        # Caffe's MAX: bottom 1 wins a tie with bottom 0, later bottoms must be strictly greater.
+        top = f"torch.where({inputs[0]} > {inputs[1]}, {inputs[0]}, {inputs[1]})"
+        if outputs[0] in inputs[2:]:
+            raise no_source_form(ctx, "MAX in place of a later bottom")
+        src.assign(outputs, top)
+        for bottom in inputs[2:]:
+            src.assign(outputs, f"torch.where({bottom} > {outputs[0]}, {bottom}, {outputs[0]})")

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import fillers
 from .onnx_graph import INT64, OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 
 class InnerProduct(CaffeLayer):
@@ -109,3 +109,54 @@ def embed_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
         return
     (rows,) = g.node("Gather", [weight, index], hint=name + "/rows", axis=0)
     g.node("Add", [rows, g.initializer(module.bias, name + "/bias")], outputs)
+
+
+TRANSPOSED_SOURCE = '''
+class TransposedLinear(nn.Module):
+    """Caffe's InnerProduct with transpose: true, whose weight is stored (inputs, outputs)."""
+
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight.t(), self.bias)
+'''
+
+
+@register_source("InnerProduct")
+def inner_product_to_source(src, ctx, module: InnerProduct, inputs, outputs):
+    blobs = {"weight": module.weight} if module.bias is None else {"weight": module.weight, "bias": module.bias}
+    bias = "" if module.bias is not None else ", bias=False"
+    if module.transpose:
+        src.helper(TRANSPOSED_SOURCE)
+        layer = src.attribute(ctx, f"TransposedLinear({', '.join(map(str, module.weight.shape))}{bias})", blobs)
+    else:
+        outputs_count, inputs_count = module.weight.shape
+        layer = src.attribute(ctx, f"nn.Linear({inputs_count}, {outputs_count}{bias})", blobs)
+    src.assign(outputs, f"{layer}({inputs[0]}.flatten({module.axis}))")
+
+
+EMBED_SOURCE = '''
+class Embed(nn.Module):
+    """Caffe's Embed: the weight's rows picked by the bottom's values truncated to integers (+ bias)."""
+
+    def __init__(self, input_dim, num_output, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(input_dim, num_output))
+        self.bias = nn.Parameter(torch.empty(num_output)) if bias else None
+
+    def forward(self, x):
+        top = F.embedding(x.long(), self.weight)
+        return top if self.bias is None else top + self.bias
+'''
+
+
+@register_source("Embed")
+def embed_to_source(src, ctx, module: Embed, inputs, outputs):
+    src.helper(EMBED_SOURCE)
+    blobs = {name: getattr(module, name) for name in module.blob_names}
+    bias = "" if module.bias is not None else ", bias=False"
+    layer = src.attribute(ctx, f"Embed({', '.join(map(str, module.weight.shape))}{bias})", blobs)
+    src.assign(outputs, f"{layer}({inputs[0]})")

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..io.files import read_binaryproto
-from .registry import CaffeLayer, LayerContext, register
+from .registry import CaffeLayer, LayerContext, register, register_source
 from .softmax import canonical_softmax_axis
 
 FLT_MIN = 1.17549435e-38  # Caffe clamps softmax probabilities here before the log
@@ -405,3 +405,105 @@ def build_infogain_loss(ctx: LayerContext):
     module = InfogainLoss(axis, classes, inner, _ignore_label(ctx.param.loss_param),
                           _normalization(ctx, "VALID"), len(ctx.tops) == 2, infogain)
     return ctx.wire(module, top_shapes=[()] + [shape] * (len(ctx.tops) - 1))
+
+
+# ---------------------------------------------------------------- standalone source
+
+FLT_MIN_SOURCE = f"FLT_MIN = {FLT_MIN!r}  # Caffe clamps softmax probabilities here before the log"
+
+SOFTMAX_LOSS_SOURCE = '''
+def softmax_with_loss(scores, label, axis, classes, inner, ignore_label, normalization):
+    """Caffe's SoftmaxWithLoss: -log(max(softmax(scores)[label], FLT_MIN)) summed over the labels
+    (one per position before and after `axis`; those equal to ignore_label left out), divided by
+    the valid count (VALID), the label count (FULL), the outer count (BATCH_SIZE) or nothing
+    (NONE), never by less than 1. Its gradient is prob - onehot, even where the clamp bites.
+    Returns the loss and the probabilities."""
+    prob = torch.softmax(scores, axis)
+    labels = label.detach().reshape(-1, inner).long()  # Caffe truncates float labels
+    valid = None if ignore_label is None else labels != ignore_label
+    index = (labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))).unsqueeze(1)
+    picked = prob.reshape(-1, classes, inner).gather(1, index).squeeze(1)
+    surrogate = -torch.log_softmax(scores, axis).reshape(-1, classes, inner).gather(1, index).squeeze(1)
+    nll = (-torch.log(picked.clamp_min(FLT_MIN))).detach() + (surrogate - surrogate.detach())
+    if valid is not None:
+        nll = torch.where(valid, nll, torch.zeros_like(nll))
+    total = nll.sum()
+    if normalization == "VALID" and valid is not None:
+        total = total / valid.sum().clamp_min(1).to(total.dtype)
+    elif normalization == "BATCH_SIZE":
+        total = total / labels.shape[0]
+    elif normalization != "NONE":
+        total = total / labels.numel()
+    return total, prob.detach()
+'''
+
+ACCURACY_SOURCE = '''
+def accuracy(scores, label, classes, inner, top_k, ignore_label):
+    """Caffe's Accuracy: the fraction of labels whose score is among the top_k of its position
+    (ties count against), labels equal to ignore_label left out; and the accuracy per class."""
+    scores = scores.detach().reshape(-1, classes, inner)
+    labels = label.detach().reshape(-1, inner).long()
+    valid = torch.ones_like(labels, dtype=torch.bool) if ignore_label is None else labels != ignore_label
+    index = torch.where(valid, labels, torch.zeros_like(labels))
+    correct = valid & ((scores >= scores.gather(1, index.unsqueeze(1))).sum(1) <= top_k)
+    dtype = scores.dtype
+    overall = correct.sum().to(dtype) / valid.sum().clamp_min(1).to(dtype)
+    is_class = (index.unsqueeze(-1) == torch.arange(classes, device=labels.device)) & valid.unsqueeze(-1)
+    per_class_correct = (is_class & correct.unsqueeze(-1)).sum((0, 1)).to(dtype)
+    return overall, per_class_correct / is_class.sum((0, 1)).to(dtype).clamp_min(1)
+'''
+
+EUCLIDEAN_SOURCE = '''
+def euclidean_loss(a, b):
+    """Caffe's EuclideanLoss: sum((a - b)^2) / (2 num)."""
+    diff = a - b.reshape(a.shape)
+    return (diff * diff).sum() / a.shape[0] / 2
+'''
+
+CONTRASTIVE_SOURCE = '''
+def contrastive_loss(a, b, similar, channels, margin, legacy_version):
+    """Caffe's ContrastiveLoss over pairs (a_i, b_i), d_i = |a_i - b_i|: d^2 for similar pairs
+    (label != 0), max(margin - d, 0)^2 for the others (legacy: max(margin - d^2, 0)), summed and
+    divided by 2 num. Caffe's backward divides by d + 1e-4 where the derivative has d."""
+    diff = a.reshape(-1, channels) - b.reshape(-1, channels)
+    dist_sq = (diff * diff).sum(1)
+    is_similar = similar.detach().reshape(-1).long() != 0
+    if legacy_version:
+        dissimilar = torch.relu(margin - dist_sq)
+    else:
+        dist = torch.sqrt(dist_sq.detach())
+        shortfall = torch.relu(margin - dist)
+        surrogate = -(shortfall / (dist + 1e-4)) * dist_sq
+        dissimilar = (shortfall * shortfall).detach() + (surrogate - surrogate.detach())
+    return torch.where(is_similar, dist_sq, dissimilar).sum() / diff.shape[0] / 2
+'''
+
+
+@register_source("SoftmaxWithLoss")
+def softmax_loss_to_source(src, ctx, module: SoftmaxWithLoss, inputs, outputs):
+    src.helper(FLT_MIN_SOURCE)
+    src.helper(SOFTMAX_LOSS_SOURCE)
+    call = (f"softmax_with_loss({', '.join(inputs)}, {module.axis}, {module.classes}, {module.inner}, "
+            f"{module.ignore_label!r}, {module.normalization!r})")
+    src.assign(outputs, call if len(outputs) == 2 else f"{call}[0]")
+
+
+@register_source("Accuracy")
+def accuracy_to_source(src, ctx, module: Accuracy, inputs, outputs):
+    src.helper(ACCURACY_SOURCE)
+    call = (f"accuracy({', '.join(inputs)}, {module.classes}, {module.inner}, {module.top_k}, "
+            f"{module.ignore_label!r})")
+    src.assign(outputs, call if module.per_class else f"{call}[0]")
+
+
+@register_source("EuclideanLoss")
+def euclidean_loss_to_source(src, ctx, module: EuclideanLoss, inputs, outputs):
+    src.helper(EUCLIDEAN_SOURCE)
+    src.assign(outputs, f"euclidean_loss({', '.join(inputs)})")
+
+
+@register_source("ContrastiveLoss")
+def contrastive_loss_to_source(src, ctx, module: ContrastiveLoss, inputs, outputs):
+    src.helper(CONTRASTIVE_SOURCE)
+    src.assign(outputs, f"contrastive_loss({', '.join(inputs)}, {module.channels}, {module.margin!r}, "
+                        f"{module.legacy_version!r})")

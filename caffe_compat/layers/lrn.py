@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 from .. import native
 
 from .onnx_graph import OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 ACROSS_CHANNELS, WITHIN_CHANNEL = 0, 1  # LRNParameter.NormRegion
 
@@ -206,3 +206,38 @@ def lrn_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
     (shifted,) = g.node("Add", [scaled, g.floats(1.0, name + "/one")], hint=name + "/shifted")
     (factor,) = g.node("Pow", [shifted, g.floats(-module.beta, name + "/neg_beta")], hint=name + "/factor")
     g.node("Mul", [x, factor], outputs)
+
+
+# ---------------------------------------------------------------- standalone source
+# The PyTorch form above, its backward left to autograd (the C kernel is not at hand there).
+
+ACROSS_SOURCE = '''
+def lrn_across_channels(x, size, alpha, beta, k):
+    """Caffe's LRN across channels: x * (k + alpha * mean of x^2 over the size channels centred
+    on each, zero beyond the channel range) ^ -beta."""
+    squares = x * x
+    sums = squares.clone()
+    for offset in range(1, min((size - 1) // 2, x.shape[1] - 1) + 1):
+        sums[:, offset:] += squares[:, :-offset]
+        sums[:, :-offset] += squares[:, offset:]
+    return x * (sums / size * alpha + k).pow(-beta)
+'''
+
+WITHIN_SOURCE = '''
+def lrn_within_channel(x, size, alpha, beta):
+    """Caffe's LRN within a channel: x * (1 + alpha * mean of x^2 over the size x size window
+    centred on each pixel, the zero padding counted) ^ -beta."""
+    mean = F.avg_pool2d(x * x, size, stride=1, padding=(size - 1) // 2, count_include_pad=True)
+    return x * (mean * alpha + 1.0).pow(-beta)
+'''
+
+
+@register_source("LRN")
+def lrn_to_source(src, ctx, module, inputs, outputs):
+    settings = f"{module.size}, {module.alpha!r}, {module.beta!r}"
+    if isinstance(module, AcrossChannelLRN):
+        src.helper(ACROSS_SOURCE)
+        src.assign(outputs, f"lrn_across_channels({inputs[0]}, {settings}, {module.k!r})")
+    else:
+        src.helper(WITHIN_SOURCE)
+        src.assign(outputs, f"lrn_within_channel({inputs[0]}, {settings})")

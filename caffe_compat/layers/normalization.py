@@ -9,7 +9,7 @@ from torch import nn
 
 from . import fillers
 from .onnx_graph import OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 
 def onnx_reduce(g: OnnxGraph, op: str, x: str, axes: Sequence[int], keepdims: int,
@@ -292,3 +292,128 @@ def mvn_to_onnx(g: OnnxGraph, ctx, module: MVN, inputs, outputs):
     eps = onnx_scalar(g, module.eps, ctx.name + "/eps")
     shifted = g.node("Add", [std, eps], hint=ctx.name + "/shifted_std")[0]
     g.node("Div", [centered, shifted], outputs)
+
+
+# ---------------------------------------------------------------- standalone source
+
+BATCH_NORM_SOURCE = '''
+class CaffeBatchNorm(nn.Module):
+    """Caffe's BatchNorm: (x - mean) / sqrt(var + eps) per channel (axis 1), no affine terms. Its
+    statistics are running sums with a common scale factor (divided by it; a factor of 0 means 0).
+    use_global_stats None: the stored statistics in eval mode, the batch's (the sums updated) in
+    training, as Caffe's TEST and TRAIN phases."""
+
+    def __init__(self, channels, rank, eps, moving_average_fraction, use_global_stats=None):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("variance", torch.zeros(channels))
+        self.register_buffer("scale_factor", torch.zeros(1))
+        self.eps, self.fraction, self.use_global_stats = eps, moving_average_fraction, use_global_stats
+        self.stat_shape = (channels,) + (1,) * (rank - 2)
+        self.batch_axes = (0,) + tuple(range(2, rank))
+
+    def forward(self, x):
+        if (not self.training) if self.use_global_stats is None else self.use_global_stats:
+            factor = self.scale_factor
+            inverse = torch.where(factor == 0, torch.zeros_like(factor), 1 / factor)
+            mean, std = self.mean * inverse, torch.sqrt(self.variance * inverse + self.eps)
+            return (x - mean.reshape(self.stat_shape)) / std.reshape(self.stat_shape)
+        mean = x.mean(self.batch_axes)
+        centered = x - mean.reshape(self.stat_shape)
+        variance = (centered * centered).mean(self.batch_axes)  # biased, as Caffe normalises
+        with torch.no_grad():  # Caffe's moving sums; the stored variance is unbiased
+            count = x.numel() // x.shape[1]
+            unbiased = torch.where(variance == 0, variance, variance * count / (count - 1))
+            self.scale_factor.mul_(self.fraction).add_(1)
+            self.mean.mul_(self.fraction).add_(mean)
+            self.variance.mul_(self.fraction).add_(unbiased)
+        return centered / torch.sqrt(variance + self.eps).reshape(self.stat_shape)
+'''
+
+SCALE_SOURCE = '''
+class Scale(nn.Module):
+    """Caffe's Scale: x * weight (+ bias); the weight (or the second bottom) covers some axes of x
+    and is broadcast over the `trailing` axes after them."""
+
+    def __init__(self, shape, trailing, learned_scale=True, bias=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape)) if learned_scale else None
+        self.bias = nn.Parameter(torch.empty(shape)) if bias else None
+        self.expand = (...,) + (None,) * trailing
+
+    def forward(self, x, scale=None):
+        out = x * (self.weight if scale is None else scale)[self.expand]
+        return out if self.bias is None else out + self.bias[self.expand]
+'''
+
+BIAS_SOURCE = '''
+class Bias(nn.Module):
+    """Caffe's Bias: x + bias, the bias covering some axes of x, broadcast over the `trailing` after them."""
+
+    def __init__(self, shape, trailing):
+        super().__init__()
+        self.bias = nn.Parameter(torch.empty(shape))
+        self.expand = (...,) + (None,) * trailing
+
+    def forward(self, x):
+        return x + self.bias[self.expand]
+'''
+
+MVN_SOURCE = '''
+def caffe_mvn(x, axes, missing_axes, normalize_variance, eps):
+    """Caffe's MVN on its 4-D view of x (missing_axes unit axes appended): x - mean over `axes`,
+    divided by std + eps, whose backward differentiates the std as if it were std + eps."""
+    x = x[(...,) + (None,) * missing_axes]
+    centered = x - x.mean(axes, keepdim=True)
+    if not normalize_variance:
+        return centered
+    variance = (centered * centered).mean(axes, keepdim=True)
+    shifted_std = torch.sqrt(variance) + eps
+    carrier = variance * (0.5 / shifted_std).detach()  # value 0, Caffe's gradient
+    return centered / (shifted_std.detach() + (carrier - carrier.detach()))
+'''
+
+
+def _expanded(operand: str, trailing: int) -> str:
+    """Source of `_broadcast`: the operand with `trailing` unit axes appended."""
+    return f"{operand}[...{', None' * trailing}]" if trailing else operand
+
+
+@register_source("BatchNorm")
+def batch_norm_to_source(src, ctx, module: BatchNorm, inputs, outputs):
+    src.helper(BATCH_NORM_SOURCE)
+    settings = (f"{module.channels}, {len(module.stat_shape) + 1}, {module.eps!r}, "
+                f"{module.moving_average_fraction!r}, {module.use_global_stats!r}")
+    layer = src.attribute(ctx, f"CaffeBatchNorm({settings})",
+                          {name: getattr(module, name) for name in module.blob_names})
+    src.assign(outputs, f"{layer}({inputs[0]})")
+
+
+@register_source("Scale")
+def scale_to_source(src, ctx, module: Scale, inputs, outputs):
+    operand = module.weight if module.weight is not None else module.bias
+    if operand is None:  # the second bottom times x, nothing learned
+        src.assign(outputs, f"{inputs[0]} * {_expanded(inputs[1], module.trailing)}")
+        return
+    src.helper(SCALE_SOURCE)
+    layer = src.attribute(ctx, f"Scale({tuple(operand.shape)}, {module.trailing}, "
+                               f"learned_scale={module.weight is not None}, bias={module.bias is not None})",
+                          {name: getattr(module, name) for name in module.blob_names})
+    src.assign(outputs, f"{layer}({', '.join(inputs)})")
+
+
+@register_source("Bias")
+def bias_to_source(src, ctx, module: Bias, inputs, outputs):
+    if module.bias is None:  # the second bottom
+        src.assign(outputs, f"{inputs[0]} + {_expanded(inputs[1], module.trailing)}")
+        return
+    src.helper(BIAS_SOURCE)
+    layer = src.attribute(ctx, f"Bias({tuple(module.bias.shape)}, {module.trailing})", {"bias": module.bias})
+    src.assign(outputs, f"{layer}({inputs[0]})")
+
+
+@register_source("MVN")
+def mvn_to_source(src, ctx, module: MVN, inputs, outputs):
+    src.helper(MVN_SOURCE)
+    src.assign(outputs, f"caffe_mvn({inputs[0]}, {module.axes}, {module.missing_axes}, "
+                        f"{module.normalize_variance!r}, {module.eps!r})")

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..layer_params import pool_window, pooled_sizes, spp_level_window
 from .onnx_graph import FLOAT, OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, no_source_form, register, register_onnx, register_source
 
 FLT_MAX = float(np.finfo(np.float32).max)
 MAX, AVE, STOCHASTIC = 0, 1, 2  # PoolingParameter.PoolMethod
@@ -275,3 +275,53 @@ def spp_to_onnx(g: OnnxGraph, ctx, module: SpatialPyramidPooling, inputs, output
         pooling_to_onnx(g, ctx, level, inputs, [pooled])
         flat += g.node("Flatten", [pooled], hint=f"{ctx.name}/level{index}_flat", axis=1)
     g.node("Concat", flat, outputs, axis=1)
+
+
+# ---------------------------------------------------------------- standalone source
+
+FLT_MAX_SOURCE = f"FLT_MAX = {FLT_MAX!r}  # float32's largest: Caffe's MAX pooling starts from -FLT_MAX"
+
+MAX_POOL_SOURCE = '''
+def caffe_max_pool(x, kernel, stride, pad, end_pad=None):
+    """Caffe's MAX pooling: the output size rounded up, a last window starting in the padding
+    dropped. Where torch's ceil_mode gives other windows, end_pad (rows, columns padded after
+    the input; negative: left out) gives Caffe's, in floor mode."""
+    x = x.contiguous(memory_format=torch.channels_last)  # the same values, several times faster on CPU
+    if end_pad is None:
+        return F.max_pool2d(x, kernel, stride, pad, ceil_mode=True).contiguous()
+    x = F.pad(x, (pad[1], end_pad[1], pad[0], end_pad[0]), value=-FLT_MAX)
+    return F.max_pool2d(x, kernel, stride).contiguous()
+'''
+
+AVE_POOL_SOURCE = '''
+def caffe_ave_pool(x, kernel, stride, pad, end_pad):
+    """Caffe's AVE pooling where its divisor varies: window sums over the zero-padded input, each
+    divided by the window's extent within the padded input (padding counted, overhang not)."""
+    sums = F.avg_pool2d(F.pad(x, (pad[1], end_pad[1], pad[0], end_pad[0])), kernel, stride, divisor_override=1)
+    extents = []
+    for size, k, s, p, pooled in zip(x.shape[2:], kernel, stride, pad, sums.shape[2:]):
+        starts = torch.arange(pooled) * s - p
+        extents.append((starts + k).clamp(max=size + p) - starts)
+    return sums / torch.outer(*extents).to(sums.device, sums.dtype)
+'''
+
+
+@register_source("Pooling")
+def pooling_to_source(src, ctx, module, inputs, outputs):
+    if len(outputs) != 1:
+        raise no_source_form(ctx, "the argmax mask top")
+    g = module.geometry
+    x, window = inputs[0], f"{g.kernel}, {g.stride}"
+    end_pad = None if module.native else g.end_pad
+    if isinstance(module, MaxPooling):
+        src.helper(FLT_MAX_SOURCE)
+        src.helper(MAX_POOL_SOURCE)
+        src.assign(outputs, f"caffe_max_pool({x}, {window}, {g.pad}" + (f", {end_pad})" if end_pad else ")"))
+    elif module.native:
+        src.assign(outputs, f"F.avg_pool2d({x}, {window}, {g.pad}, ceil_mode=True, count_include_pad=True)")
+    elif module.divisor is None:  # every window inside the explicitly padded input: the kernel's area
+        left, right, top, bottom = g.torch_explicit_pad()
+        src.assign(outputs, f"F.avg_pool2d(F.pad({x}, ({left}, {right}, {top}, {bottom})), {window})")
+    else:
+        src.helper(AVE_POOL_SOURCE)
+        src.assign(outputs, f"caffe_ave_pool({x}, {window}, {g.pad}, {end_pad})")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .normalization import onnx_reduce, onnx_scalar
 from .onnx_graph import OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 _OPERATIONS = {1: "SUM", 2: "ASUM", 3: "SUMSQ", 4: "MEAN"}  # ReductionParameter.ReductionOp
 _ONNX_OPS = {"SUM": "ReduceSum", "ASUM": "ReduceL1", "SUMSQ": "ReduceSumSquare", "MEAN": "ReduceMean"}
@@ -48,3 +48,10 @@ def reduction_to_onnx(g: OnnxGraph, ctx, module: Reduction, inputs, outputs):
         return
     reduced = onnx_reduce(g, op, inputs[0], module.axes, 0, hint=ctx.name + "/reduced")
     g.node("Mul", [reduced, onnx_scalar(g, module.coeff, ctx.name + "/coeff")], outputs)
+
+
+@register_source("Reduction")
+def reduction_to_source(src, ctx, module: Reduction, inputs, outputs):
+    x = {"ASUM": f"{inputs[0]}.abs()", "SUMSQ": f"({inputs[0]} * {inputs[0]})"}.get(module.operation, inputs[0])
+    reduced = f"{x}.{'mean' if module.operation == 'MEAN' else 'sum'}({module.axes})"
+    src.assign(outputs, reduced if module.coeff == 1 else f"{reduced} * {module.coeff!r}")

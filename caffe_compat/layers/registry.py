@@ -1,7 +1,8 @@
 """One registry keyed by Caffe layer type.
 
 Each type has a builder (layer -> PyTorch module plus its blob wiring) and, where
-ONNX has an equivalent, an emitter (layer -> ONNX nodes). Both are registered by
+ONNX has an equivalent, an emitter (layer -> ONNX nodes), and where plain torch can
+say it exactly, a source emitter (layer -> lines of standalone PyTorch source). Both are registered by
 decorators that refuse a second registration of the same type. The built-in types'
 family modules are imported on the first lookup of one of their types (the catalog
 says which module), so that only the families a net uses are imported.
@@ -79,6 +80,7 @@ Builder = Callable[[LayerContext], Converted]
 class LayerEntry:
     build: Optional[Builder] = None
     to_onnx: Optional[Callable] = None
+    to_source: Optional[Callable] = None
 
 
 class Registry(Mapping[str, LayerEntry]):
@@ -158,6 +160,16 @@ def register(*layer_types: str, param=None, field: Optional[Tuple[str, int]] = N
 def register_onnx(*layer_types: str):
     """Register an ONNX emitter for one or more Caffe layer types."""
     return _registrar("to_onnx", "an ONNX emitter", layer_types)
+
+
+def register_source(*layer_types: str):
+    """Register a standalone PyTorch source emitter (see converters.source) for Caffe layer types."""
+    return _registrar("to_source", "a source emitter", layer_types)
+
+
+def no_source_form(ctx: LayerContext, why: str) -> CaffeCompatError:
+    """A source emitter's refusal: one line naming the layer, its type and why."""
+    return ctx.error(f"has no standalone PyTorch source form ({why}); convert to .pt or .safetensors instead")
 
 
 def builder_for(layer_name: str, layer_type: str) -> Builder:

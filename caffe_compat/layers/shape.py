@@ -10,7 +10,7 @@ import torch
 
 from ..layer_params import concat_top, flatten_top, reshape_top, slice_tops
 from .onnx_graph import FLOAT, OnnxGraph
-from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
+from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx, register_source
 
 Shape = Tuple[int, ...]
 
@@ -334,3 +334,67 @@ def argmax_to_onnx(g: OnnxGraph, ctx, module: ArgMax, inputs, outputs):
         indices = g.node("Concat", [indices, values], hint=ctx.name + "/indices_values", axis=1)[0]
     top_shape = [0] + list(module.top_shape[1:])
     g.node("Reshape", [indices, g.ints(top_shape, ctx.name + "/top_shape")], outputs)
+
+
+# ---------------------------------------------------------------- standalone source
+# The tops are the bottom's own values under new names, as Caffe shares the data.
+
+@register_source("Concat")
+def concat_to_source(src, ctx, module: Concat, inputs, outputs):
+    src.assign(outputs, inputs[0] if len(inputs) == 1 else f"torch.cat([{', '.join(inputs)}], {module.axis})")
+
+
+@register_source("Slice")
+def slice_to_source(src, ctx, module: Slice, inputs, outputs):
+    x = inputs[0]
+    if len(module.sizes) == 1:
+        src.assign(outputs, x)
+        return
+    src.assign(outputs, ", ".join(f"{x}.narrow({module.axis}, {start}, {size})"
+                                  for start, size in zip(module.starts, module.sizes)))
+
+
+@register_source("Split")
+def split_to_source(src, ctx, module: Split, inputs, outputs):
+    src.assign(outputs, ", ".join(inputs * len(outputs)))
+
+
+@register_source("Flatten", "Reshape")
+def reshape_to_source(src, ctx, module: Reshape, inputs, outputs):
+    src.assign(outputs, f"{inputs[0]}.reshape({module.shape})")
+
+
+@register_source("Tile")
+def tile_to_source(src, ctx, module: Tile, inputs, outputs):
+    src.assign(outputs, f"{inputs[0]}.repeat({module.repeats})")
+
+
+@register_source("Silence")
+def silence_to_source(src, ctx, module: Silence, inputs, outputs):
+    """Nothing to compute: Silence only consumes its bottoms."""
+
+
+ARGMAX_SOURCE = '''
+def argmax(x, axis, top_k, out_max_val, top_shape):
+    """Caffe's ArgMax: the indices (as floats), or the values, of the top_k largest entries along
+    `axis`; with axis None over each example flattened, (N, 1, top_k) indices or (N, 2, top_k)
+    indices and values, unit axes appended up to top_shape's rank. Among equal values the larger
+    index comes first, as Caffe sorts (value, index) pairs. No gradient."""
+    x = x.detach()
+    dim = 1 if axis is None else axis
+    flat = x.reshape(x.shape[0], -1) if axis is None else x
+    values, order = torch.sort(flat.flip(dim), dim=dim, descending=True, stable=True)
+    values = values.narrow(dim, 0, top_k)
+    indices = ((flat.shape[dim] - 1) - order.narrow(dim, 0, top_k)).to(x.dtype)
+    if axis is not None:
+        return values if out_max_val else indices
+    top = torch.cat([indices, values], dim=1) if out_max_val else indices
+    return top.reshape((-1,) + top_shape[1:])
+'''
+
+
+@register_source("ArgMax")
+def argmax_to_source(src, ctx, module: ArgMax, inputs, outputs):
+    src.helper(ARGMAX_SOURCE)
+    src.assign(outputs, f"argmax({inputs[0]}, {module.axis}, {module.top_k}, {module.out_max_val!r}, "
+                        f"{module.top_shape})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .onnx_graph import OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 
 class Softmax(CaffeLayer):
@@ -32,3 +32,8 @@ def build_softmax(ctx: LayerContext):
 def softmax_to_onnx(g: OnnxGraph, ctx, module: Softmax, inputs, outputs):
     # From opset 13 ONNX's Softmax normalises along the one axis, as Caffe does.
     g.node("Softmax", [inputs[0]], outputs, axis=module.axis)
+
+
+@register_source("Softmax")
+def softmax_to_source(src, ctx, module: Softmax, inputs, outputs):
+    src.assign(outputs, f"torch.softmax({inputs[0]}, {module.axis})")
