@@ -116,7 +116,7 @@ def _caffenet(proto, weights, options):
 
 
 def test_outputs_equal_the_caffenets_to_the_bit(generated, monkeypatch):
-    monkeypatch.setattr(lrn, "_kernel_applies", lambda x: False)  # the PyTorch LRN, as the generated file's
+    monkeypatch.setattr(lrn, "_kernel_applies", lambda x, size: False)  # the PyTorch LRN, as the generated file's
     for name, (proto, weights, options, inputs, outputs) in generated[1].items():
         net = _caffenet(proto, weights, options)
         with torch.no_grad():
@@ -130,7 +130,7 @@ def test_lrn_against_the_c_kernel(generated):
     """The C kernel (the CaffeNet's on CPU) rounds differently: within 1e-6 relative of it."""
     proto, weights, options, inputs, outputs = generated[1]["lrn_across"]
     kernel = load_net(proto, weights).eval()(*inputs)["lrn"]
-    assert lrn._kernel_applies(inputs[0])
+    assert lrn._kernel_applies(inputs[0], 5)  # the fixture's local_size
     assert (outputs["lrn"] - kernel).abs().max() <= 1e-6 * kernel.abs().max()
 
 
