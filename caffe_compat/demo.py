@@ -186,7 +186,7 @@ def _write_data(folder: Path, iterations: int) -> Dict[str, list]:
     from .io.datum import write_datum_lmdb
 
     _step("1. the data: scikit-learn's handwritten digits (bundled with the package), each drawn at a random "
-          "place on a 28x28 canvas of noise")
+          "place and contrast on a 28x28 canvas of noise over a random background level")
     splits = load_splits(seed=0)
     records = {
         "train": pair_records(splits, iterations * BATCH, seed=1),
