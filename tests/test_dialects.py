@@ -228,3 +228,49 @@ def test_a_pooling_layer_naming_both_ceil_mode_and_round_mode_is_not_guessed(tmp
     info = inspect_net(tmp_path / "net.prototxt")  # inspect shows it, its shape unknown, and why
     assert info["layers"][-1]["top_shapes"] == {"out": None}
     assert info["shape_notes"] == ["layer 'pool' (Pooling): gives both ceil_mode and round_mode; keep one"]
+
+
+FORK_PROTOTXTS = sorted(str(p.relative_to(REFERENCE / "forks")) for p in (REFERENCE / "forks").rglob("*.prototxt"))
+
+
+@pytest.mark.parametrize("name", FORK_PROTOTXTS)
+def test_inspect_shows_every_fork_net_and_names_what_it_cannot_build(name):
+    from caffe_compat.inspect import buildable, format_inspection, inspect_net
+    info = inspect_net(REFERENCE / "forks" / name)
+    assert info["layers"] and info["dialect"] != "bvlc"
+    for row in info["layers"]:
+        if buildable(row["type"]):
+            assert row["fork"] is None
+        else:  # the fork is named from the dialect's own table
+            assert f"[dialect {info['dialect']}]" in row["fork"], row
+            assert f"'{row['name']}' ({row['type']}, from {row['fork']})" in info["cannot_build"]
+    assert "Traceback" not in format_inspection(info, 100)
+
+
+def test_inspect_names_an_unbuildable_layer_and_its_fork_and_convert_refuses_it(tmp_path):
+    from conftest import run_cli
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }\n'
+        'layer { name: "up" type: "Interp" bottom: "data" top: "up" interp_param { zoom_factor: 2 } }\n')
+    shown = run_cli("inspect", "net.prototxt", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "dialect pspnet" in shown.stdout and "zoom_factor=2" in shown.stdout
+    assert ("cannot build (no builder; inspect only): 'up' (Interp, from PSPNet / DeepLab-v2 (hszhao/PSPNet) "
+            "[dialect pspnet])") in " ".join(shown.stdout.split())
+    refused = run_cli("convert", "net.prototxt", "--random-init", "-o", "m.pt", cwd=tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert refused.stderr.startswith("caffe-compat: error: layer 'up': unknown layer type 'Interp' (from PSPNet")
+
+
+def test_inspect_shows_undecoded_settings_by_field_number(tmp_path):
+    from caffe_compat.inspect import inspect_net
+    # A faster-rcnn caffemodel read in BVLC's dialect: ROIPooling's settings stay raw.
+    def build(net):
+        net.layer.add(name="data", type="Input", top=["data"]).input_param.shape.add(dim=[1, 2, 4, 4])
+        net.layer.add(name="roi", type="ROIPooling", bottom=["data"], top=["out"]).roi_pooling_param.pooled_h = 2
+    path = _caffemodel(tmp_path, "faster-rcnn", build)
+    with pytest.warns(UserWarning, match="field 8266711"):
+        info = inspect_net(path, dialect="bvlc")
+    assert info["layers"][-1]["unknown_fields"] == ["field 8266711"] and info["layers"][-1]["params"] == {}
+    with pytest.warns(UserWarning, match="it fits dialects faster-rcnn, opencv; read as faster-rcnn"):
+        assert inspect_net(path)["layers"][-1]["params"] == {"roi_pooling_param": {"pooled_h": 2}}

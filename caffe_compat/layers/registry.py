@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import CaffeCompatError
+from ..io.dialects import likely_fork
 from ..layer_params import LayerFacts, Shape
 from .catalog import CATALOG
 
@@ -100,6 +101,12 @@ class Registry(Mapping[str, LayerEntry]):
         load_all()
         return len(self._entries)
 
+    def registered(self, layer_type: str) -> bool:
+        """Whether a builder for `layer_type` was registered from outside the catalog's
+        families (imports nothing)."""
+        found = self._entries.get(layer_type)
+        return found is not None and found.build is not None
+
     def entry(self, layer_type: str) -> LayerEntry:
         """The entry to register into, created if new."""
         return self._entries.setdefault(layer_type, LayerEntry())
@@ -148,7 +155,7 @@ def builder_for(layer_name: str, layer_type: str) -> Builder:
     entry = REGISTRY.get(layer_type)
     if entry is None or entry.build is None:
         raise CaffeCompatError(
-            f"layer '{layer_name}': unknown layer type '{layer_type}'. Register a builder with "
-            f"@caffe_compat.layers.register('{layer_type}') (a function taking a LayerContext "
-            f"and returning ctx.wire(module)) before building the net")
+            f"layer '{layer_name}': unknown layer type '{layer_type}' (from {likely_fork(layer_type)}). "
+            f"Register a builder with @caffe_compat.layers.register('{layer_type}') (a function taking a "
+            f"LayerContext and returning ctx.wire(module)) before building the net")
     return entry.build

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 from ...errors import CaffeCompatError
 
@@ -63,6 +63,19 @@ ENTRIES: Dict[str, Dialect] = {entry.name: entry for entry in (
         "Normalize": "norm_param", "PriorBox": "prior_box_param", "Proposal": "proposal_param",
         "PSROIPooling": "psroi_pooling_param", "ROIPooling": "roi_pooling_param"}),
 )}
+
+
+def forks_of_type(layer_type: str) -> List[Dialect]:
+    """The forks that bring `layer_type` (none for BVLC's own types and types no entry knows)."""
+    return [d for d in ENTRIES.values() if d.name != "bvlc" and layer_type in d.layer_types]
+
+
+def likely_fork(layer_type: str) -> str:
+    """Where a layer type likely comes from, in words, for messages."""
+    forks = forks_of_type(layer_type)
+    if not forks:
+        return "a fork this project has no entry for"
+    return " or ".join(f"{d.fork} [dialect {d.name}]" for d in forks)
 
 
 def entry(name: str) -> Dialect:
