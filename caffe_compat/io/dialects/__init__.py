@@ -55,7 +55,7 @@ ENTRIES: Dict[str, Dialect] = {entry.name: entry for entry in (
     Dialect("depthwise", "DepthwiseConvolution (yonghenglh6/DepthwiseConvolution)", None, {
         "DepthwiseConvolution": "convolution_param"}),
     Dialect("mobilenet-yolo", "MobileNet-YOLO (eric612/MobileNet-YOLO)", "mobilenet_yolo.proto", {
-        "ReLU6": "relu6_param"}),
+        "ReLU6": "relu6_param", "Upsample": "upsample_param"}),
     Dialect("senet", "SENet (hujie-frank/SENet)", None, {"Axpy": ""}),
     # Last: OpenCV gathers other forks' layers, a tie goes to the fork they come from.
     Dialect("opencv", "OpenCV's Caffe importer (opencv/opencv, opencv-caffe.proto)", "opencv.proto", {
