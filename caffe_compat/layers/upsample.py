@@ -106,5 +106,11 @@ def upsample_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
     (index,) = g.node("Add", [index, channel_offsets], hint=name + "/flat_index")
     (top_shape,) = g.node("Concat", [batch, g.ints([channels, s.height_out, s.width_out], name + "/top_tail")],
                           hint=name + "/top_shape", axis=0)
-    kernel = [-(-s.height_out // height), -(-s.width_out // width)]
-    g.node("MaxUnpool", [inputs[0], index, top_shape], outputs, kernel_shape=kernel, strides=kernel)
+    if s.height_out < height or s.width_out < width:
+        raise ctx.error(f"a {s.height_out}x{s.width_out} top smaller than the {height}x{width} bottom has no "
+                        f"ONNX export (MaxUnpool's top is at least its bottom's size)")
+    # kernel and strides 1: MaxUnpool's least top is then the bottom's size; output_shape sets it
+    (unpooled,) = g.node("MaxUnpool", [inputs[0], index, top_shape], hint=name + "/unpooled", kernel_shape=[1, 1],
+                         strides=[1, 1])
+    # a Reshape to the known sizes, so that shape inference gives the top's rank and sizes
+    g.node("Reshape", [unpooled, g.ints([-1, channels, s.height_out, s.width_out], name + "/top_dims")], outputs)
