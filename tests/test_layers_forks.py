@@ -375,3 +375,21 @@ def test_depthwise_convolution_is_convolution_on_the_cpu():
     _, converted = build("DepthwiseConvolution", params, [(1, 3, 5, 5)], dialect="depthwise")
     assert [tuple(t.shape) for t in converted.module.caffe_blobs()] == [(6, 1, 3, 3), (6,)]
     assert converted.top_shapes == [(1, 6, 3, 3)]
+
+
+# ---- BN's two forks: a prototxt that reads alike in both ------------------------------
+
+def test_a_bn_prototxt_of_either_fork_is_read_as_the_caffemodels_blobs_show(recwarn):
+    from caffe_compat.io.files import read_prototxt, read_with_weights
+    from caffe_compat.loading import load_net
+
+    folder = require(FORKS)
+    ambiguous = read_prototxt(folder / "segnetbn_02.prototxt")  # BN without bn_param
+    assert ambiguous.dialect == "pspnet" and ambiguous.ties == ("pspnet", "segnet")
+    with pytest.warns(UserWarning, match="read as segnet, which its layers show"):
+        net_file, weights_file = read_with_weights(ambiguous, folder / "segnetbn_02.caffemodel")
+    assert net_file.dialect == weights_file.dialect == "segnet"
+    net_file, weights_file = read_with_weights(read_prototxt(folder / "bn_00.prototxt"), folder / "bn_00.caffemodel")
+    assert net_file.dialect == weights_file.dialect == "pspnet" and not recwarn.list  # 4 blobs: PSPNet's alone
+    with pytest.raises(CaffeCompatError, match=r"^layer 'bn' \(BN\): the weights have 2 blobs, the layer needs 4$"):
+        load_net(folder / "segnetbn_02.prototxt", folder / "segnetbn_02.caffemodel", dialect="pspnet")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from google.protobuf import text_format
@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from ..errors import CaffeCompatError
 from . import atomic, wire
 from .blobs import array_to_blob, blob_shape, blob_to_array, shaped
-from .dialects.detect import binary_fits, choose_binary, detect_text_dialect
+from .dialects.detect import binary_fits, choose_binary, text_ties
 from .schema import check_strings, messages, unknown_fields
 from .text import decode_text, looks_binary, parse_text
 from .upgrade import upgrade_net
@@ -34,6 +34,7 @@ class NetFile:
     upgraded: bool = False
     unknown: List[str] = field(default_factory=list)
     weights: Optional[Dict[str, List[np.ndarray]]] = None
+    ties: Tuple[str, ...] = ()  # a prototxt's dialects that read it alike, where none was given
 
 
 def _check_file(path: Path, what: str) -> None:
@@ -71,10 +72,11 @@ def read_prototxt(path: PathLike, dialect: Optional[str] = None) -> NetFile:
 
 def _prototxt_from(path: Path, data: bytes, dialect: Optional[str]) -> NetFile:
     text = decode_text(path, data, "prototxt")
-    dialect = dialect or detect_text_dialect(text)
+    ties = () if dialect else text_ties(text)
+    dialect = dialect or ties[0]
     net = parse_text(path, text, messages(dialect).NetParameter(), "prototxt")
     upgraded = upgrade_net(net)
-    return NetFile(net, dialect, path, upgraded)
+    return NetFile(net, dialect, path, upgraded, ties=ties)
 
 
 def read_caffemodel(path: PathLike, dialect: Optional[str] = None, prototxt: Optional[NetFile] = None) -> NetFile:
@@ -98,7 +100,7 @@ def read_caffemodel(path: PathLike, dialect: Optional[str] = None, prototxt: Opt
         raise CaffeCompatError(f"{invalid}: {err}") from None
     try:
         if not dialect:
-            expected = (prototxt.dialect, str(prototxt.path)) if prototxt is not None else None
+            expected = None if prototxt is None else (prototxt.dialect, str(prototxt.path), prototxt.ties)
             dialect, note = choose_binary(binary_fits(split.definitions), str(path), expected)
             if note:
                 warnings.warn(note, stacklevel=2)
@@ -112,6 +114,15 @@ def read_caffemodel(path: PathLike, dialect: Optional[str] = None, prototxt: Opt
     weights = _weights_over(path, net, split, buffer)
     upgraded = upgrade_net(net)
     return NetFile(net, dialect, path, upgraded, unknown, weights)
+
+
+def read_with_weights(net_file: NetFile, weights: PathLike, dialect: Optional[str] = None) -> Tuple[NetFile, NetFile]:
+    """A prototxt's net and its caffemodel: the prototxt read again in the caffemodel's
+    dialect where it reads alike in several and the caffemodel's layers show that one."""
+    weights_file = read_caffemodel(weights, dialect, net_file)
+    if weights_file.dialect != net_file.dialect:
+        net_file = read_prototxt(net_file.path, weights_file.dialect)
+    return net_file, weights_file
 
 
 def _weights_over(path: Path, net, split: wire.SplitNet, buffer) -> Dict[str, List[np.ndarray]]:

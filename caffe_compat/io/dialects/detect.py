@@ -53,31 +53,47 @@ _TYPE = re.compile(r"""\btype\s*:\s*["']([^"']*)["']""")
 _FIELD_NAME = re.compile(r"\b([A-Za-z_]\w*)\s*(?=[:{<])")
 
 
-def text_candidates(text: str) -> List[str]:
-    """The dialects whose schema knows every field name `text` uses, those with most of
-    their own layer types first; BVLC when no fork's name or type shows. When none knows
-    every name, the one that knows most (its parser then names the field it lacks)."""
+def _text_ranking(text: str) -> List[Tuple[Tuple[int, int], str]]:
+    """Each dialect whose schema knows every field name `text` uses, with its rank (names
+    missing, minus its own layer types used), best first; BVLC only when no fork's name
+    or type shows. When none knows every name, the one that knows most (its parser then
+    names the field it lacks)."""
     code = _STRING_OR_COMMENT.sub(lambda m: "" if m.group().startswith("#") else m.group(), text)
     types = set(_TYPE.findall(code))
     names = set(_FIELD_NAME.findall(_STRING_OR_COMMENT.sub('""', code)))
     fork_names = names - field_names(BVLC)
     ranked = sorted(((len(fork_names - field_names(d)), -len(types & own_types(d)), i, d)
                      for i, d in enumerate(ENTRIES)))
-    fitting = [d for missing, votes, _, d in ranked if not missing and (votes or fork_names or d == BVLC)]
-    return fitting or [ranked[0][3]]
+    fitting = [((missing, votes), d) for missing, votes, _, d in ranked
+               if not missing and (votes or fork_names or d == BVLC)]
+    return fitting or [(ranked[0][:2], ranked[0][3])]
+
+
+def text_candidates(text: str) -> List[str]:
+    """The dialects that read `text` (see _text_ranking), best first."""
+    return [d for _, d in _text_ranking(text)]
+
+
+def text_ties(text: str) -> Tuple[str, ...]:
+    """The dialects that read `text` as well as the best (its BN layers without a bn_param
+    are PSPNet's and SegNet's alike): a caffemodel may decide among them."""
+    ranking = _text_ranking(text)
+    return tuple(d for rank, d in ranking if rank == ranking[0][0])
 
 
 def _votes(net, dialect: str) -> int:
-    """Layers that show `dialect`: of a type it brings, or carrying a field of its own on a
-    layer whose type is not BVLC's user of that number (a Parameter layer's field 145 is
-    BVLC's parameter_param, whatever a fork calls 145)."""
+    """Layers that show `dialect`: of a type it brings (of its blob count, where the entry
+    gives one), or carrying a field of its own on a layer whose type is not BVLC's user of
+    that number (a Parameter layer's field 145 is BVLC's parameter_param, whatever a fork
+    calls 145)."""
     if dialect == BVLC:
         return 0
     own, types, bvlc_types = own_layer_fields(dialect), own_types(dialect), ENTRIES[BVLC].layer_types
+    blob_counts = ENTRIES[dialect].blob_counts
     count = 0
     for layer in net.layer:
         if layer.type in types:
-            count += 1
+            count += not layer.blobs or blob_counts.get(layer.type, len(layer.blobs)) == len(layer.blobs)
         elif layer.type not in bvlc_types and any(f.name in own for f, _ in layer.ListFields()):
             count += 1
     return count
@@ -123,11 +139,14 @@ def _candidates(fits: List[Fit]) -> List[str]:
     return [f.dialect for f in fits if (f.unknown, f.votes) == (best.unknown, best.votes)]
 
 
-def choose_binary(fits: List[Fit], source: str, prototxt: Optional[Tuple[str, str]] = None) -> Tuple[str, str]:
+def choose_binary(fits: List[Fit], source: str,
+                  prototxt: Optional[Tuple[str, str, Tuple[str, ...]]] = None) -> Tuple[str, str]:
     """The dialect to read a caffemodel in, and a note when the choice needs one.
 
-    With a prototxt of a fork (its dialect, its path), the prototxt's dialect whenever it
-    reads the caffemodel as well as the best fit; a caffemodel that it reads worse is
+    With a prototxt of a fork (its dialect, its path, the dialects that read its text
+    alike), one of those that the caffemodel's layers show most, the prototxt's first
+    (the caller then reads the prototxt in the dialect returned); else the prototxt's
+    whenever it reads the caffemodel as well as the best fit; a caffemodel that it reads worse is
     written for another fork: an error naming both files. Otherwise (no prototxt, or a
     BVLC one, which claims no fork: a deploy net beside a fork's trained weights) the best
     fit; a note names the others that fit as well."""
@@ -136,8 +155,14 @@ def choose_binary(fits: List[Fit], source: str, prototxt: Optional[Tuple[str, st
     if prototxt is None or prototxt[0] == BVLC:
         note = f"{source}: {alternatives}; read as {candidates[0]} (--dialect chooses)" if len(candidates) > 1 else ""
         return candidates[0], note
-    dialect, prototxt_path = prototxt
+    dialect, prototxt_path, ties = prototxt
     fit = next((f for f in fits if f.dialect == dialect), None)
+    shown = next((f for f in fits if f.dialect in ties and (f.unknown, f.votes) == (fits[0].unknown, fits[0].votes)),
+                 None)
+    if fit is not None and shown is not None and shown.dialect != dialect and fit.votes < shown.votes:
+        # the prototxt reads alike in both; the caffemodel's layers show which
+        return shown.dialect, (f"{source}: read as {shown.dialect}, which its layers show, and {prototxt_path} "
+                               f"with it (it reads in {', '.join(ties)} alike; --dialect chooses)")
     if fit is None or fit.unknown > fits[0].unknown:
         left = "cannot parse it" if fit is None else f"leaves {fit.unknown} of its fields unknown"
         raise CaffeCompatError(
