@@ -24,4 +24,6 @@ def build_depthwise_convolution(ctx: LayerContext):
     return _build(ctx, transposed=False)
 
 
-register_onnx("ConvolutionDepthwise", "DepthwiseConvolution")(convolution_to_onnx)
+@register_onnx("ConvolutionDepthwise", "DepthwiseConvolution")
+def depthwise_to_onnx(g, ctx, module, inputs, outputs):
+    convolution_to_onnx(g, ctx, module, inputs, outputs)  # a grouped Conv
