@@ -6,7 +6,7 @@ layer and the field."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 from .layer_params import LayerFacts, Shape
 
@@ -233,5 +233,5 @@ def axpy_top(layer: LayerFacts) -> Shape:
 
 def relu6_slope(layer: LayerFacts) -> float:
     layer.expect_bottoms(1)
-    p: Optional[object] = fork_param(layer, "relu6_param")
+    p = fork_param(layer, "relu6_param")
     return p.negative_slope if p is not None else 0.0

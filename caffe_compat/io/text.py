@@ -61,7 +61,7 @@ def decode_text(path: Path, data: bytes, what: str) -> str:
                                    f"not a {what}")
         start = end + 1
     for token in _TOKEN.finditer(text):
-        if len(token.group()) == 1:
+        if token.group() in ('"', "'"):  # a lone '#' is an empty comment
             raise CaffeCompatError(f"{path}: line {_line_of(text, token.start())}: a string opened with "
                                    f"{token.group()} never ends on its line; not a valid {what}")
         run = _BACKSLASHES.search(token.group()) if token.group()[0] != "#" else None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..fork_params import BNSettings, bn_settings
+from ..fork_params import BNSettings, bn_settings, fork_param
 from . import fillers
 from .normalization import onnx_reduce, onnx_scalar
 from .onnx_graph import OnnxGraph
@@ -118,7 +118,7 @@ def build_bn(ctx: LayerContext):
     s = bn_settings(ctx)
     channels = ctx.bottom_shapes[0][1]
     shape = (1, channels, 1, 1)
-    p = ctx.param.bn_param if "bn_param" in ctx.param.DESCRIPTOR.fields_by_name else None
+    p = fork_param(ctx, "bn_param")
 
     def filled(field):  # an absent filler is Caffe's default, the constant 0
         return fillers.fill(getattr(p, field), shape, ctx.name) if p is not None else torch.zeros(shape)
