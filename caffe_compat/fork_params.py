@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
+from .io.schema import dialect_of
 from .layer_params import LayerFacts, Shape
 
 
@@ -90,6 +91,7 @@ class BNSettings:
     frozen: bool  # 4-blob: the stored statistics, and no parameter gradients
     momentum: float
     eps: float
+    flat_blobs: bool = False  # TSN's blobs are (1, C), PSPNet's and SegNet's (1, C, 1, 1)
 
 
 SEGNET_FIELDS = ("bn_mode", "scale_filler", "shift_filler")
@@ -98,8 +100,8 @@ SEGNET_BN_MODES = {0: "LEARN", 1: "INFERENCE"}
 
 
 def bn_settings(layer: LayerFacts) -> BNSettings:
-    """Which BN the layer is, by the fields its bn_param carries, else by the dialect the
-    net is read in (SegNet's when its bn_param has bn_mode)."""
+    """Which BN the layer is, by the dialect the net is read in: SegNet's when its
+    bn_param has bn_mode, else the 4-blob BN (TSN's blobs flat)."""
     layer.expect_bottoms(1)
     expect_rank(layer, 0, 4)
     p = fork_param(layer, "bn_param")
@@ -117,12 +119,12 @@ def bn_settings(layer: LayerFacts) -> BNSettings:
         raise layer.error(f"expects 1 top, got {len(layer.tops)}")
     if p is None:  # a dialect without bn_param: the 4-blob BN's defaults
         return BNSettings(False, False, False, 0.9, 1e-5)
-    return BNSettings(False, False, p.frozen, p.momentum, p.eps)
+    return BNSettings(False, False, p.frozen, p.momentum, p.eps, dialect_of(layer.param) == "tsn")
 
 
 def bn_blob_shapes(layer: LayerFacts, s: BNSettings) -> Tuple[Shape, ...]:
-    channel = (1, layer.bottom_shapes[0][1], 1, 1)
-    return (channel,) * (2 if s.segnet else 4)
+    channels = layer.bottom_shapes[0][1]
+    return ((1, channels) if s.flat_blobs else (1, channels, 1, 1),) * (2 if s.segnet else 4)
 
 
 # ---------------------------------------------------------------- Upsample (SegNet, YOLOv3 forks)

@@ -106,7 +106,7 @@ def test_layers_lists_each_type_with_its_fork(tmp_path):
 
     result = run_cli("layers", "--json", cwd=tmp_path)
     listed = {row["type"]: row for row in json.loads(result.stdout)}
-    assert listed["BN"]["fork"] == "pspnet, segnet" and listed["BN"]["onnx"]
+    assert listed["BN"]["fork"] == "pspnet, tsn, segnet" and listed["BN"]["onnx"]
     assert listed["Upsample"]["fork"] == "segnet, mobilenet-yolo"
     assert listed["Interp"]["fork"] == "pspnet" and listed["Axpy"]["fork"] == "senet"
     assert listed["Convolution"]["fork"] == "bvlc"
@@ -387,7 +387,7 @@ def test_a_bn_prototxt_of_either_fork_is_read_as_the_caffemodels_blobs_show(recw
 
     folder = require(FORKS)
     ambiguous = read_prototxt(folder / "segnetbn_02.prototxt")  # BN without bn_param
-    assert ambiguous.dialect == "pspnet" and ambiguous.ties == ("pspnet", "segnet")
+    assert ambiguous.dialect == "pspnet" and ambiguous.ties == ("pspnet", "tsn", "segnet")
     with pytest.warns(UserWarning, match="read as segnet, which its layers show"):
         net_file, weights_file = read_with_weights(ambiguous, folder / "segnetbn_02.caffemodel")
     assert net_file.dialect == weights_file.dialect == "segnet"
@@ -395,3 +395,23 @@ def test_a_bn_prototxt_of_either_fork_is_read_as_the_caffemodels_blobs_show(recw
     assert net_file.dialect == weights_file.dialect == "pspnet" and not recwarn.list  # 4 blobs: PSPNet's alone
     with pytest.raises(CaffeCompatError, match=r"^layer 'bn' \(BN\): the weights have 2 blobs, the layer needs 4$"):
         load_net(folder / "segnetbn_02.prototxt", folder / "segnetbn_02.caffemodel", dialect="pspnet")
+
+
+def test_a_tsn_caffemodel_is_read_with_its_flat_bn_blobs(tmp_path):
+    from caffe_compat.io.files import with_weights, write_caffemodel
+    from caffe_compat.io.schema import messages
+    from caffe_compat.loading import load_net
+
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }\n'
+        'layer { name: "bn" type: "BN" bottom: "data" top: "out" bn_param { frozen: true } }\n')
+    net = messages("tsn").NetParameter()
+    net.layer.add(name="bn", type="BN", bottom=["data"], top=["out"]).bn_param.frozen = True  # field 137
+    slope, bias, mean, variance = (np.array([[a, b]], f32) for a, b in ((2, 3), (0.5, -1), (1, 2), (4, 0.25)))
+    write_caffemodel(with_weights(net, {"bn": [slope, bias, mean, variance]}), tmp_path / "w.caffemodel")
+    with pytest.warns(UserWarning, match="read as tsn"):
+        loaded = load_net(tmp_path / "net.prototxt", tmp_path / "w.caffemodel")
+    x = seeded(1, 2, 3, 3)
+    expected = (x - mean.reshape(1, 2, 1, 1)) / np.sqrt(variance.reshape(1, 2, 1, 1) + 1e-5) * slope.reshape(
+        1, 2, 1, 1) + bias.reshape(1, 2, 1, 1)
+    np.testing.assert_allclose(loaded({"data": x})["out"].detach().numpy(), expected.numpy(), rtol=1e-6)

@@ -54,7 +54,7 @@ def test_layers_lists_every_type_with_its_onnx_mapping(tmp_path):
         layer_type, onnx, _family, forks[layer_type] = line.split(maxsplit=3)
         listed[layer_type] = onnx == "yes"
     assert listed == {t: e.onnx for t, e in CATALOG.items()}
-    assert forks["Convolution"] == "bvlc" and forks["BN"] == "pspnet, segnet"
+    assert forks["Convolution"] == "bvlc" and forks["BN"] == "pspnet, tsn, segnet"
     assert listed["Convolution"] and not listed["LiftedStructSimilaritySoftmaxLoss"]
     as_json = json.loads(run_cli("layers", "--json", cwd=tmp_path).stdout)
     assert {row["type"]: row["onnx"] for row in as_json} == listed

@@ -1,8 +1,8 @@
-"""The forks' BN layers: one type name, two layers, told apart by their bn_param
-(fork_params.bn_settings).
+"""The forks' BN layers: one type name, two layers, told apart by the dialect the net
+is read in (fork_params.bn_settings).
 
-The 4-blob BN (hszhao/PSPNet bn_layer.cpp, the layer of yjxiong/caffe's TSN fork plus
-`frozen`): blobs slope, bias, mean, variance, each (1, C, 1, 1);
+The 4-blob BN (hszhao/PSPNet bn_layer.cpp; yjxiong/caffe's TSN fork computes the same
+with flat (1, C) blobs): blobs slope, bias, mean, variance, each (1, C, 1, 1);
 y = slope * (x - mean) * (var + eps)^-1/2 + bias. The batch's statistics (the variance
 biased, over N, H and W) in a TRAIN net unless frozen, which also fold into the stored
 ones as momentum * stored + (1 - momentum) * batch; else the stored ones. Not frozen, its
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..fork_params import BNSettings, bn_settings, fork_param
+from ..fork_params import BNSettings, bn_blob_shapes, bn_settings, fork_param
 from . import fillers
 from .normalization import onnx_reduce, onnx_scalar
 from .onnx_graph import OnnxGraph
@@ -60,7 +60,7 @@ class BN(CaffeLayer):
 
     blob_names = ("slope", "bias", "mean", "variance")
 
-    def __init__(self, s: BNSettings, slope, bias, channels: int):
+    def __init__(self, s: BNSettings, slope, bias):
         super().__init__()
         self.settings = s
         if s.frozen:
@@ -68,8 +68,8 @@ class BN(CaffeLayer):
             self.register_buffer("bias", bias)
         else:
             self.slope, self.bias = nn.Parameter(slope), nn.Parameter(bias)
-        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
-        self.register_buffer("variance", torch.full((1, channels, 1, 1), 1.0 if s.frozen else 0.0))
+        self.register_buffer("mean", torch.zeros_like(slope))
+        self.register_buffer("variance", torch.full_like(slope, 1.0 if s.frozen else 0.0))
 
     def uses_stored_statistics(self) -> bool:
         return self.settings.frozen or not self.training
@@ -79,17 +79,18 @@ class BN(CaffeLayer):
 
     def forward(self, x):
         s = self.settings
+        slope, bias, stored_mean, stored_variance = (_per_channel(b) for b in self.caffe_blobs())
         if s.frozen:
-            return (x - self.mean) * self.inverse_std(self.variance) * self.slope + self.bias
+            return (x - stored_mean) * self.inverse_std(stored_variance) * slope + bias
         if self.training:
             with torch.no_grad():
                 mean = x.mean((2, 3), keepdim=True).mean(0, keepdim=True)
                 variance = ((x - mean) ** 2).mean((2, 3), keepdim=True).mean(0, keepdim=True)
-                self.mean.mul_(s.momentum).add_((1 - s.momentum) * mean)
-                self.variance.mul_(s.momentum).add_((1 - s.momentum) * variance)
+                stored_mean.mul_(s.momentum).add_((1 - s.momentum) * mean)
+                stored_variance.mul_(s.momentum).add_((1 - s.momentum) * variance)
         else:
-            mean, variance = self.mean, self.variance
-        return _BatchFormula.apply(x, self.slope, self.bias, mean, self.inverse_std(variance))
+            mean, variance = stored_mean, stored_variance
+        return _BatchFormula.apply(x, slope, bias, mean, self.inverse_std(variance))
 
 
 class SegNetBN(CaffeLayer):
@@ -116,8 +117,7 @@ class SegNetBN(CaffeLayer):
 @register("BN")
 def build_bn(ctx: LayerContext):
     s = bn_settings(ctx)
-    channels = ctx.bottom_shapes[0][1]
-    shape = (1, channels, 1, 1)
+    shape = bn_blob_shapes(ctx, s)[0]
     p = fork_param(ctx, "bn_param")
 
     def filled(field):  # an absent filler is Caffe's default, the constant 0
@@ -127,7 +127,7 @@ def build_bn(ctx: LayerContext):
         extra = len(ctx.tops) - 1
         module = SegNetBN(s, filled("scale_filler"), filled("shift_filler"), extra)
         return ctx.wire(module, top_shapes=[ctx.bottom_shapes[0]] + [shape] * extra)
-    module = BN(s, filled("slope_filler"), filled("bias_filler"), channels)
+    module = BN(s, filled("slope_filler"), filled("bias_filler"))
     return ctx.wire(module, top_shapes=[ctx.bottom_shapes[0]])
 
 

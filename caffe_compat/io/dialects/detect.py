@@ -12,6 +12,7 @@ from typing import FrozenSet, List, Optional, Tuple
 from google.protobuf.message import DecodeError
 
 from ...errors import CaffeCompatError
+from ..blobs import blob_shape
 from ..schema import messages, unknown_fields
 from . import ENTRIES
 
@@ -82,18 +83,19 @@ def text_ties(text: str) -> Tuple[str, ...]:
 
 
 def _votes(net, dialect: str) -> int:
-    """Layers that show `dialect`: of a type it brings (of its blob count, where the entry
-    gives one), or carrying a field of its own on a layer whose type is not BVLC's user of
+    """Layers that show `dialect`: of a type it brings (with its blobs' ranks, where the
+    entry gives them), or carrying a field of its own on a layer whose type is not BVLC's user of
     that number (a Parameter layer's field 145 is BVLC's parameter_param, whatever a fork
     calls 145)."""
     if dialect == BVLC:
         return 0
     own, types, bvlc_types = own_layer_fields(dialect), own_types(dialect), ENTRIES[BVLC].layer_types
-    blob_counts = ENTRIES[dialect].blob_counts
+    blob_ranks = ENTRIES[dialect].blob_ranks
     count = 0
     for layer in net.layer:
         if layer.type in types:
-            count += not layer.blobs or blob_counts.get(layer.type, len(layer.blobs)) == len(layer.blobs)
+            ranks = tuple(len(blob_shape(b)) for b in layer.blobs)
+            count += not ranks or blob_ranks.get(layer.type, ranks) == ranks
         elif layer.type not in bvlc_types and any(f.name in own for f, _ in layer.ListFields()):
             count += 1
     return count
