@@ -415,3 +415,13 @@ def test_a_tsn_caffemodel_is_read_with_its_flat_bn_blobs(tmp_path):
     expected = (x - mean.reshape(1, 2, 1, 1)) / np.sqrt(variance.reshape(1, 2, 1, 1) + 1e-5) * slope.reshape(
         1, 2, 1, 1) + bias.reshape(1, 2, 1, 1)
     np.testing.assert_allclose(loaded({"data": x})["out"].detach().numpy(), expected.numpy(), rtol=1e-6)
+
+
+def test_exports_with_no_faithful_onnx_form_refuse_in_one_line():
+    ctx, converted = build("BN", "bn_param { frozen: false }", [(2, 3, 2, 2)], phase="TRAIN", dialect="pspnet")
+    with pytest.raises(CaffeCompatError, match=r"^layer 'layer' \(BN\): a BN that is not frozen .* export the TEST net$"):
+        onnx_model("BN", ctx, converted, 13)
+    ctx, converted = build("Upsample", "upsample_param { upsample_h: 3 upsample_w: 3 }", [(1, 1, 4, 4), (1, 1, 4, 4)],
+                           dialect="segnet")
+    with pytest.raises(CaffeCompatError, match=r"^layer 'layer' \(Upsample\): a 3x3 top smaller than the 4x4 bottom"):
+        onnx_model("Upsample", ctx, converted, 13)
