@@ -161,12 +161,12 @@ def _cmd_export_onnx(args) -> int:
 def _cmd_extract(args) -> int:
     from .extract import check_output_file, extract_features, save_features
     from .memory import parse_size
-    from .io.files import read_caffemodel, read_prototxt, weights_of
+    from .io.files import read_prototxt, read_with_weights, weights_of
 
     check_output_file(args.output)
     max_memory = parse_size(args.max_memory) if args.max_memory else None
-    net_file = read_prototxt(args.net, args.dialect)
-    weights = weights_of(read_caffemodel(args.weights, args.dialect, net_file))
+    net_file, weights_file = read_with_weights(read_prototxt(args.net, args.dialect), args.weights, args.dialect)
+    weights = weights_of(weights_file)
     features = extract_features(net_file, weights, args.data, args.blob, args.device, args.batch_size,
                                 root=args.root, mean_file=args.mean_file, mean_values=args.mean_value,
                                 show_progress=True, weights_source=args.weights,

@@ -13,7 +13,7 @@ from .deploy import recorded_shapes
 from .errors import CaffeCompatError, printable
 from .graph import PHASES, Graph, LayerNode, build_graph, check_weights_fit
 from .io.blobs import blob_shape
-from .io.files import read_caffemodel, read_net
+from .io.files import read_net, read_with_weights
 from .io.dialects import likely_fork
 from .io.schema import is_repeated, unknown_fields
 from .layers.catalog import CATALOG
@@ -110,7 +110,9 @@ def inspect_net(net_path: PathLike, weights_path: Optional[PathLike] = None, pha
     out unless `show_all` (consumers then read the split blob's source). `input_shapes`
     ({blob: shape}) sizes inputs and data layers' tops, as `load_net`'s does."""
     net_file = read_net(net_path, dialect, lenient=True)  # inspect refuses no net for a fork's field
-    weights_file = read_caffemodel(weights_path, dialect, net_file) if weights_path else None
+    weights_file = None
+    if weights_path:
+        net_file, weights_file = read_with_weights(net_file, weights_path, dialect)
     blob_source = weights_file or (net_file if any(len(l.blobs) for l in net_file.net.layer) else None)
     stored = {}
     if blob_source is not None:

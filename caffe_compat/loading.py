@@ -7,7 +7,7 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 
 from .deploy import feed_absent_sources
 from .graph import build_graph
-from .io.files import NetFile, read_caffemodel, read_prototxt, weights_of
+from .io.files import NetFile, read_prototxt, read_with_weights, weights_of
 from .net import CaffeNet
 
 PathLike = Union[str, Path]
@@ -28,7 +28,8 @@ def load_net(prototxt: Union[PathLike, NetFile], weights: Optional[PathLike] = N
     net_file = prototxt if isinstance(prototxt, NetFile) else read_prototxt(prototxt, dialect)
     blobs = None
     if weights is not None:
-        blobs = weights_of(read_caffemodel(weights, dialect, net_file))
+        net_file, weights_file = read_with_weights(net_file, weights, dialect)
+        blobs = weights_of(weights_file)
     net_param, notes = feed_absent_sources(net_file.net, phase.upper(), level, stages, input_shapes)
     for note in notes:
         warnings.warn(f"{net_file.path}: {note}", stacklevel=2)

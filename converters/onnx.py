@@ -22,7 +22,7 @@ from ..deploy import data_layers_of, deploy_net, is_training_only
 from ..errors import CaffeCompatError
 from ..graph import build_graph
 from ..io.atomic import write_bytes
-from ..io.files import read_caffemodel, read_prototxt, weights_of
+from ..io.files import read_prototxt, read_with_weights, weights_of
 from ..layers.normalization import onnx_reduce
 from ..layers.onnx_graph import OnnxGraph
 from ..layers.registry import REGISTRY, LayerContext
@@ -292,8 +292,8 @@ def load_for_export(source: PathLike, weights: Optional[PathLike] = None,
         digest = _sha256(payload["net_prototxt"].encode("utf-8"))
         recorded = payload["preprocess"]
     else:
-        net_file = read_prototxt(source, dialect)
-        blobs = weights_of(read_caffemodel(weights, dialect, net_file))
+        net_file, weights_file = read_with_weights(read_prototxt(source, dialect), weights, dialect)
+        blobs = weights_of(weights_file)
         digest = _sha256(source.read_bytes())
     has_data_layers = bool(data_layers_of(net_file.net))
     net_param = deploy_net(net_file.net, input_shape) if has_data_layers else net_file.net

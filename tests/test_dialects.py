@@ -253,15 +253,15 @@ def test_inspect_names_an_unbuildable_layer_and_its_fork_and_convert_refuses_it(
     from conftest import run_cli
     (tmp_path / "net.prototxt").write_text(
         'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }\n'
-        'layer { name: "up" type: "Interp" bottom: "data" top: "up" interp_param { zoom_factor: 2 } }\n')
+        'layer { name: "up" type: "DenseImageData" top: "up" dense_image_data_param { batch_size: 2 } }\n')
     shown = run_cli("inspect", "net.prototxt", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
-    assert "dialect pspnet" in shown.stdout and "zoom_factor=2" in shown.stdout
-    assert ("cannot build (no builder; inspect only): 'up' (Interp, from PSPNet / DeepLab-v2 (hszhao/PSPNet) "
-            "[dialect pspnet])") in " ".join(shown.stdout.split())
+    assert "dialect segnet" in shown.stdout and "batch_size=2" in shown.stdout
+    assert ("cannot build (no builder; inspect only): 'up' (DenseImageData, from SegNet (alexgkendall/caffe-segnet) "
+            "[dialect segnet])") in " ".join(shown.stdout.split())
     refused = run_cli("convert", "net.prototxt", "--random-init", "-o", "m.pt", cwd=tmp_path)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
-    assert refused.stderr.startswith("caffe-compat: error: layer 'up': unknown layer type 'Interp' (from PSPNet")
+    assert refused.stderr.startswith("caffe-compat: error: layer 'up': unknown layer type 'DenseImageData' (from SegNet")
 
 
 def test_inspect_shows_undecoded_settings_by_field_number(tmp_path):

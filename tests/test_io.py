@@ -243,3 +243,13 @@ def test_atomic_writes_leave_no_temporary_and_normal_permissions(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_an_empty_comment_line_is_a_comment(tmp_path):
+    # PSPNet's deploy prototxts open with a line holding only '#'
+    path = tmp_path / "net.prototxt"
+    path.write_text('#\nname: "n" #\ninput: "data"\n')
+    assert read_prototxt(path).net.name == "n"
+    path.write_text('name: "n\ninput: "data"\n')
+    with pytest.raises(CaffeCompatError, match="line 1: a string opened with \" never ends on its line"):
+        read_prototxt(path)

@@ -49,11 +49,12 @@ def test_version(tmp_path):
 def test_layers_lists_every_type_with_its_onnx_mapping(tmp_path):
     result = run_cli("layers", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    listed = {}
+    listed, forks = {}, {}
     for line in result.stdout.splitlines()[2:-1]:
-        layer_type, onnx, _family = line.split()
+        layer_type, onnx, _family, forks[layer_type] = line.split(maxsplit=3)
         listed[layer_type] = onnx == "yes"
     assert listed == {t: e.onnx for t, e in CATALOG.items()}
+    assert forks["Convolution"] == "bvlc" and forks["BN"] == "pspnet, tsn, segnet"
     assert listed["Convolution"] and not listed["LiftedStructSimilaritySoftmaxLoss"]
     as_json = json.loads(run_cli("layers", "--json", cwd=tmp_path).stdout)
     assert {row["type"]: row["onnx"] for row in as_json} == listed

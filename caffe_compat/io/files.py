@@ -8,7 +8,7 @@ import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from google.protobuf import text_format
@@ -18,7 +18,7 @@ from ..errors import CaffeCompatError
 from ..memory import format_size
 from . import atomic, wire
 from .blobs import array_to_blob, blob_shape, blob_to_array, shaped
-from .dialects.detect import binary_fits, choose_binary, text_candidates, unknown_names
+from .dialects.detect import binary_fits, choose_binary, text_candidates, text_ties, unknown_names
 from .schema import check_strings, messages, unknown_fields
 from .text import decode_text, looks_binary, parse_text
 from .upgrade import upgrade_net
@@ -38,6 +38,8 @@ class NetFile:
     upgraded: bool = False
     unknown: List[str] = field(default_factory=list)
     weights: Optional[Dict[str, List[np.ndarray]]] = None
+    ties: Tuple[str, ...] = ()  # a prototxt's dialects that read it alike, where none was given
+    ties: Tuple[str, ...] = ()  # a prototxt's dialects that read it alike, where none was given
 
 
 def _check_file(path: Path, what: str) -> None:
@@ -104,6 +106,7 @@ def _prototxt_from(path: Path, data: bytes, dialect: Optional[str], lenient: boo
     text = decode_text(path, data, "prototxt")
     # Names are checked against each dialect as a whole, not message by message: a
     # candidate may still lack a name where the file puts it; then the next one is tried.
+    ties = () if dialect else text_ties(text)
     failures = []
     for dialect in [dialect] if dialect else text_candidates(text):
         unknown = [f"field name '{name}' (not in dialect {dialect}: skipped)"
@@ -116,7 +119,7 @@ def _prototxt_from(path: Path, data: bytes, dialect: Optional[str], lenient: boo
     else:
         raise failures[0]  # the best candidate's complaint
     upgraded = upgrade_net(net)
-    return NetFile(net, dialect, path, upgraded, unknown)
+    return NetFile(net, dialect, path, upgraded, unknown, ties=ties if dialect in ties else ())
 
 
 def read_caffemodel(path: PathLike, dialect: Optional[str] = None, prototxt: Optional[NetFile] = None) -> NetFile:
@@ -141,7 +144,7 @@ def read_caffemodel(path: PathLike, dialect: Optional[str] = None, prototxt: Opt
         raise CaffeCompatError(f"{invalid}: {err}") from None
     try:
         if not dialect:
-            expected = (prototxt.dialect, str(prototxt.path)) if prototxt is not None else None
+            expected = None if prototxt is None else (prototxt.dialect, str(prototxt.path), prototxt.ties)
             dialect, note = choose_binary(binary_fits(split.definitions), str(path), expected)
             if note:
                 warnings.warn(note, stacklevel=2)
@@ -155,6 +158,15 @@ def read_caffemodel(path: PathLike, dialect: Optional[str] = None, prototxt: Opt
     weights = _weights_over(path, net, split, buffer)
     upgraded = upgrade_net(net)
     return NetFile(net, dialect, path, upgraded, unknown, weights)
+
+
+def read_with_weights(net_file: NetFile, weights: PathLike, dialect: Optional[str] = None) -> Tuple[NetFile, NetFile]:
+    """A prototxt's net and its caffemodel: the prototxt read again in the caffemodel's
+    dialect where it reads alike in several and the caffemodel's layers show that one."""
+    weights_file = read_caffemodel(weights, dialect, net_file)
+    if weights_file.dialect != net_file.dialect and weights_file.dialect in net_file.ties:
+        net_file = read_prototxt(net_file.path, weights_file.dialect)
+    return net_file, weights_file
 
 
 def _weights_over(path: Path, net, split: wire.SplitNet, buffer) -> Dict[str, List[np.ndarray]]:

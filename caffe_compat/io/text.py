@@ -73,7 +73,7 @@ def screen_text(where: Where, text: str, what: str) -> str:
                                    f"not a {what}")
         start = end + 1
     for token in _TOKEN.finditer(text):
-        if len(token.group()) == 1:
+        if token.group() in ('"', "'"):  # a lone '#' is an empty comment
             raise CaffeCompatError(f"{where}: line {_line_of(text, token.start())}: a string opened with "
                                    f"{token.group()} never ends on its line; not a valid {what}")
         run = _BACKSLASHES.search(token.group()) if token.group()[0] != "#" else None

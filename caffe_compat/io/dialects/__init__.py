@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from ...errors import CaffeCompatError
 
@@ -24,6 +24,10 @@ class Dialect:
     snippet: Optional[str] = None  # the .proto file here holding its changes to BVLC's schema
     # Layer types the fork brings -> their LayerParameter field ("" for a type without one).
     layer_types: Mapping[str, str] = field(default_factory=dict)
+    # Each blob's rank, for its types whose name forks share (a caffemodel's BN layer of 2
+    # blobs is SegNet's, of 4 (1, C, 1, 1) PSPNet's, of 4 (1, C) TSN's): a layer whose
+    # blobs differ does not show the fork.
+    blob_ranks: Mapping[str, Tuple[int, ...]] = field(default_factory=dict)
 
 
 ENTRIES: Dict[str, Dialect] = {entry.name: entry for entry in (
@@ -43,9 +47,10 @@ ENTRIES: Dict[str, Dialect] = {entry.name: entry for entry in (
     Dialect("ceil-mode", "the ceil_mode pooling forks (BVLC PR 3057: DenseNet-Caffe, ResNeXt, SENet nets)",
             "ceil_mode.proto"),
     Dialect("pspnet", "PSPNet / DeepLab-v2 (hszhao/PSPNet)", "pspnet.proto", {
-        "Interp": "interp_param", "BN": "bn_param"}),
+        "Interp": "interp_param", "BN": "bn_param"}, {"BN": (4, 4, 4, 4)}),
+    Dialect("tsn", "TSN (yjxiong/caffe, branch action_recog)", "tsn.proto", {"BN": "bn_param"}, {"BN": (2, 2, 2, 2)}),
     Dialect("segnet", "SegNet (alexgkendall/caffe-segnet)", "segnet.proto", {
-        "BN": "bn_param", "Upsample": "upsample_param", "DenseImageData": "dense_image_data_param"}),
+        "BN": "bn_param", "Upsample": "upsample_param", "DenseImageData": "dense_image_data_param"}, {"BN": (4, 4)}),
     Dialect("faster-rcnn", "Fast/Faster R-CNN (rbgirshick/caffe-fast-rcnn)", "faster_rcnn.proto", {
         "ROIPooling": "roi_pooling_param"}),
     Dialect("shufflenet", "ShuffleNet (farmingyard/ShuffleNet)", "shufflenet.proto", {
@@ -55,7 +60,7 @@ ENTRIES: Dict[str, Dialect] = {entry.name: entry for entry in (
     Dialect("depthwise", "DepthwiseConvolution (yonghenglh6/DepthwiseConvolution)", None, {
         "DepthwiseConvolution": "convolution_param"}),
     Dialect("mobilenet-yolo", "MobileNet-YOLO (eric612/MobileNet-YOLO)", "mobilenet_yolo.proto", {
-        "ReLU6": "relu6_param"}),
+        "ReLU6": "relu6_param", "Upsample": "upsample_param"}),
     Dialect("senet", "SENet (hujie-frank/SENet)", None, {"Axpy": ""}),
     # Last: OpenCV gathers other forks' layers, a tie goes to the fork they come from.
     Dialect("opencv", "OpenCV's Caffe importer (opencv/opencv, opencv-caffe.proto)", "opencv.proto", {

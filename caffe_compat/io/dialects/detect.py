@@ -11,6 +11,7 @@ from typing import FrozenSet, List, Optional, Tuple
 
 from google.protobuf.message import DecodeError
 
+from ..blobs import blob_shape
 from ..schema import messages, unknown_fields
 from . import ENTRIES, added_types, generation
 
@@ -90,32 +91,49 @@ def unknown_names(text: str, dialect: str) -> FrozenSet[str]:
     return frozenset(_names_and_types(text)[0] - field_names(dialect))
 
 
-def text_candidates(text: str) -> List[str]:
-    """The dialects whose schema knows every field name `text` uses, those with most of
-    their own layer types first; BVLC when no fork's name or type shows. When none knows
-    every name, the one that knows most (its parser then names the field it lacks)."""
+def _text_ranking(text: str) -> List[Tuple[Tuple[int, int], str]]:
+    """Each dialect whose schema knows every field name `text` uses, with its rank (names
+    missing, minus its own layer types used), best first; BVLC only when no fork's name
+    or type shows. When none knows every name, the one that knows most (its parser then
+    names the field it lacks)."""
     names, types = _names_and_types(text)
     fork_names = names - field_names(BVLC)
     ranked = sorted(((len(fork_names - field_names(d)), -len(types & own_types(d)), i, d)
                      for i, d in enumerate(ENTRIES)))
-    fitting = [d for missing, votes, _, d in ranked if not missing and (votes or fork_names or d == BVLC)]
-    return fitting or [ranked[0][3]]
+    fitting = [((missing, votes), d) for missing, votes, _, d in ranked
+               if not missing and (votes or fork_names or d == BVLC)]
+    return fitting or [(ranked[0][:2], ranked[0][3])]
+
+
+def text_candidates(text: str) -> List[str]:
+    """The dialects that read `text` (see _text_ranking), best first."""
+    return [d for _, d in _text_ranking(text)]
+
+
+def text_ties(text: str) -> Tuple[str, ...]:
+    """The dialects that read `text` as well as the best (its BN layers without a bn_param
+    are PSPNet's and SegNet's alike): a caffemodel may decide among them."""
+    ranking = _text_ranking(text)
+    return tuple(d for rank, d in ranking if rank == ranking[0][0])
 
 
 def _votes(net, dialect: str) -> int:
-    """Layers that show `dialect`: of a type it brings, or carrying a field of its own on a
-    layer whose type is not BVLC's user of that number (a Parameter layer's field 145 is
-    BVLC's parameter_param, whatever a fork calls 145)."""
+    """Layers that show `dialect`: of a type it brings (with its blobs' ranks, where the
+    entry gives them), or carrying a field of its own on a layer whose type is not BVLC's user of
+    that number (a Parameter layer's field 145 is BVLC's parameter_param, whatever a fork
+    calls 145)."""
     if dialect == BVLC:
         return 0
     own, types, bvlc_types = own_layer_fields(dialect), own_types(dialect), ENTRIES[BVLC].layer_types
     users = added_types()
+    blob_ranks = ENTRIES[dialect].blob_ranks
     count = 0
     for layer in net.layer:
         if layer.type in users:  # registered from Python with its own field: shows no fork
             continue
         if layer.type in types:
-            count += 1
+            ranks = tuple(len(blob_shape(b)) for b in layer.blobs)
+            count += not ranks or blob_ranks.get(layer.type, ranks) == ranks
         elif layer.type not in bvlc_types and any(f.name in own for f, _ in layer.ListFields()):
             count += 1
     return count
@@ -174,11 +192,14 @@ def _candidates(fits: List[Fit]) -> List[str]:
     return [f.dialect for f in fits if (f.unknown, f.votes) == (best.unknown, best.votes)]
 
 
-def choose_binary(fits: List[Fit], source: str, prototxt: Optional[Tuple[str, str]] = None) -> Tuple[str, str]:
+def choose_binary(fits: List[Fit], source: str,
+                  prototxt: Optional[Tuple[str, str, Tuple[str, ...]]] = None) -> Tuple[str, str]:
     """The dialect to read a caffemodel in, and a note when the choice needs one.
 
-    With a prototxt of a fork (its dialect, its path), the prototxt's dialect whenever it
-    reads the caffemodel as well as the best fit. A caffemodel that it reads worse was
+    With a prototxt of a fork (its dialect, its path, the dialects that read its text
+    alike), one of those that the caffemodel's layers show most, the prototxt's first
+    (the caller then reads the prototxt in the dialect returned); else the prototxt's
+    dialect whenever it reads the caffemodel as well as the best fit. A caffemodel that it reads worse was
     written by another fork: read in its own, with a note naming both (OpenCV's face
     detector pairs a prototxt for OpenCV with weights SSD's Caffe wrote; settings come
     from the prototxt, only the weights from the caffemodel). Otherwise (no prototxt, or
@@ -189,8 +210,14 @@ def choose_binary(fits: List[Fit], source: str, prototxt: Optional[Tuple[str, st
     if prototxt is None or prototxt[0] == BVLC:
         note = f"{source}: {alternatives}; read as {candidates[0]} (--dialect chooses)" if len(candidates) > 1 else ""
         return candidates[0], note
-    dialect, prototxt_path = prototxt
+    dialect, prototxt_path, ties = prototxt
     fit = next((f for f in fits if f.dialect == dialect), None)
+    shown = next((f for f in fits if f.dialect in ties and (f.unknown, f.votes) == (fits[0].unknown, fits[0].votes)),
+                 None)
+    if fit is not None and shown is not None and shown.dialect != dialect and fit.votes < shown.votes:
+        # the prototxt reads alike in both; the caffemodel's layers show which
+        return shown.dialect, (f"{source}: read as {shown.dialect}, which its layers show, and {prototxt_path} "
+                               f"with it (it reads in {', '.join(ties)} alike; --dialect chooses)")
     if fit is None or fit.unknown > fits[0].unknown:
         left = "cannot parse it" if fit is None else f"would leave {fit.unknown} of its fields unknown"
         return candidates[0], (
