@@ -1,0 +1,160 @@
+"""`compare` follows Caffe's rule for which diffs its backward writes (Net::Init,
+Net::Backward): every top of a layer that needs backward takes the diff its readers send
+back, whether or not the layer's own value is differentiable; a read loss top adds its
+readers' diffs to its loss weight (its Split sums them); and a top's diff leaves out a
+path inside the layer that made it. The references here are worked out by hand from
+that rule, on explicit formulas."""
+import numpy as np
+import pytest
+import torch
+
+from caffe_compat.compare import compare_case
+
+RNG = np.random.default_rng(20)
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().astype(np.float32)
+
+
+def _grad(output, wrt):
+    return torch.autograd.grad(output, wrt, retain_graph=True)[0]
+
+
+def _leaf(array) -> torch.Tensor:
+    return torch.tensor(array, dtype=torch.float64, requires_grad=True)
+
+
+def _euclidean(a, b):
+    """Caffe's EuclideanLoss: sum((a - b)^2) / 2 / num, num the first axis."""
+    return ((a - b) ** 2).sum() / 2 / a.shape[0]
+
+
+def _scaled(label: bool = False, extra: str = "") -> str:
+    """Inputs data (2x4), the label when asked, target (2x4); scores = 1.5 data by a learned Scale."""
+    tops, shapes = ('top: "label" ', "shape { dim: 2 } ") if label else ("", "")
+    return (f'layer {{ name: "in" type: "Input" top: "data" {tops}top: "target" input_param {{ '
+            f'shape {{ dim: 2 dim: 4 }} {shapes}shape {{ dim: 2 dim: 4 }} }} }}\n'
+            f'layer {{ name: "scale" type: "Scale" bottom: "data" top: "scores" {extra}'
+            f'scale_param {{ filler {{ type: "constant" value: 1.5 }} }} }}\n')
+
+
+def _scale_inputs():
+    data = RNG.standard_normal((2, 4)).astype(np.float32)
+    return data, np.array([1, 3], np.float32), RNG.uniform(0, 1, (2, 4)).astype(np.float32)
+
+
+def softmax_prob_read():
+    """SoftmaxWithLoss needs backward (its scores come from a learned scale), so its prob
+    top does too: the EuclideanLoss reading prob writes prob's diff, although prob is no
+    differentiable function of the scores here (Caffe's backward ignores prob's diff)."""
+    prototxt = (_scaled(label=True) +
+                'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "scores" bottom: "label" top: "loss" '
+                'top: "prob" loss_weight: 1 loss_weight: 0 }\n'
+                'layer { name: "fit" type: "EuclideanLoss" bottom: "prob" bottom: "target" top: "fit" }\n')
+    data, label, target = _scale_inputs()
+    scores = _leaf(1.5 * data)
+    loss = -torch.log_softmax(scores, 1)[[0, 1], label.astype(int)].mean()
+    prob = _leaf(_array(torch.softmax(scores, 1)))
+    fit = _euclidean(prob, torch.tensor(target, dtype=torch.float64))
+    diff_scores = _grad(loss, scores)
+    zeros = np.zeros((2, 4), np.float32)
+    return prototxt, {"input/data": data, "input/label": label, "input/target": target,
+                      "blob/scores": _array(scores), "blob/prob": _array(prob), "blob/loss": _array(loss),
+                      "blob/fit": _array(fit), "diff/prob": _array(_grad(fit, prob)), "diff/scores": _array(diff_scores),
+                      "diff/loss": np.float32(1), "diff/fit": np.float32(1),
+                      "paramdiff/scale/0": _array((diff_scores * torch.tensor(data, dtype=torch.float64)).sum(0)),
+                      "diff/data": zeros, "diff/target": zeros, "diff/label": np.zeros(2, np.float32)}
+
+
+def propagate_down_false():
+    """A layer whose only bottom has `propagate_down: false` still needs backward (its
+    bottom needs it), so its top takes its reader's diff; the scale behind it gets none."""
+    prototxt = (_scaled() +
+                'layer { name: "twice" type: "Power" bottom: "scores" top: "doubled" propagate_down: false '
+                'power_param { scale: 2 } }\n'
+                'layer { name: "fit" type: "EuclideanLoss" bottom: "doubled" bottom: "target" top: "fit" }\n')
+    data, _, target = _scale_inputs()
+    doubled = _leaf(3.0 * data)
+    fit = _euclidean(doubled, torch.tensor(target, dtype=torch.float64))
+    return prototxt, {
+        "input/data": data, "input/target": target, "blob/doubled": _array(doubled), "blob/fit": _array(fit),
+        "diff/doubled": _array(_grad(fit, doubled)), "diff/scores": np.zeros((2, 4), np.float32),
+        "paramdiff/scale/0": np.zeros(4, np.float32), "diff/fit": np.float32(1)}
+
+
+def read_loss_top():
+    """A loss_weight on a top another layer reads: Caffe's Split carries the weight and
+    sums it with the reader's diff."""
+    prototxt = (_scaled(extra="loss_weight: 0.5 ") +
+                'layer { name: "fit" type: "EuclideanLoss" bottom: "scores" bottom: "target" top: "fit" }\n')
+    data, _, target = _scale_inputs()
+    scores = _leaf(1.5 * data)
+    total = 0.5 * scores.sum() + _euclidean(scores, torch.tensor(target, dtype=torch.float64))
+    diff_scores = _grad(total, scores)
+    return prototxt, {"input/data": data, "input/target": target, "blob/scores": _array(scores),
+                      "diff/scores": _array(diff_scores),
+                      "paramdiff/scale/0": _array((diff_scores * torch.tensor(data, dtype=torch.float64)).sum(0))}
+
+
+def lstm_unit_inner_path():
+    """LSTMUnit computes h from c inside the layer; Caffe's diff of c is what c's reader
+    sent back, and the layer adds h's path to c only on the way to its bottoms."""
+    prototxt = ('force_backward: true\n'
+                'layer { name: "in" type: "Input" top: "c_prev" top: "gates" top: "cont" top: "t_c" top: "t_h" '
+                'input_param { shape { dim: 1 dim: 2 dim: 3 } shape { dim: 1 dim: 2 dim: 12 } '
+                'shape { dim: 1 dim: 2 } shape { dim: 1 dim: 2 dim: 3 } shape { dim: 1 dim: 2 dim: 3 } } }\n'
+                'layer { name: "unit" type: "LSTMUnit" bottom: "c_prev" bottom: "gates" bottom: "cont" '
+                'top: "c" top: "h" }\n'
+                'layer { name: "fit_c" type: "EuclideanLoss" bottom: "c" bottom: "t_c" top: "loss_c" }\n'
+                'layer { name: "fit_h" type: "EuclideanLoss" bottom: "h" bottom: "t_h" top: "loss_h" }\n')
+    arrays = {"input/c_prev": RNG.standard_normal((1, 2, 3)), "input/gates": RNG.standard_normal((1, 2, 12)),
+              "input/cont": np.array([[1.0, 0.0]]), "input/t_c": RNG.standard_normal((1, 2, 3)),
+              "input/t_h": RNG.standard_normal((1, 2, 3))}
+    arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+    c_prev, gates = _leaf(arrays["input/c_prev"]), _leaf(arrays["input/gates"])
+    cont = torch.tensor(arrays["input/cont"], dtype=torch.float64).unsqueeze(-1)
+    i, f, o = (torch.sigmoid(gates[..., k * 3:(k + 1) * 3]) for k in range(3))
+    c = cont * f * c_prev + i * torch.tanh(gates[..., 9:])
+    h = o * torch.tanh(c)
+    t_c, t_h = (_leaf(arrays[k]) for k in ("input/t_c", "input/t_h"))
+    loss_c, loss_h = _euclidean(c, t_c), _euclidean(h, t_h)
+    total = loss_c + loss_h
+    arrays.update({"blob/c": _array(c), "blob/h": _array(h), "blob/loss_c": _array(loss_c),
+                   "blob/loss_h": _array(loss_h),
+                   "diff/c": _array(_grad(loss_c, c)),  # c's reader only, not h's path through c
+                   "diff/h": _array(_grad(loss_h, h)), "diff/c_prev": _array(_grad(total, c_prev)),
+                   "diff/gates": _array(_grad(total, gates)), "diff/t_c": _array(_grad(total, t_c)),
+                   "diff/t_h": _array(_grad(total, t_h)), "diff/cont": np.zeros((1, 2), np.float32),
+                   "diff/loss_c": np.float32(1), "diff/loss_h": np.float32(1)})
+    return prototxt, arrays
+
+
+@pytest.mark.parametrize("case", [softmax_prob_read, propagate_down_false, read_loss_top, lstm_unit_inner_path])
+def test_compare_gives_each_blob_the_diff_caffe_writes(tmp_path, case):
+    prototxt, arrays = case()
+    (tmp_path / "net.prototxt").write_text(prototxt)
+    np.savez(tmp_path / "ref.npz", **arrays)
+    rows = compare_case(tmp_path / "net.prototxt", None, tmp_path / "ref.npz")
+    assert {row.key for row in rows} == {k for k in arrays if not k.startswith("input/")}
+    failed = [row.format() for row in rows if not row.ok]
+    assert not failed, "\n".join(failed)
+
+
+def test_a_diff_caffe_writes_is_a_value_even_where_nothing_reached_it(tmp_path):
+    """Under force_backward every layer runs backward: `side` is written (zeros, from a
+    reader whose top reaches no loss), `side2`, read by nothing and given no diff, is not."""
+    prototxt = ('force_backward: true\n'
+                'layer { name: "in" type: "Input" top: "data" top: "target" '
+                'input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 3 } } }\n'
+                'layer { name: "fit" type: "EuclideanLoss" bottom: "data" bottom: "target" top: "fit" }\n'
+                'layer { name: "side" type: "Power" bottom: "data" top: "side" power_param { scale: 2 } }\n'
+                'layer { name: "side2" type: "Power" bottom: "side" top: "side2" power_param { scale: 2 } }\n')
+    data, target = RNG.standard_normal((2, 2, 3)).astype(np.float32)
+    zeros = np.zeros((2, 3), np.float32)
+    (tmp_path / "net.prototxt").write_text(prototxt)
+    np.savez(tmp_path / "ref.npz", **{"input/data": data, "input/target": target, "diff/data": (data - target) / 2,
+                                      "diff/side": zeros, "diff/side2": zeros})
+    rows = {row.key: row for row in compare_case(tmp_path / "net.prototxt", None, tmp_path / "ref.npz")}
+    assert all(row.ok for row in rows.values())
+    assert (rows["diff/side"].note, rows["diff/side2"].note) == ("", "no gradient here")
