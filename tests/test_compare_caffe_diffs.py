@@ -83,6 +83,22 @@ def propagate_down_false():
         "paramdiff/scale/0": np.zeros(4, np.float32), "diff/fit": np.float32(1)}
 
 
+def force_backward_over_propagate_down():
+    """force_backward sets every bottom_need_backward a layer allows (AllowForceBackward),
+    `propagate_down: false` ones included: the diff reaches `data` after all."""
+    prototxt = ('force_backward: true\n' + _scaled() +
+                'layer { name: "twice" type: "Power" bottom: "data" top: "doubled" propagate_down: false '
+                'power_param { scale: 2 } }\n'
+                'layer { name: "fit" type: "EuclideanLoss" bottom: "doubled" bottom: "target" top: "fit" }\n')
+    data, _, target = _scale_inputs()
+    x = _leaf(data)
+    target = _leaf(target)
+    fit = _euclidean(2 * x, target)
+    return prototxt, {"input/data": data, "input/target": _array(target), "blob/fit": _array(fit),
+                      "diff/data": _array(_grad(fit, x)), "diff/target": _array(_grad(fit, target)),
+                      "diff/scores": np.zeros((2, 4), np.float32), "paramdiff/scale/0": np.zeros(4, np.float32)}
+
+
 def read_loss_top():
     """A loss_weight on a top another layer reads: Caffe's Split carries the weight and
     sums it with the reader's diff."""
@@ -130,7 +146,8 @@ def lstm_unit_inner_path():
     return prototxt, arrays
 
 
-@pytest.mark.parametrize("case", [softmax_prob_read, propagate_down_false, read_loss_top, lstm_unit_inner_path])
+@pytest.mark.parametrize("case", [softmax_prob_read, propagate_down_false, force_backward_over_propagate_down,
+                                  read_loss_top, lstm_unit_inner_path])
 def test_compare_gives_each_blob_the_diff_caffe_writes(tmp_path, case):
     prototxt, arrays = case()
     (tmp_path / "net.prototxt").write_text(prototxt)
