@@ -31,7 +31,6 @@ def _unforced_bottoms(layer_type: str) -> Tuple[int, ...]:
 class _CaffeLayer:
     """A layer of the net as Caffe builds it (the graph's, or an inserted Split)."""
 
-    name: str
     type: str
     bottoms: List[str]
     tops: List[str]
@@ -58,8 +57,8 @@ def _split_blob(blob: str, value: Value, k: int) -> str:
 
 
 def _with_splits(graph: Graph, param_lr: Mapping[str, Sequence[float]]):
-    """The net after InsertSplits; which value each (layer, bottom index) reads; the Split
-    layer of each value read more than once."""
+    """The net after InsertSplits; which value each (layer, bottom index) reads; the index
+    there of each graph layer, and of the Split of each value read more than once."""
     last: Dict[str, Value] = {}
     source: Dict[Tuple[str, int], Value] = {}
     readers: Dict[Value, int] = {}
@@ -77,7 +76,8 @@ def _with_splits(graph: Graph, param_lr: Mapping[str, Sequence[float]]):
             if weight:
                 readers[(node.name, j)] = readers.get((node.name, j), 0) + 1
     layers: List[_CaffeLayer] = []
-    splits: Dict[Value, str] = {}
+    index: Dict[str, int] = {}
+    splits: Dict[Value, int] = {}
     taken: Dict[Value, int] = {}
     for node in graph.layers:
         bottoms = []
@@ -88,27 +88,28 @@ def _with_splits(graph: Graph, param_lr: Mapping[str, Sequence[float]]):
                 taken[value] = taken.get(value, 0) + 1
             else:
                 bottoms.append(blob)
-        layers.append(_CaffeLayer(node.name, node.type, bottoms, list(node.tops), node.loss_weights,
+        index[node.name] = len(layers)
+        layers.append(_CaffeLayer(node.type, bottoms, list(node.tops), node.loss_weights,
                                   param_lr.get(node.name, ()), list(node.param.propagate_down)))
         for j, blob in enumerate(node.tops):
             count = readers.get((node.name, j), 0)
             if count <= 1:
                 continue
             weight = split_weight.get((node.name, j), 0.0)
-            split = f"{node.name}_{blob}_{j}_split"
-            splits[(node.name, j)] = split
-            layers.append(_CaffeLayer(split, "Split", [blob], [_split_blob(blob, (node.name, j), k) for k in range(count)],
+            splits[(node.name, j)] = len(layers)
+            layers.append(_CaffeLayer("Split", [blob], [_split_blob(blob, (node.name, j), k) for k in range(count)],
                                       [weight] + [0.0] * (count - 1), (), ()))
             if weight:  # the loss is the Split's first top
                 taken[(node.name, j)] = 1
-    return layers, source, splits
+    return layers, source, index, splits
 
 
-def _init_flags(layers: Sequence[_CaffeLayer], force_backward: bool):
-    """layer_need_backward_ and bottom_need_backward_, as Net::Init leaves them."""
+def _init_flags(layers: Sequence[_CaffeLayer], force_backward: bool) -> List[Tuple[bool, ...]]:
+    """Per layer, per bottom: layer_need_backward_ and bottom_need_backward_, as Net::Init
+    leaves them (Net::Backward's propagate_down)."""
     blob_need: Dict[str, bool] = {}
-    need: Dict[str, bool] = {}
-    bottom_need: Dict[str, List[bool]] = {}
+    need: List[bool] = []
+    bottom_need: List[List[bool]] = []
     for layer in layers:
         flags = [blob_need.get(b, False) for b in layer.bottoms]
         needed = any(flags) or any(lr != 0 for lr in layer.param_lr)
@@ -117,43 +118,38 @@ def _init_flags(layers: Sequence[_CaffeLayer], force_backward: bool):
         for j, top in enumerate(layer.tops):
             if not (j < len(layer.bottoms) and layer.bottoms[j] == top):  # not in place: a new blob
                 blob_need[top] = False
-        need[layer.name], bottom_need[layer.name] = needed, flags
+        need.append(needed)
+        bottom_need.append(flags)
         if needed:  # every top of a layer that needs backward needs it
             blob_need.update((top, True) for top in layer.tops)
     # Backwards through the net: a layer none of whose tops reaches a loss, or whose
     # readers all decline a diff, computes nothing.
     under_loss, skipped = set(), set()
-    for layer in reversed(layers):
+    for k in reversed(range(len(layers))):
+        layer = layers[k]
         contributes = any(w for w in layer.loss_weights) or any(t in under_loss for t in layer.tops)
-        if need[layer.name] and all(t in skipped for t in layer.tops):
-            need[layer.name] = False
-            bottom_need[layer.name] = [False] * len(layer.bottoms)
-        if not contributes:
-            need[layer.name] = False
-            bottom_need[layer.name] = [False] * len(layer.bottoms)
-        else:
+        if not contributes or (need[k] and all(t in skipped for t in layer.tops)):
+            need[k] = False
+            bottom_need[k] = [False] * len(layer.bottoms)
+        if contributes:
             under_loss.update(layer.bottoms)
-        skipped.update(b for b, flag in zip(layer.bottoms, bottom_need[layer.name]) if not flag)
+        skipped.update(b for b, flag in zip(layer.bottoms, bottom_need[k]) if not flag)
     if force_backward:
-        for layer in layers:
-            need[layer.name] = True
+        for k, layer in enumerate(layers):
+            need[k] = True
             unforced = _unforced_bottoms(layer.type)
-            bottom_need[layer.name] = [f or i not in unforced for i, f in enumerate(bottom_need[layer.name])]
-    return need, bottom_need
+            bottom_need[k] = [f or i not in unforced for i, f in enumerate(bottom_need[k])]
+    return [tuple(needed and f for f in flags) for needed, flags in zip(need, bottom_need)]
 
 
 def need_backward(graph: Graph, param_lr: Mapping[str, Sequence[float]], force_backward: bool) -> NeedBackward:
     """Caffe's rule for `graph`; `param_lr` gives each layer's lr_mult per parameter blob
     (a layer without an entry has none)."""
-    layers, source, splits = _with_splits(graph, param_lr)
-    need, bottom_need = _init_flags(layers, force_backward)
-    propagates = {layer.name: tuple(need[layer.name] and f for f in bottom_need[layer.name]) for layer in layers}
+    layers, source, index, splits = _with_splits(graph, param_lr)
+    propagates = _init_flags(layers, force_backward)
     receives = set()
     for (layer, i), value in source.items():
-        if value in splits:
-            if propagates[splits[value]][0]:
-                receives.add(value)
-        elif propagates[layer][i]:
+        if propagates[splits[value]][0] if value in splits else propagates[index[layer]][i]:
             receives.add(value)
-    return NeedBackward({node.name: propagates[node.name] for node in graph.layers}, frozenset(receives),
+    return NeedBackward({name: propagates[k] for name, k in index.items()}, frozenset(receives),
                         frozenset(source.values()))
