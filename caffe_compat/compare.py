@@ -219,15 +219,6 @@ def _param_lr(net) -> Dict[str, List[float]]:
     return result
 
 
-def _first_values(graph) -> Dict[str, Tuple[str, int]]:
-    """Blob -> the (layer, top index) that first writes it: the value Caffe's diff refers to."""
-    first: Dict[str, Tuple[str, int]] = {}
-    for node in graph.layers:
-        for j, top in enumerate(node.tops):
-            first.setdefault(top, (node.name, j))
-    return first
-
-
 def _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device) -> List[Row]:
     force_backward = net.graph.net is None or net.graph.net.force_backward
     if not force_backward:
@@ -240,9 +231,8 @@ def _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device) -> List[
     # Which diffs Caffe's backward writes (without force_backward: none of an Input blob's,
     # nor of what no learned parameter reaches).
     rule = need_backward(net.graph, _param_lr(net), force_backward)
-    first_value = _first_values(net.graph)
     for name, tensor in inputs.items():
-        tensor.requires_grad_(tensor.is_floating_point() and first_value.get(name) in rule.receives)
+        tensor.requires_grad_(tensor.is_floating_point() and rule.diff_values.get(name) in rule.receives)
     wants_grad = any(k.startswith(("diff/", "paramdiff/")) for k in ref)
     first: Dict[str, torch.Tensor] = dict(inputs)
     with torch.set_grad_enabled(wants_grad):
@@ -277,9 +267,9 @@ def _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device) -> List[
             blob = key[len("diff/"):]
             tensor = first.get(blob)
             grad = tensor.grad if tensor is not None and tensor.requires_grad else None
-            if first_value.get(blob) in rule.receives:  # what its readers sent back, zeros where none did
+            if rule.diff_values.get(blob) in rule.receives:  # what its readers sent back, zeros where none did
                 ours = _numpy(grad) if grad is not None else np.zeros(value.shape)
-            elif first_value.get(blob) in rule.read:
+            elif rule.diff_values.get(blob) in rule.read:
                 ours = None  # Caffe's backward never writes it
             elif blob in loss_weights:
                 # Caffe seeds a loss top's diff with its loss weight.

@@ -6,7 +6,9 @@ After Init, Net::Backward calls a layer's Backward only where layer_need_backwar
 bottom_need_backward_ as its propagate_down; a diff no Backward writes keeps its zeros.
 So a blob's diff is what the layers reading it sent back (a Split sums its tops'),
 whenever the one layer reading it (or its Split) propagates down to it; a loss top that
-nothing reads holds its loss weight."""
+nothing reads holds its loss weight. A blob rewritten in place shares one diff among its
+values: backward runs last through the first layer that propagates to it, so the diff
+holds that value's."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ class NeedBackward:
     propagates: Mapping[str, Tuple[bool, ...]]  # per bottom: does the layer's Backward write its diff
     receives: FrozenSet[Value]  # values whose readers write their diff
     read: FrozenSet[Value]  # values some layer reads
+    diff_values: Mapping[str, Value]  # blob -> the value its diff holds after backward
 
     def stopped(self, layer: str) -> FrozenSet[int]:
         """The bottoms of `layer` Caffe's backward sends nothing to."""
@@ -151,5 +154,10 @@ def need_backward(graph: Graph, param_lr: Mapping[str, Sequence[float]], force_b
     for (layer, i), value in source.items():
         if propagates[splits[value]][0] if value in splits else propagates[index[layer]][i]:
             receives.add(value)
+    diff_values: Dict[str, Value] = {}
+    for node in graph.layers:
+        for j, blob in enumerate(node.tops):
+            if blob not in diff_values or diff_values[blob] not in receives and (node.name, j) in receives:
+                diff_values[blob] = (node.name, j)
     return NeedBackward({name: propagates[k] for name, k in index.items()}, frozenset(receives),
-                        frozenset(source.values()))
+                        frozenset(source.values()), diff_values)

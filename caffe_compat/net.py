@@ -398,7 +398,8 @@ class CaffeNet(nn.Module):
         and the layers read each top through an identity of it, so that a top's .grad is
         what its readers sent back, as Caffe's diff, and not a path inside the layer that
         made it. `caffe_backward` (Caffe's rule for this net) then decides which bottoms
-        take a gradient and which tops take one even where the layer's own value does not."""
+        take a gradient, which tops take one even where the layer's own value does not,
+        and which value of an in-place blob `first_versions` holds."""
         release = self._release if keep is not None else None
         for step, (module_name, bottoms, tops) in enumerate(self._plan):
             inputs = [blobs[b] for b in bottoms]
@@ -416,7 +417,10 @@ class CaffeNet(nn.Module):
             for j, (top, value) in enumerate(zip(tops, out)):
                 if first_versions is not None:
                     value = _readers_view(value, caffe_backward is not None and (layer, j) in caffe_backward.receives)
-                    first_versions.setdefault(top, value)
+                    if caffe_backward is None:
+                        first_versions.setdefault(top, value)
+                    elif caffe_backward.diff_values[top] == (layer, j):
+                        first_versions[top] = value
                 blobs[top] = value
             if release is not None:
                 for blob in release[step]:

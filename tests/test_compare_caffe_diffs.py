@@ -103,6 +103,20 @@ def force_backward_over_propagate_down():
                       "diff/scores": np.zeros((2, 4), np.float32), "paramdiff/scale/0": np.zeros(4, np.float32)}
 
 
+def in_place_without_propagate_down():
+    """A blob rewritten in place shares one diff: with the in-place ReLU declining it
+    (`propagate_down: false`), the diff keeps what the ReLU's reader wrote, the gradient
+    for the ReLU's value rather than the Scale's."""
+    prototxt = (_scaled().replace('top: "scores"', 'top: "y"') +
+                'layer { name: "relu" type: "ReLU" bottom: "y" top: "y" propagate_down: false }\n'
+                'layer { name: "fit" type: "EuclideanLoss" bottom: "y" bottom: "target" top: "fit" }\n')
+    data, target = _scale_inputs()
+    rectified = _leaf(np.maximum(1.5 * data, 0))
+    fit = _euclidean(rectified, torch.tensor(target, dtype=torch.float64))
+    return prototxt, {"input/data": data, "input/target": target, "blob/y": _array(rectified),
+                      "diff/y": _array(_grad(fit, rectified)), "paramdiff/scale/0": np.zeros(4, np.float32)}
+
+
 def read_loss_top():
     """A loss_weight on a top another layer reads: Caffe's Split carries the weight and
     sums it with the reader's diff."""
@@ -151,7 +165,7 @@ def lstm_unit_inner_path():
 
 
 @pytest.mark.parametrize("case", [pool_mask_read, propagate_down_false, force_backward_over_propagate_down,
-                                  read_loss_top, lstm_unit_inner_path])
+                                  in_place_without_propagate_down, read_loss_top, lstm_unit_inner_path])
 def test_compare_gives_each_blob_the_diff_caffe_writes(tmp_path, case):
     prototxt, arrays = case()
     (tmp_path / "net.prototxt").write_text(prototxt)
