@@ -19,6 +19,7 @@ from .errors import CaffeCompatError, printable
 from .io.files import read_caffemodel, read_prototxt, weights_of
 from .io.text import parse_json
 from .layers.registry import caffe_blobs
+from .need_backward import need_backward
 
 PathLike = Union[str, Path]
 ZERO_ATOL = 1e-7  # where Caffe's reference is exactly zero, ours must be too
@@ -208,24 +209,34 @@ def _freeze_unlearned(net) -> None:
             parameter.requires_grad_(False)
 
 
+def _param_lr(net) -> Dict[str, List[float]]:
+    """Each layer's lr_mult per parameter blob, as Net::Init reads them (1 where unset)."""
+    result = {}
+    for module_name, module in net.layers.items():
+        node = net.graph.layer(net.layer_names[module_name])
+        result[node.name] = [node.param_specs[i].lr_mult if i < len(node.param_specs) else 1.0
+                             for i in range(len(getattr(module, "blob_names", ())))]
+    return result
+
+
 def _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device) -> List[Row]:
-    # Without force_backward Caffe's backward reaches only what depends on a learned
-    # parameter and feeds a loss: Input blobs get no diff.
     force_backward = net.graph.net is None or net.graph.net.force_backward
     if not force_backward:
         _freeze_unlearned(net)
-    inputs = {}
-    for key, value in ref.items():
-        if key.startswith("input/"):
-            tensor = torch.from_numpy(value).to(device)
-            inputs[key[len("input/"):]] = tensor.requires_grad_(force_backward and tensor.is_floating_point())
+    inputs = {key[len("input/"):]: torch.from_numpy(value).to(device) for key, value in ref.items()
+              if key.startswith("input/")}
     missing = [n for n in net.input_names if n not in inputs]
     if missing:
         raise CaffeCompatError(f"case '{case}': the reference has no input/ for {', '.join(missing)}")
+    # Which diffs Caffe's backward writes (without force_backward: none of an Input blob's,
+    # nor of what no learned parameter reaches).
+    rule = need_backward(net.graph, _param_lr(net), force_backward)
+    for name, tensor in inputs.items():
+        tensor.requires_grad_(tensor.is_floating_point() and rule.diff_values.get(name) in rule.receives)
     wants_grad = any(k.startswith(("diff/", "paramdiff/")) for k in ref)
     first: Dict[str, torch.Tensor] = dict(inputs)
     with torch.set_grad_enabled(wants_grad):
-        blobs = net.run(dict(inputs), first)
+        blobs = net.run(dict(inputs), first, caffe_backward=rule)
     rows = [_row(case, key, _numpy(blobs[key[5:]]), value, fwd_tol) if key[5:] in blobs else _missing(case, key, value)
             for key, value in ref.items() if key.startswith("blob/")]
     if not wants_grad:
@@ -249,17 +260,22 @@ def _compare_forward_backward(case, net, ref, fwd_tol, bwd_tol, device) -> List[
             params[f"{net.layer_names[module_name]}/{i}"] = tensor
     if objective is not None and objective.requires_grad:
         objective.backward()
-    # else nothing the seeds reach depends on an input or parameter: every gradient is
-    # zero, which the rows below report as "no gradient here"
+    # else nothing the seeds reach depends on an input or parameter: every gradient is zero
+    loss_weights = dict(net.loss_terms)
     for key, value in ref.items():
         if key.startswith("diff/"):
             blob = key[len("diff/"):]
             tensor = first.get(blob)
-            if blob in [t for t, _ in net.loss_terms]:
+            grad = tensor.grad if tensor is not None and tensor.requires_grad else None
+            if rule.diff_values.get(blob) in rule.receives:  # what its readers sent back, zeros where none did
+                ours = _numpy(grad) if grad is not None else np.zeros(value.shape)
+            elif rule.diff_values.get(blob) in rule.read:
+                ours = None  # Caffe's backward never writes it
+            elif blob in loss_weights:
                 # Caffe seeds a loss top's diff with its loss weight.
-                ours = np.full(value.shape, dict(net.loss_terms)[blob])
+                ours = np.full(value.shape, loss_weights[blob])
             else:
-                ours = _numpy(tensor.grad) if tensor is not None and tensor.requires_grad else None
+                ours = _numpy(grad)  # an output: the topdiff/ seed given, if any
             rows.append(_row(case, key, ours, value, bwd_tol))
         elif key.startswith("paramdiff/"):
             tensor = params.get(key[len("paramdiff/"):])

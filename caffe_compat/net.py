@@ -16,6 +16,7 @@ from .errors import CaffeCompatError
 from .graph import Graph, LayerNode, check_weights_fit, param_owners
 from .io.wire import copy_out
 from .memory import available_memory, format_size, parse_size
+from .need_backward import NeedBackward
 from .layers.registry import Converted, LayerContext, builder_for, caffe_blobs
 
 Shape = Tuple[int, ...]
@@ -389,24 +390,37 @@ class CaffeNet(nn.Module):
         return release
 
     def run(self, blobs: Dict[str, torch.Tensor], first_versions: Optional[Dict[str, torch.Tensor]] = None,
-            keep: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+            keep: Optional[Sequence[str]] = None, caffe_backward: Optional[NeedBackward] = None
+            ) -> Dict[str, torch.Tensor]:
         """Execute every layer; `blobs` maps names to tensors and ends holding every blob's
         final value, or only those in `keep` when given. `first_versions`, when given,
-        receives each blob's first value (what Caffe's diff of an in-place blob refers to)."""
+        receives each blob's first value (what Caffe's diff of an in-place blob refers to),
+        and the layers read each top through an identity of it, so that a top's .grad is
+        what its readers sent back, as Caffe's diff, and not a path inside the layer that
+        made it. `caffe_backward` (Caffe's rule for this net) then decides which bottoms
+        take a gradient, which tops take one even where the layer's own value does not,
+        and which value of an in-place blob `first_versions` holds."""
         release = self._release if keep is not None else None
         for step, (module_name, bottoms, tops) in enumerate(self._plan):
             inputs = [blobs[b] for b in bottoms]
-            for i in self._stop_gradient[module_name]:
-                inputs[i] = inputs[i].detach()
+            layer = self.layer_names[module_name]
+            stopped = self._stop_gradient[module_name] if caffe_backward is None else caffe_backward.stopped(layer)
+            for i in stopped:
+                if i < len(inputs):  # a builder may read fewer bottoms than the layer has
+                    inputs[i] = inputs[i].detach()
             try:
                 out = self.layers[module_name](*inputs)
             except RuntimeError as err:
                 raise self._size_error(module_name, bottoms, inputs) or err
             if len(tops) == 1:
                 out = (out,)
-            for top, value in zip(tops, out):
-                if first_versions is not None and top not in first_versions:
-                    first_versions[top] = value
+            for j, (top, value) in enumerate(zip(tops, out)):
+                if first_versions is not None:
+                    value = _readers_view(value, caffe_backward is not None and (layer, j) in caffe_backward.receives)
+                    if caffe_backward is None:
+                        first_versions.setdefault(top, value)
+                    elif caffe_backward.diff_values[top] == (layer, j):
+                        first_versions[top] = value
                 blobs[top] = value
             if release is not None:
                 for blob in release[step]:
@@ -447,6 +461,15 @@ class CaffeNet(nn.Module):
         if not self.loss_terms:
             raise CaffeCompatError(f"net '{self.graph.name}' has no loss layer")
         return sum(weight * outputs[top].sum() for top, weight in self.loss_terms)
+
+
+def _readers_view(value: torch.Tensor, takes_diff: bool) -> torch.Tensor:
+    """The top as the layers reading it see it: a view (no copy), or, where Caffe gives
+    it a diff that the layer's own value cannot take (a detached or integer-derived top),
+    a fresh leaf with the same data."""
+    if takes_diff and not value.requires_grad and value.is_floating_point() and torch.is_grad_enabled():
+        return value.detach().requires_grad_()
+    return value.view_as(value)
 
 
 def _dims(shape) -> str:
