@@ -28,7 +28,8 @@ def safe_name(name: str, taken: Iterable[str]) -> str:
     if base[0].isdigit():
         base = "_" + base
     candidate, n = base, 1
-    while candidate in taken:
+    # nn.ModuleDict refuses a key that names one of its attributes ('train', 'double', 'keys').
+    while candidate in taken or hasattr(nn.ModuleDict, candidate):
         n += 1
         candidate = f"{base}_{n}"
     return candidate

@@ -447,3 +447,16 @@ layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_p
     with pytest.raises(CaffeCompatError, match=rf"layer 'fc' of net .*: bottom 'data' is {'x'.join(map(str, wrong))}, "
                                                rf"but the net was built for .*; it expects inputs 'data' N"):
         net(torch.zeros(wrong))
+
+
+def test_layers_named_like_module_attributes_build():
+    """'train', 'double', 'keys' name methods of nn.ModuleDict: such layers still build and
+    keep their Caffe names (found by a reviewer: a KeyError from torch)."""
+    net = net_of(INPUT_4D + """
+layer { name: "train" type: "ReLU" bottom: "data" top: "a" }
+layer { name: "double" type: "Power" bottom: "a" top: "b" power_param { scale: 2 } }
+layer { name: "keys" type: "Power" bottom: "b" top: "c" power_param { shift: 1 } }
+""")
+    x = torch.randn(net.blob_shapes["data"])
+    assert torch.equal(net(x)["c"], torch.relu(x) * 2 + 1)
+    assert sorted(net.layer_names.values()) == ["double", "keys", "train"]
