@@ -159,11 +159,12 @@ def _cmd_export_onnx(args) -> int:
 
 
 def _cmd_extract(args) -> int:
-    from .extract import check_output_file, extract_features, save_features
+    from .extract import extract_features, save_features
+    from .io.atomic import check_writable
     from .memory import parse_size
     from .io.files import read_prototxt, read_with_weights, weights_of
 
-    check_output_file(args.output)
+    check_writable(args.output, "-o")
     max_memory = parse_size(args.max_memory) if args.max_memory else None
     net_file, weights_file = read_with_weights(read_prototxt(args.net, args.dialect), args.weights, args.dialect)
     weights = weights_of(weights_file)

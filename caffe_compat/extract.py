@@ -22,7 +22,7 @@ from .deploy import override_mean
 from .devices import resolve_device
 from .errors import CaffeCompatError
 from .graph import build_graph, layer_included
-from .io.atomic import atomic_file, is_null_device
+from .io.atomic import atomic_file
 from .io.files import MAX_LIST_BYTES, NetFile, read_regular_file
 from .io.run_inputs import RunInputs
 from .memory import check_blob_memory
@@ -179,21 +179,6 @@ def extract_features(net_file: NetFile, weights, data: PathLike, blob: str = "fc
         root_folder = layer.image_data_param.root_folder
         result["paths"] = np.array([os.path.abspath(root_folder + entry) for entry, _ in source.lines])
     return result
-
-
-def check_output_file(out: PathLike, what: str = "-o") -> Path:
-    """`out`, if a file can be written there (checked before any work)."""
-    out = Path(out)
-    if out.is_dir():
-        raise CaffeCompatError(f"{out}: {what} is a folder; give a file name")
-    if is_null_device(out):  # written through, discarded
-        return out
-    folder = out.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise CaffeCompatError(f"{out}: {what} cannot be written ({folder} is not a writable folder)")
-    return out
 
 
 def save_features(features: dict, out: PathLike) -> None:

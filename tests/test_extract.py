@@ -172,7 +172,7 @@ def test_extract_command_line_mistakes_before_any_work(tmp_path, capsys):
     (tmp_path / "folder").mkdir()
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9.jpg 1\n")
     for args, needle in [(["-o", tmp_path / "f.npz", "--data", tmp_path / "latin1.txt"], "not a readable image list"),
-                         (["-o", tmp_path / "folder"], "is a folder"),
+                         (["-o", tmp_path / "folder"], "is a directory; give a file name"),
                          (["-o", tmp_path / "f.npz", "--mean-value", "1", "2"], "give 1 or 3 values"),
                          (["-o", tmp_path / "f.npz", "--root", tmp_path], "--root applies to image lists"),
                          (["-o", tmp_path / "f.npz", "--batch-size", "0"], "must be positive"),

@@ -65,6 +65,29 @@ def check_target(target: Union[str, Path], label: str) -> None:
                                    f"(or {os.devnull} to discard the output)")
 
 
+def check_writable(target: Union[str, Path], what: str) -> None:
+    """Refuse before any work an output that could not be written at the end: a directory,
+    a device node, a folder that takes no new file (read-only, /proc, a file in the way).
+    Creates nothing (a probe file in the nearest existing folder comes and goes); the null
+    device passes, as it is written through."""
+    target = Path(target)
+    label = f"{what} {target}"
+    if target.is_dir():
+        raise CaffeCompatError(f"{label}: is a directory; give a file name")
+    check_target(target, label)
+    if is_null_device(target):
+        return
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".caffe-compat-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CaffeCompatError(f"{label}: cannot write in {folder}: {err.strerror or err}") from None
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

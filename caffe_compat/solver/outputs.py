@@ -25,16 +25,6 @@ class LogRow(NamedTuple):
     smoothed_loss: float
 
 
-def check_output_file(path: Path, what: str) -> None:
-    """Refuse now a path that a file cannot be written to at the end: a directory, a
-    folder that cannot take a new file (read-only, /proc, a file in the way)."""
-    if path.is_dir():
-        raise CaffeCompatError(f"{what} {path}: is a directory; give a file name")
-    if atomic.is_null_device(path):  # written through, discarded: nothing is created beside it
-        return
-    _check_folder(path.parent, f"{what} {path}")
-
-
 def snapshot_prefix(param, solver_path: Path) -> str:
     """Caffe's UpgradeSnapshotPrefixProperty: no snapshot_prefix means the solver file's
     path without its extension; a folder means that folder plus the solver file's stem."""

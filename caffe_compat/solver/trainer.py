@@ -27,7 +27,7 @@ from ..io.files import read_caffemodel, read_solver, weights_of, with_weights, w
 from ..net import CaffeNet
 from .distributed import Distributed, distribute_lifted_losses
 from .nets import build_net, net_source, share_weights, test_sources
-from .outputs import (LogRow, check_output_file, check_snapshot_prefix, refuse_outputs_over_inputs, snapshot_prefix,
+from .outputs import (LogRow, check_snapshot_prefix, refuse_outputs_over_inputs, snapshot_prefix,
                       write_training_log)
 from .precision import MEMORY_FORMATS, LossScaler, autocast, check_precision, losses_in_float32
 from .progress import TrainProgress
@@ -181,9 +181,9 @@ class Trainer:
     def _check_outputs(self, where: str) -> None:
         """Every path this run will write, checked before any training work."""
         if self.output is not None:
-            check_output_file(self.output, "--output")
+            atomic.check_writable(self.output, "--output")
         if self.log_path is not None:
-            check_output_file(self.log_path, "--log")
+            atomic.check_writable(self.log_path, "--log")
         if self.param.snapshot or self.param.snapshot_after_train:
             check_snapshot_prefix(snapshot_prefix(self.param, self.solver_path), where)
 
