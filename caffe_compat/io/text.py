@@ -83,10 +83,11 @@ def screen_text(where: Where, text: str, what: str) -> str:
     return text
 
 
-def parse_text(where: Where, text: str, message, what: str):
-    """`message`, filled from `text` (screened by screen_text); every failure names `where`."""
+def parse_text(where: Where, text: str, message, what: str, allow_unknown: bool = False):
+    """`message`, filled from `text` (screened by screen_text); every failure names `where`.
+    `allow_unknown` skips fields the schema lacks (the caller lists them)."""
     try:
-        text_format.Parse(text, message)
+        text_format.Parse(text, message, allow_unknown_field=allow_unknown)
     except text_format.ParseError as err:  # protobuf quotes the offending text, however long
         detail = shortened(str(err).replace("\n", " "))
         raise CaffeCompatError(f"{where}: not a valid {what}: {detail}") from None

@@ -11,9 +11,8 @@ from typing import FrozenSet, List, Optional, Tuple
 
 from google.protobuf.message import DecodeError
 
-from ...errors import CaffeCompatError
 from ..schema import messages, unknown_fields
-from . import ENTRIES
+from . import ENTRIES, added_types, generation
 
 BVLC = "bvlc"
 
@@ -26,18 +25,45 @@ def _descriptors(dialect: str):
         stack.extend(descriptor.nested_types)
 
 
-@functools.lru_cache(maxsize=None)
 def field_names(dialect: str) -> FrozenSet[str]:
     """Every field name of every message of `dialect`."""
+    return _field_names(dialect, generation())
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(dialect: str, _generation: int) -> FrozenSet[str]:
     return frozenset(f.name for d in _descriptors(dialect) for f in d.fields)
 
 
-@functools.lru_cache(maxsize=None)
 def own_layer_fields(dialect: str) -> FrozenSet[str]:
     """LayerParameter fields of `dialect` that BVLC's has not, by name and number."""
+    return _own_layer_fields(dialect, generation())
+
+
+@functools.lru_cache(maxsize=None)
+def _own_layer_fields(dialect: str, _generation: int) -> FrozenSet[str]:
     bvlc = {(f.name, f.number) for f in messages(BVLC).LayerParameter.DESCRIPTOR.fields}
     return frozenset(f.name for f in messages(dialect).LayerParameter.DESCRIPTOR.fields
                      if (f.name, f.number) not in bvlc)
+
+
+@functools.lru_cache(maxsize=None)
+def _fork_numbers(_generation: int) -> FrozenSet[int]:
+    """LayerParameter numbers some fork gives a meaning BVLC's has not."""
+    return frozenset(messages(d).LayerParameter.DESCRIPTOR.fields_by_name[name].number
+                     for d in ENTRIES for name in own_layer_fields(d))
+
+
+def _plainly_bvlc(net) -> bool:
+    """A net BVLC's schema reads whole that shows no fork: no layer of a fork's type, none
+    setting a number a fork uses otherwise, no PoolingParameter 13 (ceil_mode elsewhere).
+    Forks otherwise only add fields, which BVLC would have left unknown."""
+    fork_types = frozenset(t for d in ENTRIES for t in own_types(d))
+    numbers = _fork_numbers(generation())
+    return not unknown_fields(net) and not any(
+        layer.type in fork_types or any(f.number in numbers for f, _ in layer.ListFields())
+        or (layer.HasField("pooling_param") and layer.pooling_param.HasField("round_mode"))
+        for layer in net.layer)
 
 
 def own_types(dialect: str) -> FrozenSet[str]:
@@ -53,13 +79,22 @@ _TYPE = re.compile(r"""\btype\s*:\s*["']([^"']*)["']""")
 _FIELD_NAME = re.compile(r"\b([A-Za-z_]\w*)\s*(?=[:{<])")
 
 
+def _names_and_types(text: str) -> Tuple[set, set]:
+    """The field names and the layer types a text-format net uses, outside comments."""
+    code = _STRING_OR_COMMENT.sub(lambda m: "" if m.group().startswith("#") else m.group(), text)
+    return set(_FIELD_NAME.findall(_STRING_OR_COMMENT.sub('""', code))), set(_TYPE.findall(code))
+
+
+def unknown_names(text: str, dialect: str) -> FrozenSet[str]:
+    """Field names `text` uses that `dialect` has in no message."""
+    return frozenset(_names_and_types(text)[0] - field_names(dialect))
+
+
 def text_candidates(text: str) -> List[str]:
     """The dialects whose schema knows every field name `text` uses, those with most of
     their own layer types first; BVLC when no fork's name or type shows. When none knows
     every name, the one that knows most (its parser then names the field it lacks)."""
-    code = _STRING_OR_COMMENT.sub(lambda m: "" if m.group().startswith("#") else m.group(), text)
-    types = set(_TYPE.findall(code))
-    names = set(_FIELD_NAME.findall(_STRING_OR_COMMENT.sub('""', code)))
+    names, types = _names_and_types(text)
     fork_names = names - field_names(BVLC)
     ranked = sorted(((len(fork_names - field_names(d)), -len(types & own_types(d)), i, d)
                      for i, d in enumerate(ENTRIES)))
@@ -74,8 +109,11 @@ def _votes(net, dialect: str) -> int:
     if dialect == BVLC:
         return 0
     own, types, bvlc_types = own_layer_fields(dialect), own_types(dialect), ENTRIES[BVLC].layer_types
+    users = added_types()
     count = 0
     for layer in net.layer:
+        if layer.type in users:  # registered from Python with its own field: shows no fork
+            continue
         if layer.type in types:
             count += 1
         elif layer.type not in bvlc_types and any(f.name in own for f, _ in layer.ListFields()):
@@ -85,10 +123,17 @@ def _votes(net, dialect: str) -> int:
 
 @dataclass(frozen=True)
 class Fit:
-    """How well a dialect reads a caffemodel: fields it leaves unknown, layers that show it."""
+    """How well a dialect reads a caffemodel: fields it leaves unknown, layers that show it,
+    and whether it reads PoolingParameter 13, set in the file, as ceil_mode."""
     dialect: str
     unknown: int
     votes: int
+    ceil_mode: bool = False
+
+
+def _ceil_mode_set(net) -> bool:
+    return any(layer.HasField("pooling_param") and "ceil_mode" in layer.pooling_param.DESCRIPTOR.fields_by_name
+               and layer.pooling_param.HasField("ceil_mode") for layer in net.layer)
 
 
 def binary_fits(data: bytes) -> List[Fit]:
@@ -103,7 +148,9 @@ def binary_fits(data: bytes) -> List[Fit]:
         except DecodeError as err:
             failure = failure or err
             continue
-        fits.append(Fit(dialect, len(unknown_fields(net)), _votes(net, dialect)))
+        if dialect == BVLC and _plainly_bvlc(net):  # most files: every dialect reads them the same
+            return [Fit(d, 0, 0) for d in ENTRIES]
+        fits.append(Fit(dialect, len(unknown_fields(net)), _votes(net, dialect), _ceil_mode_set(net)))
     if not fits:
         raise failure
     order = list(ENTRIES)
@@ -119,7 +166,11 @@ def binary_candidates(data: bytes) -> List[str]:
 def _candidates(fits: List[Fit]) -> List[str]:
     best = fits[0]
     if not best.votes:  # no fork shows: BVLC if it reads the file as well as any
-        return [BVLC] if any(f.dialect == BVLC and f.unknown == best.unknown for f in fits) else [best.dialect]
+        if not any(f.dialect == BVLC and f.unknown == best.unknown for f in fits):
+            return [best.dialect]
+        # PoolingParameter 13 set: BVLC's round_mode or a fork's ceil_mode (CEIL = 0 = false), the
+        # opposite rounding, and the bytes cannot tell: every reading is named.
+        return [BVLC] + [f.dialect for f in fits if f.ceil_mode and f.unknown == best.unknown]
     return [f.dialect for f in fits if (f.unknown, f.votes) == (best.unknown, best.votes)]
 
 
@@ -127,10 +178,12 @@ def choose_binary(fits: List[Fit], source: str, prototxt: Optional[Tuple[str, st
     """The dialect to read a caffemodel in, and a note when the choice needs one.
 
     With a prototxt of a fork (its dialect, its path), the prototxt's dialect whenever it
-    reads the caffemodel as well as the best fit; a caffemodel that it reads worse is
-    written for another fork: an error naming both files. Otherwise (no prototxt, or a
-    BVLC one, which claims no fork: a deploy net beside a fork's trained weights) the best
-    fit; a note names the others that fit as well."""
+    reads the caffemodel as well as the best fit. A caffemodel that it reads worse was
+    written by another fork: read in its own, with a note naming both (OpenCV's face
+    detector pairs a prototxt for OpenCV with weights SSD's Caffe wrote; settings come
+    from the prototxt, only the weights from the caffemodel). Otherwise (no prototxt, or
+    a BVLC one, which claims no fork: a deploy net beside a fork's trained weights) the
+    best fit; a note names the others that fit as well."""
     candidates = _candidates(fits)
     alternatives = f"it fits dialects {', '.join(candidates)}"
     if prototxt is None or prototxt[0] == BVLC:
@@ -139,10 +192,10 @@ def choose_binary(fits: List[Fit], source: str, prototxt: Optional[Tuple[str, st
     dialect, prototxt_path = prototxt
     fit = next((f for f in fits if f.dialect == dialect), None)
     if fit is None or fit.unknown > fits[0].unknown:
-        left = "cannot parse it" if fit is None else f"leaves {fit.unknown} of its fields unknown"
-        raise CaffeCompatError(
-            f"{source}: written in dialect {candidates[0]} ({ENTRIES[candidates[0]].fork}), but {prototxt_path} "
-            f"is in dialect {dialect}, which {left}; --dialect reads both in one")
+        left = "cannot parse it" if fit is None else f"would leave {fit.unknown} of its fields unknown"
+        return candidates[0], (
+            f"{source}: written in dialect {candidates[0]} ({ENTRIES[candidates[0]].fork}), read so; "
+            f"{prototxt_path} is in dialect {dialect}, which {left} (the net's settings come from the prototxt)")
     if len(candidates) > 1:
         return dialect, f"{source}: {alternatives}; read as {dialect}, the prototxt's (--dialect chooses)"
     return dialect, ""
