@@ -72,6 +72,8 @@ def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, th
     with every box kept before it is <= the threshold, which then shrinks by eta
     while above 0.5 (adaptive NMS). The kept mask (B, K); no value leaves the device."""
     count, length = valid.shape
+    if eta >= 1 and count * length * length <= OVERLAP_BLOCK_VALUES:
+        return _greedy_nms_fixpoint(boxes, sizes, valid, threshold)
     kept = torch.zeros_like(valid)
     limit = torch.full((count,), threshold, dtype=torch.float32, device=boxes.device)
     block = max(1, min(64, OVERLAP_BLOCK_VALUES // max(1, count * length)))
@@ -86,6 +88,27 @@ def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, th
             kept[:, k] = keep
             if eta < 1:
                 limit = torch.where(keep & (limit > 0.5), limit * eta, limit)
+    return kept
+
+
+def _greedy_nms_fixpoint(boxes, sizes, valid, threshold: float) -> torch.Tensor:
+    """greedy_nms with a fixed threshold, solved for all candidates at once: kept[k] =
+    valid[k] and no kept j < k clashes with k. Each round makes at least one more leading
+    candidate final, and the first round that changes nothing has the one solution of
+    this triangular system; rounds are as many as the longest chain of suppressions
+    (a few), not as many as the candidates. One transfer per round."""
+    length = valid.shape[1]
+    overlaps = jaccard(boxes[:, :, None, :], sizes[:, :, None], boxes[:, None, :, :], sizes[:, None, :])
+    earlier = torch.ones(length, length, dtype=torch.bool, device=boxes.device).tril(-1)
+    # `overlap <= limit` is false for NaN overlaps too, as in the fork
+    clashes = ~(overlaps <= torch.tensor(threshold, dtype=torch.float32, device=boxes.device)) & earlier
+    kept = valid
+    for _ in range(length):
+        suppressed = (clashes & kept[:, None, :]).any(dim=2)
+        update = valid & ~suppressed
+        if torch.equal(update, kept):
+            break
+        kept = update
     return kept
 
 

@@ -85,6 +85,9 @@ class PriorBox(CaffeLayer):
         self.settings = settings
         self._cache: Dict[Tuple, torch.Tensor] = {}
 
+    # Under torch.compile the priors stay a cached lookup: tracing it would recompile per
+    # feature-map size, one PriorBox after another, up to dynamo's recompile limit.
+    @torch.compiler.disable
     def forward(self, feature, image=None):
         layer_h, layer_w = legacy_hw(tuple(feature.shape))
         if self.settings.img_h and self.settings.img_w:
@@ -116,6 +119,8 @@ class DetectionOutput(CaffeLayer):
         self.settings = settings
         self.layer_name = layer_name
 
+    # Data-dependent sizes and a few host reads: run eagerly inside a compiled net.
+    @torch.compiler.disable
     def forward(self, loc, conf, prior):
         with torch.no_grad():
             return self._detect(loc.detach().float(), conf.detach().float(), prior.detach().float())
