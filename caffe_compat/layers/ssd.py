@@ -287,8 +287,8 @@ def detection_output_to_onnx(g: OnnxGraph, ctx, module: DetectionOutput, inputs,
     scores = op("Reshape", op("Transpose", scores, hint="scores_nlp", perm=[0, 2, 1]),
                 ints([-1, priors], "scores_shape"), hint="class_scores")
     # GetMaxScoreIndex's ranking and top_k; the threshold is NonMaxSuppression's
-    ranked, order = g.node("TopK", [scores, ints([candidates], "top_k")], hint=f"{name}/ranked", axis=1,
-                           largest=1, sorted=1, outputs=[g.fresh(f"{name}/ranked"), g.fresh(f"{name}/order")])
+    ranked, order = g.node("TopK", [scores, ints([candidates], "top_k")],
+                           [g.fresh(f"{name}/ranked"), g.fresh(f"{name}/order")], axis=1, largest=1, sorted=1)
     candidate_boxes = op("GatherElements", class_boxes,
                          op("Expand", op("Unsqueeze", order, ints([2], "last"), hint="order_column"),
                             ints([1, 1, 4], "four"), hint="order_boxes"),
