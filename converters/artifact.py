@@ -203,8 +203,8 @@ def _validate(payload: object, path: Path) -> dict:
             raise CaffeCompatError(f"{path}: key '{key}': expected {kind.__name__}, found "
                                    f"{type(payload[key]).__name__}")
     if payload["dialect"] not in DIALECTS:
-        raise CaffeCompatError(f"{path}: key 'dialect': {quote(payload['dialect'])} is not one of "
-                               f"{', '.join(DIALECTS)}")
+        raise CaffeCompatError(f"{path}: key 'dialect': {quote(payload['dialect'])} is not a dialect "
+                               f"caffe-compat knows (convert --help lists them)")
     if payload["phase"] not in PHASES:
         raise CaffeCompatError(f"{path}: key 'phase': {quote(payload['phase'])} is not one of {', '.join(PHASES)}")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in payload["preprocess"].items()):

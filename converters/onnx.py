@@ -194,6 +194,7 @@ def export_onnx(net: CaffeNet, outputs: Optional[Sequence[str]] = None, opset: i
                                         [names[r] for r in step.reads], [names[w] for w in step.writes])
     finally:
         net.train(was_training)
+    props.update({key: value for key, value in g.metadata.items() if key not in given})
 
     output_names = [names[(b, last[b])] for b in outputs]
     if l2_normalize:

@@ -507,3 +507,13 @@ def test_images_without_detections_have_no_rows_beside_others():
     ours = converted.module(*map(torch.from_numpy, (loc, conf, prior))).numpy().reshape(-1, 7)
     assert_same_rows(ours, fork_detection_output(loc, conf, prior, 3, threshold=0.2))
     assert set(ours[:, 0]) == {0, 2}
+
+
+def test_nms_follows_a_long_chain_of_suppressions():
+    """Each box overlaps the next by more than the threshold and the one after by less:
+    greedy NMS keeps every other box, which takes one round per link to settle."""
+    from caffe_compat.layers.bbox import box_size, greedy_nms  # noqa: PLC0415
+    starts = torch.arange(40, dtype=torch.float32) * 0.1
+    boxes = torch.stack([starts, torch.zeros(40), starts + 0.25, torch.ones(40)], dim=1)[None]
+    kept = greedy_nms(boxes, box_size(boxes), torch.ones(1, 40, dtype=torch.bool), 0.3, 1.0)
+    assert kept[0].tolist() == [i % 2 == 0 for i in range(40)]

@@ -72,6 +72,8 @@ def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, th
     with every box kept before it is <= the threshold, which then shrinks by eta
     while above 0.5 (adaptive NMS). The kept mask (B, K); no value leaves the device."""
     count, length = valid.shape
+    if eta >= 1 and boxes.device.type == "cpu" and count * length * length <= OVERLAP_BLOCK_VALUES:
+        return _greedy_nms_cpu(boxes, sizes, valid, threshold)
     kept = torch.zeros_like(valid)
     limit = torch.full((count,), threshold, dtype=torch.float32, device=boxes.device)
     block = max(1, min(64, OVERLAP_BLOCK_VALUES // max(1, count * length)))
@@ -87,6 +89,22 @@ def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, th
             if eta < 1:
                 limit = torch.where(keep & (limit > 0.5), limit * eta, limit)
     return kept
+
+
+def _greedy_nms_cpu(boxes, sizes, valid, threshold: float) -> torch.Tensor:
+    """greedy_nms with a fixed threshold on the CPU: every overlap at once in torch, as
+    above, then the candidate-by-candidate decisions in NumPy, whose small operations
+    cost microseconds where torch's cost tens (the loop is most of DetectionOutput's time)."""
+    import numpy as np  # noqa: PLC0415
+
+    overlaps = jaccard(boxes[:, :, None, :], sizes[:, :, None], boxes[:, None, :, :], sizes[:, None, :])
+    # `overlap <= limit` is false for NaN overlaps too, as in the fork
+    clashes = (~(overlaps <= torch.tensor(threshold, dtype=torch.float32))).numpy()
+    allowed = valid.numpy()
+    kept = np.zeros_like(allowed)
+    for k in range(allowed.shape[1]):
+        kept[:, k] = allowed[:, k] & ~(kept[:, :k] & clashes[:, k, :k]).any(axis=1)
+    return torch.from_numpy(kept)
 
 
 def libstdcxx_sort(items: List, before: Callable) -> None:

@@ -15,7 +15,11 @@ from torch import nn
 
 from ..ssd_params import normalize_blob_shape
 from . import fillers
-from .registry import CaffeLayer, LayerContext, register
+from .normalization import onnx_reduce
+from .onnx_graph import FLOAT, OnnxGraph
+from .registry import CaffeLayer, LayerContext, register, register_onnx
+
+DOUBLE = 11  # TensorProto.DataType
 
 
 def _images(x: torch.Tensor) -> torch.Tensor:
@@ -83,3 +87,26 @@ def build_normalize(ctx: LayerContext):
     scale = fillers.fill(filler, blob_shape, ctx.name)
     return ctx.wire(Normalize(scale, p.across_spatial, float(np.float32(p.eps))),
                     top_shapes=[tuple(ctx.bottom_shapes[0])])
+
+
+@register_onnx("Normalize")
+def normalize_to_onnx(g: OnnxGraph, ctx, module: Normalize, inputs, outputs):
+    """The forward above, op for op: the sum of squares plus eps under the root, then
+    across_spatial multiplies by 1/norm taken in double, per position it divides."""
+    x, name = inputs[0], ctx.name
+    rank = len(ctx.bottom_shapes[0])
+    axes = list(range(1, rank)) if module.across_spatial else [1]
+    squares = onnx_reduce(g, "ReduceSumSquare", x, axes, 1, hint=f"{name}/sum_squares")
+    (padded,) = g.node("Add", [squares, g.floats(module.eps, f"{name}/eps")], hint=f"{name}/sum_squares_eps")
+    (norm,) = g.node("Sqrt", [padded], hint=f"{name}/norm")
+    if module.across_spatial:
+        (wide,) = g.node("Cast", [norm], hint=f"{name}/norm_double", to=DOUBLE)
+        (inverse,) = g.node("Reciprocal", [wide], hint=f"{name}/inverse_double")
+        (narrow,) = g.node("Cast", [inverse], hint=f"{name}/inverse", to=FLOAT)
+        (unit,) = g.node("Mul", [x, narrow], hint=f"{name}/normalized")
+    else:
+        (unit,) = g.node("Div", [x, norm], hint=f"{name}/normalized")
+    scale = module.scale.detach()
+    if scale.dim():  # one per channel, broadcast over the positions
+        scale = scale.reshape((-1,) + (1,) * (rank - 2))
+    g.node("Mul", [unit, g.initializer(scale, f"{name}/scale")], outputs)

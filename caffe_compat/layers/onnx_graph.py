@@ -4,7 +4,8 @@ An emitter is registered with `@register_onnx(type)` and called as
 `emit(graph, ctx, module, inputs, outputs)`: `ctx` is the layer's LayerContext,
 `module` the built PyTorch module (its tensors are the weights to export), `inputs`
 the ONNX names of the bottoms, `outputs` the names its last nodes must write. The
-batch axis stays symbolic, so emitters use `ctx.bottom_shapes` only for other axes.
+batch axis stays symbolic, so emitters use `ctx.bottom_shapes` only for other axes. An emitter may describe its outputs in
+`graph.metadata`, which the model's metadata_props receive.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class OnnxGraph:
         self.nodes: List = []
         self.initializers: List = []  # TensorProto
         self._used: Dict[str, int] = {}
+        self.metadata: Dict[str, str] = {}
 
     def fresh(self, hint: str) -> str:
         """A tensor name not used before, derived from `hint`."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Tuple
 
 from ..ssd_params import permute_order
-from .registry import CaffeLayer, LayerContext, register
+from .onnx_graph import OnnxGraph
+from .registry import CaffeLayer, LayerContext, register, register_onnx
 
 
 class Permute(CaffeLayer):
@@ -23,3 +24,8 @@ def build_permute(ctx: LayerContext):
     order = permute_order(ctx)
     shape = ctx.bottom_shapes[0]
     return ctx.wire(Permute(order), top_shapes=[tuple(shape[axis] for axis in order)])
+
+
+@register_onnx("Permute")
+def permute_to_onnx(g: OnnxGraph, ctx, module: Permute, inputs, outputs):
+    g.node("Transpose", inputs, outputs, perm=list(module.order))

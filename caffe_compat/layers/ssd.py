@@ -20,7 +20,14 @@ from ..errors import CaffeCompatError
 from ..ssd_params import (DetectionSettings, PriorBoxSettings, detection_settings, legacy_hw, prior_box_settings,
                           prior_box_top)
 from .bbox import box_size, decode, greedy_nms, libstdcxx_sort
-from .registry import CaffeLayer, LayerContext, register
+from .onnx_graph import FLOAT, INT64, OnnxGraph
+from .registry import CaffeLayer, LayerContext, register, register_onnx
+
+BOOL, DOUBLE = 9, 11  # TensorProto.DataType
+# What DetectionOutput's ONNX output holds, for the model's metadata.
+DETECTION_ROWS = ("(1, 1, rows, 7): rows [image, label, score, xmin, ymin, xmax, ymax], coordinates "
+                  "normalized to the image; by image, label, then descending score; one row "
+                  "[image, -1, -1, -1, -1, -1, -1] per image when no image has a detection")
 
 
 def prior_boxes(s: PriorBoxSettings, layer_h: int, layer_w: int, img_h: int, img_w: int) -> np.ndarray:
@@ -78,6 +85,9 @@ class PriorBox(CaffeLayer):
         self.settings = settings
         self._cache: Dict[Tuple, torch.Tensor] = {}
 
+    # Under torch.compile the priors stay a cached lookup: tracing it would recompile per
+    # feature-map size, one PriorBox after another, up to dynamo's recompile limit.
+    @torch.compiler.disable
     def forward(self, feature, image=None):
         layer_h, layer_w = legacy_hw(tuple(feature.shape))
         if self.settings.img_h and self.settings.img_w:
@@ -109,6 +119,8 @@ class DetectionOutput(CaffeLayer):
         self.settings = settings
         self.layer_name = layer_name
 
+    # Data-dependent sizes and a few host reads: run eagerly inside a compiled net.
+    @torch.compiler.disable
     def forward(self, loc, conf, prior):
         with torch.no_grad():
             return self._detect(loc.detach().float(), conf.detach().float(), prior.detach().float())
@@ -206,8 +218,180 @@ class DetectionOutput(CaffeLayer):
         return rows
 
 
+@register_onnx("PriorBox")
+def prior_box_to_onnx(g: OnnxGraph, ctx, module: PriorBox, inputs, outputs):
+    """A constant: the priors depend on the exported shapes only (one set for any batch)."""
+    s = module.settings
+    layer_h, layer_w = legacy_hw(tuple(ctx.bottom_shapes[0]))
+    img_h, img_w = (s.img_h, s.img_w) if s.img_h and s.img_w else legacy_hw(tuple(ctx.bottom_shapes[1]))
+    g.node("Constant", [], outputs, value=g.tensor(prior_boxes(s, layer_h, layer_w, img_h, img_w)))
+
+
 @register("DetectionOutput")
 def build_detection_output(ctx: LayerContext):
     settings = detection_settings(ctx)
     return ctx.wire(DetectionOutput(settings, ctx.name), top_shapes=[(1, 1, 1, 7)],
                     bottoms=ctx.bottoms[:3])
+
+
+@register_onnx("DetectionOutput")
+def detection_output_to_onnx(g: OnnxGraph, ctx, module: DetectionOutput, inputs, outputs):
+    """DetectionOutput in standard operators: the forward above with ONNX's NonMaxSuppression
+    as ApplyNMSFast. Each image and label is its own NMS batch over its top_k candidates,
+    already ranked as the fork ranks them (TopK breaks ties by the lower index, as
+    std::stable_sort does); NonMaxSuppression keeps a candidate above the score threshold
+    unless its overlap with a kept one is above the NMS threshold, in the same float
+    arithmetic, and lists them per batch in that order, which is the rows' order. Boxes
+    whose max is below their min, which the fork neither suppresses nor lets suppress,
+    enter NMS as empty boxes (ONNX Runtime would reorder their corners). Adaptive NMS
+    (eta < 1) is refused. Where keep_top_k cuts, equal scores within an image are taken
+    by lower label and rank, where the fork's std::sort picks its own way."""
+    s, name = module.settings, ctx.name
+    if s.eta < 1:
+        raise CaffeCompatError(f"layer '{name}' (DetectionOutput): nms_param.eta {s.eta:g} (adaptive NMS) has "
+                               f"no equivalent in ONNX's NonMaxSuppression; export it with eta 1")
+    g.metadata[f"output.{ctx.tops[0]}"] = DETECTION_ROWS
+    loc, conf, prior = inputs[:3]
+    priors, loc_classes = s.num_priors, s.num_loc_classes
+    labels = [c for c in range(s.num_classes) if c != s.background_label_id]
+    candidates = priors if s.top_k < 0 else min(s.top_k, priors)
+    keep = -1 if s.keep_top_k < 0 else min(s.keep_top_k, len(labels) * candidates)
+
+    def op(op_type, *args, hint, **attributes):
+        return g.node(op_type, list(args), hint=f"{name}/{hint}", **attributes)[0]
+
+    def ints(values, hint):
+        return g.ints(values, f"{name}/{hint}")
+
+    (num,) = g.node("Slice", [g.node("Shape", [loc], hint=f"{name}/loc_shape")[0], ints([0], "zero"),
+                              ints([1], "one")], hint=f"{name}/num")
+    if not labels or candidates == 0 or keep == 0:
+        g.node("Unsqueeze", [_no_detections(g, name, num), ints([0, 1], "row_axes")], outputs)
+        return
+    # decode: priors (P, 1, 4) against locations (N, P, L, 4), as bbox.decode computes
+    flat_prior = op("Reshape", prior, ints([-1], "flat"), hint="prior_flat")
+    boxes_of = op("Reshape", op("Slice", flat_prior, ints([0], "zero_"), ints([priors * 4], "boxes_end"),
+                               hint="prior_values"), ints([priors, 1, 4], "prior_shape"), hint="priors")
+    variances = op("Reshape", op("Slice", flat_prior, ints([priors * 4], "variances_start"),
+                                 ints([priors * 8], "variances_end"), hint="variance_values"),
+                   ints([priors, 1, 4], "variance_shape"), hint="variances")
+    locations = op("Reshape", loc, ints([0, priors, loc_classes, 4], "loc_shape"), hint="locations")
+    boxes = _decode_onnx(g, name, boxes_of, variances, locations, s.code_type, s.variance_encoded_in_target)
+    # per (image, label): boxes (N * labels, P, 4) and scores (N * labels, P)
+    loc_class = ints([0 if s.share_location else c for c in labels], "loc_class")
+    class_boxes = op("Reshape", op("Transpose", op("Gather", boxes, loc_class, hint="class_boxes_npl", axis=2),
+                                   hint="class_boxes_nlp", perm=[0, 2, 1, 3]),
+                     ints([-1, priors, 4], "class_boxes_shape"), hint="class_boxes")
+    scores = op("Gather", op("Reshape", conf, ints([0, priors, s.num_classes], "conf_shape"), hint="scores_npc"),
+                ints(labels, "labels"), hint="scores_npl", axis=2)
+    scores = op("Reshape", op("Transpose", scores, hint="scores_nlp", perm=[0, 2, 1]),
+                ints([-1, priors], "scores_shape"), hint="class_scores")
+    # GetMaxScoreIndex's ranking and top_k; the threshold is NonMaxSuppression's
+    ranked, order = g.node("TopK", [scores, ints([candidates], "top_k")],
+                           [g.fresh(f"{name}/ranked"), g.fresh(f"{name}/order")], axis=1, largest=1, sorted=1)
+    candidate_boxes = op("GatherElements", class_boxes,
+                         op("Expand", op("Unsqueeze", order, ints([2], "last"), hint="order_column"),
+                            ints([1, 1, 4], "four"), hint="order_boxes"),
+                         hint="candidate_boxes", axis=1)
+    corners = [op("Slice", candidate_boxes, ints([i], f"c{i}"), ints([i + 1], f"c{i}_end"), ints([2], "axis2"),
+                  hint=f"corner{i}") for i in range(4)]
+    inverted = op("Or", op("Less", corners[2], corners[0], hint="x_inverted"),
+                  op("Less", corners[3], corners[1], hint="y_inverted"), hint="inverted")
+    nms_boxes = op("Where", inverted, g.floats(0.0, f"{name}/empty"), candidate_boxes, hint="nms_boxes")
+    selected = op("NonMaxSuppression", nms_boxes, op("Unsqueeze", ranked, ints([1], "class_axis"), hint="nms_scores"),
+                  ints([candidates], "max_boxes"), g.floats([s.nms_threshold], f"{name}/nms_threshold"),
+                  g.floats([s.confidence_threshold], f"{name}/confidence_threshold"), hint="selected")
+    batch = op("Slice", selected, ints([0], "col0"), ints([1], "col0_end"), ints([1], "axis1"), hint="nms_batch")
+    rank = op("Slice", selected, ints([2], "col2"), ints([3], "col2_end"), ints([1], "axis1_"), hint="rank")
+    where = op("Concat", batch, rank, hint="where", axis=1)  # (M, 2): NMS batch, candidate rank
+    score = op("GatherND", ranked, where, hint="score")
+    if keep > 0:
+        where, score = _keep_top_k(g, name, ranked, where, score, len(labels) * candidates, keep, num)
+        batch = op("Slice", where, ints([0], "col0_"), ints([1], "col0_end_"), ints([1], "axis1__"),
+                   hint="kept_batch")
+    image = op("Div", batch, ints([len(labels)], "label_count"), hint="image")
+    label_at = op("Mod", batch, ints([len(labels)], "label_count_"), hint="label_index")
+    label = op("Gather", g.floats(labels, f"{name}/label_ids"), op("Squeeze", label_at, ints([1], "squeeze"),
+                                                                    hint="label_flat"), hint="label", axis=0)
+    box = op("GatherND", candidate_boxes, where, hint="box")
+    rows = op("Concat", op("Cast", image, hint="image_float", to=FLOAT), op("Unsqueeze", label, ints([1], "col"),
+                                                                            hint="label_column"),
+              op("Unsqueeze", score, ints([1], "col_"), hint="score_column"), box, hint="rows", axis=1)
+    # the fork's rows when no image has a detection, chosen without a branch
+    count = op("Slice", op("Shape", rows, hint="rows_shape"), ints([0], "zero__"), ints([1], "one_"), hint="count")
+    end = op("Where", op("Equal", count, ints([0], "none"), hint="nothing"), num, count, hint="end")
+    table = op("Slice", op("Concat", rows, _no_detections(g, name, num), hint="rows_or_nothing", axis=0),
+               ints([0], "start"), end, ints([0], "axis0"), hint="table")
+    g.node("Unsqueeze", [table, ints([0, 1], "row_axes")], outputs)
+
+
+def _keep_top_k(g: OnnxGraph, name, ranked, where, score, length, keep, num):
+    """The rows among `where` (and their scores) whose score is among their image's
+    `keep` best kept ones, in the order they came."""
+    def op(op_type, *args, hint, **attributes):
+        return g.node(op_type, list(args), hint=f"{name}/{hint}", **attributes)[0]
+
+    shape = op("Shape", ranked, hint="ranked_shape")
+    lowest = op("ConstantOfShape", shape, hint="unkept", value=g.tensor(np.array([-np.inf], np.float32)))
+    kept = op("Reshape", op("ScatterND", lowest, where, score, hint="kept_scores"),
+              op("Concat", num, g.ints([length], f"{name}/image_length"), hint="per_image_shape", axis=0),
+              hint="image_scores")
+    best, position = g.node("TopK", [kept, g.ints([keep], f"{name}/keep_top_k")], axis=1, largest=1, sorted=1,
+                            outputs=[g.fresh(f"{name}/best"), g.fresh(f"{name}/best_at")])
+    real = op("Cast", op("Greater", best, g.floats(-np.inf, f"{name}/minus_inf"), hint="is_kept"),
+              hint="is_kept_float", to=FLOAT)
+    chosen = op("ScatterElements", op("ConstantOfShape", op("Shape", kept, hint="image_scores_shape"),
+                                      hint="none_chosen", value=g.tensor(np.array([0], np.float32))),
+                position, real, hint="chosen_flat", axis=1)
+    chosen = op("Cast", op("GatherND", op("Reshape", chosen, shape, hint="chosen"), where, hint="row_chosen"),
+                hint="row_chosen_bool", to=BOOL)
+    return (op("Compress", where, chosen, hint="kept_where", axis=0),
+            op("Compress", score, chosen, hint="kept_score", axis=0))
+
+
+def _no_detections(g: OnnxGraph, name, num):
+    """(N, 7): [i, -1, -1, -1, -1, -1, -1] for each image i."""
+    def op(op_type, *args, hint, **attributes):
+        return g.node(op_type, list(args), hint=f"{name}/{hint}", **attributes)[0]
+
+    count = op("Squeeze", num, g.ints([0], f"{name}/nothing_axis"), hint="image_count")
+    images = op("Cast", op("Range", g.ints(0, f"{name}/range_start"), count, g.ints(1, f"{name}/range_step"),
+                           hint="image_ids"), hint="image_ids_float", to=FLOAT)
+    rest = op("ConstantOfShape", op("Concat", num, g.ints([6], f"{name}/six"), hint="nothing_shape", axis=0),
+              hint="minus_ones", value=g.tensor(np.array([-1], np.float32)))
+    return op("Concat", op("Unsqueeze", images, g.ints([1], f"{name}/image_column"), hint="image_column"), rest,
+              hint="nothing", axis=1)
+
+
+def _decode_onnx(g: OnnxGraph, name, prior, variance, loc, code_type, in_target):
+    """bbox.decode in ONNX operators, op for op."""
+    def op(op_type, *args, hint):
+        return g.node(op_type, list(args), hint=f"{name}/{hint}")[0]
+
+    def column(x, i, hint):
+        return g.node("Slice", [x, g.ints([i], f"{name}/at{i}"), g.ints([i + 1], f"{name}/at{i}_end"),
+                                g.ints([-1], f"{name}/last_axis")], hint=f"{name}/{hint}")[0]
+
+    scaled = loc if in_target else op("Mul", variance, loc, hint="scaled")
+    if code_type == "CORNER":
+        return op("Add", prior, scaled, hint="boxes")
+    x0, y0, x1, y1 = (column(prior, i, f"prior{i}") for i in range(4))
+    width, height = op("Sub", x1, x0, hint="prior_width"), op("Sub", y1, y0, hint="prior_height")
+    if code_type == "CORNER_SIZE":
+        extent = g.node("Concat", [width, height, width, height], hint=f"{name}/extent", axis=-1)[0]
+        return op("Add", prior, op("Mul", scaled, extent, hint="offsets"), hint="boxes")
+    two = g.floats(2.0, f"{name}/two")
+    center_x = op("Div", op("Add", x0, x1, hint="prior_x_sum"), two, hint="prior_center_x")
+    center_y = op("Div", op("Add", y0, y1, hint="prior_y_sum"), two, hint="prior_center_y")
+    box_cx = op("Add", op("Mul", column(scaled, 0, "dx"), width, hint="dx_scaled"), center_x, hint="box_cx")
+    box_cy = op("Add", op("Mul", column(scaled, 1, "dy"), height, hint="dy_scaled"), center_y, hint="box_cy")
+
+    def extent_of(i, size, hint):
+        wide = g.node("Cast", [column(scaled, i, f"d{hint}")], hint=f"{name}/d{hint}_double", to=DOUBLE)[0]
+        grown = g.node("Cast", [op("Exp", wide, hint=f"exp_{hint}")], hint=f"{name}/exp_{hint}_float", to=FLOAT)[0]
+        return op("Div", op("Mul", grown, size, hint=f"box_{hint}"), two, hint=f"half_{hint}")
+
+    half_w, half_h = extent_of(2, width, "w"), extent_of(3, height, "h")
+    return g.node("Concat", [op("Sub", box_cx, half_w, hint="xmin"), op("Sub", box_cy, half_h, hint="ymin"),
+                             op("Add", box_cx, half_w, hint="xmax"), op("Add", box_cy, half_h, hint="ymax")],
+                  hint=f"{name}/boxes", axis=-1)[0]

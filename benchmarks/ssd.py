@@ -1,0 +1,159 @@
+"""MobileNet-SSD at 300x300 on the CPU, four runtimes side by side in one process on the
+same random weights: the converted net eagerly, through `load_net(compile=True)`, its
+ONNX export in ONNX Runtime, and OpenCV 4's cv2.dnn (the runtime these nets were run
+with; `pip install -r benchmarks/requirements.txt`, skipped when cv2 is missing).
+Batches 1 and 8, timed in turn, medians; and DetectionOutput's share of the eager
+forward (the layer alone on the net's own bottoms, timed in turn with the whole net).
+
+    python benchmarks/ssd.py [--seconds S] [--batches 1 8] [--no-write]
+
+The net is tests/fixtures/public-nets/MobileNetSSD_deploy.prototxt with
+confidence_threshold 0.01 (SSD's evaluation setting, instead of the deploy file's 0.25,
+so that NMS has candidates to sift with random weights), its weights written by
+`caffe-compat convert --random-init --seed 0`. Every bias starts at 0, so the images
+are scaled to bring the location outputs near 1, as a trained net's are. Prints a table
+and writes the section "## MobileNet-SSD: eager, compiled, ONNX Runtime, OpenCV" of
+benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench_common import machine_line, medians, time_in_turn, write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOTXT = ROOT / "tests" / "fixtures" / "public-nets" / "MobileNetSSD_deploy.prototxt"
+SECTION = "## MobileNet-SSD: eager, compiled, ONNX Runtime, OpenCV"
+THREADS = 2
+THRESHOLD = ("confidence_threshold: 0.25", "confidence_threshold: 0.01")
+DETECTION_HEADS = ["mbox_loc", "mbox_conf_flatten", "mbox_priorbox"]
+
+
+def _rows_agree(theirs: np.ndarray, ours: np.ndarray) -> str:
+    theirs, ours = theirs.reshape(-1, 7), ours.reshape(-1, 7)
+    if theirs.shape != ours.shape:
+        return f"{len(theirs)} rows vs {len(ours)}"
+    if not np.array_equal(theirs[:, :2], ours[:, :2]):
+        return "labels differ"
+    return f"same rows, {np.abs(theirs - ours).max():.1e}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=8.0, help="timing per batch size")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    import onnxruntime as ort
+
+    from caffe_compat.cli import main as cli
+    from caffe_compat.converters.onnx import export_files
+    from caffe_compat.loading import load_net
+
+    cv2 = importlib.import_module("cv2") if importlib.util.find_spec("cv2") else None
+    torch.set_num_threads(THREADS)
+    if cv2 is not None:
+        cv2.setNumThreads(THREADS)
+    load_average_start = os.getloadavg()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prototxt, caffemodel = Path(folder) / "deploy.prototxt", Path(folder) / "random.caffemodel"
+        prototxt.write_text(PROTOTXT.read_text().replace(*THRESHOLD))
+        if cli(["convert", str(prototxt), "--random-init", "--seed", "0", "-o", str(caffemodel)]) != 0:
+            return 1
+        eager = load_net(prototxt, caffemodel).eval()
+        compiled = load_net(prototxt, caffemodel, compile=True).eval()
+        onnx_path = Path(folder) / "mobilenet_ssd.onnx"
+        export_files(prototxt, caffemodel, onnx_path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = THREADS
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        opencv = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel)) if cv2 is not None else None
+    detection = eager.layers[eager.module_names["detection_out"]]
+    setup_seconds = time.perf_counter() - started
+
+    with torch.inference_mode():
+        probe = eager(torch.rand(1, 3, 300, 300, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+                      blobs=["mbox_loc"])["mbox_loc"]
+    scale = 1.0 / float(probe.abs().max())
+    start = time.perf_counter()
+    with torch.inference_mode():
+        compiled(torch.zeros(1, 3, 300, 300))
+    compile_seconds = time.perf_counter() - start
+
+    rows = []
+    for batch in args.batches:
+        images = (torch.rand(batch, 3, 300, 300, generator=torch.Generator().manual_seed(batch)) * 2 - 1) * scale
+        array = images.numpy()
+        with torch.inference_mode():
+            blobs = eager(images, blobs=["detection_out"] + DETECTION_HEADS)
+            reference = blobs["detection_out"].numpy()
+            heads = [blobs[name] for name in DETECTION_HEADS]
+            agree = {"compiled": _rows_agree(compiled(images)["detection_out"].numpy(), reference),
+                     "onnxruntime": _rows_agree(session.run(None, {"data": array})[0], reference)}
+            runs = {"eager": lambda: eager(images), "compiled": lambda: compiled(images),
+                    "onnxruntime": lambda: session.run(None, {"data": array}),
+                    "DetectionOutput": lambda: detection(*heads)}
+            if opencv is not None:
+                def run_opencv(array=array):
+                    opencv.setInput(array)
+                    return opencv.forward()
+
+                agree["opencv"] = _rows_agree(run_opencv(), reference)
+                runs["opencv"] = run_opencv
+            median = medians(time_in_turn(runs, args.seconds))
+        rows.append((batch, median, agree, len(reference.reshape(-1, 7))))
+        print(f"batch {batch}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in median.items()), flush=True)
+
+    runtimes = [name for name in ("eager", "compiled", "onnxruntime", "opencv") if name in rows[0][1]]
+    lines = [SECTION, "", "`python benchmarks/ssd.py`: chuanqi305's MobileNet-SSD deploy net (300x300, 21 classes, "
+             "1917 priors), random weights (`convert --random-init --seed 0`), confidence_threshold 0.01, "
+             f"{THREADS} threads each, CPU. Milliseconds per batch (median, runtimes timed in turn).", "",
+             machine_line(load_average_start), "",
+             "The machine is shared with other engineers' jobs and was loaded while this ran: read the "
+             "numbers as a comparison made under the same load, not as the CPU's best.", "",
+             f"Set-up (random weights written, nets loaded, ONNX exported, OpenCV read): {setup_seconds:.0f} s. "
+             f"Compiling (inductor, first call): {compile_seconds:.0f} s."
+             + ("" if opencv is not None else " OpenCV: cv2 not installed, not timed."), "",
+             "| batch | " + " | ".join(f"{name} ms" for name in runtimes) + " | DetectionOutput ms (share of eager) "
+             "| rows | detections vs eager (" + ", ".join(runtimes[1:]) + ") |",
+             "| ---: | " + " | ".join("---:" for _ in runtimes) + " | ---: | ---: | --- |"]
+    for batch, median, agree, count in rows:
+        share = median["DetectionOutput"] / median["eager"]
+        lines.append(f"| {batch} | " + " | ".join(f"{median[name] * 1e3:.1f}" for name in runtimes)
+                     + f" | {median['DetectionOutput'] * 1e3:.1f} ({share:.0%}) | {count} | "
+                     + "; ".join(agree[name] for name in runtimes[1:]) + " |")
+    first = rows[0][1]
+    if rows[0][0] == 1 and "opencv" in first:
+        fastest = min(first["compiled"], first["onnxruntime"])
+        lines += ["", "Goals at batch 1: compiled or ONNX Runtime at least as fast as OpenCV: "
+                  f"{'met' if fastest <= first['opencv'] else 'NOT met'} ({fastest / first['opencv']:.2f}x OpenCV's "
+                  f"time); eager within 1.5x of OpenCV: {'met' if first['eager'] <= 1.5 * first['opencv'] else 'NOT met'} "
+                  f"({first['eager'] / first['opencv']:.2f}x)."]
+    worst = max(median["DetectionOutput"] / median["eager"] for _, median, _, _ in rows)
+    lines += ["", f"Goal: DetectionOutput under 10% of the forward's time: {'met' if worst < 0.1 else 'NOT met'} "
+              f"(at most {worst:.0%})."]
+    lines += ["", f"Load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        write_section(SECTION, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
