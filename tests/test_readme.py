@@ -6,7 +6,8 @@ fails on a marker without a reason.
 Stand-ins for what the README leaves to the reader: `deploy.prototxt` and
 `weights.caffemodel` are BVLC GoogLeNet from the Caffe reference fixtures (random
 weights, the blob `pool5/7x7_s1` the README names), `model.pt` is the demo's trained
-embedder converted, and the python blocks start with `images`, `embeddings`, `labels`
+embedder converted, `embedder.pt` the paper's GoogLeNet embedder converted with random
+weights (tests/fixtures/paper-model's extract net), and the python blocks start with `images`, `embeddings`, `labels`
 and `MyEuclideanLoss` defined."""
 import os
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REFERENCE, require, run_cli
+from conftest import PAPER_MODEL, REFERENCE, require, run_cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^( *)```(\w*)\s*$")
@@ -77,6 +78,10 @@ def readme_folder(demo_run):
     shutil.copy(require(REFERENCE / "nets" / "googlenet_deploy.prototxt"), folder / "deploy.prototxt")
     shutil.copy(REFERENCE / "nets" / "googlenet_deploy.caffemodel", folder / "weights.caffemodel")
     result = run_cli("convert", demo_folder / "deploy.prototxt", demo_folder / "trained.caffemodel", "-o", "model.pt",
+                     cwd=folder)
+    assert result.returncode == 0, result.stderr
+    extract_net = require(PAPER_MODEL / "extract_googlenet_ebay_feature_embed64.prototxt")
+    result = run_cli("convert", extract_net, "--random-init", "--input-shape", "1,3,227,227", "-o", "embedder.pt",
                      cwd=folder)
     assert result.returncode == 0, result.stderr
     return folder

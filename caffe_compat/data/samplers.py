@@ -2,12 +2,14 @@
   "pairs"   batch_size/2 pairs of same-class images (the paper's layout), or
   "pk:P,K"  P classes x K images per batch (P*K == batch_size).
 Caffe's schema has no field for this, hence an option outside the prototxt (`--sampler`).
+ClassBatchSampler gives the same batches to a torch DataLoader (`batch_sampler=`).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from ..errors import CaffeCompatError
 
@@ -60,3 +62,42 @@ class BatchSampler:
             members = self.members[int(label)]
             indices.extend(rng.choice(members, size=self.per_class, replace=len(members) < self.per_class).tolist())
         return indices
+
+
+class ClassBatchSampler(torch.utils.data.Sampler):
+    """A DataLoader's `batch_sampler` drawing batches as `--sampler` does: 'pairs' (the
+    paper's batches: batch_size/2 classes, two images of each) or 'pk:P,K'.
+
+    labels: one per dataset item (a sequence or 1-d tensor); batches: per epoch, by default
+    len(labels) // batch_size. Epochs differ; the whole run is fixed by `seed`."""
+
+    def __init__(self, labels, batch_size: int, spec: str = "pairs", batches: Optional[int] = None, seed: int = 0):
+        super().__init__()
+        where = "ClassBatchSampler"
+        if isinstance(labels, torch.Tensor):
+            labels = labels.detach().cpu().numpy()
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise CaffeCompatError(f"{where}: labels must be one integer per item, got shape {labels.shape} "
+                                   f"of {labels.dtype}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise CaffeCompatError(f"{where}: batch_size must be a positive integer, got {batch_size!r}")
+        shape = parse_sampler(spec, batch_size, where)
+        if shape is None:
+            raise CaffeCompatError(f"{where}: 'sequential' is the DataLoader's own order; expected pairs or pk:P,K")
+        if batches is None:
+            batches = len(labels) // batch_size
+            if not batches:
+                raise CaffeCompatError(f"{where}: {len(labels)} items make no batch of {batch_size}")
+        elif isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise CaffeCompatError(f"{where}: batches must be a positive integer, got {batches!r}")
+        self.batches = batches
+        self.sampler = BatchSampler(*shape, labels, f"{where}'s labels", spec.strip().lower())
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for _ in range(self.batches):
+            yield self.sampler.draw(self.rng)
