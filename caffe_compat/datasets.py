@@ -26,6 +26,7 @@ may be a link to an empty folder (that folder receives the dataset), not a dangl
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ import numpy as np
 from .errors import CaffeCompatError, quote
 from .io.atomic import atomic_folder, folder_target
 from .io.datum import fill_datum_lmdb
+from .io.files import MAX_IMAGE_BYTES, MAX_LIST_BYTES, read_regular_file
 from .io.text import parse_json
 from .matfile import read_mat
 from .progress import progress
@@ -64,6 +66,8 @@ def _first_existing(source: Path, names: Tuple[str, ...], subfolder: Optional[st
     top folder), else an error naming the missing file."""
     roots = [source] if subfolder is None else [source, source / subfolder]
     for root in roots:
+        if (root / names[0]).exists() and not (root / names[0]).is_file():
+            raise CaffeCompatError(f"{root / names[0]}: cannot read: not a regular file")
         if (root / names[0]).is_file():
             for name in names[1:]:
                 if not (root / name).exists():
@@ -77,7 +81,7 @@ def _read_columns(path: Path, columns: int, header: bool = False) -> List[Tuple[
     """(line number, fields) of each non-blank line."""
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_regular_file(path, MAX_LIST_BYTES).decode("utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise CaffeCompatError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except OSError as err:
@@ -203,7 +207,7 @@ def _load(item: Item, preprocess):
     from PIL import Image
 
     try:
-        with Image.open(item.image) as image:
+        with Image.open(io.BytesIO(read_regular_file(item.image, MAX_IMAGE_BYTES))) as image:
             return preprocess(image)
     except FileNotFoundError:
         raise CaffeCompatError(f"{item.image}: image listed in the archive's index is missing") from None
@@ -293,7 +297,8 @@ def _checked_splits(name: str, source: Path, fmt: str) -> Dict[str, List[Item]]:
             raise CaffeCompatError(f"{source}: the {name} archive has no {split} images")
         missing = next((item for item in items if not item.image.is_file()), None)
         if missing is not None:
-            raise CaffeCompatError(f"{missing.image}: image listed in the archive's index is missing")
+            what = "is not a regular file" if missing.image.exists() else "is missing"
+            raise CaffeCompatError(f"{missing.image}: image listed in the archive's index {what}")
     return splits
 
 

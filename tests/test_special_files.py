@@ -96,3 +96,29 @@ def test_a_list_over_the_size_limit_or_not_utf8_is_refused(listed, monkeypatch):
     (folder / "list.txt").write_bytes(b"caf\xe9.png 0\n")
     with pytest.raises(CaffeCompatError, match=r"list.txt.*: not UTF-8 text \(invalid continuation byte at byte 3\)"):
         build(image_data_text(folder / "list.txt", f"{folder}/"))
+
+
+def test_an_hdf5_file_list_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    pytest.importorskip("h5py", reason="the test extra installs h5py")
+    os.mkfifo(tmp_path / "files.txt")
+    with bounded(SECONDS), pytest.raises(CaffeCompatError, match=r"HDF5 file list .*not a regular file \(a FIFO\)"):
+        build(f'layer {{ name: "h" type: "HDF5Data" top: "data" hdf5_data_param {{ '
+              f'source: "{tmp_path / "files.txt"}" batch_size: 1 }} }}')
+
+
+def test_prepare_refuses_an_archive_index_or_image_that_is_no_regular_file(tmp_path):
+    from caffe_compat.datasets import prepare
+
+    archive = tmp_path / "archive"
+    root = archive / "CUB_200_2011"
+    (root / "images").mkdir(parents=True)
+    os.mkfifo(root / "images.txt")
+    (root / "image_class_labels.txt").write_text("1 1\n")
+    with bounded(SECONDS), pytest.raises(CaffeCompatError, match=r"images.txt: cannot read: not a regular file"):
+        prepare("cub", archive, tmp_path / "out", "list")
+    (root / "images.txt").unlink()
+    (root / "images.txt").write_text("1 a.jpg\n")
+    os.mkfifo(root / "images" / "a.jpg")
+    with bounded(SECONDS), pytest.raises(CaffeCompatError, match=r"a.jpg: image listed in the archive's index is not a regular file"):
+        prepare("cub", archive, tmp_path / "out", "list")
+    assert not (tmp_path / "out").exists()

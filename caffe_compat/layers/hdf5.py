@@ -3,7 +3,6 @@ HDF5Output (its two bottoms written to an HDF5 file as datasets "data" and "labe
 Both need h5py, the optional extra `caffe-compat[hdf5]`."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Sequence
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 
 from ..errors import CaffeCompatError, quote
 from ..io.atomic import atomic_path
+from ..io.files import MAX_LIST_BYTES, read_regular_file
 from .registry import CaffeLayer, Converted, LayerContext, register
 
 
@@ -25,7 +25,7 @@ def _h5py(where: str):
 def _read_file_list(source: str, where: str) -> List[str]:
     """Caffe's list: whitespace-separated paths, relative to the working directory."""
     try:
-        names = Path(source).read_text().split()
+        names = read_regular_file(source, MAX_LIST_BYTES).decode("utf-8", "replace").split()
     except OSError as err:
         raise CaffeCompatError(f"{where}: cannot read the HDF5 file list {quote(source)} ({err.strerror})") from None
     if not names:
