@@ -3,38 +3,23 @@ where `caffe-compat demo` ran. A block preceded by `<!-- not-run: WHY -->` is sk
 for that stated reason (the paper's datasets, a GPU, installing packages); the test
 fails on a marker without a reason.
 
-Stand-ins for what the README leaves to the reader: `deploy.prototxt` and
-`weights.caffemodel` are BVLC GoogLeNet from the Caffe reference fixtures (random
-weights, the blob `pool5/7x7_s1` the README names), `model.pt` is the demo's trained
-embedder converted, `embedder.pt` the paper's GoogLeNet embedder converted with random
-weights (tests/fixtures/paper-model's extract net), and the python blocks start with `images`, `embeddings`, `labels`
-and `MyEuclideanLoss` defined."""
+The blocks use the files the demo wrote (`caffe-compat-demo/`) and what earlier blocks
+wrote from them; the one stand-in is `embedder.pt`, the paper's GoogLeNet embedder, which
+the README has users convert from the paper's prototxt and their ImageNet weights: here it
+is converted from tests/fixtures/paper-model's extract net with random weights."""
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import PAPER_MODEL, REFERENCE, require, run_cli
+from conftest import PAPER_MODEL, require, run_cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^( *)```(\w*)\s*$")
 NOT_RUN = re.compile(r"<!--\s*not-run:(.*?)-->")
-
-PYTHON_PRELUDE = '''
-import torch
-images = torch.rand(1, 3, 224, 224) * 255  # one BGR 0-255 image, as GoogLeNet takes it
-embeddings = torch.randn(8, 64)
-labels = torch.arange(4).repeat_interleave(2)
-
-
-class MyEuclideanLoss(torch.nn.Module):
-    def forward(self, a, b):
-        return ((a - b) ** 2).sum() / (2 * a.shape[0])
-'''
 
 
 def readme_blocks():
@@ -75,11 +60,6 @@ def readme_folder(demo_run):
     """The folder the demo ran in, with the stand-ins beside `caffe-compat-demo/`."""
     demo_folder, _ = demo_run
     folder = demo_folder.parent
-    shutil.copy(require(REFERENCE / "nets" / "googlenet_deploy.prototxt"), folder / "deploy.prototxt")
-    shutil.copy(REFERENCE / "nets" / "googlenet_deploy.caffemodel", folder / "weights.caffemodel")
-    result = run_cli("convert", demo_folder / "deploy.prototxt", demo_folder / "trained.caffemodel", "-o", "model.pt",
-                     cwd=folder)
-    assert result.returncode == 0, result.stderr
     extract_net = require(PAPER_MODEL / "extract_googlenet_ebay_feature_embed64.prototxt")
     result = run_cli("convert", extract_net, "--random-init", "--input-shape", "1,3,227,227", "-o", "embedder.pt",
                      cwd=folder)
@@ -93,6 +73,6 @@ def test_readme_block_runs(readme_folder, line, language, code):
     if language == "bash":
         command = ["bash", "-euo", "pipefail", "-c", code]
     else:
-        command = [sys.executable, "-c", PYTHON_PRELUDE + code]
+        command = [sys.executable, "-c", code]
     result = subprocess.run(command, cwd=readme_folder, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, f"README.md:{line} ({language}) failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
