@@ -69,6 +69,12 @@ def _cmd_convert(args) -> int:
 
         print(f"wrote {out} (standalone PyTorch, needs only torch) and its weights {model_to_source(source, out)}")
         return 0
+    if args.weights is None and not args.random_init and source.suffix in MODEL_SUFFIXES and out.suffix == ".pt2":
+        from .converters.program import model_to_program
+
+        model_to_program(source, out)
+        print(f"wrote {out} (torch.export program, dynamic batch; torch.export.load reads it)")
+        return 0
     if args.weights is None and not args.random_init and source.suffix in MODEL_SUFFIXES:
         return _rewrite_model(source, out, args)
     if (args.weights is None) == (not args.random_init):
@@ -92,6 +98,12 @@ def _cmd_convert(args) -> int:
 
         weights_out = net_to_source(net, out, net_file, args.weights, args.seed, preprocess)
         print(f"wrote {out} (standalone PyTorch, needs only torch) and its weights {weights_out}")
+        return 0
+    if out.suffix == ".pt2":
+        from .converters.program import write_program
+
+        write_program(net, out, preprocess)
+        print(f"wrote {out} (torch.export program, dynamic batch; torch.export.load reads it)")
         return 0
     save_model(net, out, net_file.dialect, preprocess)
     count = sum(p.numel() for p in net.state_dict().values())
