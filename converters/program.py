@@ -69,20 +69,20 @@ def _first_line(err: BaseException) -> str:
 
 
 def _layer_refusing(net: CaffeNet, example: Tuple[torch.Tensor, ...]) -> Optional[Tuple[str, BaseException]]:
-    """The first layer, in Caffe's order, that torch.export cannot trace with its bottoms'
-    batch dimension dynamic, and its error; None when each exports alone."""
-    names = list(net.output_names)
-    blobs = net(*example, blobs=[b for _, bottoms, _ in net._plan for b in bottoms if b not in names])
-    for module_name, bottoms, _ in net._plan:
-        inputs = tuple(blobs[b].detach() for b in bottoms)
-        specs = tuple({0: torch.export.Dim("batch", min=1)} if x.dim() and x.shape[0] == TRACE_BATCH else None
-                      for x in inputs)
-        if len({x.shape[0] for x in inputs if x.dim()}) > 1:  # bottoms of several lengths: one Dim each
-            specs = tuple({0: torch.export.Dim(f"batch{i}", min=1)} if spec else None for i, spec in enumerate(specs))
+    """The first layer, in Caffe's order, that fails at the traced batch size or that
+    torch.export cannot trace alone with its bottoms' batch dimension dynamic, and its
+    error; None when each runs and exports alone."""
+    blobs = dict(zip(net.input_names, example))
+    for module_name, bottoms, tops in net._plan:
+        layer, inputs = net.layers[module_name], tuple(blobs[b] for b in bottoms)
+        batch = torch.export.Dim("batch", min=1)
+        specs = tuple({0: batch} if x.dim() and x.shape[0] == TRACE_BATCH else None for x in inputs)
         try:
-            torch.export.export(net.layers[module_name], inputs, dynamic_shapes=specs or None)
+            out = layer(*inputs)
+            torch.export.export(layer, inputs, dynamic_shapes=specs or None)
         except Exception as err:  # torch.export's errors share no base class
             return net.layer_names[module_name], err
+        blobs.update(zip(tops, out if len(tops) > 1 else (out,)))
     return None
 
 

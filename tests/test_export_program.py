@@ -138,11 +138,12 @@ def test_a_layer_that_branches_on_values_is_refused_by_name(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_reshape_that_fixes_the_batch_is_refused_by_name(tmp_path, capsys):
+@pytest.mark.parametrize("batch", [2, 5])  # the batch the export traces at, and another
+def test_a_reshape_that_fixes_the_batch_is_refused_by_name(tmp_path, capsys, batch):
     net = tmp_path / "net.prototxt"
-    net.write_text('name: "fixed"\ninput: "data"\ninput_shape { dim: 2 dim: 3 dim: 4 dim: 4 }\n'
-                   'layer { name: "flat" type: "Reshape" bottom: "data" top: "flat" '
-                   'reshape_param { shape { dim: 2 dim: -1 } } }\n')
+    net.write_text(f'name: "fixed"\ninput: "data"\ninput_shape {{ dim: {batch} dim: 3 dim: 4 dim: 4 }}\n'
+                   f'layer {{ name: "flat" type: "Reshape" bottom: "data" top: "flat" '
+                   f'reshape_param {{ shape {{ dim: {batch} dim: -1 }} }} }}\n')
     code = main(["convert", str(net), "--random-init", "-o", str(tmp_path / "model.pt2")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
