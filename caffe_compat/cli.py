@@ -69,6 +69,12 @@ def _cmd_convert(args) -> int:
 
         print(f"wrote {out} (standalone PyTorch, needs only torch) and its weights {model_to_source(source, out)}")
         return 0
+    if args.weights is None and not args.random_init and source.suffix in MODEL_SUFFIXES and out.suffix == ".pt2":
+        from .converters.program import model_to_program
+
+        model_to_program(source, out)
+        print(f"wrote {out} (torch.export program, dynamic batch; torch.export.load reads it)")
+        return 0
     if args.weights is None and not args.random_init and source.suffix in MODEL_SUFFIXES:
         return _rewrite_model(source, out, args)
     if (args.weights is None) == (not args.random_init):
@@ -92,6 +98,12 @@ def _cmd_convert(args) -> int:
 
         weights_out = net_to_source(net, out, net_file, args.weights, args.seed, preprocess)
         print(f"wrote {out} (standalone PyTorch, needs only torch) and its weights {weights_out}")
+        return 0
+    if out.suffix == ".pt2":
+        from .converters.program import write_program
+
+        write_program(net, out, preprocess)
+        print(f"wrote {out} (torch.export program, dynamic batch; torch.export.load reads it)")
         return 0
     save_model(net, out, net_file.dialect, preprocess)
     count = sum(p.numel() for p in net.state_dict().values())
@@ -353,15 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _verb(sub, "convert", "Caffe -> caffe-compat model, or model -> caffemodel",
               "Writes a self-contained model (net, weights, the preprocessing it expects, checksums) that "
-              "caffe_compat.load() reads; or Caffe weights, from a model or from the prototxt's fillers. The "
-              "output's suffix says which: .pt, .safetensors or .caffemodel.",
+              "caffe_compat.load() reads; or Caffe weights, from a model or from the prototxt's fillers; or "
+              "a model that needs no caffe-compat: standalone PyTorch source (.py) or a torch.export program "
+              "(.pt2). The output's suffix says which.",
               "  caffe-compat convert deploy.prototxt bvlc_googlenet.caffemodel -o googlenet.safetensors\n"
               "  caffe-compat convert train_val.prototxt --random-init --seed 0 -o init.caffemodel\n"
-              "  caffe-compat convert googlenet.safetensors -o back.caffemodel")
+              "  caffe-compat convert googlenet.safetensors -o back.caffemodel\n"
+              "  caffe-compat convert deploy.prototxt bvlc_googlenet.caffemodel -o googlenet.py")
     p.add_argument("source", help="NET.prototxt, or a MODEL written by convert/train")
     p.add_argument("weights", nargs="?", help="WEIGHTS.caffemodel")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="MODEL.pt, MODEL.safetensors or WEIGHTS.caffemodel (written to a temporary and renamed)")
+                   help="MODEL.pt or MODEL.safetensors (caffe_compat.load reads them), WEIGHTS.caffemodel, model.py "
+                        "(standalone PyTorch source, weights in model.pth) or model.pt2 (a torch.export program); "
+                        "written to a temporary and renamed")
     _add_phase(p, "TEST", "the model holds")
     _add_dialect(p)
     _add_preprocess_options(p, "record in the model (shown by export-onnx and caffe_compat.load)")

@@ -139,9 +139,12 @@ class _NativeAcrossLRNFunction(torch.autograd.Function):
 
 
 def _kernel_applies(x: torch.Tensor, size: int) -> bool:
-    # Under torch.compile the PyTorch form is traced instead: inductor fuses it itself.
+    # Under torch.compile the PyTorch form is traced instead: inductor fuses it itself. So it
+    # is under torch.export, whose program must not call this package's kernel (torch
+    # versions that export without setting is_compiling have is_exporting).
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and size <= KERNEL_MAX_SIZE
-            and not torch.compiler.is_compiling() and _kernel() is not None)
+            and not torch.compiler.is_compiling() and not exporting() and _kernel() is not None)
 
 
 def _lrn(x, across_channels: bool, size: int, alpha: float, beta: float, k: float):

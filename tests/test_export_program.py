@@ -1,0 +1,163 @@
+"""`convert NET WEIGHTS -o model.pt2`: a torch.export program with a dynamic batch that
+`torch.export.load` runs without caffe_compat, giving the CaffeNet's outputs (to the bit
+against the CaffeNet with the PyTorch LRN, which the program traces; within 1e-6 relative
+of the C kernel's)."""
+import numpy as np
+import pytest
+import torch
+
+from caffe_compat.cli import main
+from caffe_compat.converters.program import export_program
+from caffe_compat.layers import lrn
+from caffe_compat.loading import load_net
+
+from conftest import PAPER_MODEL, REFERENCE, require, run_python
+
+# Exporting GoogLeNet takes about 5 s (one CPU core), the layer nets well under 1 s each.
+LAYER_CASES = ["lrn_across", "lrn_within", "pool_clip_rule", "batchnorm_scale", "concat", "crop", "eltwise",
+               "scale_bias_bottoms", "softmax_loss"]
+EXTRACT = PAPER_MODEL / "extract_googlenet_ebay_feature_embed64.prototxt"
+BATCHES = (1, 3)
+
+# Loads programs where caffe_compat cannot be imported: off sys.path, and refused by a
+# finder ahead of the editable install's. Args: pairs PROGRAM.pt2 RUNS.pt, RUNS.pt holding
+# a list of input tuples; each run's outputs are saved to RUNS.pt.out.
+DRIVER = """
+import importlib.abc, sys
+from pathlib import Path
+
+class Refused(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("caffe_compat", "converters"):
+            raise ImportError("loading the program imports " + name)
+
+sys.meta_path.insert(0, Refused())
+sys.path = [p for p in sys.path if not (Path(p or ".") / "caffe_compat").exists()]
+import torch
+
+args = sys.argv[1:]
+for program_path, runs_path in zip(args[0::2], args[1::2]):
+    preprocess = {"preprocess.json": ""}
+    module = torch.export.load(program_path, extra_files=preprocess).module()
+    with torch.no_grad():
+        outputs = [module(*inputs) for inputs in torch.load(runs_path, weights_only=True)]
+    torch.save({"outputs": outputs, "preprocess": preprocess["preprocess.json"]}, runs_path + ".out")
+print(sorted(n for n in sys.modules if n.partition(".")[0] in ("caffe_compat", "converters")))
+"""
+
+
+def _cases():
+    """(name, prototxt, weights or None, CLI options) of the covered nets."""
+    cases = [(stem.name, require(stem.with_suffix(".prototxt")), require(stem.with_suffix(".caffemodel")), [])
+             for stem in [REFERENCE / "nets" / "googlenet_deploy", REFERENCE / "nets" / "v1_legacy" / "v1"]
+             + [REFERENCE / "layers" / name for name in LAYER_CASES]]
+    return cases + [("paper_extract", require(EXTRACT), None, ["--random-init"])]
+
+
+def _caffenet(proto, weights):
+    torch.manual_seed(0)  # --random-init's seed: the same fillers
+    return load_net(proto, weights).eval()
+
+
+def _runs(net, generator):
+    """Inputs at each of BATCHES: the net's input shapes with the batch replaced (an input
+    of another length than the first keeps its shape, as the program does)."""
+    shapes = [net.blob_shapes[name] for name in net.input_names]
+    runs = []
+    for batch in BATCHES:
+        runs.append(tuple(torch.rand((batch, *shape[1:]) if shape[0] == shapes[0][0] else shape,
+                                     generator=generator) * 4 for shape in shapes))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every covered net exported and run at two batch sizes in a Python without caffe_compat:
+    {name: (prototxt, weights, runs, the program's outputs, its preprocess.json)}."""
+    tmp = tmp_path_factory.mktemp("program")
+    generator = torch.Generator().manual_seed(0)
+    cases, args = {}, []
+    for name, proto, weights, options in _cases():
+        program = tmp / f"{name}.pt2"
+        assert main(["convert", str(proto), *([str(weights)] if weights else []), *options, "-o", str(program)]) == 0
+        runs = _runs(_caffenet(proto, weights), generator)
+        torch.save(runs, tmp / f"{name}.runs.pt")
+        args += [program, tmp / f"{name}.runs.pt"]
+        cases[name] = (proto, weights, runs)
+    result = run_python(DRIVER, *args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"  # the program loaded and ran without caffe_compat
+    loaded = {name: torch.load(tmp / f"{name}.runs.pt.out", weights_only=True) for name in cases}
+    return {name: (*case, loaded[name]["outputs"], loaded[name]["preprocess"]) for name, case in cases.items()}
+
+
+def test_outputs_equal_the_caffenets_to_the_bit_at_two_batch_sizes(exported, monkeypatch):
+    monkeypatch.setattr(lrn, "_kernel_applies", lambda x, size: False)  # the PyTorch LRN, as the program's
+    for name, (proto, weights, runs, outputs, _) in exported.items():
+        net = _caffenet(proto, weights)
+        for inputs, program_out in zip(runs, outputs):
+            with torch.no_grad():
+                expected = net(*inputs)
+            assert isinstance(program_out, dict) and list(program_out) == list(expected), name
+            for blob, value in expected.items():
+                assert value.dim() == 0 or value.shape[0] == inputs[0].shape[0], (name, blob)
+                assert torch.equal(program_out[blob], value), (name, blob, inputs[0].shape[0])
+
+
+def test_lrn_against_the_c_kernel(exported):
+    """The C kernel (the CaffeNet's on CPU) rounds differently: within 1e-6 relative of it."""
+    proto, weights, runs, outputs, _ = exported["googlenet_deploy"]
+    with torch.no_grad():
+        kernel = _caffenet(proto, weights)(*runs[1])["prob"]
+    assert lrn._kernel_applies(torch.zeros(1, 3, 4, 4), 5)  # GoogLeNet's local_size: the CaffeNet runs the kernel
+    assert (outputs[1]["prob"] - kernel).abs().max() <= 1e-6 * kernel.abs().max()
+
+
+def test_preprocessing_is_stored_beside_the_program(exported):
+    assert '"preprocess.channel_order": "BGR"' in exported["googlenet_deploy"][4]
+
+
+def test_export_traces_the_pytorch_lrn_where_torch_does_not_report_compiling(monkeypatch):
+    """torch versions whose export does not set is_compiling: is_exporting keeps the C kernel out."""
+    stem = REFERENCE / "layers" / "lrn_across"
+    net = load_net(require(stem.with_suffix(".prototxt")), stem.with_suffix(".caffemodel")).eval()
+    x = torch.from_numpy(np.load(stem.with_suffix(".npz"))[f"input/{net.input_names[0]}"])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    program = export_program(net).module()
+    monkeypatch.setattr(lrn, "_kernel_applies", lambda x, size: False)
+    assert torch.equal(program(x)["lrn"], net(x)["lrn"])
+
+
+def test_a_layer_that_branches_on_values_is_refused_by_name(tmp_path, capsys):
+    stem = REFERENCE / "layers" / "lifted_pairs_m128_d64"
+    code = main(["convert", str(stem.with_suffix(".prototxt")), str(stem.with_suffix(".caffemodel")),
+                 "-o", str(tmp_path / "model.pt2")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "layer 'loss' (LiftedStructSimilaritySoftmaxLoss)" in err and "dynamic batch size" in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("batch", [2, 5])  # the batch the export traces at, and another
+def test_a_reshape_that_fixes_the_batch_is_refused_by_name(tmp_path, capsys, batch):
+    net = tmp_path / "net.prototxt"
+    net.write_text(f'name: "fixed"\ninput: "data"\ninput_shape {{ dim: {batch} dim: 3 dim: 4 dim: 4 }}\n'
+                   f'layer {{ name: "flat" type: "Reshape" bottom: "data" top: "flat" '
+                   f'reshape_param {{ shape {{ dim: {batch} dim: -1 }} }} }}\n')
+    code = main(["convert", str(net), "--random-init", "-o", str(tmp_path / "model.pt2")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "layer 'flat' (Reshape)" in err
+    assert not (tmp_path / "model.pt2").exists()
+
+
+def test_a_model_file_converts_too(tmp_path):
+    stem = REFERENCE / "layers" / "conv_basic"
+    model = tmp_path / "model.pt"
+    assert main(["convert", str(stem.with_suffix(".prototxt")), str(stem.with_suffix(".caffemodel")),
+                 "-o", str(model)]) == 0
+    assert main(["convert", str(model), "-o", str(tmp_path / "model.pt2")]) == 0
+    net = load_net(stem.with_suffix(".prototxt"), stem.with_suffix(".caffemodel")).eval()
+    x = torch.rand(3, *net.blob_shapes[net.input_names[0]][1:])
+    out = torch.export.load(tmp_path / "model.pt2").module()(x)
+    assert all(torch.equal(out[blob], value) for blob, value in net(x).items())
