@@ -52,10 +52,15 @@ def box_size(boxes: torch.Tensor) -> torch.Tensor:
     return torch.where(inverted, torch.zeros_like(width), width * height)
 
 
-def jaccard(a: torch.Tensor, size_a: torch.Tensor, b: torch.Tensor, size_b: torch.Tensor) -> torch.Tensor:
-    """JaccardOverlap of broadcast boxes a and b with their sizes; 0 where they do not meet."""
+def jaccard(a: torch.Tensor, size_a: torch.Tensor, b: torch.Tensor, size_b: torch.Tensor,
+            extent: float = 0.0) -> torch.Tensor:
+    """JaccardOverlap of broadcast boxes a and b with their sizes; 0 where they do not meet.
+    `extent` 1 counts the last pixel in, as py-faster-rcnn's boxes do (its NMS's
+    `right - left + 1`)."""
     inter_w = torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])
     inter_h = torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])
+    if extent:
+        inter_w, inter_h = inter_w + extent, inter_h + extent
     inter = inter_w * inter_h
     overlap = inter / (size_a + size_b - inter)
     return torch.where((inter_w > 0) & (inter_h > 0), overlap, torch.zeros_like(overlap))
@@ -66,11 +71,12 @@ OVERLAP_BLOCK_VALUES = 1 << 24
 
 
 def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, threshold: float,
-               eta: float) -> torch.Tensor:
+               eta: float, extent: float = 0.0) -> torch.Tensor:
     """ApplyNMSFast on many lists at once: boxes (B, K, 4), sizes and valid (B, K), each
     list sorted as the fork sorts its candidates. A candidate is kept when its overlap
-    with every box kept before it is <= the threshold, which then shrinks by eta
-    while above 0.5 (adaptive NMS). The kept mask (B, K); no value leaves the device."""
+    (`jaccard` with `extent`) with every box kept before it is <= the threshold, which
+    then shrinks by eta while above 0.5 (adaptive NMS). The kept mask (B, K); no value
+    leaves the device."""
     count, length = valid.shape
     kept = torch.zeros_like(valid)
     limit = torch.full((count,), threshold, dtype=torch.float32, device=boxes.device)
@@ -78,7 +84,7 @@ def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, th
     for start in range(0, length, block):
         stop = min(length, start + block)
         overlaps = jaccard(boxes[:, start:stop, None, :], sizes[:, start:stop, None],
-                           boxes[:, None, :stop, :], sizes[:, None, :stop])
+                           boxes[:, None, :stop, :], sizes[:, None, :stop], extent)
         for k in range(start, stop):
             # `overlap <= limit` is false for NaN overlaps too, as in the fork
             clash = (kept[:, :k] & ~(overlaps[:, k - start, :k] <= limit[:, None])).any(dim=1)
