@@ -4,6 +4,7 @@ are ever allocated."""
 from __future__ import annotations
 
 import shutil
+import sys
 import textwrap
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
@@ -12,7 +13,9 @@ from .errors import CaffeCompatError
 from .graph import PHASES, Graph, LayerNode, build_graph, check_weights_fit
 from .io.blobs import blob_shape
 from .io.files import read_caffemodel, read_net
-from .io.schema import is_repeated
+from .io.dialects import likely_fork
+from .io.schema import is_repeated, unknown_fields
+from .layers.catalog import CATALOG
 from .shapes import net_shapes
 
 PathLike = Union[str, Path]
@@ -64,6 +67,14 @@ def is_automatic_split(node: LayerNode) -> bool:
             and node.name.endswith("_split") and node.tops == [f"{node.name}_{k}" for k in range(len(node.tops))])
 
 
+def buildable(layer_type: str) -> bool:
+    """Whether the project has a builder for `layer_type`: a built-in one (the catalog) or one
+    registered from Python, looked up without importing torch."""
+    registry = sys.modules.get("caffe_compat.layers.registry")
+    return (layer_type == "Input" or layer_type in CATALOG  # Input layers are the graph's own
+            or (registry is not None and registry.REGISTRY.registered(layer_type)))
+
+
 def _stored_fits(stored: Sequence[int], expected: Sequence[int]) -> bool:
     stored, expected = tuple(stored), tuple(expected)
     # legacy blobs are 4-D with leading 1s where the current shape has fewer axes
@@ -97,7 +108,7 @@ def inspect_net(net_path: PathLike, weights_path: Optional[PathLike] = None, pha
     """What `inspect` shows, as a JSON-able dict. Caffe's automatic split layers are left
     out unless `show_all` (consumers then read the split blob's source). `input_shapes`
     ({blob: shape}) sizes inputs and data layers' tops, as `load_net`'s does."""
-    net_file = read_net(net_path, dialect)
+    net_file = read_net(net_path, dialect, lenient=True)  # inspect refuses no net for a fork's field
     weights_file = read_caffemodel(weights_path, dialect, net_file) if weights_path else None
     blob_source = weights_file or (net_file if any(len(l.blobs) for l in net_file.net.layer) else None)
     stored = {}
@@ -126,12 +137,14 @@ def inspect_net(net_path: PathLike, weights_path: Optional[PathLike] = None, pha
         top_shapes = {t: None if shapes.blobs.get(t) is None else list(shapes.blobs[t]) for t in node.tops}
         rows.append({
             "name": node.name, "type": node.type,
+            "fork": None if buildable(node.type) else likely_fork(node.type),
             "bottoms": [source_of.get(b, b) for b in node.bottoms], "tops": node.tops,
             "params": layer_params(node.param),
             "blobs": None if blobs is None else [list(s) for s in blobs],
             "param_count": shapes.param_count(node.name),
             "top_shapes": top_shapes,
             "loss_weights": [w for w in node.loss_weights if w],
+            "unknown_fields": unknown_fields(node.param),  # settings the dialect does not decode, by number
         })
     total, complete = shapes.total_params()
     return {
@@ -148,6 +161,7 @@ def inspect_net(net_path: PathLike, weights_path: Optional[PathLike] = None, pha
         "weights_not_in_net": sorted(set(stored) - {node.name for node in graph.layers}),
         "weights_mismatched": mismatched,
         "shape_notes": shapes.notes,
+        "cannot_build": [f"'{r['name']}' ({r['type']}, from {r['fork']})" for r in rows if r["fork"]],
     }
 
 
@@ -235,6 +249,8 @@ def format_inspection(info: dict, columns: Optional[int] = None) -> str:
         out.append(f"in the weights but not this net: {', '.join(info['weights_not_in_net'])}")
     if info["weights_mismatched"]:
         out.append("in the weights with other shapes: " + "; ".join(info["weights_mismatched"]))
+    if info["cannot_build"]:
+        out.append("layers this project cannot build (no builder; inspect only): " + "; ".join(info["cannot_build"]))
     if info["unknown_fields"]:
         out.append("unknown fields (kept, not understood): " + "; ".join(info["unknown_fields"]))
     for note in info["shape_notes"]:

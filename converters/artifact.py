@@ -28,14 +28,13 @@ from ..errors import CaffeCompatError
 from ..graph import build_graph
 from ..io.atomic import atomic_path, write_bytes
 from ..io.files import NetFile, with_weights, write_caffemodel
-from ..io.schema import messages
+from ..io.schema import DIALECTS, messages
 from ..net import CaffeNet
 from .preprocess import PreprocessOverrides, with_overrides
 
 FORMAT = "caffe-compat-model"
 FORMAT_VERSION = 2  # 2: checksums and preprocessing
 SAFETENSORS_SUFFIX = ".safetensors"
-DIALECTS = ("bvlc", "lifted")
 PHASES = ("TRAIN", "TEST")
 WEIGHT_DTYPES = (np.dtype("float32"), np.dtype("float64"))  # a caffemodel's data and double_data
 PathLike = Union[str, Path]

@@ -1,5 +1,7 @@
 """Fork dialects as data (caffe_compat/io/dialects): each fork's schema, built from BVLC's
 and its snippet, and the files of that fork read in it."""
+import math
+import re
 import warnings
 
 import pytest
@@ -228,3 +230,190 @@ def test_a_pooling_layer_naming_both_ceil_mode_and_round_mode_is_not_guessed(tmp
     info = inspect_net(tmp_path / "net.prototxt")  # inspect shows it, its shape unknown, and why
     assert info["layers"][-1]["top_shapes"] == {"out": None}
     assert info["shape_notes"] == ["layer 'pool' (Pooling): gives both ceil_mode and round_mode; keep one"]
+
+
+FORK_PROTOTXTS = sorted(str(p.relative_to(REFERENCE / "forks")) for p in (REFERENCE / "forks").rglob("*.prototxt"))
+
+
+@pytest.mark.parametrize("name", FORK_PROTOTXTS)
+def test_inspect_shows_every_fork_net_and_names_what_it_cannot_build(name):
+    from caffe_compat.inspect import buildable, format_inspection, inspect_net
+    info = inspect_net(REFERENCE / "forks" / name)
+    assert info["layers"] and info["dialect"] != "bvlc"
+    for row in info["layers"]:
+        if buildable(row["type"]):
+            assert row["fork"] is None
+        else:  # the fork is named from the dialect's own table
+            assert f"[dialect {info['dialect']}]" in row["fork"], row
+            assert f"'{row['name']}' ({row['type']}, from {row['fork']})" in info["cannot_build"]
+    assert "Traceback" not in format_inspection(info, 100)
+
+
+def test_inspect_names_an_unbuildable_layer_and_its_fork_and_convert_refuses_it(tmp_path):
+    from conftest import run_cli
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }\n'
+        'layer { name: "up" type: "Interp" bottom: "data" top: "up" interp_param { zoom_factor: 2 } }\n')
+    shown = run_cli("inspect", "net.prototxt", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "dialect pspnet" in shown.stdout and "zoom_factor=2" in shown.stdout
+    assert ("cannot build (no builder; inspect only): 'up' (Interp, from PSPNet / DeepLab-v2 (hszhao/PSPNet) "
+            "[dialect pspnet])") in " ".join(shown.stdout.split())
+    refused = run_cli("convert", "net.prototxt", "--random-init", "-o", "m.pt", cwd=tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert refused.stderr.startswith("caffe-compat: error: layer 'up': unknown layer type 'Interp' (from PSPNet")
+
+
+def test_inspect_shows_undecoded_settings_by_field_number(tmp_path):
+    from caffe_compat.inspect import inspect_net
+    # A faster-rcnn caffemodel read in BVLC's dialect: ROIPooling's settings stay raw.
+    def build(net):
+        net.layer.add(name="data", type="Input", top=["data"]).input_param.shape.add(dim=[1, 2, 4, 4])
+        net.layer.add(name="roi", type="ROIPooling", bottom=["data"], top=["out"]).roi_pooling_param.pooled_h = 2
+    path = _caffemodel(tmp_path, "faster-rcnn", build)
+    with pytest.warns(UserWarning, match="field 8266711"):
+        info = inspect_net(path, dialect="bvlc")
+    assert info["layers"][-1]["unknown_fields"] == ["field 8266711"] and info["layers"][-1]["params"] == {}
+    with pytest.warns(UserWarning, match="it fits dialects faster-rcnn, opencv; read as faster-rcnn"):
+        assert inspect_net(path)["layers"][-1]["params"] == {"roi_pooling_param": {"pooled_h": 2}}
+
+
+# A fork layer added from Python, settings included: darknet2caffe's Mish, its parameter
+# at LayerParameter 150 (OpenCV's prior_box_param: that dialect keeps its own).
+_MISH = '''
+import sys, warnings
+import torch
+import caffe_compat.layers as layers
+from caffe_compat.io.files import read_caffemodel, read_prototxt, write_caffemodel
+from caffe_compat.io.schema import messages
+from caffe_compat.loading import load_net
+
+@layers.register("Mish", param="""
+    message MishParameter { optional float beta = 3 [default = 1]; }
+    message LayerParameter { optional MishParameter mish_param = 150; }""")
+def build_mish(ctx):
+    beta = ctx.param.mish_param.beta
+    return ctx.wire(Mish(beta))
+
+class Mish(torch.nn.Module):
+    def __init__(self, beta):
+        super().__init__()
+        self.beta = beta
+    def forward(self, x):
+        return x * torch.tanh(torch.nn.functional.softplus(self.beta * x) / self.beta)
+
+net_file = read_prototxt(sys.argv[1])
+layer = net_file.net.layer[-1]
+print(net_file.dialect, layer.mish_param.beta, type(layer).DESCRIPTOR.fields_by_name["mish_param"].number)
+net = load_net(net_file)
+out = net(data=torch.tensor([[-1.0, 0.0, 2.0]]))["out"]
+print([round(v, 4) for v in out.flatten().tolist()])
+write_caffemodel(net_file.net, sys.argv[2])
+with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    back = read_caffemodel(sys.argv[2])
+print(back.dialect, back.net.layer[-1].mish_param.beta)
+print("mish_param" in messages("opencv").LayerParameter.DESCRIPTOR.fields_by_name)
+'''
+
+
+def test_a_fork_layer_registered_with_its_parameter_reads_and_runs(tmp_path):
+    from conftest import run_python
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 } } }\n'
+        'layer { name: "mish" type: "Mish" bottom: "data" top: "out" mish_param { beta: 2 } }\n')
+    done = run_python(_MISH, tmp_path / "net.prototxt", tmp_path / "w.caffemodel")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "bvlc 2.0 150"
+    expected = [x * math.tanh(math.log1p(math.exp(2 * x)) / 2) for x in (-1.0, 0.0, 2.0)]
+    assert [float(v) for v in lines[1].strip("[]").split(",")] == pytest.approx(expected, abs=1e-4)
+    assert lines[2:] == ["bvlc 2.0", "False"]
+
+
+@pytest.mark.parametrize("call, message", [
+    ("register('X', param='message XParameter { optional float a = 1; }')", "no LayerParameter field holds"),
+    ("register('X', param='message XParameter { optional float a = 1; }', field=('convolution_param', 9000))",
+     "LayerParameter field 106 is convolution_param in BVLC's schema already"),
+    ("register('X', param='message XParameter { optional float a = 1; }', field=('x_param', 106))",
+     "LayerParameter field 106 is convolution_param"),
+    ("register('X', param='message PoolingParameter { optional bool b = 40; }', field=('x_param', 9000))",
+     "message PoolingParameter exists"),
+    ("register('X', param='message XParameter { optional Nope a = 1; }', field=('x_param', 9000))",
+     r"@register\('X'\): field caffe.XParameter.a: unknown type 'Nope'"),
+    ("register('X', param=3, field=('x_param', 9000))", "param must be a .proto snippet"),
+    ("register('X', field=('x_param', 9000))", "needs param="),
+])
+def test_a_bad_layer_parameter_is_refused_in_one_line(call, message):
+    from conftest import run_python
+    done = run_python("from caffe_compat.errors import CaffeCompatError\nfrom caffe_compat.layers import register\n"
+                      f"try:\n    {call}\nexcept CaffeCompatError as err:\n    print(err)\n")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip().splitlines()) == 1 and re.search(message, done.stdout), done.stdout
+
+
+def test_a_layer_parameter_given_as_a_descriptor():
+    from conftest import run_python
+    code = '''
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from caffe_compat.layers import register
+from caffe_compat.io.schema import messages
+file = descriptor_pb2.FileDescriptorProto(name="mine.proto", package="mine")
+message = file.message_type.add(name="ScaleUpParameter")
+mode = message.enum_type.add(name="Mode")
+mode.value.add(name="FAST", number=0)
+mode.value.add(name="EXACT", number=1)
+message.field.add(name="factor", number=1, type=2, label=1, default_value="2")
+message.field.add(name="mode", number=2, type=14, label=1, type_name=".mine.ScaleUpParameter.Mode")
+descriptor = descriptor_pool.DescriptorPool().AddSerializedFile(file.SerializeToString()).message_types_by_name["ScaleUpParameter"]
+register("ScaleUp", param=descriptor, field=("scale_up_param", 31337))(lambda ctx: None)
+layer = messages("ssd").LayerParameter()
+layer.scale_up_param.mode = messages("ssd").ScaleUpParameter.EXACT
+print(layer.scale_up_param.factor, layer.scale_up_param.mode, type(layer).DESCRIPTOR.fields_by_name["scale_up_param"].number)
+'''
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2.0", "1", "31337"]
+
+
+def test_convert_writes_a_model_back_in_the_dialect_it_came_from(tmp_path):
+    from conftest import run_cli
+    prototxt = FORK_LAYERS / "ceilpool_00.prototxt"
+    made = run_cli("convert", prototxt, FORK_LAYERS / "ceilpool_00.caffemodel", "-o", "m.pt", cwd=tmp_path)
+    assert made.returncode == 0 and "dialect ceil-mode" in made.stdout, made.stderr
+    back = run_cli("convert", "m.pt", "-o", "back.caffemodel", cwd=tmp_path)
+    assert back.returncode == 0, back.stderr
+    # PoolingParameter field 13 as the fork writes it: ceil_mode false, varint 0 (BVLC's round_mode CEIL).
+    net = messages("ceil-mode").NetParameter.FromString((tmp_path / "back.caffemodel").read_bytes())
+    pooling = net.layer[-1].pooling_param
+    assert pooling.HasField("ceil_mode") and pooling.ceil_mode is False
+    assert pooling.SerializeToString().count(b"\x68\x00") == 1
+
+
+def test_pooling_field_13_alone_names_both_readings(tmp_path):
+    def build(net):
+        net.layer.add(name="pool", type="Pooling").pooling_param.ceil_mode = False
+    path = _caffemodel(tmp_path, "ceil-mode", build)
+    with pytest.warns(UserWarning, match=r"it fits dialects bvlc, ceil-mode, opencv; read as bvlc"):
+        assert read_caffemodel(path).net.layer[0].pooling_param.round_mode == 0  # CEIL: the opposite
+    (tmp_path / "net.prototxt").write_text('layer { name: "pool" type: "Pooling" pooling_param { ceil_mode: false } }')
+    with pytest.warns(UserWarning, match=r"read as ceil-mode, the prototxt's"):
+        net_file = read_caffemodel(path, prototxt=read_prototxt(tmp_path / "net.prototxt"))
+    assert net_file.net.layer[0].pooling_param.ceil_mode is False
+
+
+def test_inspect_reads_a_prototxt_with_field_names_no_dialect_has(tmp_path):
+    from conftest import run_cli
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }\n'
+        'layer { name: "region" type: "Region" bottom: "data" top: "out" region_param { classes: 20 } }\n')
+    shown = run_cli("inspect", "net.prototxt", "--json", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    import json
+    info = json.loads(shown.stdout)
+    assert [r["name"] for r in info["layers"]] == ["data", "region"]
+    assert info["unknown_fields"] == ["field name 'classes' (not in dialect bvlc: skipped)",
+                                      "field name 'region_param' (not in dialect bvlc: skipped)"]
+    assert info["cannot_build"] == ["'region' (Region, from a fork this project has no entry for)"]
+    refused = run_cli("convert", "net.prototxt", "--random-init", "-o", "m.pt", cwd=tmp_path)
+    assert refused.returncode == 2 and 'has no field named "region_param"' in refused.stderr

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from ..errors import CaffeCompatError
 from . import atomic, wire
 from .blobs import array_to_blob, blob_shape, blob_to_array, shaped
-from .dialects.detect import binary_fits, choose_binary, detect_text_dialect
+from .dialects.detect import binary_fits, choose_binary, detect_text_dialect, unknown_names
 from .schema import check_strings, messages, unknown_fields
 from .text import decode_text, looks_binary, parse_text
 from .upgrade import upgrade_net
@@ -69,12 +69,14 @@ def read_prototxt(path: PathLike, dialect: Optional[str] = None) -> NetFile:
     return _prototxt_from(path, _read_bytes(path, "prototxt"), dialect)
 
 
-def _prototxt_from(path: Path, data: bytes, dialect: Optional[str]) -> NetFile:
+def _prototxt_from(path: Path, data: bytes, dialect: Optional[str], lenient: bool = False) -> NetFile:
     text = decode_text(path, data, "prototxt")
     dialect = dialect or detect_text_dialect(text)
-    net = parse_text(path, text, messages(dialect).NetParameter(), "prototxt")
+    unknown = [f"field name '{name}' (not in dialect {dialect}: skipped)"
+               for name in sorted(unknown_names(text, dialect))] if lenient else []
+    net = parse_text(path, text, messages(dialect).NetParameter(), "prototxt", allow_unknown=bool(unknown))
     upgraded = upgrade_net(net)
-    return NetFile(net, dialect, path, upgraded)
+    return NetFile(net, dialect, path, upgraded, unknown)
 
 
 def read_caffemodel(path: PathLike, dialect: Optional[str] = None, prototxt: Optional[NetFile] = None) -> NetFile:
@@ -125,12 +127,13 @@ def _weights_over(path: Path, net, split: wire.SplitNet, buffer) -> Dict[str, Li
     return weights
 
 
-def read_net(path: PathLike, dialect: Optional[str] = None) -> NetFile:
-    """A prototxt or a caffemodel, told apart by content."""
+def read_net(path: PathLike, dialect: Optional[str] = None, lenient: bool = False) -> NetFile:
+    """A prototxt or a caffemodel, told apart by content. `lenient` (for showing a net, not
+    running it) reads a prototxt whose field names no dialect has, skipping and listing them."""
     path = Path(path)
     if looks_binary(_read_bytes(path, "net file", 4096)):
         return read_caffemodel(path, dialect)
-    return _prototxt_from(path, _read_bytes(path, "net file"), dialect)
+    return _prototxt_from(path, _read_bytes(path, "net file"), dialect, lenient)
 
 
 def weights_of(net_file: NetFile) -> Dict[str, List[np.ndarray]]:

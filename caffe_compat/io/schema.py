@@ -14,7 +14,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from ..errors import CaffeCompatError
 from ..proto import caffe_pb2
-from .dialects import ENTRIES, entry, schema_file
+from .dialects import ENTRIES, entry, generation, has_additions, schema_file
 
 DIALECTS = tuple(ENTRIES)
 
@@ -29,12 +29,17 @@ def _message_class(descriptor):
     return get_class(descriptor)
 
 
-@functools.lru_cache(maxsize=None)
 def messages(dialect: str) -> types.SimpleNamespace:
-    """The message classes of `dialect` by name: messages("lifted").NetParameter, ..."""
+    """The message classes of `dialect` by name: messages("lifted").NetParameter, ...
+    (new classes once a layer parameter is added from Python: read files after adding)."""
     entry(dialect)
+    return _messages(dialect, generation())
+
+
+@functools.lru_cache(maxsize=None)
+def _messages(dialect: str, _generation: int) -> types.SimpleNamespace:
     # (.values(): iterating the by-name map yields descriptors, not names, on upb 4.21.1.)
-    if dialect == "bvlc":
+    if dialect == "bvlc" and not has_additions():
         descriptors = caffe_pb2.DESCRIPTOR.message_types_by_name.values()
         return types.SimpleNamespace(**{d.name: getattr(caffe_pb2, d.name) for d in descriptors})
     pool = descriptor_pool.DescriptorPool()

@@ -71,10 +71,11 @@ def decode_text(path: Path, data: bytes, what: str) -> str:
     return text
 
 
-def parse_text(path: Path, text: str, message, what: str):
-    """`message`, filled from `text` (screened by decode_text); every failure names `path`."""
+def parse_text(path: Path, text: str, message, what: str, allow_unknown: bool = False):
+    """`message`, filled from `text` (screened by decode_text); every failure names `path`.
+    `allow_unknown` skips fields the schema lacks (the caller lists them)."""
     try:
-        text_format.Parse(text, message)
+        text_format.Parse(text, message, allow_unknown_field=allow_unknown)
     except text_format.ParseError as err:
         detail = str(err).replace("\n", " ")
         detail = detail if len(detail) <= _MAX_DETAIL else detail[:_MAX_DETAIL] + "..."

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import CaffeCompatError
+from ..io.dialects import add_layer_parameter, likely_fork
 from ..layer_params import LayerFacts, Shape
 from .catalog import CATALOG
 
@@ -100,6 +101,12 @@ class Registry(Mapping[str, LayerEntry]):
         load_all()
         return len(self._entries)
 
+    def registered(self, layer_type: str) -> bool:
+        """Whether a builder for `layer_type` was registered from outside the catalog's
+        families (imports nothing)."""
+        found = self._entries.get(layer_type)
+        return found is not None and found.build is not None
+
     def entry(self, layer_type: str) -> LayerEntry:
         """The entry to register into, created if new."""
         return self._entries.setdefault(layer_type, LayerEntry())
@@ -134,8 +141,17 @@ def _registrar(slot: str, what: str, layer_types):
     return decorate
 
 
-def register(*layer_types: str):
-    """Register a PyTorch builder for one or more Caffe layer types."""
+def register(*layer_types: str, param=None, field: Optional[Tuple[str, int]] = None):
+    """Register a PyTorch builder for one or more Caffe layer types. `param` adds the
+    layers' parameter message to the schema of every dialect, so that prototxts and
+    caffemodels carrying it read with its settings decoded: a .proto snippet (the message,
+    and `message LayerParameter { optional MyParameter my_param = N; }` unless `field`
+    gives (name, number)) or a message Descriptor with `field`. Register before reading
+    the net's files."""
+    if param is not None:
+        add_layer_parameter(param, field, f"@register({', '.join(map(repr, layer_types))})", layer_types)
+    elif field is not None:
+        raise CaffeCompatError("register(field=...) needs param=, the message the field holds")
     return _registrar("build", "a builder", layer_types)
 
 
@@ -148,7 +164,7 @@ def builder_for(layer_name: str, layer_type: str) -> Builder:
     entry = REGISTRY.get(layer_type)
     if entry is None or entry.build is None:
         raise CaffeCompatError(
-            f"layer '{layer_name}': unknown layer type '{layer_type}'. Register a builder with "
-            f"@caffe_compat.layers.register('{layer_type}') (a function taking a LayerContext "
-            f"and returning ctx.wire(module)) before building the net")
+            f"layer '{layer_name}': unknown layer type '{layer_type}' (from {likely_fork(layer_type)}). "
+            f"Register a builder with @caffe_compat.layers.register('{layer_type}') (a function taking a "
+            f"LayerContext and returning ctx.wire(module)) before building the net")
     return entry.build

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 from ...errors import CaffeCompatError
 
@@ -69,6 +69,19 @@ ENTRIES: Dict[str, Dialect] = {entry.name: entry for entry in (
 )}
 
 
+def forks_of_type(layer_type: str) -> List[Dialect]:
+    """The forks that bring `layer_type` (none for BVLC's own types and types no entry knows)."""
+    return [d for d in ENTRIES.values() if d.name != "bvlc" and layer_type in d.layer_types]
+
+
+def likely_fork(layer_type: str) -> str:
+    """Where a layer type likely comes from, in words, for messages."""
+    forks = forks_of_type(layer_type)
+    if not forks:
+        return "a fork this project has no entry for"
+    return " or ".join(f"{d.fork} [dialect {d.name}]" for d in forks)
+
+
 def entry(name: str) -> Dialect:
     try:
         return ENTRIES[name]
@@ -76,18 +89,113 @@ def entry(name: str) -> Dialect:
         raise CaffeCompatError(f"unknown Caffe dialect {name!r}; valid: {', '.join(ENTRIES)}") from None
 
 
-@functools.lru_cache(maxsize=None)
+# Layer parameters added from Python (caffe_compat.layers.register(..., param=...)), each
+# (messages, enums, source) as parsed; every dialect's schema gains them.
+_ADDED: List[tuple] = []
+_ADDED_TYPES: set = set()  # the layer types they were registered for
+
+
+def added_types() -> frozenset:
+    """Layer types registered from Python with their parameter: evidence of no fork."""
+    return frozenset(_ADDED_TYPES)
+
+
+def generation() -> int:
+    """How many additions the schemas have had: caches of classes built from them key on it."""
+    return len(_ADDED)
+
+
+def has_additions() -> bool:
+    return bool(_ADDED)
+
+
 def schema_file(name: str):
     """The dialect's whole caffe.proto, as a FileDescriptorProto (package caffe)."""
+    return _schema_file(entry(name).name, generation())
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_file(name: str, _generation: int):
     # Imported here: the CLI reads ENTRIES (for --dialect) without loading protobuf.
     from google.protobuf import descriptor_pb2
 
     from ...proto import caffe_pb2
     from . import snippet
 
-    dialect = entry(name)
+    dialect = ENTRIES[name]
     file_proto = descriptor_pb2.FileDescriptorProto.FromString(caffe_pb2.DESCRIPTOR.serialized_pb)
     if dialect.snippet:
         text = resources.files(__package__).joinpath(dialect.snippet).read_text(encoding="utf-8")
         snippet.apply(file_proto, text, f"dialect {name} ({dialect.snippet})")
+    for messages, enums, source in _ADDED:
+        # A dialect that already uses the name or number keeps its own (the fork's files say which).
+        if not _clash(file_proto, messages, enums):
+            snippet.apply_parsed(file_proto, messages, enums, source)
     return file_proto
+
+
+def _clash(file_proto, messages, enums) -> str:
+    """What in `file_proto` the addition would change, in words ("" when nothing)."""
+    layer = next(m for m in file_proto.message_type if m.name == "LayerParameter")
+    taken = {f.name: f for f in layer.field} | {f.number: f for f in layer.field}
+    names = {m.name for m in file_proto.message_type} | {e.name for e in file_proto.enum_type}
+    for message in messages:
+        if message.name != "LayerParameter":
+            if message.name in names:
+                return f"message {message.name} exists"
+            continue
+        for field in message.field:
+            for key in (field.name, field.number):
+                if key in taken:
+                    return f"LayerParameter field {taken[key].number} is {taken[key].name}"
+    return next((f"enum {e.name} exists" for e in enums if e.name in names), "")
+
+
+def add_layer_parameter(param, field: Optional[tuple], source: str, layer_types=()) -> None:
+    """Add a layer's parameter message to every dialect's schema: `param` is a .proto
+    snippet (its messages, and the LayerParameter field unless `field` names it) or a
+    message Descriptor; `field` is (name, number) of its LayerParameter field. Refused
+    when BVLC's schema already uses a name or number it needs."""
+    from google.protobuf import descriptor_pb2
+
+    from . import snippet
+
+    if isinstance(param, str):
+        messages, enums = snippet.parse(param, source)
+    elif hasattr(param, "CopyToProto") and hasattr(param, "fields"):
+        message = descriptor_pb2.DescriptorProto()
+        param.CopyToProto(message)
+        _relative_types(message, param.file.package)
+        messages, enums = [message], []
+    else:
+        raise CaffeCompatError(f"{source}: param must be a .proto snippet (str) or a message Descriptor, "
+                               f"not {type(param).__name__}")
+    if field is not None:
+        name, number = field
+        target = next(m for m in messages if m.name != "LayerParameter").name  # the first message
+        messages.append(descriptor_pb2.DescriptorProto(name="LayerParameter", field=[descriptor_pb2.FieldDescriptorProto(
+            name=name, number=number, label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL, type_name=target)]))
+    if not any(m.name == "LayerParameter" and m.field for m in messages):
+        raise CaffeCompatError(f"{source}: no LayerParameter field holds the parameter: give field=(name, number) "
+                               f"or declare it in the snippet (message LayerParameter {{ optional ... = N; }})")
+    base = _schema_file("bvlc", generation())
+    clash = _clash(base, messages, enums)
+    if clash:
+        raise CaffeCompatError(f"{source}: {clash} in BVLC's schema already; choose another name or number")
+    trial = type(base)()
+    trial.CopyFrom(base)
+    snippet.apply_parsed(trial, messages, enums, source)  # every type resolves, or this names the one that does not
+    _ADDED.append((messages, enums, source))
+    _ADDED_TYPES.update(layer_types)
+
+
+def _relative_types(message, package: str) -> None:
+    """Type names of a Descriptor's copy, made relative (its package's or caffe's), so they
+    resolve in the caffe schema."""
+    for field in message.field:
+        for prefix in (f".{package}.", ".caffe."):
+            if field.type_name.startswith(prefix):
+                field.type_name = field.type_name[len(prefix):]
+                break
+    for nested in message.nested_type:
+        _relative_types(nested, package)

@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError
 
 from ...errors import CaffeCompatError
 from ..schema import messages, unknown_fields
-from . import ENTRIES
+from . import ENTRIES, added_types, generation
 
 BVLC = "bvlc"
 
@@ -26,15 +26,23 @@ def _descriptors(dialect: str):
         stack.extend(descriptor.nested_types)
 
 
-@functools.lru_cache(maxsize=None)
 def field_names(dialect: str) -> FrozenSet[str]:
     """Every field name of every message of `dialect`."""
+    return _field_names(dialect, generation())
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(dialect: str, _generation: int) -> FrozenSet[str]:
     return frozenset(f.name for d in _descriptors(dialect) for f in d.fields)
 
 
-@functools.lru_cache(maxsize=None)
 def own_layer_fields(dialect: str) -> FrozenSet[str]:
     """LayerParameter fields of `dialect` that BVLC's has not, by name and number."""
+    return _own_layer_fields(dialect, generation())
+
+
+@functools.lru_cache(maxsize=None)
+def _own_layer_fields(dialect: str, _generation: int) -> FrozenSet[str]:
     bvlc = {(f.name, f.number) for f in messages(BVLC).LayerParameter.DESCRIPTOR.fields}
     return frozenset(f.name for f in messages(dialect).LayerParameter.DESCRIPTOR.fields
                      if (f.name, f.number) not in bvlc)
@@ -53,13 +61,22 @@ _TYPE = re.compile(r"""\btype\s*:\s*["']([^"']*)["']""")
 _FIELD_NAME = re.compile(r"\b([A-Za-z_]\w*)\s*(?=[:{<])")
 
 
+def _names_and_types(text: str) -> Tuple[set, set]:
+    """The field names and the layer types a text-format net uses, outside comments."""
+    code = _STRING_OR_COMMENT.sub(lambda m: "" if m.group().startswith("#") else m.group(), text)
+    return set(_FIELD_NAME.findall(_STRING_OR_COMMENT.sub('""', code))), set(_TYPE.findall(code))
+
+
+def unknown_names(text: str, dialect: str) -> FrozenSet[str]:
+    """Field names `text` uses that `dialect` has in no message."""
+    return frozenset(_names_and_types(text)[0] - field_names(dialect))
+
+
 def text_candidates(text: str) -> List[str]:
     """The dialects whose schema knows every field name `text` uses, those with most of
     their own layer types first; BVLC when no fork's name or type shows. When none knows
     every name, the one that knows most (its parser then names the field it lacks)."""
-    code = _STRING_OR_COMMENT.sub(lambda m: "" if m.group().startswith("#") else m.group(), text)
-    types = set(_TYPE.findall(code))
-    names = set(_FIELD_NAME.findall(_STRING_OR_COMMENT.sub('""', code)))
+    names, types = _names_and_types(text)
     fork_names = names - field_names(BVLC)
     ranked = sorted(((len(fork_names - field_names(d)), -len(types & own_types(d)), i, d)
                      for i, d in enumerate(ENTRIES)))
@@ -74,8 +91,11 @@ def _votes(net, dialect: str) -> int:
     if dialect == BVLC:
         return 0
     own, types, bvlc_types = own_layer_fields(dialect), own_types(dialect), ENTRIES[BVLC].layer_types
+    users = added_types()
     count = 0
     for layer in net.layer:
+        if layer.type in users:  # registered from Python with its own field: shows no fork
+            continue
         if layer.type in types:
             count += 1
         elif layer.type not in bvlc_types and any(f.name in own for f, _ in layer.ListFields()):
@@ -85,10 +105,17 @@ def _votes(net, dialect: str) -> int:
 
 @dataclass(frozen=True)
 class Fit:
-    """How well a dialect reads a caffemodel: fields it leaves unknown, layers that show it."""
+    """How well a dialect reads a caffemodel: fields it leaves unknown, layers that show it,
+    and whether it reads PoolingParameter 13, set in the file, as ceil_mode."""
     dialect: str
     unknown: int
     votes: int
+    ceil_mode: bool = False
+
+
+def _ceil_mode_set(net) -> bool:
+    return any(layer.HasField("pooling_param") and "ceil_mode" in layer.pooling_param.DESCRIPTOR.fields_by_name
+               and layer.pooling_param.HasField("ceil_mode") for layer in net.layer)
 
 
 def binary_fits(data: bytes) -> List[Fit]:
@@ -103,7 +130,7 @@ def binary_fits(data: bytes) -> List[Fit]:
         except DecodeError as err:
             failure = failure or err
             continue
-        fits.append(Fit(dialect, len(unknown_fields(net)), _votes(net, dialect)))
+        fits.append(Fit(dialect, len(unknown_fields(net)), _votes(net, dialect), _ceil_mode_set(net)))
     if not fits:
         raise failure
     order = list(ENTRIES)
@@ -119,7 +146,11 @@ def binary_candidates(data: bytes) -> List[str]:
 def _candidates(fits: List[Fit]) -> List[str]:
     best = fits[0]
     if not best.votes:  # no fork shows: BVLC if it reads the file as well as any
-        return [BVLC] if any(f.dialect == BVLC and f.unknown == best.unknown for f in fits) else [best.dialect]
+        if not any(f.dialect == BVLC and f.unknown == best.unknown for f in fits):
+            return [best.dialect]
+        # PoolingParameter 13 set: BVLC's round_mode or a fork's ceil_mode (CEIL = 0 = false), the
+        # opposite rounding, and the bytes cannot tell: every reading is named.
+        return [BVLC] + [f.dialect for f in fits if f.ceil_mode and f.unknown == best.unknown]
     return [f.dialect for f in fits if (f.unknown, f.votes) == (best.unknown, best.votes)]
 
 

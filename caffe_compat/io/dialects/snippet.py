@@ -158,7 +158,11 @@ def _enum(tokens: _Tokens) -> descriptor_pb2.EnumDescriptorProto:
 
 def apply(file_proto: descriptor_pb2.FileDescriptorProto, text: str, source: str) -> None:
     """Lay the snippet over `file_proto`, changed in place."""
-    messages, enums = parse(text, source)
+    apply_parsed(file_proto, *parse(text, source), source)
+
+
+def apply_parsed(file_proto: descriptor_pb2.FileDescriptorProto, messages, enums, source: str) -> None:
+    """`apply` for a snippet already parsed (field types as written, or fully qualified)."""
     for enum in enums:
         _replace_named(file_proto.enum_type, enum)
     for message in messages:
