@@ -10,10 +10,11 @@ in row-major order among equal values, starting from -FLT_MAX with a strict `>` 
 never wins). PSROIPooling averages bin (ph, pw) of output channel d over input channel
 (d * group_size + ph) * group_size + pw, summing in the kernel's order in float32.
 
-Gradients: the fork's ROIPooling Backward_cpu is NOT_IMPLEMENTED; its GPU kernel sends
-each bin's diff to the element it took (its argmax), summed over bins and rois, which
-is what these modules' autograd computes (as R-FCN's GPU kernel spreads diff / area over
-each bin). Neither passes a gradient to the rois. ONNX: onnxruntime's MaxRoiPool starts
+Gradients: the fork's ROIPooling Backward_cpu is NOT_IMPLEMENTED; this follows its GPU
+kernel, which sends each bin's diff to the element it took (its argmax), summed over
+bins and rois, but only from rois well formed after rounding and from the bins its own
+float32 arithmetic finds for the element. PSROIPooling's autograd spreads diff / area
+over each bin, as R-FCN's GPU kernel does. Neither passes a gradient to the rois. ONNX: onnxruntime's MaxRoiPool starts
 each bin at FLT_MIN (a positive number), so a bin of negative values differs from the
 fork's; no standard operator computes PSROIPooling; export refuses both, naming the layer."""
 from __future__ import annotations
@@ -85,12 +86,32 @@ class ROIPooling(CaffeLayer):
             h0, h1 = _bins(start_h, bin_h, s.pooled_h, height, True)
             w0, w1 = _bins(start_w, bin_w, s.pooled_w, width, True)
             best, taken_at = self._scan(data, batch, h0, h1, w0, w1)
-        # the values again, by gathering at each bin's argmax, so that autograd sends each
-        # bin's gradient there (the GPU kernel's backward)
+            sends = self._backward_reach(taken_at, (start_h, end_h, bin_h), (start_w, end_w, bin_w), height, width)
+        # the values again, gathered at each bin's argmax, so that autograd sends a bin's
+        # gradient there where the GPU kernel does
         flat = data.permute(0, 2, 3, 1).reshape(num * height * width, channels)
         taken = flat.gather(0, taken_at.clamp(min=0).reshape(-1, channels)).view(taken_at.shape)
-        out = torch.where(taken_at >= 0, taken, best)
+        out = torch.where(sends, taken, best)
         return out.permute(0, 3, 1, 2).contiguous()
+
+    @staticmethod
+    def _backward_reach(taken_at, along_h, along_w, height, width):
+        """Where ROIPoolBackward (the GPU kernel) adds a bin's diff to its argmax: the
+        element lies in the roi as rounded (none for a malformed roi, end < start) and
+        the bin is among those it computes, in float32, that could have pooled it."""
+        reach = taken_at >= 0
+        position = taken_at.clamp(min=0)
+        for axis, (start, end, bin_size), coordinate in ((1, along_h, position // width % height),
+                                                         (2, along_w, position % width)):
+            pooled = taken_at.shape[axis]
+            view = (-1, 1, 1, 1)
+            start, end, bin_size = start.view(view), end.view(view), bin_size.view(view)
+            offset = coordinate - start
+            first = torch.floor(offset.float() / bin_size).long().clamp(0, pooled)
+            last = torch.ceil((offset + 1).float() / bin_size).long().clamp(0, pooled)
+            index = torch.arange(pooled, device=taken_at.device).view((1, -1, 1, 1) if axis == 1 else (1, 1, -1, 1))
+            reach &= (coordinate >= start) & (coordinate <= end) & (index >= first) & (index < last)
+        return reach
 
     def _scan(self, data, batch, h0, h1, w0, w1):
         """Each bin's max over its window, scanned as the fork scans it (rows, then
