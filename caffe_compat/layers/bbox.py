@@ -71,12 +71,11 @@ OVERLAP_BLOCK_VALUES = 1 << 24
 
 
 def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, threshold: float,
-               eta: float, extent: float = 0.0) -> torch.Tensor:
+               eta: float) -> torch.Tensor:
     """ApplyNMSFast on many lists at once: boxes (B, K, 4), sizes and valid (B, K), each
     list sorted as the fork sorts its candidates. A candidate is kept when its overlap
-    (`jaccard` with `extent`) with every box kept before it is <= the threshold, which
-    then shrinks by eta while above 0.5 (adaptive NMS). The kept mask (B, K); no value
-    leaves the device."""
+    with every box kept before it is <= the threshold, which then shrinks by eta
+    while above 0.5 (adaptive NMS). The kept mask (B, K); no value leaves the device."""
     count, length = valid.shape
     kept = torch.zeros_like(valid)
     limit = torch.full((count,), threshold, dtype=torch.float32, device=boxes.device)
@@ -84,7 +83,7 @@ def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, th
     for start in range(0, length, block):
         stop = min(length, start + block)
         overlaps = jaccard(boxes[:, start:stop, None, :], sizes[:, start:stop, None],
-                           boxes[:, None, :stop, :], sizes[:, None, :stop], extent)
+                           boxes[:, None, :stop, :], sizes[:, None, :stop])
         for k in range(start, stop):
             # `overlap <= limit` is false for NaN overlaps too, as in the fork
             clash = (kept[:, :k] & ~(overlaps[:, k - start, :k] <= limit[:, None])).any(dim=1)

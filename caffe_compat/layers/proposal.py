@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..roi_params import PROPOSAL_LAYER, ProposalSettings, proposal_settings, proposal_tops
-from .bbox import greedy_nms
+from .bbox import jaccard
 from .python_layer import python_type
 from .registry import CaffeLayer, LayerContext, register
 
@@ -50,6 +50,23 @@ def decode(anchors: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
     pred_h = torch.exp(deltas[:, 3].double()).float() * heights
     return torch.stack([pred_x - 0.5 * pred_w, pred_y - 0.5 * pred_h,
                         pred_x + 0.5 * pred_w, pred_y + 0.5 * pred_h], dim=1)
+
+
+def pixel_nms(boxes: torch.Tensor, threshold: float, most: int) -> torch.Tensor:
+    """gpu_nms on boxes sorted best first: each box in turn is kept unless its overlap
+    (devIoU: float32, `+ 1` sides) with a box kept before it is > the threshold; the
+    kept indices, at most `most` of them (all if `most` <= 0). One step per kept box."""
+    sizes = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    limit = torch.tensor(threshold, dtype=torch.float32, device=boxes.device)
+    index = torch.arange(boxes.shape[0], device=boxes.device)
+    kept = []
+    # the boxes still in play shrink by boolean masks (far faster than gathers by index)
+    while index.numel() and (most <= 0 or len(kept) < most):
+        kept.append(index[0])
+        overlap = jaccard(boxes[0], sizes[0], boxes[1:], sizes[1:], extent=1.0)
+        survive = ~(overlap > limit)  # a NaN overlap suppresses nothing, as `>` in the kernel
+        boxes, sizes, index = boxes[1:][survive], sizes[1:][survive], index[1:][survive]
+    return torch.stack(kept) if kept else index
 
 
 class Proposal(CaffeLayer):
@@ -92,12 +109,7 @@ class Proposal(CaffeLayer):
         # gpu_nms sorts its input again the same way
         order = numpy_descending(fg)
         boxes, fg = boxes[order], fg[order]
-        sizes = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
-        valid = torch.ones((1, fg.shape[0]), dtype=torch.bool, device=fg.device)
-        kept = greedy_nms(boxes[None], sizes[None], valid, config.nms_thresh, 1.0, extent=1.0)[0]
-        chosen = kept.nonzero()[:, 0]
-        if config.post_nms_top_n > 0:
-            chosen = chosen[:config.post_nms_top_n]
+        chosen = pixel_nms(boxes, config.nms_thresh, config.post_nms_top_n)
         boxes, fg = boxes[chosen], fg[chosen]
         rois = torch.cat([torch.zeros((boxes.shape[0], 1), device=boxes.device), boxes], dim=1)
         return rois, fg[:, None]

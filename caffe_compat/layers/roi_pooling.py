@@ -115,30 +115,46 @@ class ROIPooling(CaffeLayer):
 
     def _scan(self, data, batch, h0, h1, w0, w1):
         """Each bin's max over its window, scanned as the fork scans it (rows, then
-        columns, strict >), one window offset at a time: (values, flat positions in
-        (N * H * W), -1 where nothing was taken), both (R, pooled_h, pooled_w, C)."""
+        columns, strict >), one window offset at a time, over the rois whose windows
+        reach that far: (values, flat positions in (N * H * W), -1 where nothing was
+        taken), both (R, pooled_h, pooled_w, C)."""
         num, channels, height, width = data.shape
-        flat = data.detach().permute(0, 2, 3, 1).reshape(num * height * width, channels)
+        # positions outside a bin read a row of -inf, which is never > the bin's best
+        flat = torch.cat([data.detach().permute(0, 2, 3, 1).reshape(num * height * width, channels),
+                          torch.full((1, channels), -float("inf"), dtype=data.dtype, device=data.device)])
         count, ph, pw = batch.shape[0], h0.shape[1], w0.shape[1]
         empty = (h1 <= h0)[:, :, None] | (w1 <= w0)[:, None, :]
         best = torch.full((count, ph, pw, channels), -FLT_MAX, dtype=data.dtype, device=data.device)
         best[empty] = 0
-        taken_at = torch.full((count, ph, pw, channels), -1, dtype=torch.long, device=data.device)
-        reach_h = int((h1 - h0).max()) if count else 0
-        reach_w = int((w1 - w0).max()) if count else 0
+        taken_step = torch.full((count, ph, pw, channels), -1, dtype=torch.int32, device=data.device)
+        roi_reach_h = (h1 - h0).clamp(min=0).amax(1) if count else h0.new_zeros(0)
+        roi_reach_w = (w1 - w0).clamp(min=0).amax(1) if count else w0.new_zeros(0)
+        reach_h = int(roi_reach_h.max()) if count else 0
+        reach_w = int(roi_reach_w.max()) if count else 0
         for i in range(reach_h):
-            row = h0 + i
-            row_ok = row < h1
             for j in range(reach_w):
-                column = w0 + j
-                inside = row_ok[:, :, None] & (column < w1)[:, None, :]
-                position = (batch[:, None, None] * height + row[:, :, None]) * width + column[:, None, :]
-                position = torch.where(inside, position, torch.zeros_like(position))
-                values = flat[position]  # (R, ph, pw, C)
-                better = inside[..., None] & (values > best)
-                best = torch.where(better, values, best)
-                taken_at = torch.where(better, position[..., None].expand_as(taken_at), taken_at)
-        return best, taken_at
+                active = ((roi_reach_h > i) & (roi_reach_w > j)).nonzero()[:, 0]
+                every = active.numel() == count
+                pick = (lambda t: t) if every else (lambda t: t.index_select(0, active))
+                row, column = pick(h0) + i, pick(w0) + j
+                inside = (row < pick(h1))[:, :, None] & (column < pick(w1))[:, None, :]
+                position = (pick(batch)[:, None, None] * height + row[:, :, None]) * width + column[:, None, :]
+                position = torch.where(inside, position, num * height * width)
+                values = flat.index_select(0, position.reshape(-1)).view(-1, ph, pw, channels)
+                current, steps = pick(best), pick(taken_step)
+                better = values > current
+                new_best = torch.where(better, values, current)
+                new_steps = torch.where(better, i * reach_w + j, steps)
+                if every:
+                    best, taken_step = new_best, new_steps
+                else:
+                    best.index_copy_(0, active, new_best)
+                    taken_step.index_copy_(0, active, new_steps)
+        step = taken_step.long().clamp(min=0)
+        row = h0[:, :, None, None] + step // max(reach_w, 1)
+        column = w0[:, None, :, None] + step % max(reach_w, 1)
+        position = (batch[:, None, None, None] * height + row) * width + column
+        return best, torch.where(taken_step >= 0, position, -1)
 
 
 class PSROIPooling(CaffeLayer):
