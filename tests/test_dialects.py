@@ -274,7 +274,7 @@ def test_inspect_shows_undecoded_settings_by_field_number(tmp_path):
     with pytest.warns(UserWarning, match="field 8266711"):
         info = inspect_net(path, dialect="bvlc")
     assert info["layers"][-1]["unknown_fields"] == ["field 8266711"] and info["layers"][-1]["params"] == {}
-    with pytest.warns(UserWarning, match="it fits dialects faster-rcnn, opencv; read as faster-rcnn"):
+    with pytest.warns(UserWarning, match="it fits dialects faster-rcnn, rfcn, opencv; read as faster-rcnn"):
         assert inspect_net(path)["layers"][-1]["params"] == {"roi_pooling_param": {"pooled_h": 2}}
 
 

@@ -52,10 +52,15 @@ def box_size(boxes: torch.Tensor) -> torch.Tensor:
     return torch.where(inverted, torch.zeros_like(width), width * height)
 
 
-def jaccard(a: torch.Tensor, size_a: torch.Tensor, b: torch.Tensor, size_b: torch.Tensor) -> torch.Tensor:
-    """JaccardOverlap of broadcast boxes a and b with their sizes; 0 where they do not meet."""
+def jaccard(a: torch.Tensor, size_a: torch.Tensor, b: torch.Tensor, size_b: torch.Tensor,
+            extent: float = 0.0) -> torch.Tensor:
+    """JaccardOverlap of broadcast boxes a and b with their sizes; 0 where they do not meet.
+    `extent` 1 counts the last pixel in, as py-faster-rcnn's boxes do (its NMS's
+    `right - left + 1`)."""
     inter_w = torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])
     inter_h = torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])
+    if extent:
+        inter_w, inter_h = inter_w + extent, inter_h + extent
     inter = inter_w * inter_h
     overlap = inter / (size_a + size_b - inter)
     return torch.where((inter_w > 0) & (inter_h > 0), overlap, torch.zeros_like(overlap))

@@ -3,7 +3,8 @@ embedded interpreter, code this project does not have. A user who ports such a l
 to PyTorch registers its builder under "Python:<module>.<layer>" with the usual hook,
 `@caffe_compat.layers.register("Python:pyloss.EuclideanLossLayer")`; the Python type
 hands each layer to the builder of its class, and names the class when none is
-registered."""
+registered. Classes whose code is known are built in the same way: py-faster-rcnn's
+rpn.proposal_layer.ProposalLayer (layers/proposal.py)."""
 from __future__ import annotations
 
 from .registry import REGISTRY, Converted, LayerContext, register

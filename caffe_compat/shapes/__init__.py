@@ -13,7 +13,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import CaffeCompatError
 from ..graph import Graph, param_owners
-from . import forks, learned, sources_and_losses, ssd, tensors, windows  # noqa: F401  (each registers its rules)
+from . import forks, learned, roi, sources_and_losses, ssd, tensors, windows  # noqa: F401  (each registers its rules)
 from .base import RULES, LayerView, Shape
 
 __all__ = ["RULES", "NetShapes", "net_shapes"]

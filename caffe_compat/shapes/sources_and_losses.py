@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..deploy import _batch_size, _data_shape
 from ..layer_params import dummy_data_shapes
-from .base import rule
+from .base import RULES, rule
 
 
 @rule("EuclideanLoss", "ContrastiveLoss", "SigmoidCrossEntropyLoss", "HingeLoss", "MultinomialLogisticLoss",
@@ -54,5 +54,9 @@ def _dummy_data(v):
 
 @rule("Python")
 def _python(v):
+    p = v.param.python_param
+    ported = RULES.get(f"Python:{p.module}.{p.layer}")  # a class built in (shapes/roi.py)
+    if ported is not None:
+        return ported(v)
     v.unknown(f"a Python layer ({v.param.python_param.module}.{v.param.python_param.layer}): its code shapes its tops")
     return [None] * len(v.tops), []

@@ -53,6 +53,8 @@ ENTRIES: Dict[str, Dialect] = {entry.name: entry for entry in (
         "BN": "bn_param", "Upsample": "upsample_param", "DenseImageData": "dense_image_data_param"}, {"BN": (4, 4)}),
     Dialect("faster-rcnn", "Fast/Faster R-CNN (rbgirshick/caffe-fast-rcnn)", "faster_rcnn.proto", {
         "ROIPooling": "roi_pooling_param"}),
+    Dialect("rfcn", "R-FCN (daijifeng001/caffe-rfcn)", "rfcn.proto", {
+        "PSROIPooling": "psroi_pooling_param", "ROIPooling": "roi_pooling_param"}),
     Dialect("shufflenet", "ShuffleNet (farmingyard/ShuffleNet)", "shufflenet.proto", {
         "ShuffleChannel": "shuffle_channel_param"}),
     Dialect("mobilenet", "MobileNet's depthwise convolution (farmingyard/caffe-mobilenet, BVLC PR 5665)", None, {
@@ -67,6 +69,10 @@ ENTRIES: Dict[str, Dialect] = {entry.name: entry for entry in (
         "DetectionOutput": "detection_output_param", "Permute": "permute_param",
         "Normalize": "norm_param", "PriorBox": "prior_box_param", "Proposal": "proposal_param",
         "PSROIPooling": "psroi_pooling_param", "ROIPooling": "roi_pooling_param"}),
+    # After OpenCV: its norm_param is 149 too, and an empty one fits both; a PSROIPooling
+    # layer always sets spatial_scale, a float where OpenCV's field 1 is a bool.
+    Dialect("rfcn-microsoft", "R-FCN in Microsoft's Caffe (py-R-FCN's submodule)", "rfcn_microsoft.proto", {
+        "PSROIPooling": "psroi_pooling_param"}),
 )}
 
 

@@ -1,0 +1,122 @@
+"""Faster R-CNN's proposal layer, a `Python` layer whose python_param names
+`rpn.proposal_layer.ProposalLayer` (rbgirshick/py-faster-rcnn, lib/rpn/proposal_layer.py),
+computed natively so that a Faster R-CNN prototxt runs without the user's `rpn` package.
+
+Its forward, in float32 as numpy computes it there: anchors (generate_anchors with the
+param_str's scales) shifted by feat_stride over the score map, in (h, w, anchor) order;
+bbox_transform_inv with the `+ 1` widths; clip_boxes to im_info's (height - 1, width - 1);
+boxes narrower or lower than RPN_MIN_SIZE * im_info[2] dropped; the best
+RPN_PRE_NMS_TOP_N by foreground score; NMS at RPN_NMS_THRESH as gpu_nms computes it
+(USE_GPU_NMS is the default: `+ 1` areas, a box suppressed when its overlap with a kept
+one is > the threshold); the first RPN_POST_NMS_TOP_N kept. cfg is the net's phase's
+(fast_rcnn/config.py defaults: TEST 6000 / 300 / 0.7 / 16, TRAIN 12000 / 2000 / 0.7 / 16).
+Top 0: rois (R, 5) with batch index 0; top 1 (optional): their scores (R, 1).
+
+Where scores tie, numpy's `argsort()[::-1]` decides; here as with a stable sort reversed
+(what numpy's sort gives up to 16 values). exp is the correctly rounded float32 value.
+No gradient passes (the layer's backward does nothing). No ONNX export."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..roi_params import PROPOSAL_LAYER, ProposalSettings, proposal_settings, proposal_tops
+from .bbox import jaccard
+from .python_layer import python_type
+from .registry import CaffeLayer, LayerContext, register
+
+
+def numpy_descending(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argsort()[::-1]`: ascending (equal scores in index order), reversed."""
+    return torch.sort(scores, stable=True).indices.flip(0)
+
+
+def shifted_anchors(anchors: np.ndarray, stride: float, height: int, width: int) -> np.ndarray:
+    """Every anchor at every score map cell, rows in (h, w, anchor) order, float64."""
+    shift_x, shift_y = np.meshgrid(np.arange(width) * stride, np.arange(height) * stride)
+    shifts = np.stack([shift_x.ravel(), shift_y.ravel(), shift_x.ravel(), shift_y.ravel()], axis=1)
+    return (anchors[None, :, :] + shifts[:, None, :]).reshape(-1, 4)
+
+
+def decode(anchors: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """bbox_transform_inv in float32: (K, 4) anchors and deltas -> boxes."""
+    widths = anchors[:, 2] - anchors[:, 0] + 1.0
+    heights = anchors[:, 3] - anchors[:, 1] + 1.0
+    center_x = anchors[:, 0] + 0.5 * widths
+    center_y = anchors[:, 1] + 0.5 * heights
+    pred_x = deltas[:, 0] * widths + center_x
+    pred_y = deltas[:, 1] * heights + center_y
+    pred_w = torch.exp(deltas[:, 2].double()).float() * widths
+    pred_h = torch.exp(deltas[:, 3].double()).float() * heights
+    return torch.stack([pred_x - 0.5 * pred_w, pred_y - 0.5 * pred_h,
+                        pred_x + 0.5 * pred_w, pred_y + 0.5 * pred_h], dim=1)
+
+
+def pixel_nms(boxes: torch.Tensor, threshold: float, most: int) -> torch.Tensor:
+    """gpu_nms on boxes sorted best first: each box in turn is kept unless its overlap
+    (devIoU: float32, `+ 1` sides) with a box kept before it is > the threshold; the
+    kept indices, at most `most` of them (all if `most` <= 0). One step per kept box."""
+    sizes = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    limit = torch.tensor(threshold, dtype=torch.float32, device=boxes.device)
+    index = torch.arange(boxes.shape[0], device=boxes.device)
+    kept = []
+    # the boxes still in play shrink by boolean masks (far faster than gathers by index)
+    while index.numel() and (most <= 0 or len(kept) < most):
+        kept.append(index[0])
+        overlap = jaccard(boxes[0], sizes[0], boxes[1:], sizes[1:], extent=1.0)
+        survive = ~(overlap > limit)  # a NaN overlap suppresses nothing, as `>` in the kernel
+        boxes, sizes, index = boxes[1:][survive], sizes[1:][survive], index[1:][survive]
+    return torch.stack(kept) if kept else index
+
+
+class Proposal(CaffeLayer):
+    def __init__(self, settings: ProposalSettings, tops: int):
+        super().__init__()
+        self.settings = settings
+        self.tops = tops
+        self._anchors = {}  # (height, width, device) -> the shifted anchors, float32
+
+    def forward(self, scores, deltas, im_info):
+        if scores.device.type == "meta":
+            rois = torch.empty((1, 5), device="meta")
+            return (rois, torch.empty((1, 1), device="meta")) if self.tops == 2 else rois
+        with torch.no_grad():
+            rois, kept_scores = self._propose(scores.detach().float(), deltas.detach().float(),
+                                              im_info.detach().float())
+        return (rois, kept_scores) if self.tops == 2 else rois
+
+    def _propose(self, scores, deltas, im_info):
+        s, config = self.settings, self.settings.config
+        count = len(s.anchors)
+        height, width = scores.shape[-2:]
+        key = (height, width, scores.device)
+        if key not in self._anchors:
+            grid = shifted_anchors(np.asarray(s.anchors), s.feat_stride, height, width)
+            self._anchors[key] = torch.from_numpy(grid.astype(np.float32)).to(scores.device)
+        # the second `count` channels are the foreground probabilities
+        fg = scores[:, count:].permute(0, 2, 3, 1).reshape(-1)
+        boxes = decode(self._anchors[key], deltas.permute(0, 2, 3, 1).reshape(-1, 4))
+        info = im_info.reshape(im_info.shape[0], -1)[0]
+        limits = torch.stack([info[1] - 1, info[0] - 1, info[1] - 1, info[0] - 1])
+        boxes = torch.maximum(torch.minimum(boxes, limits), torch.zeros((), device=boxes.device))
+        least = float(config.min_size) * info[2]  # an exact float32 product for min size 16
+        keep = ((boxes[:, 2] - boxes[:, 0] + 1 >= least) & (boxes[:, 3] - boxes[:, 1] + 1 >= least)).nonzero()[:, 0]
+        boxes, fg = boxes[keep], fg[keep]
+        order = numpy_descending(fg)
+        if config.pre_nms_top_n > 0:
+            order = order[:config.pre_nms_top_n]
+        boxes, fg = boxes[order], fg[order]
+        # gpu_nms sorts its input again the same way
+        order = numpy_descending(fg)
+        boxes, fg = boxes[order], fg[order]
+        chosen = pixel_nms(boxes, config.nms_thresh, config.post_nms_top_n)
+        boxes, fg = boxes[chosen], fg[chosen]
+        rois = torch.cat([torch.zeros((boxes.shape[0], 1), device=boxes.device), boxes], dim=1)
+        return rois, fg[:, None]
+
+
+@register(python_type(*PROPOSAL_LAYER.rsplit(".", 1)))
+def build_proposal(ctx: LayerContext):
+    settings = proposal_settings(ctx, ctx.phase)
+    # im_info is read, not differentiated: the layer's backward passes nothing
+    return ctx.wire(Proposal(settings, len(ctx.tops)), top_shapes=proposal_tops(ctx))

@@ -1,0 +1,219 @@
+"""Fast R-CNN's ROIPooling (rbgirshick/caffe-fast-rcnn 4115385d, roi_pooling_layer.cpp)
+and R-FCN's PSROIPooling (daijifeng001/caffe-rfcn 543f8f6a, psroi_pooling_layer.cu; the
+same layer in Microsoft's fork).
+
+Both read rois (R, 5) = (batch index, x1, y1, x2, y2) in image pixels and cut each into
+bins in the forks' arithmetic: the batch index truncated to an int, corners rounded
+half away from zero (C's round), bin edges floor / ceil of float32 products, clipped to
+the feature map; an empty bin gives 0. ROIPooling takes each bin's maximum, the first
+in row-major order among equal values, starting from -FLT_MAX with a strict `>` (NaN
+never wins). PSROIPooling averages bin (ph, pw) of output channel d over input channel
+(d * group_size + ph) * group_size + pw, summing in the kernel's order in float32.
+
+Gradients: the fork's ROIPooling Backward_cpu is NOT_IMPLEMENTED; this follows its GPU
+kernel, which sends each bin's diff to the element it took (its argmax), summed over
+bins and rois, but only from rois well formed after rounding and from the bins its own
+float32 arithmetic finds for the element. PSROIPooling's autograd spreads diff / area
+over each bin, as R-FCN's GPU kernel does. Neither passes a gradient to the rois. ONNX: onnxruntime's MaxRoiPool starts
+each bin at FLT_MIN (a positive number), so a bin of negative values differs from the
+fork's; no standard operator computes PSROIPooling; export refuses both, naming the layer."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from ..errors import CaffeCompatError
+from ..roi_params import (PSROIPoolingSettings, ROIPoolingSettings, psroi_pooling_settings, psroi_pooling_top,
+                          roi_pooling_settings, roi_pooling_top)
+from .registry import CaffeLayer, LayerContext, register
+
+FLT_MAX = 3.4028234663852886e38
+
+
+def _round_half_away(values: torch.Tensor) -> torch.Tensor:
+    """C's round() of float32 values, as int64: in float64, where adding 1/2 is exact."""
+    wide = values.double()
+    return torch.trunc(wide + torch.copysign(torch.full_like(wide, 0.5), wide)).long()
+
+
+def _batch_indices(rois: torch.Tensor, batch: int, layer_name: str, layer_type: str) -> torch.Tensor:
+    """`int roi_batch_ind = bottom_rois[0]` (truncation), checked against the batch."""
+    index = rois[:, 0].to(torch.int64)
+    bad = ((index < 0) | (index >= batch)).nonzero()
+    if bad.numel():
+        first = int(bad[0, 0])
+        raise CaffeCompatError(f"layer '{layer_name}' ({layer_type}): roi {first} has batch index "
+                               f"{float(rois[first, 0])}, outside the {batch} image(s) of the batch")
+    return index
+
+
+def _bins(start: torch.Tensor, bin_size: torch.Tensor, pooled: int, limit: int, offset_before_clip: bool
+          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[start, end) of each roi's `pooled` bins along one axis, clipped to [0, limit]:
+    floor(p * bin_size) and ceil((p + 1) * bin_size) in float32, the roi's start added
+    after (ROIPooling, integer start) or inside the float sum (PSROIPooling)."""
+    steps = torch.arange(pooled + 1, dtype=torch.float32, device=bin_size.device)
+    edges = steps[None, :] * bin_size[:, None]
+    if offset_before_clip:
+        low = torch.floor(edges[:, :-1]).long() + start[:, None]
+        high = torch.ceil(edges[:, 1:]).long() + start[:, None]
+    else:
+        low = torch.floor(edges[:, :-1] + start[:, None]).long()
+        high = torch.ceil(edges[:, 1:] + start[:, None]).long()
+    return low.clamp(0, limit), high.clamp(0, limit)
+
+
+class ROIPooling(CaffeLayer):
+    def __init__(self, settings: ROIPoolingSettings, layer_name: str):
+        super().__init__()
+        self.settings = settings
+        self.layer_name = layer_name
+
+    def forward(self, data, rois):
+        s = self.settings
+        num, channels, height, width = data.shape
+        rois = rois.detach().reshape(rois.shape[0], 5).float()
+        count = rois.shape[0]
+        if data.device.type == "meta":
+            return torch.empty((count, channels, s.pooled_h, s.pooled_w), dtype=data.dtype, device="meta")
+        with torch.no_grad():
+            batch = _batch_indices(rois, num, self.layer_name, "ROIPooling")
+            start_w, start_h, end_w, end_h = _round_half_away(rois[:, 1:] * s.spatial_scale).unbind(1)
+            # malformed rois are forced to 1x1; the sizes are ints turned into float32
+            bin_h = (end_h - start_h + 1).clamp(min=1).float() / s.pooled_h
+            bin_w = (end_w - start_w + 1).clamp(min=1).float() / s.pooled_w
+            h0, h1 = _bins(start_h, bin_h, s.pooled_h, height, True)
+            w0, w1 = _bins(start_w, bin_w, s.pooled_w, width, True)
+            best, taken_at = self._scan(data, batch, h0, h1, w0, w1)
+            sends = self._backward_reach(taken_at, (start_h, end_h, bin_h), (start_w, end_w, bin_w), height, width)
+        # the values again, gathered at each bin's argmax, so that autograd sends a bin's
+        # gradient there where the GPU kernel does
+        flat = data.permute(0, 2, 3, 1).reshape(num * height * width, channels)
+        taken = flat.gather(0, taken_at.clamp(min=0).reshape(-1, channels)).view(taken_at.shape)
+        out = torch.where(sends, taken, best)
+        return out.permute(0, 3, 1, 2).contiguous()
+
+    @staticmethod
+    def _backward_reach(taken_at, along_h, along_w, height, width):
+        """Where ROIPoolBackward (the GPU kernel) adds a bin's diff to its argmax: the
+        element lies in the roi as rounded (none for a malformed roi, end < start) and
+        the bin is among those it computes, in float32, that could have pooled it."""
+        reach = taken_at >= 0
+        position = taken_at.clamp(min=0)
+        for axis, (start, end, bin_size), coordinate in ((1, along_h, position // width % height),
+                                                         (2, along_w, position % width)):
+            pooled = taken_at.shape[axis]
+            view = (-1, 1, 1, 1)
+            start, end, bin_size = start.view(view), end.view(view), bin_size.view(view)
+            offset = coordinate - start
+            first = torch.floor(offset.float() / bin_size).long().clamp(0, pooled)
+            last = torch.ceil((offset + 1).float() / bin_size).long().clamp(0, pooled)
+            index = torch.arange(pooled, device=taken_at.device).view((1, -1, 1, 1) if axis == 1 else (1, 1, -1, 1))
+            reach &= (coordinate >= start) & (coordinate <= end) & (index >= first) & (index < last)
+        return reach
+
+    def _scan(self, data, batch, h0, h1, w0, w1):
+        """Each bin's max over its window, scanned as the fork scans it (rows, then
+        columns, strict >), one window offset at a time, over the rois whose windows
+        reach that far: (values, flat positions in (N * H * W), -1 where nothing was
+        taken), both (R, pooled_h, pooled_w, C)."""
+        num, channels, height, width = data.shape
+        # positions outside a bin read a row of -inf, which is never > the bin's best
+        flat = torch.cat([data.detach().permute(0, 2, 3, 1).reshape(num * height * width, channels),
+                          torch.full((1, channels), -float("inf"), dtype=data.dtype, device=data.device)])
+        count, ph, pw = batch.shape[0], h0.shape[1], w0.shape[1]
+        empty = (h1 <= h0)[:, :, None] | (w1 <= w0)[:, None, :]
+        best = torch.full((count, ph, pw, channels), -FLT_MAX, dtype=data.dtype, device=data.device)
+        best[empty] = 0
+        taken_step = torch.full((count, ph, pw, channels), -1, dtype=torch.int32, device=data.device)
+        roi_reach_h = (h1 - h0).clamp(min=0).amax(1) if count else h0.new_zeros(0)
+        roi_reach_w = (w1 - w0).clamp(min=0).amax(1) if count else w0.new_zeros(0)
+        reach_h = int(roi_reach_h.max()) if count else 0
+        reach_w = int(roi_reach_w.max()) if count else 0
+        for i in range(reach_h):
+            for j in range(reach_w):
+                active = ((roi_reach_h > i) & (roi_reach_w > j)).nonzero()[:, 0]
+                every = active.numel() == count
+                pick = (lambda t: t) if every else (lambda t: t.index_select(0, active))
+                row, column = pick(h0) + i, pick(w0) + j
+                inside = (row < pick(h1))[:, :, None] & (column < pick(w1))[:, None, :]
+                position = (pick(batch)[:, None, None] * height + row[:, :, None]) * width + column[:, None, :]
+                position = torch.where(inside, position, num * height * width)
+                values = flat.index_select(0, position.reshape(-1)).view(-1, ph, pw, channels)
+                current, steps = pick(best), pick(taken_step)
+                better = values > current
+                new_best = torch.where(better, values, current)
+                new_steps = torch.where(better, i * reach_w + j, steps)
+                if every:
+                    best, taken_step = new_best, new_steps
+                else:
+                    best.index_copy_(0, active, new_best)
+                    taken_step.index_copy_(0, active, new_steps)
+        step = taken_step.long().clamp(min=0)
+        row = h0[:, :, None, None] + step // max(reach_w, 1)
+        column = w0[:, None, :, None] + step % max(reach_w, 1)
+        position = (batch[:, None, None, None] * height + row) * width + column
+        return best, torch.where(taken_step >= 0, position, -1)
+
+
+class PSROIPooling(CaffeLayer):
+    def __init__(self, settings: PSROIPoolingSettings, layer_name: str):
+        super().__init__()
+        self.settings = settings
+        self.layer_name = layer_name
+
+    def forward(self, data, rois):
+        s = self.settings
+        group, dim = s.group_size, s.output_dim
+        num, channels, height, width = data.shape
+        rois = rois.detach().reshape(rois.shape[0], 5).float()
+        count = rois.shape[0]
+        if data.device.type == "meta":
+            return torch.empty((count, dim, group, group), dtype=data.dtype, device="meta")
+        with torch.no_grad():
+            batch = _batch_indices(rois, num, self.layer_name, "PSROIPooling")
+            corners = _round_half_away(rois[:, 1:]).float()  # static_cast<Dtype>(round(x))
+            start_w, start_h = corners[:, 0] * s.spatial_scale, corners[:, 1] * s.spatial_scale
+            end_w, end_h = (corners[:, 2] + 1) * s.spatial_scale, (corners[:, 3] + 1) * s.spatial_scale
+            # too small rois are forced to 0.1 (the float nearest 0.1: the kernel's max with
+            # a double 0.1 gives the same float)
+            tenth = torch.tensor(0.1, dtype=torch.float32, device=data.device)
+            bin_h = torch.maximum(end_h - start_h, tenth) / group
+            bin_w = torch.maximum(end_w - start_w, tenth) / group
+            h0, h1 = _bins(start_h, bin_h, group, height, False)
+            w0, w1 = _bins(start_w, bin_w, group, width, False)
+            empty = (h1 <= h0)[:, :, None] | (w1 <= w0)[:, None, :]
+            area = ((h1 - h0)[:, :, None] * (w1 - w0)[:, None, :]).to(data.dtype)
+            reach_h = int((h1 - h0).max()) if count else 0
+            reach_w = int((w1 - w0).max()) if count else 0
+        # rows (n, h, w, ph, pw) of output_dim values: bin (ph, pw) reads channel
+        # (d * group + ph) * group + pw of each d
+        table = data.reshape(num, dim, group * group, height, width).permute(0, 3, 4, 2, 1).reshape(-1, dim)
+        cell = (torch.arange(group, device=data.device)[:, None] * group
+                + torch.arange(group, device=data.device)[None, :])
+        total = torch.zeros((count, group, group, dim), dtype=data.dtype, device=data.device)
+        for i in range(reach_h):  # the kernel's loops: rows, then columns, one float sum
+            row = h0 + i
+            for j in range(reach_w):
+                column = w0 + j
+                inside = (row < h1)[:, :, None] & (column < w1)[:, None, :]
+                position = ((batch[:, None, None] * height + row[:, :, None]) * width + column[:, None, :]) \
+                    * (group * group) + cell
+                position = torch.where(inside, position, torch.zeros_like(position))
+                total = total + torch.where(inside[..., None], table[position], torch.zeros((), dtype=data.dtype,
+                                                                                         device=data.device))
+        out = torch.where(empty[..., None], torch.zeros_like(total), total / area.clamp(min=1)[..., None])
+        return out.permute(0, 3, 1, 2).contiguous()
+
+
+@register("ROIPooling")
+def build_roi_pooling(ctx: LayerContext):
+    settings = roi_pooling_settings(ctx)
+    return ctx.wire(ROIPooling(settings, ctx.name), top_shapes=[roi_pooling_top(ctx, settings)])
+
+
+@register("PSROIPooling")
+def build_psroi_pooling(ctx: LayerContext):
+    settings = psroi_pooling_settings(ctx)
+    return ctx.wire(PSROIPooling(settings, ctx.name), top_shapes=[psroi_pooling_top(ctx, settings)])
