@@ -32,7 +32,10 @@ class Refused(importlib.abc.MetaPathFinder):
             raise ImportError("loading the program imports " + name)
 
 sys.meta_path.insert(0, Refused())
-sys.path = [p for p in sys.path if not (Path(p or ".") / "caffe_compat").exists()]
+# A checkout leaves sys.path; an installed copy shares site-packages with torch, so the
+# finder above refuses it there.
+sys.path = [p for p in sys.path
+            if not (Path(p or ".") / "caffe_compat").exists() or (Path(p or ".") / "torch").exists()]
 import torch
 
 args = sys.argv[1:]
