@@ -10,9 +10,9 @@ import warnings
 import lmdb
 import torch
 
-from caffe_compat.data import close_data_layers, data_layers
-from caffe_compat.io.lmdb_reader import SNAPSHOTS as _SNAPSHOTS
+from caffe_compat.data import close_data_layers
 from caffe_compat.graph import build_graph
+from caffe_compat.io.lmdb_reader import SNAPSHOTS as _SNAPSHOTS
 from caffe_compat.io.schema import messages
 from caffe_compat.net import CaffeNet
 from conftest import run_python

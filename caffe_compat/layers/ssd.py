@@ -20,7 +20,7 @@ from ..errors import CaffeCompatError
 from ..ssd_params import (DetectionSettings, PriorBoxSettings, detection_settings, legacy_hw, prior_box_settings,
                           prior_box_top)
 from .bbox import box_size, decode, greedy_nms, libstdcxx_sort
-from .onnx_graph import FLOAT, INT64, OnnxGraph
+from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
 
 BOOL, DOUBLE = 9, 11  # TensorProto.DataType
