@@ -99,7 +99,7 @@ def random_model(net, tmp_path):
 
 
 @pytest.mark.parametrize("net", ONNX_NETS)
-def test_random_weights_give_the_same_outputs_in_onnx_runtime(net, tmp_path, capsys):
+def test_random_weights_give_the_same_outputs_in_onnx_runtime(net, tmp_path):
     _, total, output, shape = NETS[net]
     model, exported = random_model(net, tmp_path), tmp_path / "net.onnx"
     caffe_net = load(model)
@@ -114,7 +114,7 @@ def test_random_weights_give_the_same_outputs_in_onnx_runtime(net, tmp_path, cap
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max())
 
 
-def test_segnet_gives_the_same_pooling_masks_and_scores_in_onnx_runtime(tmp_path, capsys):
+def test_segnet_gives_the_same_pooling_masks_and_scores_in_onnx_runtime(tmp_path):
     """SegNet's Upsample places each value where its pooling's mask says. Two values of a
     pooling window equal within float error (ONNX Runtime's convolutions differ from
     PyTorch's by ~1e-7) may pick the other place, and the decoder then moves that value:
