@@ -58,8 +58,26 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _as_built(net: CaffeNet):
+    """The net's definition with its inputs at the shapes it was built for (an
+    --input-shape over a prototxt's own dims must survive the round trip through a file)."""
+    definition = type(net.graph.net)()
+    definition.CopyFrom(net.graph.net)
+    for layer in definition.layer:
+        if layer.type == "Input" and all(top in net.blob_shapes for top in layer.top):
+            del layer.input_param.shape[:]
+            for top in layer.top:
+                layer.input_param.shape.add().dim.extend(net.blob_shapes[top])
+    if len(definition.input) and all(name in net.blob_shapes for name in definition.input):
+        del definition.input_dim[:]
+        del definition.input_shape[:]
+        for name in definition.input:
+            definition.input_shape.add().dim.extend(net.blob_shapes[name])
+    return definition
+
+
 def model_payload(net: CaffeNet, dialect: str, preprocess: Optional[Mapping[str, str]] = None) -> dict:
-    net_text = text_format.MessageToString(net.graph.net)
+    net_text = text_format.MessageToString(_as_built(net))
     weights = net.caffe_weights()
     return {
         "format": FORMAT,

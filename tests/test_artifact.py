@@ -250,3 +250,17 @@ def test_convert_model_to_the_other_container_with_new_preprocessing(conv_files,
     a, b = read_model(first), read_model(second)
     assert weights_sha256(a["weights"]) == weights_sha256(b["weights"]) and a["net_prototxt"] == b["net_prototxt"]
     assert "preprocess.mean" not in a["preprocess"] and b["preprocess"]["preprocess.mean"] == "128.0,128.0,128.0"
+
+
+@pytest.mark.parametrize("declared", [
+    'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }',
+    'input: "data" input_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8',  # the legacy fields
+])
+def test_an_input_shape_given_over_the_prototxts_survives_the_model_file(tmp_path, capsys, declared):
+    net = tmp_path / "net.prototxt"
+    net.write_text(declared + '\nlayer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+                              'convolution_param { num_output: 2 kernel_size: 3 } }\n')
+    for suffix in (".pt", ".safetensors"):
+        model = tmp_path / f"m{suffix}"
+        assert run(capsys, "convert", net, "--random-init", "--input-shape", "data=2,3,12,10", "-o", model)[0] == 0
+        assert caffe_compat.load(model).blob_shapes["conv"] == (2, 2, 10, 8)
