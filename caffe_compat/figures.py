@@ -89,7 +89,7 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 def loss_curve(log_csv: PathLike, path: PathLike, title: Optional[str] = None) -> None:
     """Raw and smoothed loss against iteration, the learning rate on a second axis."""
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from matplotlib.ticker import MaxNLocator
 
     log = read_training_log(log_csv)
     iterations = log["iteration"]
@@ -115,10 +115,34 @@ def loss_curve(log_csv: PathLike, path: PathLike, title: Optional[str] = None) -
                            label="learning rate")
     rate_axes.set_ylabel("learning rate", color="tab:orange")
     rate_axes.tick_params(axis="y", colors="tab:orange")
-    rate_axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+    rate_axes.yaxis.set_major_formatter(_distinct_formatter())
     axes.legend(handles=[raw, mean, rate], loc="upper right", fontsize=8, framealpha=0.9)
     axes.set_title(title or f"training loss: {Path(log_csv).name}", fontsize=10)
     _save(figure, path)
+
+
+def distinct_labels(values) -> list:
+    """Tick labels with as few significant digits as keep them apart (at least 3): a slowly
+    decaying learning rate would otherwise read 0.001, 0.001, 0.001."""
+    labels = []
+    for digits in range(3, 17):
+        labels = [f"{value:.{digits}g}" for value in values]
+        if len(set(labels)) == len(labels):
+            break
+    return labels
+
+
+def _distinct_formatter():
+    from matplotlib.ticker import Formatter
+
+    class DistinctTicks(Formatter):
+        def __call__(self, value, pos=None):
+            return f"{value:.3g}"
+
+        def format_ticks(self, values):
+            return distinct_labels(values)
+
+    return DistinctTicks()
 
 
 # ------------------------------------------------------------------ Recall@K

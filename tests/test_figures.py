@@ -99,3 +99,10 @@ def test_recall_axis_shows_every_line_the_published_one_included(tmp_path, monke
     (figure,) = saved
     bottom, _ = figure.axes[0].get_ylim()
     assert bottom < 100 * min(paper["recall"].values())
+
+
+def test_learning_rate_ticks_stay_apart_however_slowly_it_decays():
+    from caffe_compat.figures import distinct_labels
+
+    assert distinct_labels([0.001, 0.0009995, 0.000999]) == ["0.001", "0.0009995", "0.000999"]
+    assert distinct_labels([0.01, 0.005, 0.0025]) == ["0.01", "0.005", "0.0025"]
