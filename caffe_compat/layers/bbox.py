@@ -17,11 +17,10 @@ def _corners(x0, y0, x1, y1):
 
 def decode(prior: torch.Tensor, variance: torch.Tensor, loc: torch.Tensor, code_type: str,
            variance_encoded_in_target: bool) -> torch.Tensor:
-    """DecodeBBox for every prediction: prior and variance (P, 4) against loc (..., P, L, 4);
-    the boxes (..., P, L, 4) as (xmin, ymin, xmax, ymax). Never clipped: DetectionOutput
-    passes clip_bbox false."""
-    p = prior[:, None, :]
-    v = variance[:, None, :]
+    """DecodeBBox: prior and variance (..., 4) against loc (..., 4), broadcast; the boxes
+    (..., 4) as (xmin, ymin, xmax, ymax). Never clipped: DetectionOutput passes clip_bbox
+    false."""
+    p, v = prior, variance
     if code_type == "CORNER":
         return p + loc if variance_encoded_in_target else p + v * loc
     width = p[..., 2] - p[..., 0]
@@ -57,13 +56,31 @@ def jaccard(a: torch.Tensor, size_a: torch.Tensor, b: torch.Tensor, size_b: torc
     """JaccardOverlap of broadcast boxes a and b with their sizes; 0 where they do not meet.
     `extent` 1 counts the last pixel in, as py-faster-rcnn's boxes do (its NMS's
     `right - left + 1`)."""
-    inter_w = torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])
-    inter_h = torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])
+    # in place after the first operation of each value: the same arithmetic, with fewer
+    # buffers of the broadcast size (NMS's overlaps are most of DetectionOutput's time)
+    inter_w = torch.minimum(a[..., 2], b[..., 2]).sub_(torch.maximum(a[..., 0], b[..., 0]))
+    inter_h = torch.minimum(a[..., 3], b[..., 3]).sub_(torch.maximum(a[..., 1], b[..., 1]))
     if extent:
-        inter_w, inter_h = inter_w + extent, inter_h + extent
-    inter = inter_w * inter_h
-    overlap = inter / (size_a + size_b - inter)
-    return torch.where((inter_w > 0) & (inter_h > 0), overlap, torch.zeros_like(overlap))
+        inter_w += extent
+        inter_h += extent
+    meet = (inter_w > 0).logical_and_(inter_h > 0)  # false for NaN too
+    inter = inter_w.mul_(inter_h)
+    return inter.div_((size_a + size_b).sub_(inter)).masked_fill_(meet.logical_not_(), 0.0)
+
+
+def stable_top(scores: torch.Tensor, count: int):
+    """The first `count` of a stable sort by descending score along the last axis (equal
+    scores in index order, as std::stable_sort leaves them): (scores, indices). One topk
+    over keys unique per element, the score's float bits as an order-keeping integer and
+    then the index reversed, in place of a sort of every element: the order is the same,
+    ties included, and topk on CPU or CUDA selects before it sorts."""
+    length = scores.shape[-1]
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0: -0 as +0, which compare equal
+    # negative floats' bits count up as the value goes down: flip all but the sign bit
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    reversed_index = torch.arange(length - 1, -1, -1, device=scores.device)
+    index = torch.topk(ordered * length + reversed_index, count, dim=-1, sorted=True).indices
+    return torch.gather(scores, -1, index), index
 
 
 # The overlaps computed at once for a block of candidates: at most this many values.
@@ -77,6 +94,9 @@ def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, th
     with every box kept before it is <= the threshold, which then shrinks by eta
     while above 0.5 (adaptive NMS). The kept mask (B, K); no value leaves the device."""
     count, length = valid.shape
+    # each corner's values side by side in memory, so that the overlaps' elementwise
+    # operations read unit strides (a box's four corners would be 4 apart)
+    boxes = boxes.permute(2, 0, 1).contiguous().permute(1, 2, 0)
     if eta >= 1 and boxes.device.type == "cpu" and count * length * length <= OVERLAP_BLOCK_VALUES:
         return _greedy_nms_cpu(boxes, sizes, valid, threshold)
     kept = torch.zeros_like(valid)

@@ -19,7 +19,7 @@ import torch
 from ..errors import CaffeCompatError
 from ..ssd_params import (DetectionSettings, PriorBoxSettings, detection_settings, legacy_hw, prior_box_settings,
                           prior_box_top)
-from .bbox import box_size, decode, greedy_nms, libstdcxx_sort
+from .bbox import box_size, decode, greedy_nms, libstdcxx_sort, stable_top
 from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
 
@@ -132,16 +132,10 @@ class DetectionOutput(CaffeLayer):
             return torch.empty((1, 1, 1, 7), device="meta")
         flat = prior.reshape(-1)  # the first image's priors, then their variances
         prior_boxes_, variances = flat[:priors * 4].view(priors, 4), flat[priors * 4:priors * 8].view(priors, 4)
-        boxes = decode(prior_boxes_, variances, loc.reshape(num, priors, s.num_loc_classes, 4), s.code_type,
-                       s.variance_encoded_in_target)
         labels = [c for c in range(s.num_classes) if c != s.background_label_id]
-        loc_class = torch.tensor([0 if s.share_location else c for c in labels], dtype=torch.long, device=device)
         scores = conf.reshape(num, priors, s.num_classes)[:, :, labels].transpose(1, 2)  # (num, labels, priors)
-        class_boxes = boxes[:, :, loc_class].transpose(1, 2)  # (num, labels, priors, 4)
         # GetMaxScoreIndex: above the threshold, std::stable_sort by descending score, top_k
         passed = scores > s.confidence_threshold
-        ranked, order = torch.sort(torch.where(passed, scores, torch.full_like(scores, -float("inf"))),
-                                   dim=-1, descending=True, stable=True)
         counts = passed.sum(dim=-1)
         if s.top_k > -1:
             counts = counts.clamp(max=s.top_k)
@@ -156,12 +150,16 @@ class DetectionOutput(CaffeLayer):
                                f"width and height, which {s.code_type} decoding requires")
         if longest == 0:
             return self._nothing(num, device)
-        order = order[..., :longest]
+        ranked, order = stable_top(torch.where(passed, scores, torch.full_like(scores, -float("inf"))), longest)
         valid = torch.arange(longest, device=device) < counts[..., None]
-        candidates = torch.gather(class_boxes, 2, order[..., None].expand(-1, -1, -1, 4))
+        # decode the candidates only: (num, labels, longest, 4)
+        loc_class = torch.tensor([0 if s.share_location else c for c in labels], dtype=torch.long, device=device)
+        image = torch.arange(num, device=device)[:, None, None]
+        candidates = decode(prior_boxes_[order], variances[order],
+                            loc.reshape(num, priors, s.num_loc_classes, 4)[image, order, loc_class[:, None]],
+                            s.code_type, s.variance_encoded_in_target)
         kept = greedy_nms(candidates.reshape(-1, longest, 4), box_size(candidates).reshape(-1, longest),
                           valid.reshape(-1, longest), s.nms_threshold, s.eta).view(num, len(labels), longest)
-        ranked = ranked[..., :longest]
         chosen, tied = kept, torch.zeros(num, dtype=torch.bool, device=device)
         if s.keep_top_k > -1:
             chosen, tied = self._keep_top_k(kept, ranked)
