@@ -313,6 +313,32 @@ def test_keep_top_k_among_equal_scores_follows_std_sort(device):
     assert not np.array_equal(stable, want)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_k_among_equal_scores_keeps_the_lower_indices(device):
+    """Quantized scores tie at the nms top_k cut: the candidates are those of the fork's
+    std::stable_sort, equal scores in prior order."""
+    loc, conf, prior = detection_inputs(2, 40, 3, True, seed=11, quantize=4)
+    _, converted = ssd_layer("DetectionOutput", "detection_output_param { num_classes: 3 "
+                                                "nms_param { nms_threshold: 0.8 top_k: 6 } }",
+                             [loc.shape, conf.shape, prior.shape])
+    ours = converted.module(*(torch.from_numpy(a).to(device) for a in (loc, conf, prior))).cpu().numpy()
+    assert_same_rows(ours, fork_detection_output(loc, conf, prior, 3, nms=0.8, top_k=6))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stable_top_orders_as_a_stable_descending_sort(device):
+    """One topk over score-and-index keys ranks as a stable sort by descending score:
+    equal scores (-0 and +0 among them) in index order, negatives and infinities in place."""
+    from caffe_compat.layers.bbox import stable_top  # noqa: PLC0415
+    values = np.array([-np.inf, -2.5, -1.0, -1e-30, -0.0, 0.0, 1e-30, 0.25, 0.5, 3.0, np.inf], f32)
+    scores = torch.from_numpy(np.random.default_rng(3).choice(values, size=(3, 4, 500))).to(device)
+    want_scores, want_index = torch.sort(scores, dim=-1, descending=True, stable=True)
+    for count in (1, 37, 500):
+        ranked, index = stable_top(scores, count)
+        assert torch.equal(index, want_index[..., :count])
+        assert torch.equal(ranked, want_scores[..., :count])
+
+
 def _quicksort_killer(n):
     """Scores on which introsort's partitions degrade (McIlroy's adversary, run against
     libstdcxx_sort itself): values are fixed only as the comparisons need them."""
