@@ -1,6 +1,6 @@
 """The SSD fork's box arithmetic (src/caffe/util/bbox_util.cpp) on tensors, CPU or CUDA
-alike: decoding, Jaccard overlap, greedy NMS, and libstdc++'s std::sort for the one
-place the fork sorts unstably.
+alike: decoding, Jaccard overlap, the top_k candidates in std::stable_sort's order,
+greedy NMS, and libstdc++'s std::sort for the one place the fork sorts unstably.
 
 Each operation follows the fork's float32 arithmetic in its order, so that NMS meets
 the same overlaps the fork met (the reference fixtures agree to the bit)."""
