@@ -166,7 +166,8 @@ def main() -> int:
              f"Compiling (inductor, first call): {compile_seconds:.0f} s."
              + ("" if opencv is not None else " OpenCV: cv2 not installed, not timed."), "",
              "| batch | " + " | ".join(f"{name} ms" for name in runtimes) + " | DetectionOutput in eager ms (share) "
-             f"| DetectionOutput at {DEPLOY_THRESHOLD} ms (share) | rows | detections vs eager (" + ", ".join(runtimes[1:]) + ") |",
+             f"| DetectionOutput at {DEPLOY_THRESHOLD} ms (share) | rows | detections vs eager ("
+             + ", ".join(runtimes[1:]) + ") |",
              "| ---: | " + " | ".join("---:" for _ in runtimes) + " | ---: | ---: | ---: | --- |"]
     for batch, median, agree, count, share in rows:
         deploy = median["DetectionOutput at deploy threshold"] / median["eager"]
