@@ -1,4 +1,5 @@
-"""The `caffe-compat` command: argument parsing, progress and exit codes only."""
+"""The `caffe-compat` command: argument parsing, printing and exit codes only; each verb's work is in
+the module of that verb."""
 from __future__ import annotations
 
 import argparse
