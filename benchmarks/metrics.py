@@ -49,7 +49,7 @@ def peak_rss_gb():
 
 
 def run_recall(queue):
-    from caffe_compat.metrics import recall_at_k
+    from caffe_compat.evaluation.metrics import recall_at_k
 
     torch.set_num_threads(THREADS)
     x, y = synthetic()
@@ -60,8 +60,8 @@ def run_recall(queue):
 
 
 def run_kmeans(queue, max_iter):
-    from caffe_compat.kmeans import kmeans
-    from caffe_compat.metrics import clustering_scores
+    from caffe_compat.evaluation.kmeans import kmeans
+    from caffe_compat.evaluation.metrics import clustering_scores
 
     torch.set_num_threads(THREADS)
     x, y = synthetic()

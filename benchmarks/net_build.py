@@ -7,7 +7,7 @@ layer from its fillers and then copying the weights over it (what `CaffeNet(grap
 
 Nets: VGG-16 (the deploy net of benchmarks/load_weights.py, 138 M parameters, random
 weights in memory; as it is, with no fillers, and with its train_val's gaussian fillers)
-and the paper's GoogLeNet embedder (caffe_compat.recipes, 6.0 M, xavier fillers).
+and the paper's GoogLeNet embedder (caffe_compat.evaluation.recipes, 6.0 M, xavier fillers).
 The three ways are interleaved in one process, each first in turn; medians of --repeats. Writes the section
 "## Building a net with its weights" of benchmarks/RESULTS.md.
 """
@@ -35,7 +35,7 @@ from caffe_compat.deploy import feed_absent_sources  # noqa: E402
 from caffe_compat.graph import build_graph  # noqa: E402
 from caffe_compat.io.schema import messages  # noqa: E402
 from caffe_compat.net import CaffeNet  # noqa: E402
-from caffe_compat.recipes import paper_net  # noqa: E402
+from caffe_compat.evaluation.recipes import paper_net  # noqa: E402
 
 SECTION = "## Building a net with its weights"
 WAYS = ("two passes, weights given", "fillers, then weights copied", "fillers only (no weights)")

@@ -81,7 +81,7 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    from caffe_compat.cli import main as cli
+    from caffe_compat.cli.main import main as cli
     from caffe_compat.converters.onnx import export_files
     from caffe_compat.layers.ssd import DetectionOutput
     from caffe_compat.loading import load_net

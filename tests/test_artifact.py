@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import caffe_compat
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 from caffe_compat.converters.artifact import read_model, save_model, weights_sha256
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.loading import load_net

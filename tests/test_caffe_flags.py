@@ -2,8 +2,8 @@
 answered with the equivalent option in one line where they do not."""
 import pytest
 
-from caffe_compat.caffe_flags import translate
-from caffe_compat.cli import main
+from caffe_compat.cli.caffe_flags import translate
+from caffe_compat.cli.main import main
 from caffe_compat.errors import CaffeCompatError
 
 

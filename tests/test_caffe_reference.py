@@ -5,7 +5,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from caffe_compat.compare import compare_case
+from caffe_compat.tools.compare import compare_case
 from caffe_compat.io.files import read_prototxt, with_weights, write_caffemodel
 from caffe_compat.tools import caffe_reference as tool
 

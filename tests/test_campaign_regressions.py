@@ -4,11 +4,11 @@ import os
 
 import pytest
 
-from caffe_compat.cli import main
-from caffe_compat.compare import compare_case
+from caffe_compat.cli.main import main
+from caffe_compat.tools.compare import compare_case
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.loading import load_net
-from caffe_compat.timing import time_net
+from caffe_compat.tools.timing import time_net
 
 from conftest import REFERENCE, require, run_python
 
@@ -33,7 +33,7 @@ def test_non_regular_files_are_refused_not_read_forever(tmp_path):
 import sys
 from pathlib import Path
 from caffe_compat.errors import CaffeCompatError
-from caffe_compat.figures import read_training_log
+from caffe_compat.evaluation.figures import read_training_log
 from caffe_compat.solver.state import read_state
 for path in sys.argv[1:]:
     for read in (read_state, read_training_log):

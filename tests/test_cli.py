@@ -77,7 +77,7 @@ def test_inspect_table_of_googlenet(tmp_path):
 
 def test_inspect_needs_no_torch(tmp_path):
     # Floors 1-3 (schema, readers, graph) stand without torch: inspect still lists the net.
-    code = ("import sys; sys.modules['torch'] = None; from caffe_compat.cli import main; "
+    code = ("import sys; sys.modules['torch'] = None; from caffe_compat.cli.main import main; "
             f"sys.exit(main(['inspect', {str(require(REFERENCE / 'nets' / 'v1_legacy' / 'v1.prototxt'))!r}]))")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -88,7 +88,7 @@ def test_every_verb_explains_itself_with_an_example_and_every_option():
     """--help of each verb: a description, an example, and a help text for every option."""
     import argparse
 
-    from caffe_compat.cli import build_parser
+    from caffe_compat.cli.main import build_parser
 
     parser = build_parser()
     (verbs,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

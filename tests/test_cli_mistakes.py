@@ -2,7 +2,7 @@
 bad input does: one line naming the mistake, exit 2, no usage dump."""
 import pytest
 
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 
 MISTAKES = [
     (["prepare", "cub", "--source", "x"], "required: -o/--output"),

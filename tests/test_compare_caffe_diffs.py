@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat.compare import compare_case
+from caffe_compat.tools.compare import compare_case
 
 RNG = np.random.default_rng(20)
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from google.protobuf import text_format
 
-from caffe_compat.cli import main
-from caffe_compat.compare import compare_case
+from caffe_compat.cli.main import main
+from caffe_compat.tools.compare import compare_case
 from caffe_compat.graph import build_graph
 from caffe_compat.io.schema import messages
 from caffe_compat.net import CaffeNet

@@ -12,7 +12,7 @@ import torch
 from google.protobuf import text_format
 from PIL import Image
 
-from caffe_compat.compare import compare_case
+from caffe_compat.tools.compare import compare_case
 from caffe_compat.data import (Transformer, data_layers, load_reader_states, reader_states, resize_linear,
                                set_sampler, shard_data_layers)
 from caffe_compat.errors import CaffeCompatError
@@ -90,7 +90,7 @@ def test_data_layer_fixture_equals_caffe(monkeypatch):
 
 
 def test_data_layer_fixture_cli(monkeypatch, capsys):
-    from caffe_compat.cli import main
+    from caffe_compat.cli.main import main
 
     monkeypatch.chdir(require(REFERENCE / "nets" / "data_layer"))
     assert main(["compare", "data.prototxt", "expected.npz"]) == 0

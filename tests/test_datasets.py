@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from caffe_compat import datasets
-from caffe_compat import matfile
-from caffe_compat.matfile import read_mat
+from caffe_compat.evaluation import datasets
+from caffe_compat.evaluation import matfile
+from caffe_compat.evaluation.matfile import read_mat
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.io.schema import messages
 

@@ -53,7 +53,7 @@ def test_training_lmdb_holds_same_class_pairs(demo_run):
 
 def test_splits_keep_unseen_classes_out_of_training():
     pytest.importorskip("sklearn", reason="the test extra installs scikit-learn")
-    from caffe_compat.demo_digits import load_splits
+    from caffe_compat.demo.digits import load_splits
 
     splits = load_splits()
     assert set(splits.labels[splits.train]) == set(splits.labels[splits.held_out]) == {0, 1, 2, 3, 4}
@@ -86,7 +86,7 @@ def test_a_caffe_project_folder_is_refused_untouched(tmp_path):
 
 
 def previous_demo(folder):
-    from caffe_compat.demo import MARKER
+    from caffe_compat.demo.run import MARKER
 
     (folder / "figures").mkdir(parents=True)
     (folder / "figures" / "recall_at_k.png").write_bytes(b"old")
@@ -100,7 +100,7 @@ def previous_demo(folder):
 
 @pytest.mark.parametrize("foreign", ["mine.txt", "figures/mine.png", "train_lmdb/notes.txt"])
 def test_a_previous_demos_folder_with_foreign_files_is_refused_untouched(tmp_path, foreign):
-    from caffe_compat.demo import prepare_workdir
+    from caffe_compat.demo.run import prepare_workdir
     from caffe_compat.errors import CaffeCompatError
 
     previous_demo(tmp_path)
@@ -112,7 +112,7 @@ def test_a_previous_demos_folder_with_foreign_files_is_refused_untouched(tmp_pat
 
 
 def test_new_empty_and_previous_demo_folders_are_accepted(tmp_path):
-    from caffe_compat.demo import MARKER, prepare_workdir
+    from caffe_compat.demo.run import MARKER, prepare_workdir
 
     previous_demo(tmp_path / "previous")
     (tmp_path / "empty").mkdir()

@@ -214,7 +214,7 @@ def test_fork_numbers_taken_from_bvlc_fields():
 @pytest.mark.parametrize("case", ["ceilpool_00", "ceilpool_03", "ceilpool_05"])
 def test_ceil_mode_decides_the_pooled_size_by_its_name(case):
     import numpy as np
-    from caffe_compat.inspect import inspect_net
+    from caffe_compat.tools.inspect import inspect_net
     reference = np.load(FORK_LAYERS / f"{case}.npz")
     info = inspect_net(FORK_LAYERS / f"{case}.prototxt")
     pool = next(r for r in info["layers"] if r["type"] == "Pooling")
@@ -222,7 +222,7 @@ def test_ceil_mode_decides_the_pooled_size_by_its_name(case):
 
 
 def test_a_pooling_layer_naming_both_ceil_mode_and_round_mode_is_not_guessed(tmp_path):
-    from caffe_compat.inspect import inspect_net
+    from caffe_compat.tools.inspect import inspect_net
     (tmp_path / "net.prototxt").write_text(
         'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 7 dim: 7 } } }\n'
         'layer { name: "pool" type: "Pooling" bottom: "data" top: "out" '
@@ -237,7 +237,7 @@ FORK_PROTOTXTS = sorted(str(p.relative_to(REFERENCE / "forks")) for p in (REFERE
 
 @pytest.mark.parametrize("name", FORK_PROTOTXTS)
 def test_inspect_shows_every_fork_net_and_names_what_it_cannot_build(name):
-    from caffe_compat.inspect import buildable, format_inspection, inspect_net
+    from caffe_compat.tools.inspect import buildable, format_inspection, inspect_net
     info = inspect_net(REFERENCE / "forks" / name)
     assert info["layers"] and info["dialect"] != "bvlc"
     for row in info["layers"]:
@@ -265,7 +265,7 @@ def test_inspect_names_an_unbuildable_layer_and_its_fork_and_convert_refuses_it(
 
 
 def test_inspect_shows_undecoded_settings_by_field_number(tmp_path):
-    from caffe_compat.inspect import inspect_net
+    from caffe_compat.tools.inspect import inspect_net
     # A faster-rcnn caffemodel read in BVLC's dialect: ROIPooling's settings stay raw.
     def build(net):
         net.layer.add(name="data", type="Input", top=["data"]).input_param.shape.add(dim=[1, 2, 4, 4])

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from caffe_compat import evaluate as ev
+from caffe_compat.evaluation import evaluate as ev
 from caffe_compat.errors import CaffeCompatError
 from conftest import REFERENCE, require
 
@@ -158,7 +158,7 @@ def test_mutated_features_files_give_a_result_or_a_clean_error(tmp_path, data):
 
 
 def test_paper_curve_option_needs_a_figure_dir(tmp_path, capsys):
-    from caffe_compat.cli import main
+    from caffe_compat.cli.main import main
 
     assert main(["evaluate", str(features(tmp_path)), "--dataset", "cub"]) == 2
     assert "--dataset draws the paper's curve in a figure: give --figure-dir too" in capsys.readouterr().err

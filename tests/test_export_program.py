@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 from caffe_compat.converters.program import export_program
 from caffe_compat.layers import lrn
 from caffe_compat.loading import load_net

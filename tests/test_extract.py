@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 from caffe_compat.deploy import deploy_net
 from caffe_compat.graph import build_graph
 from caffe_compat.io.datum import datum_to_array, parse_datum
@@ -73,7 +73,7 @@ def test_extract_image_list_records_paths(tmp_path):
         lines.append(f"{tmp_path / f'{i}.png'} {label}\n")
     (tmp_path / "list.txt").write_text("".join(lines))
     net = _test_phase_net(tmp_path, batch_size=2)
-    from caffe_compat.extract import extract_features
+    from caffe_compat.tools.extract import extract_features
     weights = weights_of(read_caffemodel(REFERENCE / "nets" / "solver" / "final.caffemodel"))
     features = extract_features(read_prototxt(net), weights, tmp_path / "list.txt")
     assert features["paths"].tolist() == [str(tmp_path / f"{i}.png") for i in range(5)]
@@ -135,7 +135,7 @@ def test_relative_workdir_paths_resolve_from_the_npz_and_root_rule(tmp_path, cap
 
     # --root: the list's paths resolve against it; the npz beside the images stores them relative.
     (tmp_path / "elsewhere.txt").write_text((tmp_path / "data" / "list.txt").read_text())
-    from caffe_compat.extract import extract_features, save_features
+    from caffe_compat.tools.extract import extract_features, save_features
     weights = weights_of(read_caffemodel(model))
     features = extract_features(read_prototxt(tmp_path / "extract.prototxt"), weights, tmp_path / "elsewhere.txt",
                                 root=tmp_path / "data")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caffe_compat import figures
+from caffe_compat.evaluation import figures
 from caffe_compat.errors import CaffeCompatError
 from conftest import bounded
 
@@ -102,7 +102,7 @@ def test_recall_axis_shows_every_line_the_published_one_included(tmp_path, monke
 
 
 def test_learning_rate_ticks_stay_apart_however_slowly_it_decays():
-    from caffe_compat.figures import distinct_labels
+    from caffe_compat.evaluation.figures import distinct_labels
 
     assert distinct_labels([0.001, 0.0009995, 0.000999]) == ["0.001", "0.0009995", "0.000999"]
     assert distinct_labels([0.01, 0.005, 0.0025]) == ["0.01", "0.005", "0.0025"]

@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.io import atomic
 from conftest import REFERENCE, require

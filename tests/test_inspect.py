@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from caffe_compat.graph import build_graph
-from caffe_compat.inspect import format_inspection, inspect_net
+from caffe_compat.tools.inspect import format_inspection, inspect_net
 from caffe_compat.io.files import read_net
 from caffe_compat.layers.catalog import CATALOG
 from caffe_compat.shapes import RULES, net_shapes
@@ -209,7 +209,7 @@ def test_a_huge_layer_is_counted_not_allocated(tmp_path):
     code = textwrap.dedent(f"""
         import resource, sys
         resource.setrlimit(resource.RLIMIT_AS, (300 * 2 ** 20, 300 * 2 ** 20))
-        from caffe_compat.cli import main
+        from caffe_compat.cli.main import main
         sys.exit(main(["inspect", {str(net)!r}, "--json"]))
     """)
     env = {"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from caffe_compat.compare import compare_case
+from caffe_compat.tools.compare import compare_case
 from conftest import REFERENCE, require
 
 LAYER_CASES = sorted(Path(p).stem for p in glob.glob(str(REFERENCE / "layers" / "*.npz")))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat.compare import compare_case
+from caffe_compat.tools.compare import compare_case
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.graph import build_graph
 from caffe_compat.io.files import read_net

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat.compare import compare_case
+from caffe_compat.tools.compare import compare_case
 from caffe_compat.errors import CaffeCompatError
-from caffe_compat.roi_params import RPNConfig, generate_anchors
+from caffe_compat.params.roi import RPNConfig, generate_anchors
 from conftest import REFERENCE, require, run_cli
 from layer_harness import build
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat.compare import compare_case
+from caffe_compat.tools.compare import compare_case
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.layers.bbox import libstdcxx_sort
 from conftest import REFERENCE, require, run_cli

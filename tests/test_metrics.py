@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from caffe_compat import metrics
-from caffe_compat.kmeans import kmeans
+from caffe_compat.evaluation import blocks, metrics
+from caffe_compat.evaluation.kmeans import kmeans
 from caffe_compat.errors import CaffeCompatError
 from conftest import REFERENCE, require
 
@@ -90,7 +90,7 @@ def test_blocked_recall_equals_brute_force_with_ties(seed, n, dim, levels, class
     labels = rng.integers(0, classes, size=n) * 7 + 100  # non-contiguous ids
     ks = sorted({1, min(2, n - 1), n // 2 or 1, n - 1})
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(metrics, "BLOCK_BYTES", 4 * n * 5)  # blocks of 5 queries
+        patch.setattr(blocks, "BLOCK_BYTES", 4 * n * 5)  # blocks of 5 queries
         assert metrics.recall_at_k(x, labels, ks) == matlab_recall(x, labels, ks)
 
 
@@ -101,7 +101,7 @@ def test_recall_on_random_float_data_over_many_blocks(monkeypatch):
     ks = (1, 2, 4, 8, 16, 299)
     expected = matlab_recall(x, labels, ks)
     assert metrics.recall_at_k(x, labels, ks) == expected
-    monkeypatch.setattr(metrics, "BLOCK_BYTES", 4 * 300 * 7)
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 4 * 300 * 7)
     assert metrics.recall_at_k(x, labels, ks) == expected
 
 
@@ -200,7 +200,7 @@ def test_kmeans_blocked_assignment_equals_unblocked(monkeypatch):
     x, _ = blobs(classes=10, per_class=20, dim=8, seed=6)
     x += np.random.default_rng(7).standard_normal(x.shape).astype(np.float32) * 15
     whole = kmeans(x, 10, seed=1)
-    monkeypatch.setattr(metrics, "BLOCK_BYTES", 4 * 10 * 9)  # 9 points per block
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 4 * 10 * 9)  # 9 points per block
     blocked = kmeans(x, 10, seed=1)
     np.testing.assert_array_equal(whole.assignments, blocked.assignments)
 
@@ -268,7 +268,7 @@ def test_unavailable_device_is_a_clear_error(monkeypatch):
 
 
 def test_long_kmeans_runs_show_progress(monkeypatch, capsys):
-    from caffe_compat import kmeans as kmeans_module
+    from caffe_compat.evaluation import kmeans as kmeans_module
 
     x, labels = blobs(classes=4, per_class=10, dim=4)
     monkeypatch.setattr(kmeans_module, "KMEANS_PROGRESS_FROM", 40 * 4)

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 from caffe_compat.converters.artifact import load as load_model
 from caffe_compat.converters.onnx import L2_SUFFIX, default_outputs, export_onnx, load_for_export
 from caffe_compat.converters.preprocess import preprocess_metadata

@@ -7,7 +7,7 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 from caffe_compat.data.transform import Transformer
 from caffe_compat.io.files import read_binaryproto
 from caffe_compat.io.schema import messages

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.io import atomic
 from caffe_compat.io.run_inputs import RunInputs

@@ -1,6 +1,6 @@
 """The paper's released prototxts convert as they are, with no dataset on disk: their
 data layers, whose sources exist only on the authors' machines, become inputs, and
-the nets equal the project's own definition of them (caffe_compat.recipes) given the
+the nets equal the project's own definition of them (caffe_compat.evaluation.recipes) given the
 same weights. `convert --random-init` gives seeded filler weights to nets without a
 caffemodel."""
 import warnings
@@ -10,13 +10,13 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 from caffe_compat.converters.artifact import load as load_artifact
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.io.files import NetFile, read_caffemodel, weights_of
 from caffe_compat.io.schema import messages
 from caffe_compat.loading import load_net
-from caffe_compat.recipes import paper_net
+from caffe_compat.evaluation.recipes import paper_net
 from conftest import PAPER_MODEL, require, run_cli
 
 PAPER = PAPER_MODEL

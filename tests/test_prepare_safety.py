@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caffe_compat import datasets
-from caffe_compat.cli import main
+from caffe_compat.evaluation import datasets
+from caffe_compat.cli.main import main
 from caffe_compat.errors import CaffeCompatError
 from conftest import run_cli
 from test_datasets import make_cars, make_cub, make_sop, write_mat

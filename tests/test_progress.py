@@ -1,7 +1,7 @@
 """Progress: a redrawn tqdm bar on a terminal, whole periodic lines in a log."""
 import io
 
-from caffe_compat.progress import progress
+from caffe_compat.tools.progress import progress
 
 
 class Terminal(io.StringIO):

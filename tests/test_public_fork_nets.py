@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 from caffe_compat.converters.artifact import load, read_model, weights_sha256, write_payload
 
 if importlib.util.find_spec("onnxruntime") is None and not os.environ.get("CI"):

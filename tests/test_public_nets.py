@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 from caffe_compat.converters.artifact import load
 from test_layers_ssd import assert_same_rows
 

@@ -5,7 +5,7 @@ import pytest
 from google.protobuf import text_format
 
 from caffe_compat.io.files import read_prototxt, read_solver
-from caffe_compat.recipes import paper_net, paper_solver
+from caffe_compat.evaluation.recipes import paper_net, paper_solver
 from conftest import PAPER_MODEL, require
 
 

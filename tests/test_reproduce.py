@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 from caffe_compat.errors import CaffeCompatError
-from caffe_compat.reproduce import PUBLISHED, estimate_text, reproduce
+from caffe_compat.evaluation.published import PUBLISHED
+from caffe_compat.evaluation.reproduce import estimate_text, reproduce
 from conftest import REFERENCE, require
 
 
@@ -104,7 +105,7 @@ def test_estimate_of_the_default_run_on_a_cpu():
 
 
 def test_resume_point_is_the_latest_state_of_an_unfinished_run(tmp_path):
-    from caffe_compat.reproduce import resume_point
+    from caffe_compat.evaluation.reproduce import resume_point
 
     final = tmp_path / "cub_embed64.caffemodel"
     assert resume_point(tmp_path, final) is None
@@ -119,7 +120,7 @@ def test_resume_point_is_the_latest_state_of_an_unfinished_run(tmp_path):
 def test_a_stopped_training_says_so_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
     import signal
 
-    from caffe_compat import reproduce as module
+    from caffe_compat.evaluation import reproduce as module
     from caffe_compat.solver import TrainResult
 
     weights = require(REFERENCE / "nets" / "googlenet_deploy.caffemodel")

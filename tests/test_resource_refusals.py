@@ -16,7 +16,7 @@ from caffe_compat.solver import Trainer
 from conftest import REFERENCE, require, run_python
 
 ADDRESS_SPACE = 4 * 2 ** 30
-CLI = "import sys; from caffe_compat.cli import main; sys.exit(main(sys.argv[1:]))"
+CLI = "import sys; from caffe_compat.cli.main import main; sys.exit(main(sys.argv[1:]))"
 
 
 def run_limited(*args, cwd):

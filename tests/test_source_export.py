@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 from caffe_compat.layers import lrn
 from caffe_compat.loading import load_net
 
@@ -257,7 +257,7 @@ def test_layer_without_source_form_is_refused_in_one_line(tmp_path):
         "from caffe_compat.layers import register\n"
         "from caffe_compat.layers.activation import Sigmoid\n"
         "register('MyOwnType')(lambda ctx: ctx.wire(Sigmoid()))\n"
-        "from caffe_compat.cli import main\n"
+        "from caffe_compat.cli.main import main\n"
         "sys.exit(main(['convert', 'net.prototxt', '--random-init', '-o', 'model.py']))\n")
     result = run_python(code, cwd=tmp_path)
     assert result.returncode == 2, result.stderr

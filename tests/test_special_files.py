@@ -107,7 +107,7 @@ def test_an_hdf5_file_list_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
 
 
 def test_prepare_refuses_an_archive_index_or_image_that_is_no_regular_file(tmp_path):
-    from caffe_compat.datasets import prepare
+    from caffe_compat.evaluation.datasets import prepare
 
     archive = tmp_path / "archive"
     root = archive / "CUB_200_2011"

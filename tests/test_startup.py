@@ -26,7 +26,7 @@ def test_inspect_layers_and_version_import_neither_torch_nor_onnx(tmp_path):
     ]
     code = textwrap.dedent(f"""
         import contextlib, io, sys
-        from caffe_compat.cli import main
+        from caffe_compat.cli.main import main
         for argv in {commands!r}:
             with contextlib.redirect_stdout(io.StringIO()):
                 try:

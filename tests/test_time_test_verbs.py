@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat.timing import load_for_running, score_net, time_net
+from caffe_compat.tools.timing import load_for_running, score_net, time_net
 from conftest import run_cli
 
 pytest.importorskip("lmdb", reason="the test extra installs lmdb")
@@ -142,7 +142,7 @@ def test_batch_size_overrides_inputs_and_data_layers(classifier, tmp_path):
 
 
 def test_bad_input_is_one_line(classifier, tmp_path, capsys):
-    from caffe_compat.cli import main
+    from caffe_compat.cli.main import main
 
     net_path, weights_path, *_ = classifier
     absent = tmp_path / "absent.prototxt"

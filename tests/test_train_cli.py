@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_compat.cli import main
-from caffe_compat.compare import compare_case
+from caffe_compat.cli.main import main
+from caffe_compat.tools.compare import compare_case
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.io.files import read_caffemodel, weights_of, with_weights, write_caffemodel
 from caffe_compat.losses import NoPositivePairsWarning

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from caffe_compat.cli import _one_line_warning, main
+from caffe_compat.cli.main import _one_line_warning, main
 from caffe_compat.converters.artifact import read_model, text_sha256, write_payload
-from caffe_compat.datasets import MARKER, prepared
+from caffe_compat.evaluation.datasets import MARKER, prepared
 from caffe_compat.errors import CaffeCompatError, printable, quote, terminal_line
 from caffe_compat.io.text import MAX_JSON_DEPTH, parse_json
 from conftest import REFERENCE, bounded, require
@@ -259,7 +259,7 @@ def test_solver_state_values_are_quoted_cut_short(solver_snapshot, capsys):
 
 def test_image_list_and_training_log_lines_are_quoted_cut_short(tmp_path):
     from caffe_compat.data.sources import _read_list
-    from caffe_compat.figures import read_training_log
+    from caffe_compat.evaluation.figures import read_training_log
 
     listing = tmp_path / "list.txt"
     listing.write_text("a.jpg 0\n" + "x" * 40_000 + "\n")
@@ -274,7 +274,7 @@ def test_image_list_and_training_log_lines_are_quoted_cut_short(tmp_path):
 
 
 def test_archive_entries_hdf5_lists_and_layer_labels_are_quoted_cut_short():
-    from caffe_compat.datasets import _inside, _integer
+    from caffe_compat.evaluation.datasets import _inside, _integer
     from caffe_compat.io.schema import messages, unknown_fields
     from caffe_compat.layers.hdf5 import _read_file_list
 

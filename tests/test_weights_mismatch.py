@@ -9,7 +9,7 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 from caffe_compat.errors import CaffeCompatError
 from caffe_compat.graph import build_graph
 from caffe_compat.io.files import (read_caffemodel, read_prototxt, weights_of, with_weights, write_caffemodel,

@@ -2,7 +2,7 @@
 scale per sample and channel (a is (N, C, 1, 1) or (N, C)), as SE blocks use it."""
 from __future__ import annotations
 
-from ..fork_params import axpy_top
+from ..params.forks import axpy_top
 from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
 

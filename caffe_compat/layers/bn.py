@@ -1,5 +1,5 @@
 """The forks' BN layers: one type name, two layers, told apart by the dialect the net
-is read in (fork_params.bn_settings).
+is read in (params/forks.py, bn_settings).
 
 The 4-blob BN (hszhao/PSPNet bn_layer.cpp; yjxiong/caffe's TSN fork computes the same
 with flat (1, C) blobs): blobs slope, bias, mean, variance, each (1, C, 1, 1);
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..fork_params import BNSettings, bn_blob_shapes, bn_settings, fork_param
+from ..params.forks import BNSettings, bn_blob_shapes, bn_settings, fork_param
 from . import fillers
 from .normalization import onnx_reduce, onnx_scalar
 from .onnx_graph import OnnxGraph

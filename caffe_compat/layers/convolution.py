@@ -12,7 +12,7 @@ import numpy as np
 import torch.nn.functional as F
 from torch import nn
 
-from ..layer_params import conv_output, conv_window
+from ..params.layer import conv_output, conv_window
 from . import fillers
 from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, LayerContext, no_source_form, register, register_onnx, register_source

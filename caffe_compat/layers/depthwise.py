@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..fork_params import convolution_depthwise_param
+from ..params.forks import convolution_depthwise_param
 from .convolution import _build, convolution_to_onnx
 from .registry import LayerContext, register, register_onnx
 

@@ -16,7 +16,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from ..fork_params import InterpSettings, interp_settings, interp_top
+from ..params.forks import InterpSettings, interp_settings, interp_top
 from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..ssd_params import normalize_blob_shape
+from ..params.ssd import normalize_blob_shape
 from . import fillers
 from .normalization import onnx_reduce
 from .onnx_graph import FLOAT, OnnxGraph

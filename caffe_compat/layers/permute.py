@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
-from ..ssd_params import permute_order
+from ..params.ssd import permute_order
 from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layer_params import pool_window, pooled_sizes, spp_level_window
+from ..params.layer import pool_window, pooled_sizes, spp_level_window
 from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, LayerContext, no_source_form, register, register_onnx, register_source
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..roi_params import PROPOSAL_LAYER, ProposalSettings, proposal_settings, proposal_tops
+from ..params.roi import PROPOSAL_LAYER, ProposalSettings, proposal_settings, proposal_tops
 from .bbox import jaccard
 from .python_layer import python_type
 from .registry import CaffeLayer, LayerContext, register

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import CaffeCompatError
 from ..io.dialects import add_layer_parameter, likely_fork
-from ..layer_params import LayerFacts, Shape
+from ..params.layer import LayerFacts, Shape
 from .catalog import CATALOG
 
 

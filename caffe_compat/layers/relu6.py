@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fork_params import relu6_slope
+from ..params.forks import relu6_slope
 from .activation import _neuron, _scalar
 from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx

@@ -24,7 +24,7 @@ from typing import Tuple
 import torch
 
 from ..errors import CaffeCompatError
-from ..roi_params import (PSROIPoolingSettings, ROIPoolingSettings, psroi_pooling_settings, psroi_pooling_top,
+from ..params.roi import (PSROIPoolingSettings, ROIPoolingSettings, psroi_pooling_settings, psroi_pooling_top,
                           roi_pooling_settings, roi_pooling_top)
 from .registry import CaffeLayer, LayerContext, register
 

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..layer_params import concat_top, flatten_top, reshape_top, slice_tops
+from ..params.layer import concat_top, flatten_top, reshape_top, slice_tops
 from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx, register_source
 

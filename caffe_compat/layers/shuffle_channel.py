@@ -3,7 +3,7 @@ C/g channels, output channel j*g + i is input channel i*(C/g) + j. The top is
 (num, channels, height, width), unit axes added to a smaller bottom."""
 from __future__ import annotations
 
-from ..fork_params import shuffle_group, shuffle_top
+from ..params.forks import shuffle_group, shuffle_top
 from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
 

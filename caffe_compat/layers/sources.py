@@ -8,7 +8,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import nn
 
-from ..layer_params import dummy_data_shapes
+from ..params.layer import dummy_data_shapes
 from . import fillers
 from .onnx_graph import OnnxGraph
 from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx

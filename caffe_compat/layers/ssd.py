@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import CaffeCompatError
-from ..ssd_params import (DetectionSettings, PriorBoxSettings, detection_settings, legacy_hw, prior_box_settings,
+from ..params.ssd import (DetectionSettings, PriorBoxSettings, detection_settings, legacy_hw, prior_box_settings,
                           prior_box_top)
 from .bbox import box_size, decode, greedy_nms, libstdcxx_sort, stable_top
 from .onnx_graph import FLOAT, OnnxGraph

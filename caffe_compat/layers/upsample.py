@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CaffeCompatError
-from ..fork_params import UpsampleSettings, upsample_settings, upsample_top
+from ..params.forks import UpsampleSettings, upsample_settings, upsample_top
 from .onnx_graph import INT64, OnnxGraph
 from .registry import CaffeLayer, LayerContext, register, register_onnx
 

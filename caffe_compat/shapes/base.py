@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ..layer_params import LayerFacts, Shape
+from ..params.layer import LayerFacts, Shape
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Shape rules of the simpler fork layers: Interp, BN, Upsample, ShuffleChannel, Axpy,
-ReLU6 and the depthwise convolutions (their settings read in fork_params)."""
+ReLU6 and the depthwise convolutions (their settings read in params/forks.py)."""
 from __future__ import annotations
 
 import dataclasses
 
-from ..fork_params import (axpy_top, bn_blob_shapes, bn_settings, convolution_depthwise_param, interp_settings,
+from ..params.forks import (axpy_top, bn_blob_shapes, bn_settings, convolution_depthwise_param, interp_settings,
                            interp_top, relu6_slope, shuffle_group, shuffle_top, upsample_settings, upsample_top)
 from .base import rule, same_shape
 from .learned import _convolution

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ..layer_params import conv_output, conv_window
+from ..params.layer import conv_output, conv_window
 from .base import LayerView, rule
 
 

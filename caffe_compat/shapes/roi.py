@@ -2,7 +2,7 @@
 proposal layer py-faster-rcnn writes as a Python layer."""
 from __future__ import annotations
 
-from ..roi_params import (PROPOSAL_LAYER, proposal_settings, proposal_tops, psroi_pooling_settings,
+from ..params.roi import (PROPOSAL_LAYER, proposal_settings, proposal_tops, psroi_pooling_settings,
                           psroi_pooling_top, roi_pooling_settings, roi_pooling_top)
 from .base import rule
 

@@ -3,7 +3,7 @@ or score the net (losses, Accuracy)."""
 from __future__ import annotations
 
 from ..deploy import _batch_size, _data_shape
-from ..layer_params import dummy_data_shapes
+from ..params.layer import dummy_data_shapes
 from .base import RULES, rule
 
 

@@ -1,7 +1,7 @@
 """Shape rules of the SSD fork's layers: Normalize, Permute, PriorBox, DetectionOutput."""
 from __future__ import annotations
 
-from ..ssd_params import detection_settings, normalize_blob_shape, permute_order, prior_box_settings, prior_box_top
+from ..params.ssd import detection_settings, normalize_blob_shape, permute_order, prior_box_settings, prior_box_top
 from .base import rule, same_shape
 
 

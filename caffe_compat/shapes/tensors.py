@@ -3,7 +3,7 @@ element-wise maps, Eltwise, MVN, Reduction, Concat ... ArgMax, Filter, BatchRein
 from __future__ import annotations
 
 
-from ..layer_params import concat_top, flatten_top, reshape_top, slice_tops
+from ..params.layer import concat_top, flatten_top, reshape_top, slice_tops
 from .base import rule, same_shape
 
 rule("ReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Threshold", "Dropout",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from ..layer_params import conv_output, conv_window, pool_window, pooled_sizes, spp_level_window
+from ..params.layer import conv_output, conv_window, pool_window, pooled_sizes, spp_level_window
 from .base import rule, same_shape
 
 

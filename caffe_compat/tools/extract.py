@@ -17,16 +17,16 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .data import close_data_layers, data_layers
-from .deploy import override_mean
-from .devices import resolve_device
-from .errors import CaffeCompatError
-from .graph import build_graph, layer_included
-from .io.atomic import atomic_file
-from .io.files import MAX_LIST_BYTES, NetFile, read_regular_file
-from .io.run_inputs import RunInputs
-from .memory import check_blob_memory
-from .net import CaffeNet
+from ..data import close_data_layers, data_layers
+from ..deploy import override_mean
+from ..devices import resolve_device
+from ..errors import CaffeCompatError
+from ..graph import build_graph, layer_included
+from ..io.atomic import atomic_file, check_writable
+from ..io.files import MAX_LIST_BYTES, NetFile, read_prototxt, read_regular_file, read_with_weights, weights_of
+from ..io.run_inputs import RunInputs
+from ..memory import check_blob_memory
+from ..net import CaffeNet
 from .progress import progress
 
 PathLike = Union[str, Path]
@@ -191,6 +191,25 @@ def save_features(features: dict, out: PathLike) -> None:
         features["paths"] = np.array([_from_folder(str(p), folder) for p in features["paths"]])
     with atomic_file(out) as handle:
         np.savez(handle, **features)
+
+
+def extract_to_file(net: PathLike, weights: PathLike, data: PathLike, output: PathLike, blob: str = "fc_embedding",
+                    dialect: Optional[str] = None, device: str = "cpu", batch_size: Optional[int] = None,
+                    root: Optional[PathLike] = None, mean_file: Optional[PathLike] = None,
+                    mean_values: Optional[Sequence[float]] = None, allow_missing_weights: bool = False,
+                    max_memory: Optional[int] = None) -> str:
+    """`caffe-compat extract`: the features of `data` through NET and WEIGHTS (files) saved
+    into `output`, with progress; returns the line that says what was written."""
+    check_writable(output, "-o")
+    net_file, weights_file = read_with_weights(read_prototxt(net, dialect), weights, dialect)
+    features = extract_features(net_file, weights_of(weights_file), data, blob, device, batch_size, root=root,
+                                mean_file=mean_file, mean_values=mean_values, show_progress=True,
+                                weights_source=str(weights), allow_missing_weights=allow_missing_weights,
+                                max_memory=max_memory, output=output)
+    save_features(features, output)
+    n, d = features["embeddings"].shape
+    return (f"wrote {output}: {n} x {d} '{blob}'"
+            + (f", {len(set(features['labels'].tolist()))} classes" if "labels" in features else ""))
 
 
 def _from_folder(path: str, folder: str) -> str:

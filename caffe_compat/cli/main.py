@@ -1,4 +1,5 @@
-"""The `caffe-compat` command: argument parsing, progress and exit codes only."""
+"""The `caffe-compat` command: argument parsing, printing and exit codes only; each verb's work is in
+the module of that verb."""
 from __future__ import annotations
 
 import argparse
@@ -9,21 +10,20 @@ import sys
 import textwrap
 import traceback
 import warnings
-from pathlib import Path
 from typing import List, Optional
 
-from . import __version__
-from .errors import CaffeCompatError, terminal_line
-from .io.dialects import ENTRIES as DIALECT_ENTRIES
+from .. import __version__
+from ..errors import CaffeCompatError, terminal_line
+from ..io.dialects import ENTRIES as DIALECT_ENTRIES
 
 EXIT_BAD_INPUT = 2
 
 
 def _cmd_inspect(args) -> int:
-    from .inspect import format_inspection, inspect_net
+    from ..tools.inspect import format_inspection, inspect_net
 
-    from .deploy import parse_input_shapes
-    from .io.files import read_net
+    from ..deploy import parse_input_shapes
+    from ..io.files import read_net
 
     shapes = parse_input_shapes(args.input_shape, read_net(args.net, args.dialect).net) if args.input_shape else None
     info = inspect_net(args.net, args.weights, args.phase, args.dialect, show_all=args.all, input_shapes=shapes)
@@ -32,7 +32,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_layers(args) -> int:
-    from .layers import catalog
+    from ..layers import catalog
 
     if args.json:
         print(json.dumps(catalog.as_json(), indent=2))
@@ -42,8 +42,8 @@ def _cmd_layers(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from .compare import run_compare
-    from .memory import parse_size
+    from ..tools.compare import run_compare
+    from ..memory import parse_size
 
     max_memory = parse_size(args.max_memory) if args.max_memory else None
     return run_compare(args.files, args.device, args.rtol, args.grad_rtol,
@@ -51,84 +51,20 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from .converters.artifact import model_to_caffemodel, save_model
-    from .converters.preprocess import describe as describe_preprocess, preprocess_metadata
-    from .deploy import parse_input_shapes
-    from .loading import load_net
-    from .io.files import read_prototxt, with_weights, write_caffemodel
-    from .memory import parse_size
+    from ..converters.conversion import convert
+    from ..memory import parse_size
 
-    source = Path(args.source)
-    out = Path(args.output)
-    if args.weights is None and not args.random_init and out.suffix == ".caffemodel":
-        model_to_caffemodel(source, out)
-        print(f"wrote {out} (Caffe weights)")
-        return 0
-    if args.weights is None and not args.random_init and source.suffix in MODEL_SUFFIXES and out.suffix == ".py":
-        from .converters.source import model_to_source
-
-        print(f"wrote {out} (standalone PyTorch, needs only torch) and its weights {model_to_source(source, out)}")
-        return 0
-    if args.weights is None and not args.random_init and source.suffix in MODEL_SUFFIXES and out.suffix == ".pt2":
-        from .converters.program import model_to_program
-
-        model_to_program(source, out)
-        print(f"wrote {out} (torch.export program, dynamic batch; torch.export.load reads it)")
-        return 0
-    if args.weights is None and not args.random_init and source.suffix in MODEL_SUFFIXES:
-        return _rewrite_model(source, out, args)
-    if (args.weights is None) == (not args.random_init):
-        raise CaffeCompatError("convert takes NET.prototxt WEIGHTS.caffemodel -o OUT, NET.prototxt --random-init "
-                               "-o OUT (weights from the prototxt's fillers), or MODEL -o NET.caffemodel"
-                               + (": give WEIGHTS or --random-init, not both" if args.random_init else ""))
-    max_memory = parse_size(args.max_memory) if args.max_memory else None
-    net_file = read_prototxt(source, args.dialect)
-    input_shapes = parse_input_shapes(args.input_shape or [], net_file.net)
-    net = load_net(net_file, args.weights, phase=args.phase, dialect=args.dialect, input_shapes=input_shapes,
-                   allow_missing_weights=args.allow_missing_weights, max_memory=max_memory)
-    if out.suffix == ".caffemodel":
-        write_caffemodel(with_weights(net.graph.net, net.caffe_weights()), out)
-        origin = f"the fillers', seed {args.seed}" if args.random_init else args.weights
-        print(f"wrote {out}: Caffe weights of {len(net.caffe_weights())} layers ({origin})")
-        return 0
-    preprocess = preprocess_metadata(net_file.net, source.resolve().parent, _preprocess_overrides(args),
-                                     {name: net.blob_shapes[name] for name in net.input_names})
-    if out.suffix == ".py":
-        from .converters.source import net_to_source
-
-        weights_out = net_to_source(net, out, net_file, args.weights, args.seed, preprocess)
-        print(f"wrote {out} (standalone PyTorch, needs only torch) and its weights {weights_out}")
-        return 0
-    if out.suffix == ".pt2":
-        from .converters.program import write_program
-
-        write_program(net, out, preprocess)
-        print(f"wrote {out} (torch.export program, dynamic batch; torch.export.load reads it)")
-        return 0
-    save_model(net, out, net_file.dialect, preprocess)
-    count = sum(p.numel() for p in net.state_dict().values())
-    print(f"wrote {out}: {len(net.layers)} layers, {count:,} values, phase {net.phase}, dialect {net_file.dialect}")
-    print(f"preprocess: {describe_preprocess(preprocess)}")
-    return 0
-
-
-MODEL_SUFFIXES = (".pt", ".safetensors")
-
-
-def _rewrite_model(source: Path, out: Path, args) -> int:
-    """`convert MODEL -o MODEL2[.safetensors]`: another container, or new preprocessing."""
-    from .converters.artifact import rewrite_model
-    from .converters.preprocess import describe as describe_preprocess
-
-    payload = rewrite_model(source, out, _preprocess_overrides(args))
-    print(f"wrote {out}: {len(payload['weights'])} layers from {source}, phase {payload['phase']}, "
-          f"dialect {payload['dialect']}")
-    print(f"preprocess: {describe_preprocess(payload['preprocess'])}")
+    wrote = convert(args.source, args.output, args.weights, random_init=args.random_init, seed=args.seed,
+                    phase=args.phase, dialect=args.dialect, input_shape=args.input_shape or [],
+                    allow_missing_weights=args.allow_missing_weights,
+                    max_memory=parse_size(args.max_memory) if args.max_memory else None,
+                    preprocess=_preprocess_overrides(args))
+    print("\n".join(wrote))
     return 0
 
 
 def _preprocess_overrides(args):
-    from .converters.preprocess import PreprocessOverrides
+    from ..converters.preprocess import PreprocessOverrides
 
     return PreprocessOverrides(args.mean_value, args.mean_file, args.scale, args.crop_size)
 
@@ -156,8 +92,8 @@ def _add_weights_options(p, memory: bool = True, seed: bool = True) -> None:
 
 
 def _cmd_export_onnx(args) -> int:
-    from .converters.onnx import export_files, parse_shape
-    from .memory import parse_size
+    from ..converters.onnx import export_files, parse_shape
+    from ..memory import parse_size
 
     summary = export_files(args.source, args.weights, args.onnx_file,
                            input_shape=parse_shape(args.input_shape) if args.input_shape else None,
@@ -171,29 +107,18 @@ def _cmd_export_onnx(args) -> int:
 
 
 def _cmd_extract(args) -> int:
-    from .extract import extract_features, save_features
-    from .io.atomic import check_writable
-    from .memory import parse_size
-    from .io.files import read_prototxt, read_with_weights, weights_of
+    from ..memory import parse_size
+    from ..tools.extract import extract_to_file
 
-    check_writable(args.output, "-o")
-    max_memory = parse_size(args.max_memory) if args.max_memory else None
-    net_file, weights_file = read_with_weights(read_prototxt(args.net, args.dialect), args.weights, args.dialect)
-    weights = weights_of(weights_file)
-    features = extract_features(net_file, weights, args.data, args.blob, args.device, args.batch_size,
-                                root=args.root, mean_file=args.mean_file, mean_values=args.mean_value,
-                                show_progress=True, weights_source=args.weights,
-                                allow_missing_weights=args.allow_missing_weights, max_memory=max_memory,
-                                output=args.output)
-    save_features(features, args.output)
-    n, d = features["embeddings"].shape
-    print(f"wrote {args.output}: {n} x {d} '{args.blob}'"
-          + (f", {len(set(features['labels'].tolist()))} classes" if "labels" in features else ""))
+    print(extract_to_file(args.net, args.weights, args.data, args.output, args.blob, dialect=args.dialect,
+                          device=args.device, batch_size=args.batch_size, root=args.root, mean_file=args.mean_file,
+                          mean_values=args.mean_value, allow_missing_weights=args.allow_missing_weights,
+                          max_memory=parse_size(args.max_memory) if args.max_memory else None))
     return 0
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluate import format_table, run_evaluate
+    from ..evaluation.evaluate import format_table, run_evaluate
 
     if args.train_log and not args.figure_dir:
         raise CaffeCompatError("--train-log draws a figure: give --figure-dir too")
@@ -206,7 +131,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from .datasets import prepare
+    from ..evaluation.datasets import prepare
 
     summary = prepare(args.dataset, args.source, args.output, args.format)
     for split, info in summary.items():
@@ -215,7 +140,7 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from .reproduce import reproduce
+    from ..evaluation.reproduce import reproduce
 
     result = reproduce(args.dataset, args.source, args.weights, args.workdir, args.embedding, args.device,
                        args.max_iter, args.batch_size, mean_file=args.mean_file)
@@ -225,27 +150,27 @@ def _cmd_reproduce(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from ..demo.run import run_demo
 
     return run_demo(args.workdir, args.iterations)
 
 
 def _cmd_time(args) -> int:
-    from .timing import time_net
+    from ..tools.timing import time_net
 
     time_net(args.net, args.weights, args.iterations, args.phase, args.device, args.batch_size)
     return 0
 
 
 def _cmd_test(args) -> int:
-    from .timing import score_net
+    from ..tools.timing import score_net
 
     score_net(args.net, args.weights, args.iterations, args.phase, args.device, all_values=args.all_values)
     return 0
 
 
 def _cmd_train(args) -> int:
-    from .solver import train
+    from ..solver import train
 
     result = train(args.solver, weights=args.weights, resume=args.resume, device=args.device,
                    max_iter=args.max_iter, output=args.output, log_path=args.log, sampler=args.sampler,
@@ -576,7 +501,7 @@ def _refuse_output_over_input(args) -> None:
     """An output that is one of the command's inputs, or lies in an input folder, would destroy
     it (`extract -o WEIGHTS`, `-o LMDB/data.mdb`); `train` and `extract` also check the files
     their inputs name (nets, data, means, snapshots) before any work."""
-    from .io.run_inputs import RunInputs
+    from ..io.run_inputs import RunInputs
 
     outputs = [value for value in (getattr(args, name, None) for name in _OUTPUT_OPTIONS) if isinstance(value, str)]
     if not outputs:

@@ -8,8 +8,8 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
-from .errors import CaffeCompatError
-from .metrics import _device, _rows_per_block
+from ..errors import CaffeCompatError
+from .blocks import rows_per_block, torch_device
 
 # k-means shows progress from n x k = 5e7 on (CUB's 5,924 x 100 is quick; SOP's 60,502 x
 # 11,316 takes minutes on a CPU).
@@ -40,7 +40,7 @@ def _nearest_centers(x: torch.Tensor, sq: torch.Tensor, centers: torch.Tensor) -
     center_sq = (centers * centers).sum(1)
     index = torch.empty(len(x), dtype=torch.int64, device=x.device)
     dist = torch.empty(len(x), dtype=x.dtype, device=x.device)
-    block = _rows_per_block(len(centers))
+    block = rows_per_block(len(centers))
     for lo in range(0, len(x), block):
         hi = min(lo + block, len(x))
         d = torch.addmm(center_sq[None, :], x[lo:hi], centers.T, alpha=-2.0)
@@ -54,7 +54,7 @@ def _seed_distances(x: torch.Tensor, sq: torch.Tensor, seeds: torch.Tensor) -> t
     """Squared distance of each point to its nearest point of `seeds`, in blocks."""
     seed_sq = (seeds * seeds).sum(1)
     out = torch.empty(len(x), dtype=x.dtype, device=x.device)
-    block = _rows_per_block(len(seeds))
+    block = rows_per_block(len(seeds))
     for lo in range(0, len(x), block):
         hi = min(lo + block, len(x))
         out[lo:hi] = torch.addmm(seed_sq[None, :], x[lo:hi], seeds.T, alpha=-2.0).min(1).values + sq[lo:hi]
@@ -125,7 +125,7 @@ def kmeans(embeddings, k: int, seed: int = 0, max_iter: int = 1000, device="cpu"
     that rounding can cause), or max_iter. Same seed, same device: same result.
     `progress(iteration, changed)` is called after each iteration with the number of
     points that changed cluster (all n on the first)."""
-    dev = _device(device)
+    dev = torch_device(device)
     if isinstance(embeddings, torch.Tensor):
         embeddings = embeddings.detach().cpu().numpy()
     raw = np.asarray(embeddings, dtype=np.float32)
@@ -170,7 +170,7 @@ def kmeans_progress(n: int, k: int):
     iterations is not known ahead: no time left is guessed."""
     if n * k < KMEANS_PROGRESS_FROM:
         return None, lambda: None
-    from .progress import progress
+    from ..tools.progress import progress
 
     title = f"k-means ({n:,} points, {k:,} clusters)"
     bar = progress(total=None, desc=title, unit="iteration")

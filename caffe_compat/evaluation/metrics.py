@@ -15,27 +15,10 @@ from typing import Dict, Sequence, Tuple
 import numpy as np
 import torch
 
-from .errors import CaffeCompatError
+from ..errors import CaffeCompatError
+from .blocks import rows_per_block, torch_device
 
 DEFAULT_RECALL_K = (1, 2, 4, 8)
-# Size of one block of distances; 256 MiB keeps SOP (60,502 x 11,316) well under 4 GB.
-BLOCK_BYTES = 256 << 20
-
-
-def _device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise CaffeCompatError(f"device: {device!r} is not a torch device: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CaffeCompatError(f"device: {device!r} requested but CUDA is not available")
-    return dev
-
-
-def _rows_per_block(columns: int, bytes_per_value: int = 4) -> int:
-    return max(1, BLOCK_BYTES // (bytes_per_value * max(columns, 1)))
-
-
 def check_embeddings(embeddings, labels, name: str = "embeddings") -> Tuple[np.ndarray, np.ndarray]:
     """(float32 n x d embeddings, n labels) or a CaffeCompatError naming what is wrong."""
     if labels is None:
@@ -78,7 +61,7 @@ def first_hit_ranks(embeddings: np.ndarray, labels: np.ndarray, device="cpu") ->
     among equals). torch.topk would leave the order of ties unspecified, and with
     K = 1000 it costs about as much as the distance product itself on CPU.
     """
-    dev = _device(device)
+    dev = torch_device(device)
     x, y = check_embeddings(embeddings, labels)
     n = len(x)
     codes = _class_codes(y)
@@ -95,7 +78,7 @@ def first_hit_ranks(embeddings: np.ndarray, labels: np.ndarray, device="cpu") ->
     starts_t = torch.from_numpy(starts).to(dev)
     columns = torch.arange(n, device=dev)
     ranks = torch.empty(n, dtype=torch.int64, device=dev)
-    block = _rows_per_block(n)
+    block = rows_per_block(n)
     dist_buffer = torch.empty(min(block, n), n, device=dev)
     # Comparisons written as 0/1 floats and summed: far faster than counting bools on
     # CPU, and exact while a row has fewer than 2^24 entries.
@@ -158,7 +141,7 @@ def nearest_neighbours(embeddings, queries: Sequence[int], k: int, device="cpu")
     """(len(queries) x k) indices of each query's k nearest items, itself excluded, in
     the order MATLAB's stable sort gives (ties by index). Sorts whole rows: meant for
     the handful of queries a figure shows."""
-    dev = _device(device)
+    dev = torch_device(device)
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     n = len(x)
     if not 1 <= k <= n - 1:
@@ -169,7 +152,7 @@ def nearest_neighbours(embeddings, queries: Sequence[int], k: int, device="cpu")
     xt = torch.from_numpy(x).to(dev)
     sq = (xt * xt).sum(1)
     found = []
-    block = _rows_per_block(n)
+    block = rows_per_block(n)
     for lo in range(0, len(query_index), block):
         q = torch.from_numpy(query_index[lo:lo + block]).to(dev)
         dist = torch.addmm(sq[None, :], xt[q], xt.T, alpha=-2.0)

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
-from .errors import CaffeCompatError
+from ..errors import CaffeCompatError
 
 Shape = Tuple[int, ...]
 

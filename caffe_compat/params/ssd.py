@@ -10,8 +10,8 @@ from typing import Tuple
 
 import numpy as np
 
-from .io.schema import is_repeated
-from .layer_params import LayerFacts, Shape
+from ..io.schema import is_repeated
+from .layer import LayerFacts, Shape
 
 CODE_TYPES = {1: "CORNER", 2: "CENTER_SIZE", 3: "CORNER_SIZE"}  # PriorBoxParameter.CodeType
 

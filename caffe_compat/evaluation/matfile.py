@@ -9,7 +9,7 @@ from typing import Dict, Union
 
 import numpy as np
 
-from .errors import CaffeCompatError
+from ..errors import CaffeCompatError
 
 PathLike = Union[str, Path]
 _MI_NUMERIC = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}

@@ -18,12 +18,12 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .deploy import DATA_LAYER_TYPES, source_of
-from .devices import resolve_device
-from .errors import CaffeCompatError, printable
-from .graph import layer_included
-from .memory import check_blob_memory
-from .io.files import NetFile, read_prototxt
+from ..deploy import DATA_LAYER_TYPES, source_of
+from ..devices import resolve_device
+from ..errors import CaffeCompatError, printable
+from ..graph import layer_included
+from ..io.files import NetFile, read_prototxt
+from ..memory import check_blob_memory
 
 PathLike = Union[str, Path]
 DEFAULT_ITERATIONS = 50  # caffe's --iterations default
@@ -54,7 +54,7 @@ def load_for_running(net_path: PathLike, weights: Optional[PathLike], phase: str
                      batch_size: Optional[int] = None, need_data: bool = False):
     """(net on `device`, its Input blobs as zeros): Caffe's blobs start as zeros, and
     `caffe time` assumes a net fed by its own data layers or by nothing else."""
-    from .loading import load_net
+    from ..loading import load_net
 
     if batch_size is not None and batch_size < 1:
         raise CaffeCompatError(f"--batch-size {batch_size}: must be at least 1")
@@ -252,6 +252,6 @@ def _summary(name: str, values: torch.Tensor, shape: Tuple[int, ...]) -> str:
 
 
 def _close_data_layers(net) -> None:
-    from .data import close_data_layers
+    from ..data import close_data_layers
 
     close_data_layers(net)

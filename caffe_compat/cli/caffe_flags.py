@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
-from .errors import CaffeCompatError
+from ..errors import CaffeCompatError
 
 VERBS = ("train", "test", "time")
 # Flags whose value becomes a positional argument: (verb, flag) -> position among them.

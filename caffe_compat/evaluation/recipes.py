@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .io.schema import messages
+from ..io.schema import messages
 
 # GoogLeNet's inception blocks: name -> (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj).
 INCEPTIONS = [

@@ -13,13 +13,13 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .data import close_data_layers
-from .devices import resolve_device
-from .errors import CaffeCompatError, printable
-from .io.files import read_caffemodel, read_prototxt, weights_of
-from .io.text import parse_json
-from .layers.registry import caffe_blobs
-from .need_backward import need_backward
+from ..data import close_data_layers
+from ..devices import resolve_device
+from ..errors import CaffeCompatError, printable
+from ..io.files import read_caffemodel, read_prototxt, weights_of
+from ..io.text import parse_json
+from ..layers.registry import caffe_blobs
+from ..need_backward import need_backward
 
 PathLike = Union[str, Path]
 ZERO_ATOL = 1e-7  # where Caffe's reference is exactly zero, ours must be too
@@ -147,7 +147,7 @@ def _compare_case(prototxt, weights, reference: Path, device, rtol, grad_rtol, n
         return _compare_params(case, weights, ref, rtol if rtol is not None else 1e-4)
     if prototxt is None:
         raise CaffeCompatError(f"{reference}: blob references need the net's prototxt")
-    from .loading import load_net
+    from ..loading import load_net
 
     net_file = read_prototxt(prototxt)
     phase = meta.get("phase", "TEST")

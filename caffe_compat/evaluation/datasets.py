@@ -35,13 +35,13 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import CaffeCompatError, quote
-from .io.atomic import atomic_folder, folder_target
-from .io.datum import fill_datum_lmdb
-from .io.files import MAX_IMAGE_BYTES, MAX_LIST_BYTES, read_regular_file
-from .io.text import parse_json
+from ..errors import CaffeCompatError, quote
+from ..io.atomic import atomic_folder, folder_target
+from ..io.datum import fill_datum_lmdb
+from ..io.files import MAX_IMAGE_BYTES, MAX_LIST_BYTES, read_regular_file
+from ..io.text import parse_json
+from ..tools.progress import progress
 from .matfile import read_mat
-from .progress import progress
 
 PathLike = Union[str, Path]
 IMAGE_SIZE = 256

@@ -28,7 +28,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from .errors import CaffeCompatError
+from ..errors import CaffeCompatError
 
 CANVAS = 28
 DIGIT = 20

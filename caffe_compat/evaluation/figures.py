@@ -11,10 +11,11 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import CaffeCompatError, quote
-from .io.atomic import atomic_path
-from .io.files import MAX_IMAGE_BYTES, read_regular_file
+from ..errors import CaffeCompatError, quote
+from ..io.atomic import atomic_path
+from ..io.files import MAX_IMAGE_BYTES, read_regular_file
 from .metrics import check_embeddings, nearest_neighbours
+from .published import PUBLISHED
 
 PathLike = Union[str, Path]
 # Caffe's `average_loss` window is the solver's choice; 20 is a common one (the paper's solver uses 1).
@@ -149,9 +150,7 @@ def _distinct_formatter():
 def published_recall(dataset: str) -> dict:
     """The paper's Recall@K for the lifted structured embedding on one of its datasets,
     with where the numbers come from. The paper draws them as curves; the values are those
-    later papers read off them (reproduce.PUBLISHED, which says which is which)."""
-    from .reproduce import PUBLISHED
-
+    later papers read off them (published.PUBLISHED, which says which is which)."""
     if dataset not in PUBLISHED:
         raise CaffeCompatError(f"dataset {dataset!r}: the paper reports cub, cars and sop")
     entry = PUBLISHED[dataset]

@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from .layer_params import LayerFacts, Shape
+from .layer import LayerFacts, Shape
 
 PROPOSAL_LAYER = "rpn.proposal_layer.ProposalLayer"  # python_param module.layer
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-from .io.schema import dialect_of
-from .layer_params import LayerFacts, Shape
+from ..io.schema import dialect_of
+from .layer import LayerFacts, Shape
 
 
 def fork_param(layer: LayerFacts, field: str):

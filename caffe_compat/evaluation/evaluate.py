@@ -18,9 +18,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import CaffeCompatError
-from .io.atomic import write_text
-from .io.run_inputs import RunInputs
+from ..errors import CaffeCompatError
+from ..io.atomic import write_text
+from ..io.run_inputs import RunInputs
 from .metrics import DEFAULT_RECALL_K, check_embeddings, evaluate
 
 PathLike = Union[str, Path]

@@ -9,15 +9,15 @@ import textwrap
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
-from .deploy import recorded_shapes
-from .errors import CaffeCompatError, printable
-from .graph import PHASES, Graph, LayerNode, build_graph, check_weights_fit
-from .io.blobs import blob_shape
-from .io.files import read_net, read_with_weights
-from .io.dialects import likely_fork
-from .io.schema import is_repeated, unknown_fields
-from .layers.catalog import CATALOG
-from .shapes import net_shapes
+from ..deploy import recorded_shapes
+from ..errors import CaffeCompatError, printable
+from ..graph import PHASES, Graph, LayerNode, build_graph, check_weights_fit
+from ..io.blobs import blob_shape
+from ..io.dialects import likely_fork
+from ..io.files import read_net, read_with_weights
+from ..io.schema import is_repeated, unknown_fields
+from ..layers.catalog import CATALOG
+from ..shapes import net_shapes
 
 PathLike = Union[str, Path]
 

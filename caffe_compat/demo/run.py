@@ -1,7 +1,7 @@
 """`caffe-compat demo`: the product's main path on real data, end to end, nothing
 downloaded. A LeNet embedder written as Caffe prototxts is trained with the paper's
 loss (LiftedStructSimilaritySoftmaxLoss) by Caffe's SGD solver, on scikit-learn's
-handwritten digits stored in LMDBs in the paper's pair layout (see demo_digits.py),
+handwritten digits stored in LMDBs in the paper's pair layout (see digits.py),
 evaluated before and after training as the paper evaluates (Recall@K, NMI), exported
 to ONNX and checked in ONNX Runtime, and drawn as figures. Everything stays in the
 work folder."""
@@ -16,8 +16,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from .errors import CaffeCompatError
-from .io.atomic import temporary_of, write_text
+from ..errors import CaffeCompatError
+from ..io.atomic import temporary_of, write_text
 
 DEFAULT_WORKDIR = "caffe-compat-demo"
 DEFAULT_ITERATIONS = 500
@@ -182,8 +182,8 @@ def _run(workdir, iterations: int) -> int:
 
 
 def _write_data(folder: Path, iterations: int) -> Dict[str, list]:
-    from .demo_digits import TRAIN_CLASSES, load_splits, pair_records, rendered
-    from .io.datum import write_datum_lmdb
+    from .digits import TRAIN_CLASSES, load_splits, pair_records, rendered
+    from ..io.datum import write_datum_lmdb
 
     _step("1. the data: scikit-learn's handwritten digits (bundled with the package), each drawn at a random "
           "place and contrast on a 28x28 canvas of noise over a random background level")
@@ -205,10 +205,10 @@ def _write_data(folder: Path, iterations: int) -> Dict[str, list]:
 
 def _write_net(folder: Path, iterations: int) -> bool:
     """The prototxts, and the initial caffemodel read back; False if it differs."""
-    from .deploy import deploy_net
-    from .inspect import format_inspection, inspect_net
-    from .io.files import read_caffemodel, read_prototxt, weights_of, with_weights, write_caffemodel, write_prototxt
-    from .loading import load_net
+    from ..deploy import deploy_net
+    from ..tools.inspect import format_inspection, inspect_net
+    from ..io.files import read_caffemodel, read_prototxt, weights_of, with_weights, write_caffemodel, write_prototxt
+    from ..loading import load_net
 
     _step("2. the net and its solver as Caffe files")
     net_path = folder / "lenet_embedder.prototxt"
@@ -240,9 +240,9 @@ def _write_net(folder: Path, iterations: int) -> bool:
 
 
 def _evaluate_both(folder: Path, weights_name: str, save: bool) -> Dict[str, dict]:
-    from .extract import extract_features, save_features
-    from .io.files import read_caffemodel, read_prototxt, weights_of
-    from .metrics import evaluate
+    from ..tools.extract import extract_features, save_features
+    from ..io.files import read_caffemodel, read_prototxt, weights_of
+    from ..evaluation.metrics import evaluate
 
     net_file = read_prototxt(folder / "lenet_embedder.prototxt")
     weights = weights_of(read_caffemodel(folder / weights_name))
@@ -262,7 +262,7 @@ def _evaluate_both(folder: Path, weights_name: str, save: bool) -> Dict[str, dic
 def _train(folder: Path, iterations: int) -> None:
     import torch
 
-    from .solver import train
+    from ..solver import train
 
     torch.manual_seed(SEED)
     start = time.perf_counter()
@@ -298,7 +298,7 @@ def reading(before: Dict[str, dict], after: Dict[str, dict]) -> str:
 def _check_onnx(folder: Path, records: List) -> bool:
     import torch
 
-    from .converters.onnx import load_for_export, write_onnx
+    from ..converters.onnx import load_for_export, write_onnx
 
     batch = np.stack([image for image, _ in records[:BATCH]]).astype(np.float32) * np.float32(0.00390625)
     net, metadata = load_for_export(folder / "lenet_embedder.prototxt", folder / "trained.caffemodel",
@@ -325,8 +325,8 @@ def _check_onnx(folder: Path, records: List) -> bool:
 
 
 def _figures(folder: Path, unseen_records: List, iterations: int) -> None:
-    from .evaluate import load_features
-    from .figures import loss_curve, recall_curve, retrieval_figure
+    from ..evaluation.evaluate import load_features
+    from ..evaluation.figures import loss_curve, recall_curve, retrieval_figure
 
     figures = folder / "figures"
     results = json.loads((folder / "results.json").read_text())

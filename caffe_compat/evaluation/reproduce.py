@@ -19,30 +19,22 @@ from typing import Dict, Optional, TextIO, Union
 
 import torch
 
+from ..deploy import deploy_net, override_mean
+from ..devices import resolve_device
+from ..errors import CaffeCompatError
+from ..graph import build_graph
+from ..io.files import NetFile, read_caffemodel, weights_of, write_prototxt
+from ..net import CaffeNet
+from ..solver import train
+from ..tools.extract import extract_features, point_at, save_features
 from .datasets import check_output, check_source, prepare, prepared
-from .deploy import deploy_net, override_mean
-from .devices import resolve_device
-from .errors import CaffeCompatError
 from .evaluate import format_table
-from .extract import extract_features, point_at, save_features
-from .graph import build_graph
-from .io.files import NetFile, read_caffemodel, weights_of, write_prototxt
 from .metrics import evaluate
-from .net import CaffeNet
+from .published import PUBLISHED
 from .recipes import paper_net, paper_solver
-from .solver import train
 
 PathLike = Union[str, Path]
 
-# Recall@K (%) of the lifted structured loss at 64-d embeddings. CUB-200-2011 and Online
-# Products as later papers read them off the paper's figures; Cars196 as later work
-# tabulates it (not checked against the paper's figure here). NMI/F1 appear in the
-# paper only as curves over embedding sizes, so no single figure is quoted.
-PUBLISHED = {
-    "cub": {"recall_k": (1, 2, 4, 8), "recall": (47.2, 58.9, 70.2, 80.2)},
-    "cars": {"recall_k": (1, 2, 4, 8), "recall": (49.0, 60.3, 72.1, 81.5)},
-    "sop": {"recall_k": (1, 10, 100, 1000), "recall": (62.1, 79.8, 91.3, 97.4)},
-}
 EMBEDDINGS = (64, 128, 256, 512)
 IMAGENET_MEAN_BGR = (104, 117, 123)  # the channel means of Caffe's imagenet_mean.binaryproto
 NEW_LAYERS = ("fc_embedding",)  # the paper's own layer: ImageNet weights do not have it

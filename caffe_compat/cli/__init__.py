@@ -1,0 +1,1 @@
+"""The `caffe-compat` command: parsing the command line, printing results and exit codes."""
