@@ -12,8 +12,10 @@ its last reader. On the way:
   computed in float64), or, after any other layer, applied as one multiply-add; only
   with `fold` (the default);
 - a ReLU whose bottom is a fresh tensor that nothing else reads runs in place;
-- a 2-D convolution torch would run on its slow path (one image, a small input, a
-  kernel of at most 3x3, one group) calls oneDNN instead.
+- with `fold` too, a 2-D convolution torch would run on its slow path calls oneDNN
+  instead (`Convolution.avoids_slow_path`): also a change of rounding.
+
+Without `fold` the function's outputs equal the per-layer path's to the bit.
 
 A program holds the folded weights and is rebuilt when any parameter or buffer of the
 net changes (its version counter, storage, dtype or device) or the inputs' shapes do.
@@ -88,24 +90,7 @@ def _fold_chain(chain: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[tor
     return a, c
 
 
-def _slow_conv_to_replace(conv: Convolution, shape: Sequence[int]) -> bool:
-    """Whether torch's CPU dispatch would run this float32 convolution as
-    `_slow_conv2d_forward` where oneDNN is faster: one image of at most 20480 values, one
-    group, a kernel of at most 3x3 (torch's rule for choosing oneDNN, in
-    aten/native/Convolution.cpp). A 1x1 unstrided convolution on one thread is left
-    there: torch keeps those on purpose, its own kernel being the faster."""
-    g = conv.geometry
-    values = 1
-    for size in shape[1:]:
-        values *= size
-    pointwise = all(k == 1 for k in g.kernel) and all(s == 1 for s in g.stride) and all(d == 1 for d in g.dilation)
-    if pointwise and torch.get_num_threads() == 1:
-        return False
-    return (shape[0] == 1 and g.group == 1 and not all(k > 3 for k in g.kernel) and values <= 20480
-            and conv.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available())
-
-
-def _convolution(program: _Program, conv: Convolution, chain, shape: Sequence[int], x: str) -> str:
+def _convolution(program: _Program, conv: Convolution, chain, shape: Sequence[int], x: str, fold: bool) -> str:
     """The expression of a 2-D convolution with the per-channel affine `chain` after it folded in."""
     g = conv.geometry
     # Unfolded, the parameters themselves: the function then follows their values.
@@ -115,7 +100,7 @@ def _convolution(program: _Program, conv: Convolution, chain, shape: Sequence[in
         bias = c.to(weight.dtype)
         weight = (weight.detach().double() * a.reshape(-1, 1, 1, 1)).to(weight.dtype)
     w, b = program.constant(weight, "weight"), program.constant(bias, "bias")
-    if weight.device.type == "cpu" and _slow_conv_to_replace(conv, shape):
+    if fold and weight.device.type == "cpu" and conv.avoids_slow_path(shape):
         return f"torch.ops.aten.mkldnn_convolution({x}, {w}, {b}, {list(g.pad)}, {list(g.stride)}, " \
                f"{list(g.dilation)}, {g.group})"
     return f"torch.conv2d({x}, {w}, {b}, {list(g.stride)}, {list(g.pad)}, {list(g.dilation)}, {g.group})"
@@ -200,7 +185,7 @@ def build_program(net: nn.Module, inputs: Sequence[torch.Tensor]) -> InferencePr
             chain, made = affine_chain(outs[0])
             if chain:
                 folded.append(module)
-            program.lines.append(f"{names[made]} = {_convolution(program, module, chain, shapes[ins[0]], args)}")
+            program.lines.append(f"{names[made]} = {_convolution(program, module, chain, shapes[ins[0]], args, net.fold)}")
             fresh.add(made)
             outs = [made]
         elif affine is not None and (not isinstance(module, (Scale, Bias)) or continues_chain(outs[0])):

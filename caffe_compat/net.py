@@ -469,8 +469,11 @@ class CaffeNet(nn.Module):
         return {name: values[name] for name in wanted}
 
     def _takes_fast_path(self, bound: Mapping[str, object]) -> bool:
+        """Eval mode, no autograd, the inputs alone, as tensors; not while torch.compile or
+        torch.export traces the net (they see the layers, and fuse for themselves)."""
+        exporting = getattr(torch.compiler, "is_exporting", lambda: False)
         return (not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and bound.keys() == set(self.input_names)
+                and not exporting() and bound.keys() == set(self.input_names)
                 and all(isinstance(bound[name], torch.Tensor) for name in self.input_names))
 
     def _infer(self, bound: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
