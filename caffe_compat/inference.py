@@ -17,8 +17,12 @@ its last reader. On the way:
 
 Without `fold` the function's outputs equal the per-layer path's to the bit.
 
-A program holds the folded weights and is rebuilt when any parameter or buffer of the
-net changes (its version counter, storage, dtype or device) or the inputs' shapes do.
+A program reads unfolded parameters and the layers it calls as they are at each call;
+the values it folded it computes once, again when the version counter of any blob they
+come from moves (an in-place change: an optimizer step, `load_caffe_weights`,
+`load_state_dict`), when the inputs' shapes, dtypes or devices change, and after
+`train()`, `eval()` and `.to()` (CaffeNet drops it). A blob replaced by assignment
+(`layer.weight = nn.Parameter(...)`) is not seen until `net.eval()` is called again.
 """
 from __future__ import annotations
 
@@ -27,16 +31,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .layers.activation import ReLU
 from .layers.convolution import Convolution
 from .layers.eltwise import Eltwise
 from .layers.inner_product import InnerProduct
-from .layers.activation import ReLU
 from .layers.normalization import Bias, Scale
 from .layers.pooling import AvePooling, MaxPooling
 
-# Layers whose tops are always new tensors, never views of a bottom: a ReLU may
-# overwrite such a top when nothing else reads it.
+# Layers whose tops are always new tensors, never views of a bottom (nor the caller's
+# input): a ReLU may overwrite such a top when nothing else reads it.
 _FRESH_TOPS = (Eltwise, InnerProduct, MaxPooling, AvePooling)
+
 
 def _inputs_key(inputs: Sequence[torch.Tensor]) -> Tuple:
     return tuple((x.shape, x.dtype, x.device) for x in inputs)
@@ -44,8 +49,7 @@ def _inputs_key(inputs: Sequence[torch.Tensor]) -> Tuple:
 
 class InferenceProgram:
     """The generated function, and what it was built from: the fold setting, the inputs'
-    shapes, dtypes and devices, and the version of every tensor it folded (CaffeNet
-    drops it on train()/eval() and on .to(), which may move or convert tensors)."""
+    shapes, dtypes and devices, and the version of every blob it folded."""
 
     def __init__(self, function: Callable, fold: bool, inputs: Sequence[torch.Tensor],
                  sources: Sequence[torch.Tensor]):
@@ -185,7 +189,8 @@ def build_program(net: nn.Module, inputs: Sequence[torch.Tensor]) -> InferencePr
             chain, made = affine_chain(outs[0])
             if chain:
                 folded.append(module)
-            program.lines.append(f"{names[made]} = {_convolution(program, module, chain, shapes[ins[0]], args, net.fold)}")
+            expression = _convolution(program, module, chain, shapes[ins[0]], args, net.fold)
+            program.lines.append(f"{names[made]} = {expression}")
             fresh.add(made)
             outs = [made]
         elif affine is not None and (not isinstance(module, (Scale, Bias)) or continues_chain(outs[0])):

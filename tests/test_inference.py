@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.profiler import profile
 
+from caffe_compat.errors import CaffeCompatError
 from caffe_compat.loading import load_net
 from conftest import REFERENCE, require
 
@@ -30,7 +31,8 @@ layer { name: "bn2" type: "BatchNorm" bottom: "pool" top: "bn2" }
 layer { name: "scale2" type: "Scale" bottom: "bn2" top: "bn2" scale_param { bias_term: true
         filler { type: "uniform" min: 0.5 max: 2 } bias_filler { type: "uniform" min: -1 max: 1 } } }
 layer { name: "relu2" type: "ReLU" bottom: "bn2" top: "bn2" relu_param { negative_slope: 0.1 } }
-layer { name: "lone_scale" type: "Scale" bottom: "pool" top: "lone" scale_param { filler { type: "uniform" min: -2 max: 2 } } }
+layer { name: "lone_scale" type: "Scale" bottom: "pool" top: "lone"
+        scale_param { filler { type: "uniform" min: -2 max: 2 } } }
 """
 
 
@@ -138,6 +140,12 @@ def test_user_input_is_never_written(tmp_path):
     with torch.no_grad():
         net(x)
     assert torch.equal(x, kept)
+
+
+def test_a_wrong_input_size_names_the_layer(tmp_path):
+    net = _net(tmp_path)
+    with torch.no_grad(), pytest.raises(CaffeCompatError, match="layer 'conv1'.*bottom 'data' is 1x3x7x7"):
+        net(torch.randn(1, 3, 7, 7))
 
 
 def test_no_convolution_on_torchs_slow_path(tmp_path):
