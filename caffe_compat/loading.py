@@ -17,14 +17,16 @@ def load_net(prototxt: Union[PathLike, NetFile], weights: Optional[PathLike] = N
              dialect: Optional[str] = None, stages: Sequence[str] = (), level: int = 0,
              input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
              allow_missing_weights: bool = False, max_memory: Union[None, int, str] = None,
-             compile: bool = False):
+             compile: bool = False, fold: bool = True):
     """The net of `phase`, with the weights of a caffemodel (or its fillers' values).
 
     Data and ImageData layers whose source is absent become inputs (a warning says so;
     see `deploy.feed_absent_sources`), shaped as they imply or by `input_shapes`
     ({blob: shape}). Weights that leave layers with parameters unset are an error unless
     `allow_missing_weights`; `max_memory` ('8G', or bytes) bounds the parameters' size.
-    `compile=True` returns the net wrapped in torch.compile (`compiled.CompiledNet`)."""
+    `compile=True` returns the net wrapped in torch.compile (`compiled.CompiledNet`);
+    `fold=False` keeps BatchNorm, Scale and the like out of the convolutions' weights in
+    the inference path (see `inference`)."""
     net_file = prototxt if isinstance(prototxt, NetFile) else read_prototxt(prototxt, dialect)
     blobs = None
     if weights is not None:
@@ -35,7 +37,7 @@ def load_net(prototxt: Union[PathLike, NetFile], weights: Optional[PathLike] = N
         warnings.warn(f"{net_file.path}: {note}", stacklevel=2)
     graph = build_graph(net_param, phase, net_file.dialect, level, stages, source=str(net_file.path))
     net = CaffeNet(graph, blobs, input_shapes, weights_source=None if weights is None else str(weights),
-                   allow_missing_weights=allow_missing_weights, max_memory=max_memory)
+                   allow_missing_weights=allow_missing_weights, max_memory=max_memory, fold=fold)
     if compile:
         from .compiled import compile_net
 

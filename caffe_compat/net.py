@@ -16,6 +16,7 @@ from .errors import CaffeCompatError
 from .graph import Graph, LayerNode, check_weights_fit, param_owners
 from .io.wire import copy_out
 from .memory import available_memory, format_size, parse_size
+from .inference import InferenceProgram, build_program
 from .need_backward import NeedBackward
 from .layers.registry import Converted, LayerContext, builder_for, caffe_blobs
 
@@ -163,12 +164,19 @@ class CaffeNet(nn.Module):
     memory available) and the weights fit the net, for real. Layers whose weights are
     given skip their fillers. Weights that leave layers with parameters unset are an
     error unless `allow_missing_weights` (those layers keep their filler values).
+
+    In eval mode without autograd, a call for the outputs alone runs the net as one
+    generated function (`inference`), with BatchNorm, Scale and the like folded into the
+    convolutions before them unless `fold` is False.
     """
 
     def __init__(self, graph: Graph, weights: Optional[Mapping[str, Sequence[np.ndarray]]] = None,
                  input_shapes: Optional[Mapping[str, Shape]] = None, *, weights_source: Optional[str] = None,
-                 allow_missing_weights: bool = False, max_memory: Union[None, int, str] = None):
+                 allow_missing_weights: bool = False, max_memory: Union[None, int, str] = None,
+                 fold: bool = True):
         super().__init__()
+        self.fold = fold
+        self._inference: Optional[InferenceProgram] = None
         self.graph = graph
         self.phase = graph.phase
         self.layers = nn.ModuleDict()
@@ -454,8 +462,45 @@ class CaffeNet(nn.Module):
         unknown = [b for b in wanted if b not in self.blob_shapes]
         if unknown:
             raise CaffeCompatError(f"net '{self.graph.name}' has no blob(s) {', '.join(unknown)}")
-        values = self.run(self._bind(inputs, named), keep=frozenset(wanted))
+        bound = self._bind(inputs, named)
+        if blobs is None and self._takes_fast_path(bound):
+            return self._infer(bound)
+        values = self.run(bound, keep=frozenset(wanted))
         return {name: values[name] for name in wanted}
+
+    def _takes_fast_path(self, bound: Mapping[str, object]) -> bool:
+        """Eval mode, no autograd, the inputs alone, as tensors; not while torch.compile or
+        torch.export traces the net (they see the layers, and fuse for themselves)."""
+        exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+        return (not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not exporting() and bound.keys() == set(self.input_names)
+                and all(isinstance(bound[name], torch.Tensor) for name in self.input_names))
+
+    def _infer(self, bound: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        inputs = [bound[name] for name in self.input_names]
+        if self._inference is None or not self._inference.fits(self.fold, inputs):
+            self._inference = build_program(self, inputs)
+        try:
+            outputs = self._inference.function(*inputs)
+        except RuntimeError:
+            # Bottoms of another size than the net was built for: the per-layer path names the layer.
+            values = self.run(dict(bound), keep=frozenset(self.output_names))
+            return {name: values[name] for name in self.output_names}
+        return dict(zip(self.output_names, outputs))
+
+    def train(self, mode: bool = True):
+        self._inference = None  # layers normalise differently in each mode
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._inference = None  # .to(), .double(), .cuda() may replace or convert any tensor
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        # A copy must not run the original's function (it holds the original's modules).
+        state = dict(super().__getstate__())
+        state["_inference"] = None
+        return state
 
     def loss(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The weighted sum of the loss tops, as Caffe's net reports and differentiates it."""

@@ -59,7 +59,7 @@ def _cases():
 
 def _caffenet(proto, weights):
     torch.manual_seed(0)  # --random-init's seed: the same fillers
-    return load_net(proto, weights).eval()
+    return load_net(proto, weights, fold=False).eval()  # unfolded: the program's numbers
 
 
 def _runs(net, generator):

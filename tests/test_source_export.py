@@ -114,7 +114,8 @@ def _caffenet(proto, weights, options):
     shapes = {o.split("=")[0]: tuple(int(d) for d in o.split("=")[1].split(","))
               for o in options if "=" in o}
     torch.manual_seed(0)  # --random-init's seed: the same fillers
-    net = load_net(proto, weights, phase=phase, input_shapes=shapes or None)
+    # unfolded: the standalone form's numbers
+    net = load_net(proto, weights, phase=phase, input_shapes=shapes or None, fold=False)
     return net.eval()
 
 

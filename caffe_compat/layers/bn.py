@@ -77,6 +77,15 @@ class BN(CaffeLayer):
     def inverse_std(self, variance):
         return (variance + self.settings.eps).pow(-0.5)
 
+    def per_channel_affine(self, rank: int):
+        """(a, c) with forward(x) == x * a + c per channel, for the inference path's
+        folding; None when it normalises with the batch's statistics."""
+        if rank != 4 or not self.uses_stored_statistics():
+            return None
+        slope, bias, mean, variance = (b.reshape(-1) for b in self.caffe_blobs())
+        a = self.inverse_std(variance) * slope
+        return a, bias - mean * a
+
     def forward(self, x):
         s = self.settings
         slope, bias, stored_mean, stored_variance = (_per_channel(b) for b in self.caffe_blobs())
@@ -101,6 +110,12 @@ class SegNetBN(CaffeLayer):
         self.settings = s
         self.extra_tops = extra_tops
         self.scale, self.shift = nn.Parameter(scale), nn.Parameter(shift)
+
+    def per_channel_affine(self, rank: int):
+        """(scale, shift) in bn_mode INFERENCE, for the inference path's folding; None otherwise."""
+        if rank != 4 or not self.settings.inference or self.extra_tops:
+            return None
+        return self.scale.reshape(-1), self.shift.reshape(-1)
 
     def forward(self, x):
         if self.settings.inference:

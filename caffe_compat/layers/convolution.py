@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -64,6 +65,21 @@ class Convolution(CaffeLayer):
         self.bias = None if bias is None else nn.Parameter(bias)
         self.blob_names = ("weight",) if bias is None else ("weight", "bias")
         self.convolve = (TRANSPOSED_CONVOLUTIONS if transposed else CONVOLUTIONS)[len(geometry.kernel)]
+
+    def avoids_slow_path(self, shape) -> bool:
+        """Whether the inference path calls oneDNN for a float32 CPU bottom of this shape,
+        where torch would run `_slow_conv2d_forward`: one image of at most 20480 values,
+        one group, a kernel of at most 3x3 (torch's rule for choosing oneDNN, in
+        aten/native/Convolution.cpp). A 1x1 unstrided convolution on one thread stays
+        where torch keeps it on purpose, its own kernel being the faster there."""
+        g = self.geometry
+        if self.transposed or len(g.kernel) != 2 or len(shape) != 4 or shape[0] != 1 or g.group != 1:
+            return False
+        if all(k > 3 for k in g.kernel) or shape[1] * shape[2] * shape[3] > 20480:
+            return False
+        pointwise = all(v == 1 for v in (*g.kernel, *g.stride, *g.dilation))
+        return (not (pointwise and torch.get_num_threads() == 1) and self.weight.dtype == torch.float32
+                and torch.backends.mkldnn.is_available())
 
     def _convolve(self, x):
         g = self.geometry

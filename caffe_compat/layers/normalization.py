@@ -68,6 +68,14 @@ class BatchNorm(CaffeLayer):
         inverse = torch.where(factor == 0, torch.zeros_like(factor), 1 / factor)
         return self.mean * inverse, torch.sqrt(self.variance * inverse + self.eps)
 
+    def per_channel_affine(self, rank: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(a, c) with forward(x) == x * a + c per channel of axis 1 (up to rounding),
+        for the inference path's folding; None when it normalises with the batch's statistics."""
+        if not self.uses_global_stats():
+            return None
+        mean, std = self.global_statistics()
+        return 1 / std, -mean / std
+
     def forward(self, x):
         if self.uses_global_stats():
             mean, std = self.global_statistics()
@@ -171,6 +179,13 @@ class Scale(CaffeLayer):
         self.bias = None if bias is None else nn.Parameter(bias)
         self.blob_names = tuple(name for name, blob in (("weight", weight), ("bias", bias)) if blob is not None)
 
+    def per_channel_affine(self, rank: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(a, c) with forward(x) == x * a + c per channel of axis 1, for the inference
+        path's folding; None for a scale read from a bottom or covering other axes."""
+        if self.weight is None or self.weight.dim() != 1 or self.trailing != rank - 2:
+            return None
+        return self.weight, torch.zeros_like(self.weight) if self.bias is None else self.bias
+
     def forward(self, x, scale=None):
         out = x * _broadcast(self.weight if scale is None else scale, self.trailing)
         if self.bias is not None:
@@ -186,6 +201,12 @@ class Bias(CaffeLayer):
         self.trailing = trailing
         self.bias = None if bias is None else nn.Parameter(bias)
         self.blob_names = () if bias is None else ("bias",)
+
+    def per_channel_affine(self, rank: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(1, bias) per channel of axis 1, as Scale's; None for a bias read from a bottom."""
+        if self.bias is None or self.bias.dim() != 1 or self.trailing != rank - 2:
+            return None
+        return torch.ones_like(self.bias), self.bias
 
     def forward(self, x, bias=None):
         return x + _broadcast(self.bias if bias is None else bias, self.trailing)
