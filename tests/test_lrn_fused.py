@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caffe_compat import native
+from caffe_compat.layers import native
 from caffe_compat.layers import lrn
 from caffe_compat.layers.lrn import AcrossChannelLRN, WithinChannelLRN
 
