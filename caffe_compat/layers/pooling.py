@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer_params import pool_window, pooled_sizes, spp_level_window
+from .lrn import memory_format_of
 from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, LayerContext, no_source_form, register, register_onnx, register_source
 
@@ -105,7 +106,9 @@ class MaxPooling(CaffeLayer):
         g = self.geometry
         if not self.with_mask:
             # torch's channels-last max pooling is 3-10x faster on CPU than its NCHW one,
-            # conversions included (GoogLeNet's pools); the result is the same.
+            # conversions included (GoogLeNet's pools); the result is the same. The top
+            # keeps the bottom's layout: a channels-last net (training) converts nothing.
+            top_format = memory_format_of(x)
             x = x.contiguous(memory_format=torch.channels_last)
         if self.native:
             pooled = F.max_pool2d(x, g.kernel, g.stride, g.pad, ceil_mode=True, return_indices=self.with_mask)
@@ -114,7 +117,7 @@ class MaxPooling(CaffeLayer):
             padded = F.pad(x, self.explicit_pad, value=-FLT_MAX)
             pooled = F.max_pool2d(padded, g.kernel, g.stride, return_indices=self.with_mask)
         if not self.with_mask:
-            return pooled.contiguous()
+            return pooled.contiguous(memory_format=top_format)
         top, index = pooled
         if not self.native:
             left, right, upper, _ = self.explicit_pad
