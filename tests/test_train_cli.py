@@ -405,7 +405,7 @@ def test_precision_and_memory_format_against_caffe(solver_dir, options, low, hig
 
 
 def test_fp32_trains_channels_last_on_cpu_by_default(solver_dir):
-    # oneDNN convolves channels-last faster on CPU (GoogLeNet's iteration 1.5x), with
+    # oneDNN convolves channels-last faster on CPU (GoogLeNet's iteration 1.2x to 1.5x), with
     # Caffe's numbers (test_solver_fixture_equals_caffe runs this default); CUDA keeps NCHW.
     trainer = Trainer("solver.prototxt", weights="init.caffemodel", device="cpu")
     weight = dict(trainer.net.named_parameters())["layers.conv1.weight"]

@@ -24,6 +24,7 @@ from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, LayerContext, no_source_form, register, register_onnx, register_source
 
 FLT_MAX = float(np.finfo(np.float32).max)
+torch.fx.wrap("memory_format_of")  # traced graphs ask the layout at run time, as the module does
 MAX, AVE, STOCHASTIC = 0, 1, 2  # PoolingParameter.PoolMethod
 
 
