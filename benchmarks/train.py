@@ -425,7 +425,8 @@ def main() -> int:
                           f"loaded machine.")
     if not torch.cuda.is_available():
         args.notes.append("no CUDA device here: the CUDA rows (fp32 in NCHW, its default there; bf16 and fp16 "
-                          f"with channels_last, batch {args.cuda_batch}) come from running this script (or benchmarks/gpu_check.sh) on a GPU.")
+                          f"with channels_last, batch {args.cuda_batch}) come from running this script (or "
+                          "benchmarks/gpu_check.sh) on a GPU.")
     caffe = dict(ISSUE_CAFFE)
     if args.caffe_python and args.cpu_batch:
         measured = measure_caffe(args.caffe_python, args.paper_model, args.cpu_batch, args.iterations, args.threads)
