@@ -1,28 +1,35 @@
 """Training speed: one iteration (forward, backward, Caffe's SGD update) of the paper's
-GoogLeNet embedder with the lifted loss, in the trainer's precisions and memory formats
-measured side by side in one process (the configurations take turns, iteration by
-iteration, so load from other processes falls on all of them alike) with the process's
-peak resident memory during each iteration; and the data pipeline alone (the Data
-layer over an LMDB of 256x256 JPEG datums with crop 227, mirror and a mean file), which
-must deliver at least twice what the model consumes.
+GoogLeNet embedder with the lifted loss, in the trainer's default and other precisions
+and memory formats, measured side by side in one process (the configurations take turns,
+iteration by iteration, so load from other processes falls on all of them alike) with
+the process's peak resident memory during each iteration, against real Caffe's
+iteration; and the data pipeline alone (the Data layer over an LMDB of 256x256 JPEG
+datums with crop 227, mirror and a mean file), which must deliver at least twice what
+the model consumes.
 
     python benchmarks/train.py [--paper-model DIR] [--cpu-batch N] [--cuda-batch N]
-                               [--iterations K] [--no-data] [--no-write]
+                               [--iterations K] [--caffe-python PATH] [--no-data] [--no-write]
 
 The net is the paper's train_val prototxt with its Data layer replaced by an Input
 (random weights from its fillers; batches of same-class pairs, as the paper's LMDB),
 run exactly as `caffe-compat train --precision P --memory-format F` runs it. CPU runs
 use 2 threads (`--threads`). `--cpu-batch 0` skips the CPU rows (benchmarks/gpu_check.sh on a GPU).
+Real Caffe: with `--caffe-python PATH` (a Python that imports a pycaffe built with the
+paper's LiftedStructSimilaritySoftmaxLoss, see the oracle's BUILD.md), the same net and
+solver are timed there (`solver.step(1)`, in a subprocess before the others, same thread
+count); otherwise the ratios are to the iteration issue 22 measured, named as such.
 Prints a table and writes the section "## Training" of benchmarks/RESULTS.md (other
-sections are left as they are).
+sections are left as they are) unless `--no-write`.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import io
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,11 +52,10 @@ IMAGE_SIDE = 256
 
 # ---------------------------------------------------------------- the model
 
-def paper_net(paper_model: Path, batch: int):
-    """The paper's TRAIN net with an Input (data, label) in place of its Data layer."""
-    from caffe_compat.graph import build_graph
+def paper_net_param(paper_model: Path, batch: int):
+    """The paper's TRAIN net with an Input (data, label) in place of its Data layer:
+    (its NetParameter, the prototxt's dialect)."""
     from caffe_compat.io.files import read_prototxt
-    from caffe_compat.net import CaffeNet
 
     path = next(paper_model.glob("train_val_*.prototxt"))
     net_file = read_prototxt(path)
@@ -60,7 +66,15 @@ def paper_net(paper_model: Path, batch: int):
     data.ClearField("transform_param")
     data.input_param.shape.add().dim.extend([batch, 3, CROP, CROP])
     data.input_param.shape.add().dim.extend([batch])
-    return CaffeNet(build_graph(net, "TRAIN", net_file.dialect))
+    return net, net_file.dialect
+
+
+def paper_net(paper_model: Path, batch: int):
+    from caffe_compat.graph import build_graph
+    from caffe_compat.net import CaffeNet
+
+    net, dialect = paper_net_param(paper_model, batch)
+    return CaffeNet(build_graph(net, "TRAIN", dialect))
 
 
 def paper_solver(paper_model: Path, net):
@@ -71,16 +85,22 @@ def paper_solver(paper_model: Path, net):
     return CaffeSolver(param, learnable_params(net))
 
 
-# (precision, memory format, activations kept through backward): the first is the trainer before
-# this round's work (fp32, NCHW, every blob held until the loss had been differentiated).
-BEFORE = ("fp32", "nchw", True)
-CONFIGS = [BEFORE, ("fp32", "nchw", False), ("fp32", "channels_last", False), ("bf16", "channels_last", False)]
-CUDA_CONFIGS = [("fp32", "nchw", False), ("bf16", "channels_last", False), ("fp16", "channels_last", False)]
+# (precision, memory format): None is the trainer's default for the device (channels_last on
+# CPU); nchw is Caffe's own layout, the fp32 default before channels_last.
+CONFIGS = [("fp32", None), ("fp32", "nchw"), ("bf16", "channels_last")]
+CUDA_CONFIGS = [("fp32", None), ("bf16", "channels_last"), ("fp16", "channels_last")]
+# Issue 22's real Caffe (BVLC, CPU build with OpenBLAS, the paper's layer) on its machine.
+ISSUE_CAFFE = {"seconds": 3.40, "peak_gb": 2.6, "batch": 32,
+               "source": "real Caffe as issue 22 measured it (AMD EPYC Zen 5, 2 cores, AVX-512 with bf16), "
+                         "not on this machine"}
 
 
-def label(config) -> str:
-    precision, memory_format, keep_all = config
-    return f"{precision}, {memory_format}" + (", all blobs kept (before)" if keep_all else "")
+def label(config, device_type: str) -> str:
+    from caffe_compat.solver.precision import check_precision
+
+    precision, memory_format = config
+    resolved = check_precision(precision, memory_format, device_type)
+    return f"{precision}, {resolved}" + (" (the default)" if memory_format is None else "")
 
 
 class Iteration:
@@ -88,11 +108,12 @@ class Iteration:
     as caffe_compat.solver.trainer.Trainer does."""
 
     def __init__(self, paper_model: Path, batch: int, device: str, config):
-        from caffe_compat.solver.precision import MEMORY_FORMATS, LossScaler, losses_in_float32
+        from caffe_compat.solver.precision import MEMORY_FORMATS, LossScaler, check_precision, losses_in_float32
 
-        self.precision, memory_format, self.keep_all = config
+        self.precision, memory_format = config
         torch.manual_seed(0)
         self.device = torch.device(device)
+        memory_format = check_precision(self.precision, memory_format, self.device.type)
         self.net = paper_net(paper_model, batch).to(self.device, memory_format=MEMORY_FORMATS[memory_format])
         if self.precision != "fp32":
             losses_in_float32(self.net)
@@ -101,7 +122,7 @@ class Iteration:
         generator = torch.Generator().manual_seed(1)
         self.inputs = {"data": torch.randn(batch, 3, CROP, CROP, generator=generator).to(self.device),
                        "label": torch.arange(batch // 2).repeat_interleave(2).float().to(self.device)}
-        self.keep = None if self.keep_all else [top for top, _ in self.net.loss_terms]
+        self.keep = [top for top, _ in self.net.loss_terms]
 
     def __call__(self) -> float:
         from caffe_compat.solver.precision import autocast
@@ -109,18 +130,16 @@ class Iteration:
         for p in self.solver.params:
             p.tensor.grad = None
         with autocast(self.device, self.precision):
-            blobs = self.net.run(dict(self.inputs), keep=self.keep)
-            loss = self.net.loss(blobs)
-        if not self.keep_all:
-            del blobs
+            loss = self.net.loss(self.net.run(dict(self.inputs), keep=self.keep))
         (loss * self.scaler.scale if self.scaler else loss).backward()
         if self.scaler is None or self.scaler.unscale([p.tensor.grad for p in self.solver.params]):
             self.solver.step()
         else:
             self.solver.skip()
+        self.net.first_nonfinite_layer()  # the trainer's check after every update
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return float(loss)
+        return float(loss.detach())
 
 
 def measure_models(paper_model: Path, batch: int, device: str, iterations: int, configs) -> List[Dict]:
@@ -191,6 +210,68 @@ def bf16_error() -> Optional[float]:
     return errors
 
 
+# ---------------------------------------------------------------- real Caffe
+
+CAFFE_TIMING = r"""
+import json, resource, sys, time
+import numpy as np
+import caffe
+
+solver_path, iterations, layer = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if layer not in caffe.layer_type_list():
+    print(json.dumps({"missing": layer}))
+    sys.exit(0)
+caffe.set_mode_cpu()
+solver = caffe.get_solver(solver_path)
+net = solver.net
+net.blobs["data"].data[...] = np.random.default_rng(1).standard_normal(net.blobs["data"].data.shape)
+batch = net.blobs["label"].data.shape[0]
+net.blobs["label"].data[...] = np.repeat(np.arange(batch // 2), 2)
+times = []
+for _ in range(iterations + 1):  # the first warms up
+    start = time.perf_counter()
+    solver.step(1)
+    times.append(time.perf_counter() - start)
+times = sorted(times[1:])
+print(json.dumps({"seconds": times[len(times) // 2], "best": times[0],
+                  "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
+"""
+LIFTED = "LiftedStructSimilaritySoftmaxLoss"
+
+
+def measure_caffe(caffe_python: str, paper_model: Path, batch: int, iterations: int, threads: int) -> Dict:
+    """Real Caffe's iteration (forward, backward, its solver's update) on the same net and
+    solver, in `caffe_python`; {"skipped": why} where that Caffe cannot run it."""
+    from google.protobuf import text_format
+
+    from caffe_compat.io.files import read_solver
+
+    with tempfile.TemporaryDirectory() as tmp:
+        net, _ = paper_net_param(paper_model, batch)
+        (Path(tmp) / "net.prototxt").write_text(text_format.MessageToString(net))
+        solver = read_solver(next(paper_model.glob("solver_*.prototxt")))
+        for name in ("net", "net_param", "train_net", "train_net_param", "test_net", "test_net_param", "test_iter",
+                     "snapshot_prefix"):
+            solver.ClearField(name)
+        solver.net = str(Path(tmp) / "net.prototxt")
+        solver.test_interval, solver.snapshot, solver.display, solver.max_iter = 0, 0, 0, 10 ** 6
+        solver.snapshot_after_train = False
+        (Path(tmp) / "solver.prototxt").write_text(text_format.MessageToString(solver))
+        environment = dict(os.environ, GLOG_minloglevel="2", OPENBLAS_NUM_THREADS=str(threads),
+                           OMP_NUM_THREADS=str(threads))
+        done = subprocess.run([caffe_python, "-c", CAFFE_TIMING, str(Path(tmp) / "solver.prototxt"),
+                               str(iterations), LIFTED], capture_output=True, text=True, env=environment, cwd=tmp)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"skipped": f"{caffe_python} could not run the paper's net (exit {done.returncode}: {last})"}
+    result = json.loads(lines[-1])
+    if "missing" in result:
+        return {"skipped": f"the Caffe of {caffe_python} has no {LIFTED} layer (the paper's loss): BVLC Caffe "
+                           f"without the paper fork's layer cannot run this net"}
+    return dict(result, batch=batch, source=f"real Caffe, measured here ({caffe_python}, {threads} threads)")
+
+
 # ---------------------------------------------------------------- the data pipeline
 
 def write_jpeg_lmdb(folder: Path, count: int) -> Path:
@@ -252,27 +333,50 @@ def measure_data(batch: int, count: int, batches: int, threads: Optional[int]) -
 
 # ---------------------------------------------------------------- the report
 
-def report(args, rows: List[Dict], data: Optional[Dict[str, float]], errors) -> str:
+def native_bf16() -> str:
+    """Whether this CPU computes bf16 natively, as /proc/cpuinfo and torch's oneDNN see it."""
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    onednn = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if found and onednn:
+        return f"this CPU has native bf16 ({', '.join(found)})"
+    return (f"this CPU has NO native bf16 (no avx512_bf16 or amx_bf16 flag; oneDNN bf16 "
+            f"{'available' if onednn else 'unavailable'}): its bf16 row is emulated and is no measure of the "
+            f"bf16 goal, which is for CPUs with native bf16")
+
+
+def report(args, rows: List, caffe: Dict, data: Optional[Dict[str, float]], errors) -> str:
+    caffe_line = (f"Real Caffe: {caffe['seconds']:.2f} s per iteration at batch {caffe['batch']}, peak RSS "
+                  f"{caffe['peak_gb']:.1f} GB: {caffe['source']}.")
     lines = [SECTION, "",
              f"`python benchmarks/train.py --cpu-batch {args.cpu_batch} --iterations {args.iterations} "
-             f"--threads {args.threads}` "
+             f"--threads {args.threads}{' --caffe-python ' + args.caffe_python if args.caffe_python else ''}` "
              f"({datetime.date.today().isoformat()}).",
              machine_line(args.load_before) + f" Load average (1 min) at the end {os.getloadavg()[0]:.1f}: "
              "other engineers' processes share the 2 cores, so absolute figures are lower bounds; the ratios "
-             "come from configurations taking turns iteration by iteration in one process.",
+             "between our rows come from configurations taking turns iteration by iteration in one process. "
+             f"bf16: {native_bf16()}.",
              "",
              "One training iteration of the paper's GoogLeNet embedder (227x227 crops, `fc_embedding` 64-d, "
-             "lifted loss, Caffe's SGD update with the paper's solver), random weights, median over the "
-             f"timed iterations ({args.iterations} per configuration):", "",
+             "lifted loss, Caffe's SGD update with the paper's solver, the NaN check), random weights, median "
+             f"over the timed iterations ({args.iterations} per configuration). {caffe_line}", "",
              "| device | precision, memory format | batch | s / iteration (median / best) | images/s | "
-             "speed-up over the first row | peak RSS of the process during an iteration (GB) |",
+             "real Caffe's s / iteration over this | peak RSS of the process during an iteration (GB) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for device, device_rows in rows:
-        base = device_rows[0]["seconds"]
+    for device, device_type, device_rows in rows:
         for row in device_rows:
             peak = row["peak_gb"]
-            lines.append(f"| {device} | {label(row['config'])} | {row['batch']} | {row['seconds']:.2f} / "
-                         f"{row['best']:.2f} | {row['batch'] / row['seconds']:.2f} | {base / row['seconds']:.2f}x | "
+            comparable = device_type == "cpu" and row["batch"] == caffe["batch"]
+            ratio = f"{caffe['seconds'] / row['seconds']:.2f}x" if comparable else "-"
+            lines.append(f"| {device} | {label(row['config'], device_type)} | {row['batch']} | {row['seconds']:.2f} / "
+                         f"{row['best']:.2f} | {row['batch'] / row['seconds']:.2f} | {ratio} | "
                          f"{'-' if peak is None else f'{peak:.2f}'} |")
     if errors:
         lines += ["", f"Error of lower precision: the solver fixture (10 SGD iterations) trained with "
@@ -283,7 +387,7 @@ def report(args, rows: List[Dict], data: Optional[Dict[str, float]], errors) -> 
                   f"Data pipeline alone (`Data` layer, TRAIN: LMDB of {args.data_images} encoded 256x256 JPEG "
                   f"datums, crop 227, mirror, mean file, batch {data['batch']}, {data['threads']} decode threads, "
                   f"one batch prefetched): **{data['images_per_s']:.1f} images/s**.", ""]
-        for device, device_rows in rows:
+        for device, _, device_rows in rows:
             fastest = min(r["seconds"] / r["batch"] for r in device_rows)
             ratio = data["images_per_s"] * fastest
             verdict = "meets" if ratio >= 2 else "does NOT meet"
@@ -307,7 +411,10 @@ def main() -> int:
     parser.add_argument("--data-images", type=int, default=512, help="JPEG datums in the generated LMDB")
     parser.add_argument("--data-batches", type=int, default=8)
     parser.add_argument("--data-threads", type=int, help="decode threads (default: the layer's default)")
+    parser.add_argument("--caffe-python", help="a Python whose `import caffe` is a pycaffe with the paper's layer: "
+                                               "real Caffe's iteration is timed there (default: issue 22's number)")
     parser.add_argument("--no-data", action="store_true", help="skip the data pipeline")
+    parser.add_argument("--no-errors", action="store_true", help="skip training the solver fixture in fp32 and bf16")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -317,26 +424,37 @@ def main() -> int:
         args.notes.append(f"CPU batch {args.cpu_batch} instead of the paper's 128, to fit the time on this "
                           f"loaded machine.")
     if not torch.cuda.is_available():
-        args.notes.append("no CUDA device here: the CUDA rows (fp32, bf16 and fp16 with channels_last, batch "
-                          f"{args.cuda_batch}) come from running this script (or benchmarks/gpu_check.sh) on a GPU.")
+        args.notes.append("no CUDA device here: the CUDA rows (fp32 in NCHW, its default there; bf16 and fp16 "
+                          f"with channels_last, batch {args.cuda_batch}) come from running this script (or "
+                          "benchmarks/gpu_check.sh) on a GPU.")
+    caffe = dict(ISSUE_CAFFE)
+    if args.caffe_python and args.cpu_batch:
+        measured = measure_caffe(args.caffe_python, args.paper_model, args.cpu_batch, args.iterations, args.threads)
+        if "skipped" in measured:
+            args.notes.append(f"real Caffe not timed here: {measured['skipped']}.")
+            print(f"real Caffe skipped: {measured['skipped']}", flush=True)
+        else:
+            caffe = measured
+            print(f"real Caffe: {caffe['seconds']:.2f} s per iteration, peak RSS {caffe['peak_gb']:.2f} GB", flush=True)
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if args.cpu_batch:
             device = f"CPU ({args.threads} thread{'s' if args.threads > 1 else ''})"
-            rows.append((device, measure_models(args.paper_model, args.cpu_batch, "cpu", args.iterations, CONFIGS)))
-            for row in rows[-1][1]:
-                print(f"{device} {label(row['config'])}: {row['seconds']:.2f} s per iteration, peak RSS "
+            rows.append((device, "cpu", measure_models(args.paper_model, args.cpu_batch, "cpu", args.iterations,
+                                                       CONFIGS)))
+            for row in rows[-1][2]:
+                print(f"{device} {label(row['config'], 'cpu')}: {row['seconds']:.2f} s per iteration, peak RSS "
                       f"{row['peak_gb']} GB", flush=True)
         if torch.cuda.is_available():
-            rows.append(("CUDA", measure_models(args.paper_model, args.cuda_batch, "cuda", max(args.iterations, 10),
-                                                CUDA_CONFIGS)))
-        errors = bf16_error()
+            rows.append(("CUDA", "cuda", measure_models(args.paper_model, args.cuda_batch, "cuda",
+                                                        max(args.iterations, 10), CUDA_CONFIGS)))
+        errors = None if args.no_errors else bf16_error()
         data = None
         if not args.no_data:
             data = measure_data(args.cuda_batch if torch.cuda.is_available() else 128, args.data_images,
                                 args.data_batches, args.data_threads)
-    text = report(args, rows, data, errors)
+    text = report(args, rows, caffe, data, errors)
     print(text)
     if not args.no_write:
         write_section(SECTION, text)

@@ -62,7 +62,8 @@ def _check_and_copy(node_name: str, node_type: str, module: nn.Module, arrays: S
                                    f"weights but the net needs {want}")
         values = np.asarray(array).reshape(want)
         with torch.no_grad():
-            if target.device.type == "cpu" and target.dtype in (torch.float32, torch.float64):
+            if target.device.type == "cpu" and target.dtype in (torch.float32, torch.float64) \
+                    and target.is_contiguous():  # a channels-last one (training) takes torch's copy
                 # straight into the parameter: the arrays may be read-only views of the mapped file
                 copy_out(values, target.detach().numpy())  # in chunks, releasing the file's pages
             else:

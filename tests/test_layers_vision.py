@@ -229,6 +229,27 @@ def test_pooling_empty_windows():
     assert np.isnan(top[:, :, 2]).all()
 
 
+@pytest.mark.parametrize("pad, native", [((0, 0), True), ((2, 2), False)])
+def test_max_pooling_keeps_the_bottoms_layout(pad, native):
+    # A channels-last net (training's default on CPU) pools without converting to NCHW
+    # and back; an NCHW bottom still gives an NCHW top. Values and gradients are the same.
+    shape, kernel, stride = (2, 5, 9, 8), (3, 3), (2, 2)
+    module = check_pooling("MAX", shape, kernel, stride, pad)
+    assert module.native == native
+    x = torch.tensor(RNG.standard_normal(shape), dtype=torch.float32)
+    nchw = module(x.clone().requires_grad_())
+    nhwc_bottom = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    nhwc = module(nhwc_bottom)
+    assert nchw.is_contiguous()
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
+    assert torch.equal(nchw, nhwc)
+    top_diff = torch.tensor(RNG.standard_normal(nchw.shape), dtype=torch.float32)
+    nhwc.backward(top_diff.contiguous(memory_format=torch.channels_last))
+    nchw_bottom = x.clone().requires_grad_()
+    module(nchw_bottom).backward(top_diff)
+    assert torch.equal(nhwc_bottom.grad, nchw_bottom.grad)
+
+
 def test_global_pooling():
     shape = (2, 3, 5, 6)
     x = RNG.standard_normal(shape).astype(np.float32)

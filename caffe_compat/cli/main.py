@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                    help="fp32 (default): Caffe's arithmetic; bf16/fp16: autocast, faster, less exact")
     p.add_argument("--memory-format", choices=("nchw", "channels_last"),
-                   help="layout of the 4-d weights and activations (default: nchw for fp32, else channels_last)")
+                   help="layout of the 4-d weights and activations (default: channels_last, but nchw for fp32 on CUDA)")
     _add_weights_options(p, memory=False, seed=False)  # the solver's random_seed, as Caffe's
     p.set_defaults(run=_cmd_train)
 

@@ -107,7 +107,8 @@ def _run_kernel(direction: str, tensors, channels_last: bool, size, alpha, beta,
         raise MemoryError(f"LRN: the C kernel could not allocate its scratch ({c} channels)")
 
 
-def _memory_format(t: torch.Tensor):
+def memory_format_of(t: torch.Tensor):
+    """channels_last where the tensor is laid out so (and not also plainly contiguous), else NCHW."""
     nhwc = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if nhwc else torch.contiguous_format
 
@@ -118,7 +119,7 @@ class _NativeAcrossLRNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, size, alpha, beta, k):
-        memory_format = _memory_format(x)
+        memory_format = memory_format_of(x)
         x = x.contiguous(memory_format=memory_format)
         top = torch.empty_like(x)
         _run_kernel("forward", (x, top), memory_format == torch.channels_last, size, alpha, beta, k)

@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..params.layer import pool_window, pooled_sizes, spp_level_window
+from .lrn import memory_format_of
 from .onnx_graph import FLOAT, OnnxGraph
 from .registry import CaffeLayer, LayerContext, no_source_form, register, register_onnx, register_source
 
 FLT_MAX = float(np.finfo(np.float32).max)
+torch.fx.wrap("memory_format_of")  # traced graphs ask the layout at run time, as the module does
 MAX, AVE, STOCHASTIC = 0, 1, 2  # PoolingParameter.PoolMethod
 
 
@@ -105,7 +107,9 @@ class MaxPooling(CaffeLayer):
         g = self.geometry
         if not self.with_mask:
             # torch's channels-last max pooling is 3-10x faster on CPU than its NCHW one,
-            # conversions included (GoogLeNet's pools); the result is the same.
+            # conversions included (GoogLeNet's pools); the result is the same. The top
+            # keeps the bottom's layout: a channels-last net (training) converts nothing.
+            top_format = memory_format_of(x)
             x = x.contiguous(memory_format=torch.channels_last)
         if self.native:
             pooled = F.max_pool2d(x, g.kernel, g.stride, g.pad, ceil_mode=True, return_indices=self.with_mask)
@@ -114,7 +118,7 @@ class MaxPooling(CaffeLayer):
             padded = F.pad(x, self.explicit_pad, value=-FLT_MAX)
             pooled = F.max_pool2d(padded, g.kernel, g.stride, return_indices=self.with_mask)
         if not self.with_mask:
-            return pooled.contiguous()
+            return pooled.contiguous(memory_format=top_format)
         top, index = pooled
         if not self.native:
             left, right, upper, _ = self.explicit_pad

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -118,20 +118,36 @@ class CaffeSolver:
 
     @torch.no_grad()
     def step(self) -> float:
-        """One ApplyUpdate plus Net::Update; returns the rate used. Grads are consumed."""
+        """One ApplyUpdate plus Net::Update; returns the rate used. Grads are consumed.
+        The params sharing a decay and a rate (GoogLeNet: 116 params, 4 groups) are
+        normalized, regularized and, for SGD, updated by one torch._foreach_* call each:
+        the same operations on every param as one at a time, without Python per param."""
         rate = self.learning_rate()
         grads = [p.tensor.grad if p.tensor.grad is not None else torch.zeros_like(p.tensor) for p in self.params]
         self._clip(grads)
-        updates = []
+        groups: Dict[Tuple[float, float], List[int]] = {}
         # A float32 rate times lr_mult may overflow to inf, as in Caffe: the trainer's
         # check on the weights then reports it, in one line.
         with np.errstate(over="ignore"):
-            for p, grad, history in zip(self.params, grads, self.history):
-                self._normalize(grad)
-                self._regularize(p, grad)
-                updates.append(self._update_value(p, grad, history, rate))
-        for p, update in zip(self.params, updates):
-            p.tensor.sub_(update)
+            for index, p in enumerate(self.params):
+                local_decay = float(f32(self.param.weight_decay) * f32(p.decay_mult))
+                groups.setdefault((local_decay, float(f32(rate) * f32(p.lr_mult))), []).append(index)
+        for (local_decay, local_rate), indices in groups.items():
+            weights = [self.params[i].tensor for i in indices]
+            group_grads = [grads[i] for i in indices]
+            if self.param.iter_size > 1:  # Normalize
+                torch._foreach_mul_(group_grads, float(f32(1) / f32(self.param.iter_size)))
+            if local_decay:  # Regularize
+                decay = weights if self.param.regularization_type == "L2" else torch._foreach_sign(weights)
+                torch._foreach_add_(group_grads, decay, alpha=local_decay)
+            if self.kind == "SGD":  # ComputeUpdateValue and Net::Update; the history is the update
+                history = [self.history[i][0] for i in indices]
+                torch._foreach_mul_(history, float(self.param.momentum))
+                torch._foreach_add_(history, group_grads, alpha=local_rate)
+                torch._foreach_sub_(weights, history)
+                continue
+            updates = [self._update_value(grads[i], self.history[i], local_rate) for i in indices]
+            torch._foreach_sub_(weights, updates)
         self.iter += 1
         return rate
 
@@ -152,30 +168,12 @@ class CaffeSolver:
             for g in grads:
                 g.mul_(scale)
 
-    def _normalize(self, grad: torch.Tensor) -> None:
-        if self.param.iter_size > 1:
-            grad.mul_(float(f32(1) / f32(self.param.iter_size)))
-
-    def _regularize(self, p: LearnableParam, grad: torch.Tensor) -> None:
-        local_decay = float(f32(self.param.weight_decay) * f32(p.decay_mult))
-        if not local_decay:
-            return
-        if self.param.regularization_type == "L2":
-            grad.add_(p.tensor, alpha=local_decay)
-        else:
-            grad.add_(torch.sign(p.tensor), alpha=local_decay)
-
-    def _update_value(self, p: LearnableParam, grad: torch.Tensor, history: List[torch.Tensor],
-                      rate: float) -> torch.Tensor:
-        """ComputeUpdateValue of each solver: the value Net::Update subtracts."""
+    def _update_value(self, grad: torch.Tensor, history: List[torch.Tensor], local_rate: float) -> torch.Tensor:
+        """ComputeUpdateValue of each solver but SGD (done in `step`): the value Net::Update subtracts."""
         prm = self.param
-        local_rate = float(f32(rate) * f32(p.lr_mult))
         momentum = float(prm.momentum)
         delta = float(prm.delta)
         h = history[0]
-        if self.kind == "SGD":
-            h.mul_(momentum).add_(grad, alpha=local_rate)
-            return h.clone()
         if self.kind == "Nesterov":
             previous = h.clone()
             h.mul_(momentum).add_(grad, alpha=local_rate)

@@ -105,7 +105,6 @@ class Trainer:
         if sampler is not None:
             parse_sampler(sampler, None, "--sampler")  # its spelling, before any work
         self.precision = precision
-        self.memory_format = check_precision(precision, memory_format)
         self.loss_scaler = LossScaler() if precision == "fp16" else None
         self.stream = stream if stream is not None else sys.stdout
         self.dist = Distributed.from_env()
@@ -114,6 +113,7 @@ class Trainer:
         if self.dist.active and self.device.type == "cuda":
             self.device = resolve_device(f"cuda:{self.dist.local_rank}")
             torch.cuda.set_device(self.device)
+        self.memory_format = check_precision(precision, memory_format, self.device.type)
         seed = int(self.param.random_seed)
         if seed >= 0:
             torch.manual_seed(seed)  # same fillers on every rank
