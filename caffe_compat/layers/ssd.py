@@ -21,7 +21,7 @@ from ..ssd_params import (DetectionSettings, PriorBoxSettings, detection_setting
                           prior_box_top)
 from .bbox import box_size, decode, greedy_nms, libstdcxx_sort
 from .onnx_graph import FLOAT, OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 BOOL, DOUBLE = 9, 11  # TensorProto.DataType
 # What DetectionOutput's ONNX output holds, for the model's metadata.
@@ -111,6 +111,41 @@ def build_prior_box(ctx: LayerContext):
     top = prior_box_top(ctx, settings)
     # the image bottom only lends its size, and only when img_size/img_h/img_w are not given
     return ctx.wire(PriorBox(settings), top_shapes=[top])
+
+
+PRIOR_BOX_SOURCE = """
+class PriorBox(nn.Module):
+    \"\"\"The SSD fork's PriorBox: boxes and their variances, (1, 2, count), that depend only on the
+    feature map's size and the image's; computed by caffe-compat for the sizes the net was converted
+    at and saved with the weights (other sizes are refused: convert the net at those).\"\"\"
+
+    def __init__(self, count, feature_size, image_size=None):
+        super().__init__()
+        self.register_buffer("priors", torch.zeros(1, 2, count))
+        self.sizes = (feature_size, image_size)  # image_size None: fixed by the layer's img_size
+
+    def forward(self, feature, image=None):
+        sizes = (tuple(feature.shape[2:4]), None if self.sizes[1] is None else tuple(image.shape[2:4]))
+        if sizes != self.sizes:
+            raise ValueError(f"PriorBox: converted for feature map and image sizes {self.sizes}, given {sizes}")
+        return self.priors
+"""
+
+
+@register_source("PriorBox")
+def prior_box_to_source(src, ctx, module: PriorBox, inputs, outputs):
+    s = module.settings
+    layer_h, layer_w = legacy_hw(tuple(ctx.bottom_shapes[0]))
+    if s.img_h and s.img_w:
+        (img_h, img_w), image_size = (s.img_h, s.img_w), ""
+    else:
+        img_h, img_w = legacy_hw(tuple(ctx.bottom_shapes[1]))
+        image_size = f", {tuple(ctx.bottom_shapes[1][2:4])}"
+    priors = torch.from_numpy(prior_boxes(s, layer_h, layer_w, img_h, img_w))
+    src.helper(PRIOR_BOX_SOURCE)
+    layer = src.attribute(ctx, f"PriorBox({priors.shape[-1]}, {tuple(ctx.bottom_shapes[0][2:4])}{image_size})",
+                          {"priors": priors})
+    src.assign(outputs, f"{layer}({', '.join(inputs)})")
 
 
 class DetectionOutput(CaffeLayer):
