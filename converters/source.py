@@ -185,9 +185,12 @@ def generate(net: CaffeNet, sources: Sequence[str], dialect: str,
         cls += "Net"
     inputs = [variables[b] for b in net.input_names]
     outputs = [variables[b] for b in net.output_names]
-    body = [f"class {cls}(nn.Module):",
-            f'    """Caffe net \'{net.graph.name}\', phase {net.phase}: forward({", ".join(inputs)}) -> '
-            f'{", ".join(net.output_names) or "nothing"}."""', "",
+    doc = (f"Caffe net '{net.graph.name}', phase {net.phase}: forward({', '.join(inputs)}) -> "
+           f"{', '.join(net.output_names) or 'nothing'}.")
+    doc_lines = textwrap.wrap(doc, LINE_LIMIT - len('    """"""'), break_on_hyphens=False)
+    if len(doc_lines) > 1:  # a long signature: the docstring over several lines, closed on its own
+        doc_lines = doc_lines[:1] + ["    " + line for line in doc_lines[1:]] + ["    "]
+    body = [f"class {cls}(nn.Module):", '    """' + "\n".join(doc_lines) + '"""', "",
             "    def __init__(self):", "        super().__init__()"]
     body += [line for statement in writer.init_lines for line in wrap(statement, INDENT)] or ["        pass"]
     body += ["", f"    def forward(self, {', '.join(inputs)}):"]

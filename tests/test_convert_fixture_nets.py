@@ -1,0 +1,165 @@
+"""Every fixture net through `convert -o model.py` and `convert -o model.pt2`: the generated
+module and the exported program give the CaffeNet's outputs to the bit on the fixture's
+inputs (the module's gradients too, where the fixture has Caffe's top diffs); a net that
+cannot be written is refused in one line naming the layer and its type. The CaffeNet runs
+the PyTorch LRN, as both targets do (test_source_export checks it against the C kernel).
+The public nets, whose programs take 15 to 40 s each to export, are checked as model.py."""
+import importlib.util
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from caffe_compat.cli import main
+from caffe_compat.layers import lrn
+from caffe_compat.loading import load_net
+
+from conftest import FIXTURES, PAPER_MODEL, REFERENCE
+
+PUBLIC = FIXTURES / "public-nets"
+TRAIN_VAL = PAPER_MODEL / "train_val_googlenet_finetune_liftedstructsim_softmax_pair_m128_multilabel_embed64.prototxt"
+# What each target refuses, by case: a part of its one-line message.
+NO_SOURCE = {"upsample_00": "layer 'pool' (Pooling)", "upsample_02": "layer 'pool' (Pooling)",
+             "roipool_00": "layer 'roi' (ROIPooling)", "roipool_01": "layer 'roi' (ROIPooling)",
+             "detout_00": "layer 'det' (DetectionOutput)", "detout_02": "layer 'det' (DetectionOutput)",
+             "detout_05": "layer 'det' (DetectionOutput)", "net_tiny_ssd": "layer 'detection_out' (DetectionOutput)",
+             "mobilenet-ssd": "(DetectionOutput)", "res10-face": "(DetectionOutput)",
+             "segnet-basic": "layer 'pool1' (Pooling)", "faster-rcnn-vgg16": "layer 'proposal' (Python)"}
+NO_PROGRAM = {**{name: "(LiftedStructSimilaritySoftmaxLoss)" for name in
+                 ("lifted_margin_half_far", "lifted_multi_pos_m32_d16", "lifted_pairs_m128_d64", "paper_train")},
+              **{name: NO_SOURCE[name] for name in ("detout_00", "detout_02", "detout_05", "net_tiny_ssd")},
+              "roipool_00": "layer 'roi' (ROIPooling)", "roipool_01": "layer 'roi' (ROIPooling)",
+              "upsample_00": "layer 'up' (Upsample)", "upsample_02": "layer 'up' (Upsample)"}
+# The file's LRN leaves its backward to autograd, which rounds otherwise than Caffe's formula.
+AUTOGRAD_BACKWARD = {"lrn_across", "lrn_within"}
+PUBLIC_NETS = {"densenet-121": "DenseNet_121", "mobilenet-v2": "mobilenet_v2_deploy",
+               "shufflenet-v2": "shufflenet_v2_1x_deploy", "se-resnet-50": "SE-ResNet-50",
+               "pspnet50-ade20k": "pspnet50_ADE20K_473", "segnet-basic": "segnet_basic_camvid",
+               "mobilenet-ssd": "MobileNetSSD_deploy", "res10-face": "opencv_res10_face_deploy",
+               "faster-rcnn-vgg16": "faster_rcnn_vgg16_voc_test"}
+
+
+def _reference_cases():
+    """(name, prototxt, weights, options) of the nets Caffe ran, their inputs in the npz beside them."""
+    stems = [REFERENCE / "nets" / "googlenet_deploy", REFERENCE / "nets" / "v1_legacy" / "v1"]
+    for folder in (REFERENCE / "layers", REFERENCE / "forks" / "layers", REFERENCE / "forks" / "ssd"):
+        stems += sorted(p.with_suffix("") for p in folder.glob("*.prototxt"))
+    return [(stem.name, stem.with_suffix(".prototxt"), stem.with_suffix(".caffemodel"), []) for stem in stems]
+
+
+CASES = _reference_cases() + [
+    ("paper_extract", PAPER_MODEL / "extract_googlenet_ebay_feature_embed64.prototxt", None, ["--random-init"]),
+    ("paper_train", TRAIN_VAL, None, ["--random-init", "--phase", "TRAIN", "--input-shape", "data=4,3,227,227",
+                                      "--input-shape", "label=4"])]
+
+
+def _net(proto, weights, options):
+    """The CaffeNet the conversion built: --random-init draws the fillers with seed 0."""
+    phase = "TRAIN" if "TRAIN" in options else "TEST"
+    shapes = {o.split("=")[0]: tuple(int(d) for d in o.split("=")[1].split(",")) for o in options if "=" in o}
+    torch.manual_seed(0)
+    return load_net(proto, weights, phase=phase, input_shapes=shapes or None).eval()
+
+
+def _inputs(net, weights, proto, requires_grad=False):
+    if weights is not None:
+        ref = np.load(proto.with_suffix(".npz"))
+        inputs = [torch.from_numpy(ref[f"input/{name}"]) for name in net.input_names]
+    else:  # images, and labels of two classes for a loss
+        generator = torch.Generator().manual_seed(0)
+        inputs = [torch.rand(net.blob_shapes[name], generator=generator) * 255 if len(net.blob_shapes[name]) > 1
+                  else torch.arange(net.blob_shapes[name][0]).remainder(2).float() for name in net.input_names]
+    return [x.requires_grad_(requires_grad and x.dim() > 1) for x in inputs]
+
+
+def _convert(name, proto, weights, options, out, refusals, capsys):
+    """Converts; True when written, else checks the one-line refusal naming the layer and type."""
+    code = main(["convert", str(proto), *([str(weights)] if weights else []), *options, "-o", str(out)])
+    err = capsys.readouterr().err
+    if name not in refusals:
+        assert code == 0, err
+        return True
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert refusals[name] in err, err
+    assert not out.exists()
+    return False
+
+
+def _import(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_source(path: Path):
+    """The generated file: lines of at most 120 characters, nothing pyflakes reports (where installed)."""
+    text = path.read_text()
+    assert max(len(line) for line in text.splitlines()) <= 120
+    if importlib.util.find_spec("pyflakes") is not None:
+        from pyflakes.api import check
+        from pyflakes.reporter import Reporter
+
+        report = io.StringIO()
+        assert check(text, path.name, Reporter(report, report)) == 0, report.getvalue()
+
+
+def _source_matches(name, proto, weights, options, tmp_path, capsys):
+    if not _convert(name, proto, weights, options, tmp_path / "model.py", NO_SOURCE, capsys):
+        return
+    _check_source(tmp_path / "model.py")
+    model = _import(tmp_path / "model.py").load()
+    net = _net(proto, weights, options)
+    has_diffs = (weights is not None and name not in AUTOGRAD_BACKWARD
+                 and any(k.startswith("topdiff/") for k in np.load(proto.with_suffix(".npz"))))
+    inputs = _inputs(net, weights, proto, requires_grad=has_diffs)
+    twins = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+    expected = net(*inputs)
+    ours = model(*twins)
+    ours = ours if isinstance(ours, tuple) else (ours,)
+    assert len(ours) == len(expected)
+    for value, blob in zip(ours, net.output_names):
+        torch.testing.assert_close(value, expected[blob], rtol=0, atol=0, equal_nan=True, msg=blob)
+    if not has_diffs:
+        return
+    ref = np.load(proto.with_suffix(".npz"))
+    for value, blob in zip(ours, net.output_names):
+        if value.requires_grad:  # a loss's diff is its weight, 1
+            diff = torch.from_numpy(ref[f"topdiff/{blob}"]) if f"topdiff/{blob}" in ref else torch.ones_like(value)
+            expected[blob].backward(diff, retain_graph=True)
+            value.backward(diff, retain_graph=True)
+    for theirs, mine in zip(inputs, twins):
+        assert (theirs.grad is None and mine.grad is None) or torch.equal(theirs.grad, mine.grad)
+    their_params = dict(net.named_parameters())
+    for key, param in model.named_parameters():
+        layer, attr = key.rsplit(".", 1)
+        other = their_params[f"layers.{layer}.{attr}"].grad
+        assert (param.grad is None and other is None) or torch.equal(param.grad, other), key
+
+
+@pytest.mark.parametrize("name, proto, weights, options", CASES, ids=[case[0] for case in CASES])
+def test_model_py_gives_the_caffenets_outputs(name, proto, weights, options, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(lrn, "_kernel_applies", lambda x, size: False)
+    _source_matches(name, proto, weights, options, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("name, proto, weights, options", CASES, ids=[case[0] for case in CASES])
+def test_model_pt2_gives_the_caffenets_outputs(name, proto, weights, options, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(lrn, "_kernel_applies", lambda x, size: False)
+    if not _convert(name, proto, weights, options, tmp_path / "model.pt2", NO_PROGRAM, capsys):
+        return
+    program = torch.export.load(tmp_path / "model.pt2").module()
+    net = _net(proto, weights, options)
+    inputs = _inputs(net, weights, proto)
+    with torch.no_grad():
+        expected, ours = net(*inputs), program(*inputs)
+    assert list(ours) == list(expected)
+    for blob, value in ours.items():
+        torch.testing.assert_close(value, expected[blob], rtol=0, atol=0, equal_nan=True, msg=blob)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_NETS))
+def test_public_nets_model_py_gives_the_caffenets_outputs(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(lrn, "_kernel_applies", lambda x, size: False)
+    _source_matches(name, PUBLIC / f"{PUBLIC_NETS[name]}.prototxt", None, ["--random-init"], tmp_path, capsys)
