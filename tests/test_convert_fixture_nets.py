@@ -20,12 +20,11 @@ from conftest import FIXTURES, PAPER_MODEL, REFERENCE
 PUBLIC = FIXTURES / "public-nets"
 TRAIN_VAL = PAPER_MODEL / "train_val_googlenet_finetune_liftedstructsim_softmax_pair_m128_multilabel_embed64.prototxt"
 # What each target refuses, by case: a part of its one-line message.
-NO_SOURCE = {"upsample_00": "layer 'pool' (Pooling)", "upsample_02": "layer 'pool' (Pooling)",
-             "roipool_00": "layer 'roi' (ROIPooling)", "roipool_01": "layer 'roi' (ROIPooling)",
+NO_SOURCE = {"roipool_00": "layer 'roi' (ROIPooling)", "roipool_01": "layer 'roi' (ROIPooling)",
              "detout_00": "layer 'det' (DetectionOutput)", "detout_02": "layer 'det' (DetectionOutput)",
              "detout_05": "layer 'det' (DetectionOutput)", "net_tiny_ssd": "layer 'detection_out' (DetectionOutput)",
              "mobilenet-ssd": "(DetectionOutput)", "res10-face": "(DetectionOutput)",
-             "segnet-basic": "layer 'pool1' (Pooling)", "faster-rcnn-vgg16": "layer 'proposal' (Python)"}
+             "faster-rcnn-vgg16": "layer 'proposal' (Python)"}
 NO_PROGRAM = {**{name: "(LiftedStructSimilaritySoftmaxLoss)" for name in
                  ("lifted_margin_half_far", "lifted_multi_pos_m32_d16", "lifted_pairs_m128_d64", "paper_train")},
               **{name: NO_SOURCE[name] for name in ("detout_00", "detout_02", "detout_05", "net_tiny_ssd")},
@@ -163,3 +162,22 @@ def test_model_pt2_gives_the_caffenets_outputs(name, proto, weights, options, tm
 def test_public_nets_model_py_gives_the_caffenets_outputs(name, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(lrn, "_kernel_applies", lambda x, size: False)
     _source_matches(name, PUBLIC / f"{PUBLIC_NETS[name]}.prototxt", None, ["--random-init"], tmp_path, capsys)
+
+
+NEAREST_UPSAMPLE = """name: "yolo_upsample"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 5 } } }
+layer { name: "up" type: "Upsample" bottom: "data" top: "up" upsample_param { scale: 3 } }
+"""
+
+
+def test_nearest_upsample_gives_the_caffenets_outputs_and_gradients(tmp_path, capsys):
+    """The YOLO forks' one-bottom Upsample, which no Caffe fixture has."""
+    (tmp_path / "net.prototxt").write_text(NEAREST_UPSAMPLE)
+    _source_matches("yolo_upsample", tmp_path / "net.prototxt", None, ["--random-init"], tmp_path, capsys)
+    model = _import(tmp_path / "model.py").load()
+    x = torch.rand(2, 3, 4, 5, requires_grad=True)
+    twin = x.detach().clone().requires_grad_()
+    diff = torch.rand(2, 3, 12, 15)
+    _net(tmp_path / "net.prototxt", None, [])(x)["up"].backward(diff)
+    model(twin).backward(diff)
+    assert torch.equal(x.grad, twin.grad)

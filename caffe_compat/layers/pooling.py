@@ -20,7 +20,7 @@ from torch import nn
 
 from ..layer_params import pool_window, pooled_sizes, spp_level_window
 from .onnx_graph import FLOAT, OnnxGraph
-from .registry import CaffeLayer, LayerContext, no_source_form, register, register_onnx, register_source
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 FLT_MAX = float(np.finfo(np.float32).max)
 MAX, AVE, STOCHASTIC = 0, 1, 2  # PoolingParameter.PoolMethod
@@ -306,13 +306,32 @@ def caffe_ave_pool(x, kernel, stride, pad, end_pad):
 '''
 
 
+MAX_POOL_MASK_SOURCE = '''
+def caffe_max_pool_with_mask(x, kernel, stride, pad, end_pad=None):
+    """caffe_max_pool and Caffe's mask top: each maximum's index h * W + w within its plane (the
+    first in row-major order among equal values), -1 where no input exceeded -FLT_MAX."""
+    if end_pad is None:
+        top, index = F.max_pool2d(x, kernel, stride, pad, ceil_mode=True, return_indices=True)
+    else:
+        padded = F.pad(x, (pad[1], end_pad[1], pad[0], end_pad[0]), value=-FLT_MAX)
+        top, index = F.max_pool2d(padded, kernel, stride, return_indices=True)
+        padded_width = x.shape[3] + pad[1] + end_pad[1]
+        index = (index // padded_width - pad[0]) * x.shape[3] + index % padded_width - pad[1]
+    mask = torch.where(top > -FLT_MAX, index, torch.full_like(index, -1))
+    return top, mask.to(top.dtype)
+'''
+
+
 @register_source("Pooling")
 def pooling_to_source(src, ctx, module, inputs, outputs):
-    if len(outputs) != 1:
-        raise no_source_form(ctx, "the argmax mask top")
     g = module.geometry
     x, window = inputs[0], f"{g.kernel}, {g.stride}"
     end_pad = None if module.native else g.end_pad
+    if len(outputs) == 2:  # MAX pooling's mask top, as SegNet's Upsample reads it
+        src.helper(FLT_MAX_SOURCE)
+        src.helper(MAX_POOL_MASK_SOURCE)
+        src.assign(outputs, f"caffe_max_pool_with_mask({x}, {window}, {g.pad}" + (f", {end_pad})" if end_pad else ")"))
+        return
     if isinstance(module, MaxPooling):
         src.helper(FLT_MAX_SOURCE)
         src.helper(MAX_POOL_SOURCE)
