@@ -21,13 +21,11 @@ PUBLIC = FIXTURES / "public-nets"
 TRAIN_VAL = PAPER_MODEL / "train_val_googlenet_finetune_liftedstructsim_softmax_pair_m128_multilabel_embed64.prototxt"
 # What each target refuses, by case: a part of its one-line message.
 NO_SOURCE = {"roipool_00": "layer 'roi' (ROIPooling)", "roipool_01": "layer 'roi' (ROIPooling)",
-             "detout_00": "layer 'det' (DetectionOutput)", "detout_02": "layer 'det' (DetectionOutput)",
-             "detout_05": "layer 'det' (DetectionOutput)", "net_tiny_ssd": "layer 'detection_out' (DetectionOutput)",
-             "mobilenet-ssd": "(DetectionOutput)", "res10-face": "(DetectionOutput)",
              "faster-rcnn-vgg16": "layer 'proposal' (Python)"}
 NO_PROGRAM = {**{name: "(LiftedStructSimilaritySoftmaxLoss)" for name in
                  ("lifted_margin_half_far", "lifted_multi_pos_m32_d16", "lifted_pairs_m128_d64", "paper_train")},
-              **{name: NO_SOURCE[name] for name in ("detout_00", "detout_02", "detout_05", "net_tiny_ssd")},
+              **{name: "layer 'det' (DetectionOutput)" for name in ("detout_00", "detout_02", "detout_05")},
+              "net_tiny_ssd": "layer 'detection_out' (DetectionOutput)",
               "roipool_00": "layer 'roi' (ROIPooling)", "roipool_01": "layer 'roi' (ROIPooling)",
               "upsample_00": "layer 'up' (Upsample)", "upsample_02": "layer 'up' (Upsample)"}
 # The file's LRN leaves its backward to autograd, which rounds otherwise than Caffe's formula.
