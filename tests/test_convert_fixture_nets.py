@@ -179,3 +179,60 @@ def test_nearest_upsample_gives_the_caffenets_outputs_and_gradients(tmp_path, ca
     _net(tmp_path / "net.prototxt", None, [])(x)["up"].backward(diff)
     model(twin).backward(diff)
     assert torch.equal(x.grad, twin.grad)
+
+
+FILLERS = 'weight_filler { type: "uniform" min: -0.5 max: 0.5 } bias_filler { type: "uniform" min: -0.5 max: 0.5 }'
+RECURRENT_INPUTS = """
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 4 dim: 3 dim: 5 } } }
+layer { name: "cont" type: "Input" top: "cont" input_param { shape { dim: 4 dim: 3 } } }
+layer { name: "static" type: "Input" top: "static" input_param { shape { dim: 3 dim: 2 } } }
+layer { name: "h0" type: "Input" top: "h0" input_param { shape { dim: 1 dim: 3 dim: 6 } } }
+layer { name: "c0" type: "Input" top: "c0" input_param { shape { dim: 1 dim: 3 dim: 6 } } }
+"""
+RECURRENT_NETS = {
+    "lstm_static": f"""layer {{ name: "lstm" type: "LSTM" bottom: "x" bottom: "cont" bottom: "static" top: "h"
+        recurrent_param {{ num_output: 6 {FILLERS} }} }}""",
+    "lstm_exposed": f"""layer {{ name: "lstm" type: "LSTM" bottom: "x" bottom: "cont" bottom: "h0" bottom: "c0"
+        top: "h" top: "hT" top: "cT" recurrent_param {{ num_output: 6 expose_hidden: true {FILLERS} }} }}""",
+    "rnn": f"""layer {{ name: "rnn" type: "RNN" bottom: "x" bottom: "cont" top: "o"
+        recurrent_param {{ num_output: 6 {FILLERS} }} }}""",
+    "rnn_static_exposed": f"""layer {{ name: "rnn" type: "RNN" bottom: "x" bottom: "cont" bottom: "static" bottom: "h0"
+        top: "o" top: "hT" recurrent_param {{ num_output: 6 expose_hidden: true {FILLERS} }} }}""",
+    "lstm_unit": """layer { name: "gates" type: "InnerProduct" bottom: "h0" top: "gates"
+        inner_product_param { num_output: 24 axis: 2 weight_filler { type: "gaussian" } } }
+        layer { name: "cont0" type: "Slice" bottom: "cont" top: "cont0" top: "rest"
+        slice_param { axis: 0 slice_point: 1 } }
+        layer { name: "unit" type: "LSTMUnit" bottom: "c0" bottom: "gates" bottom: "cont0" top: "c1" top: "h1" }""",
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECURRENT_NETS))
+def test_recurrent_layers_give_the_caffenets_outputs_and_gradients(case, tmp_path):
+    """Two forward passes (the state carried from one to the next where it is not an input), a
+    stream restarted by cont 0, and the gradients of the inputs and weights."""
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(f'name: "{case}"\n{RECURRENT_INPUTS}{RECURRENT_NETS[case]}\n')
+    assert main(["convert", str(proto), "--random-init", "-o", str(tmp_path / "model.py")]) == 0
+    _check_source(tmp_path / "model.py")
+    model = _import(tmp_path / "model.py").load().train()
+    net = _net(proto, None, []).train()
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        inputs = [torch.rand(net.blob_shapes[name], generator=generator) - 0.5 for name in net.input_names]
+        inputs[net.input_names.index("cont")] = torch.tensor([[0.0, 1, 1], [1, 1, 0], [1, 0, 1], [1, 1, 1]])
+        inputs = [x.requires_grad_(name != "cont") for x, name in zip(inputs, net.input_names)]
+        twins = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+        expected, ours = net(*inputs), model(*twins)
+        ours = ours if isinstance(ours, tuple) else (ours,)
+        for value, blob in zip(ours, net.output_names):
+            assert torch.equal(value, expected[blob]), blob
+            if value.requires_grad:
+                diff = torch.rand(value.shape, generator=generator)
+                expected[blob].backward(diff, retain_graph=True)
+                value.backward(diff, retain_graph=True)
+        for theirs, mine in zip(inputs, twins):
+            assert (theirs.grad is None and mine.grad is None) or torch.equal(theirs.grad, mine.grad)
+    their_params = dict(net.named_parameters())
+    for key, param in model.named_parameters():
+        layer, attr = key.rsplit(".", 1)
+        assert torch.equal(param.grad, their_params[f"layers.{layer}.{attr}"].grad), key
