@@ -236,3 +236,83 @@ def test_recurrent_layers_give_the_caffenets_outputs_and_gradients(case, tmp_pat
     for key, param in model.named_parameters():
         layer, attr = key.rsplit(".", 1)
         assert torch.equal(param.grad, their_params[f"layers.{layer}.{attr}"].grad), key
+
+
+def _input(name, *dims):
+    shape = "".join(f" dim: {d}" for d in dims)
+    return f'layer {{ name: "{name}" type: "Input" top: "{name}" input_param {{ shape {{{shape} }} }} }}\n'
+
+
+SCORES = torch.tensor([[0.5, -2.0, 3.0, 0.0, 1.0], [40.0, -40.0, 0.2, 0.3, -0.1],
+                       [-1.0, 2.0, 2.0, -3.0, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]])
+LABELS = torch.tensor([2.0, 0.0, 4.0, 1.0])
+# name -> (layers after the inputs, {input: value}, the inputs that get gradients)
+LOSS_AND_SELECT_NETS = {
+    "sigmoid_cross_entropy": ('layer { name: "loss" type: "SigmoidCrossEntropyLoss" bottom: "x" bottom: "t" '
+                              'top: "loss" }', {"x": SCORES, "t": (SCORES > 0).float()}, {"x"}),
+    "sigmoid_cross_entropy_valid": ('layer { name: "loss" type: "SigmoidCrossEntropyLoss" bottom: "x" bottom: "t" '
+                                    'top: "loss" loss_param { ignore_label: -1 normalization: VALID } }',
+                                    {"x": SCORES, "t": torch.where(SCORES < -1, -1.0, (SCORES > 0).float())}, {"x"}),
+    "hinge_l1": ('layer { name: "loss" type: "HingeLoss" bottom: "x" bottom: "label" top: "loss" }',
+                 {"x": SCORES, "label": LABELS}, {"x"}),
+    "hinge_l2": ('layer { name: "loss" type: "HingeLoss" bottom: "x" bottom: "label" top: "loss" '
+                 'hinge_loss_param { norm: L2 } }', {"x": SCORES, "label": LABELS}, {"x"}),
+    "multinomial_logistic": ('layer { name: "loss" type: "MultinomialLogisticLoss" bottom: "x" bottom: "label" '
+                             'top: "loss" }', {"x": torch.softmax(SCORES, 1), "label": LABELS}, {"x"}),
+    "infogain": ('layer { name: "loss" type: "InfogainLoss" bottom: "x" bottom: "label" bottom: "h" top: "loss" '
+                 'top: "prob" loss_param { ignore_label: 1 } }',
+                 {"x": SCORES, "label": LABELS, "h": torch.arange(25.0).reshape(5, 5) / 25}, {"x"}),
+    "filter": ('layer { name: "pick" type: "Filter" bottom: "x" bottom: "sel" top: "picked" }',
+               {"x": SCORES, "sel": torch.tensor([[1.0], [0.0], [1.0], [1.0]])}, {"x"}),
+    "batch_reindex": ('layer { name: "pick" type: "BatchReindex" bottom: "x" bottom: "label" top: "picked" }',
+                      {"x": SCORES, "label": torch.tensor([3.0, 0.0, 3.0, 1.0])}, {"x"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOSS_AND_SELECT_NETS))
+def test_losses_and_selections_give_the_caffenets_outputs_and_gradients(case, tmp_path):
+    layers, values, differentiated = LOSS_AND_SELECT_NETS[case]
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(f'name: "{case}"\n' + "".join(_input(name, *value.shape) for name, value in values.items())
+                     + layers + "\n")
+    assert main(["convert", str(proto), "--random-init", "-o", str(tmp_path / "model.py")]) == 0
+    _check_source(tmp_path / "model.py")
+    model = _import(tmp_path / "model.py").load()
+    net = _net(proto, None, [])
+    inputs = [values[name].clone().requires_grad_(name in differentiated) for name in net.input_names]
+    twins = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+    expected, ours = net(*inputs), model(*twins)
+    ours = ours if isinstance(ours, tuple) else (ours,)
+    for value, blob in zip(ours, net.output_names):
+        assert torch.equal(value, expected[blob]), blob
+        if value.requires_grad:
+            diff = torch.linspace(0.5, 1.5, value.numel()).reshape(value.shape)
+            expected[blob].backward(diff, retain_graph=True)
+            value.backward(diff, retain_graph=True)
+    for theirs, mine in zip(inputs, twins):
+        assert (theirs.grad is None and mine.grad is None) or torch.equal(theirs.grad, mine.grad)
+
+
+def test_infogain_matrix_from_its_file_is_saved_with_the_weights(tmp_path):
+    from caffe_compat.io.schema import messages
+
+    blob = messages("bvlc").BlobProto()
+    blob.shape.dim.extend([5, 5])
+    blob.data.extend((torch.arange(25.0) / 25).tolist())
+    (tmp_path / "H.binaryproto").write_bytes(blob.SerializeToString())
+    proto = tmp_path / "net.prototxt"
+    proto.write_text('name: "infogain_file"\n' + _input("x", 4, 5) + _input("label", 4)
+                     + 'layer { name: "loss" type: "InfogainLoss" bottom: "x" bottom: "label" top: "loss" '
+                       f'infogain_loss_param {{ source: "{tmp_path / "H.binaryproto"}" }} }}\n')
+    assert main(["convert", str(proto), "--random-init", "-o", str(tmp_path / "model.py")]) == 0
+    (tmp_path / "H.binaryproto").unlink()  # the file's matrix travels in model.pth
+    model = _import(tmp_path / "model.py").load()
+    assert torch.equal(model.loss.infogain, torch.arange(25.0) / 25)
+    x, twin = SCORES.clone().requires_grad_(), SCORES.clone().requires_grad_()
+    (tmp_path / "H.binaryproto").write_bytes(blob.SerializeToString())
+    expected = _net(proto, None, [])(x, LABELS)["loss"]
+    ours = model(twin, LABELS)
+    assert torch.equal(ours, expected)
+    expected.backward()
+    ours.backward()
+    assert torch.equal(x.grad, twin.grad)
