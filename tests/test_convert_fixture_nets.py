@@ -246,8 +246,9 @@ def _input(name, *dims):
 SCORES = torch.tensor([[0.5, -2.0, 3.0, 0.0, 1.0], [40.0, -40.0, 0.2, 0.3, -0.1],
                        [-1.0, 2.0, 2.0, -3.0, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]])
 LABELS = torch.tensor([2.0, 0.0, 4.0, 1.0])
+IMAGE = torch.linspace(-3, 3, 2 * 3 * 7 * 9).reshape(2, 3, 7, 9).sin()
 # name -> (layers after the inputs, {input: value}, the inputs that get gradients)
-LOSS_AND_SELECT_NETS = {
+INLINE_NETS = {
     "sigmoid_cross_entropy": ('layer { name: "loss" type: "SigmoidCrossEntropyLoss" bottom: "x" bottom: "t" '
                               'top: "loss" }', {"x": SCORES, "t": (SCORES > 0).float()}, {"x"}),
     "sigmoid_cross_entropy_valid": ('layer { name: "loss" type: "SigmoidCrossEntropyLoss" bottom: "x" bottom: "t" '
@@ -266,12 +267,27 @@ LOSS_AND_SELECT_NETS = {
                {"x": SCORES, "sel": torch.tensor([[1.0], [0.0], [1.0], [1.0]])}, {"x"}),
     "batch_reindex": ('layer { name: "pick" type: "BatchReindex" bottom: "x" bottom: "label" top: "picked" }',
                       {"x": SCORES, "label": torch.tensor([3.0, 0.0, 3.0, 1.0])}, {"x"}),
+    "im2col": ('layer { name: "cols" type: "Im2col" bottom: "image" top: "cols" convolution_param { kernel_h: 2 '
+               'kernel_w: 3 stride: 2 pad: 1 dilation: 2 } }', {"image": IMAGE}, {"image"}),
+    "spp_max": ('layer { name: "spp" type: "SPP" bottom: "image" top: "spp" spp_param { pyramid_height: 3 } }',
+                {"image": IMAGE}, {"image"}),
+    "spp_ave_one_level": ('layer { name: "spp" type: "SPP" bottom: "image" top: "spp" spp_param { pyramid_height: 1 '
+                          'pool: AVE } }', {"image": IMAGE}, {"image"}),
+    "spp_ave": ('layer { name: "spp" type: "SPP" bottom: "image" top: "spp" spp_param { pyramid_height: 3 '
+                'pool: AVE } }', {"image": IMAGE}, {"image"}),
+    "parameter": ('layer { name: "p" type: "Parameter" top: "p" parameter_param { shape { dim: 4 dim: 5 } } }\n'
+                  'layer { name: "sum" type: "Eltwise" bottom: "x" bottom: "p" top: "sum" }', {"x": SCORES}, {"x"}),
+    "dummy_constant": ('layer { name: "d" type: "DummyData" top: "d" top: "e" dummy_data_param { shape { dim: 4 '
+                       'dim: 5 } data_filler { type: "constant" value: 0.25 } } }\n'
+                       'layer { name: "sum" type: "Eltwise" bottom: "x" bottom: "d" bottom: "e" top: "sum" }',
+                       {"x": SCORES}, {"x"}),
 }
 
 
-@pytest.mark.parametrize("case", sorted(LOSS_AND_SELECT_NETS))
-def test_losses_and_selections_give_the_caffenets_outputs_and_gradients(case, tmp_path):
-    layers, values, differentiated = LOSS_AND_SELECT_NETS[case]
+@pytest.mark.parametrize("case", sorted(INLINE_NETS))
+def test_inline_nets_give_the_caffenets_outputs_and_gradients(case, tmp_path):
+    """The layer types no Caffe fixture has, in small nets."""
+    layers, values, differentiated = INLINE_NETS[case]
     proto = tmp_path / "net.prototxt"
     proto.write_text(f'name: "{case}"\n' + "".join(_input(name, *value.shape) for name, value in values.items())
                      + layers + "\n")
@@ -316,3 +332,14 @@ def test_infogain_matrix_from_its_file_is_saved_with_the_weights(tmp_path):
     expected.backward()
     ours.backward()
     assert torch.equal(x.grad, twin.grad)
+
+
+def test_a_randomly_refilled_dummy_data_is_refused_saying_why(tmp_path, capsys):
+    proto = tmp_path / "net.prototxt"
+    proto.write_text('name: "noise"\nlayer { name: "noise" type: "DummyData" top: "noise" dummy_data_param { '
+                     'shape { dim: 2 dim: 3 } data_filler { type: "gaussian" } } }\n')
+    assert main(["convert", str(proto), "--random-init", "-o", str(tmp_path / "model.py")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "layer 'noise' (DummyData)" in err
+    assert "drawn anew by its random filler at every pass" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.prototxt"]
