@@ -33,6 +33,8 @@ TRACE_BATCH = 2
 # hold: refused by name before tracing.
 VALUE_DEPENDENT = {
     "DetectionOutput": "its row count is the number of detections, known only from the scores",
+    "ROIPooling": "its bins' extents, and so its loops over them, follow from the rois' values",
+    "PSROIPooling": "its bins' extents, and so its loops over them, follow from the rois' values",
     "LiftedStructSimilaritySoftmaxLoss": "it checks its labels and picks its exact arithmetic from the values; "
                                          "export the TEST net, or train with the model.py form",
 }
