@@ -15,12 +15,12 @@ from caffe_compat.cli import main
 from caffe_compat.layers import lrn
 from caffe_compat.loading import load_net
 
-from conftest import FIXTURES, PAPER_MODEL, REFERENCE
+from conftest import FIXTURES, PAPER_MODEL, REFERENCE, run_python
 
 PUBLIC = FIXTURES / "public-nets"
 TRAIN_VAL = PAPER_MODEL / "train_val_googlenet_finetune_liftedstructsim_softmax_pair_m128_multilabel_embed64.prototxt"
 # What each target refuses, by case: a part (or parts) of its one-line message.
-NO_SOURCE = {"faster-rcnn-vgg16": "layer 'proposal' (Python)"}
+NO_SOURCE = {}
 NO_PROGRAM = {**{name: "(LiftedStructSimilaritySoftmaxLoss)" for name in
                  ("lifted_margin_half_far", "lifted_multi_pos_m32_d16", "lifted_pairs_m128_d64", "paper_train")},
               **{name: "layer 'det' (DetectionOutput)" for name in ("detout_00", "detout_02", "detout_05")},
@@ -369,3 +369,39 @@ def test_roi_pooling_gradient_is_the_caffenets(case, tmp_path):
     expected[blob].backward(diff)
     ours.backward(diff)
     assert torch.equal(data.grad, twin.grad)
+
+
+def test_tiny_faster_rcnn_gives_the_caffenets_outputs(tmp_path, capsys):
+    """py-faster-rcnn's layout: the Python proposal layer (written as the package computes it) feeding ROIPooling."""
+    proto = FIXTURES / "faster_rcnn" / "tiny_test.prototxt"
+    assert main(["convert", str(proto), "--random-init", "-o", str(tmp_path / "model.py")]) == 0
+    _check_source(tmp_path / "model.py")
+    model = _import(tmp_path / "model.py").load()
+    net = _net(proto, None, [])
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 96, 128, generator=generator) * 255 - 128
+    im_info = torch.tensor([[96.0, 128.0, 0.5]])
+    expected, ours = net(image, im_info, blobs=["rois"]), model(image, im_info)
+    assert expected["rois"].shape[0] > 10  # proposals enough to pool and classify
+    ours = ours if isinstance(ours, tuple) else (ours,)
+    for value, blob in zip(ours, net.output_names):
+        assert torch.equal(value, expected[blob]), blob
+
+
+def test_a_users_python_layer_is_refused_saying_why(tmp_path):
+    (tmp_path / "net.prototxt").write_text(
+        'name: "custom"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 } } }\n'
+        'layer { name: "mine" type: "Python" bottom: "data" top: "out" python_param { module: "pyloss" '
+        'layer: "Mine" } }\n')
+    code = (
+        "import sys\n"
+        "from caffe_compat.layers import register\n"
+        "from caffe_compat.layers.activation import Sigmoid\n"
+        "register('Python:pyloss.Mine')(lambda ctx: ctx.wire(Sigmoid()))\n"
+        "from caffe_compat.cli import main\n"
+        "sys.exit(main(['convert', 'net.prototxt', '--random-init', '-o', 'model.py']))\n")
+    result = run_python(code, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "layer 'mine' (Python)" in result.stderr and "class 'Mine' of module 'pyloss'" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.prototxt"]
