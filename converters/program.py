@@ -29,9 +29,13 @@ PathLike = Union[str, Path]
 PREPROCESS_FILE = "preprocess.json"
 # Traced at batch 2: torch.export fixes a dimension traced at size 0 or 1 to that size.
 TRACE_BATCH = 2
-# Types whose top shape or arithmetic follows from the values, which a program's fixed graph cannot
-# hold: refused by name before tracing.
-VALUE_DEPENDENT = {
+# Types a program's fixed graph cannot hold: those whose top shape or arithmetic follows from the
+# values, and those that read or write files. Refused by name before tracing.
+NOT_EXPORTABLE = {
+    "Data": "it reads its records from files: export the deploy net, whose data are inputs",
+    "ImageData": "it reads its records from files: export the deploy net, whose data are inputs",
+    "HDF5Data": "it reads its records from files: export the deploy net, whose data are inputs",
+    "HDF5Output": "it writes its bottoms to a file at every pass",
     "DetectionOutput": "its row count is the number of detections, known only from the scores",
     "ROIPooling": "its bins' extents, and so its loops over them, follow from the rois' values",
     "PSROIPooling": "its bins' extents, and so its loops over them, follow from the rois' values",
@@ -106,11 +110,13 @@ def _per_argument(layer: torch.nn.Module, specs: tuple) -> tuple:
 def export_program(net: CaffeNet) -> torch.export.ExportedProgram:
     """The net's forward as a program whose inputs' batch dimension is dynamic (min 1).
     Raises CaffeCompatError naming the layer when one fixes the batch size or branches on
-    values (a DummyData, a Reshape with an explicit batch, DetectionOutput, the lifted loss)."""
-    for node in net.graph.layers:
-        if node.type in VALUE_DEPENDENT:
+    values (a DummyData, a Reshape with an explicit batch, DetectionOutput, the lifted loss) or
+    reads files (a data layer whose source is there; one whose source is absent is an input)."""
+    for module_name, _, _ in net._plan:
+        node = net.graph.layer(net.layer_names[module_name])
+        if node.type in NOT_EXPORTABLE:
             raise CaffeCompatError(f"layer '{node.name}' ({node.type}) of {net.graph.describe()}: no torch.export "
-                                   f"program can hold it ({VALUE_DEPENDENT[node.type]})")
+                                   f"program can hold it ({NOT_EXPORTABLE[node.type]})")
     net.eval()
     batched = _batched(net)
     example = _example(net, batched)

@@ -405,3 +405,15 @@ def test_a_users_python_layer_is_refused_saying_why(tmp_path):
     assert result.stderr.count("\n") == 1, result.stderr
     assert "layer 'mine' (Python)" in result.stderr and "class 'Mine' of module 'pyloss'" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.prototxt"]
+
+
+@pytest.mark.parametrize("suffix", [".py", ".pt2"])
+def test_a_net_reading_its_lmdb_is_refused_saying_why(suffix, tmp_path, capsys, monkeypatch):
+    """nets/data_layer reads train_lmdb beside it (from that folder): its Data layers are no inputs."""
+    monkeypatch.chdir(REFERENCE / "nets" / "data_layer")
+    out = tmp_path / f"model{suffix}"
+    assert main(["convert", "data.prototxt", "--random-init", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "layer 'data' (Data)" in err, err
+    assert "reads its records from files" in err
+    assert not list(tmp_path.iterdir())
