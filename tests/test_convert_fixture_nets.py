@@ -28,8 +28,6 @@ NO_PROGRAM = {**{name: "(LiftedStructSimilaritySoftmaxLoss)" for name in
               **{name: ("layer 'roi' (ROIPooling)", "follow from the rois' values")
                  for name in ("roipool_00", "roipool_01")},
               "upsample_00": "layer 'up' (Upsample)", "upsample_02": "layer 'up' (Upsample)"}
-# The file's LRN leaves its backward to autograd, which rounds otherwise than Caffe's formula.
-AUTOGRAD_BACKWARD = {"lrn_across", "lrn_within"}
 PUBLIC_NETS = {"densenet-121": "DenseNet_121", "mobilenet-v2": "mobilenet_v2_deploy",
                "shufflenet-v2": "shufflenet_v2_1x_deploy", "se-resnet-50": "SE-ResNet-50",
                "pspnet50-ade20k": "pspnet50_ADE20K_473", "segnet-basic": "segnet_basic_camvid",
@@ -109,8 +107,7 @@ def _source_matches(name, proto, weights, options, tmp_path, capsys):
     _check_source(tmp_path / "model.py")
     model = _import(tmp_path / "model.py").load()
     net = _net(proto, weights, options)
-    has_diffs = (weights is not None and name not in AUTOGRAD_BACKWARD
-                 and any(k.startswith("topdiff/") for k in np.load(proto.with_suffix(".npz"))))
+    has_diffs = weights is not None and any(k.startswith("topdiff/") for k in np.load(proto.with_suffix(".npz")))
     inputs = _inputs(net, weights, proto, requires_grad=has_diffs)
     twins = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
     expected = net(*inputs)
