@@ -26,8 +26,7 @@ NO_PROGRAM = {**{name: "(LiftedStructSimilaritySoftmaxLoss)" for name in
               **{name: "layer 'det' (DetectionOutput)" for name in ("detout_00", "detout_02", "detout_05")},
               "net_tiny_ssd": "layer 'detection_out' (DetectionOutput)",
               **{name: ("layer 'roi' (ROIPooling)", "follow from the rois' values")
-                 for name in ("roipool_00", "roipool_01")},
-              "upsample_00": "layer 'up' (Upsample)", "upsample_02": "layer 'up' (Upsample)"}
+                 for name in ("roipool_00", "roipool_01")}}
 PUBLIC_NETS = {"densenet-121": "DenseNet_121", "mobilenet-v2": "mobilenet_v2_deploy",
                "shufflenet-v2": "shufflenet_v2_1x_deploy", "se-resnet-50": "SE-ResNet-50",
                "pspnet50-ade20k": "pspnet50_ADE20K_473", "segnet-basic": "segnet_basic_camvid",
