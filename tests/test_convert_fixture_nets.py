@@ -3,7 +3,8 @@ module and the exported program give the CaffeNet's outputs to the bit on the fi
 inputs (the module's gradients too, where the fixture has Caffe's top diffs); a net that
 cannot be written is refused in one line naming the layer and its type. The CaffeNet runs
 the PyTorch LRN, as both targets do (test_source_export checks it against the C kernel).
-The public nets, whose programs take 15 to 40 s each to export, are checked as model.py."""
+The public nets are checked as model.py, and as programs those that export in seconds or are
+refused (DenseNet, MobileNet v2, ShuffleNet v2, SE-ResNet and PSPNet take 15 to 40 s each to export)."""
 import importlib.util
 import io
 from pathlib import Path
@@ -157,6 +158,29 @@ def test_model_pt2_gives_the_caffenets_outputs(name, proto, weights, options, tm
 def test_public_nets_model_py_gives_the_caffenets_outputs(name, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(lrn, "_kernel_applies", lambda x, size: False)
     _source_matches(name, PUBLIC / f"{PUBLIC_NETS[name]}.prototxt", None, ["--random-init"], tmp_path, capsys)
+
+
+# The public nets whose programs export in seconds, or are refused before tracing.
+PUBLIC_PROGRAMS = {"segnet-basic": None, "mobilenet-ssd": "layer 'detection_out' (DetectionOutput)",
+                   "res10-face": "layer 'detection_out' (DetectionOutput)",
+                   "faster-rcnn-vgg16": "layer 'roi_pool5' (ROIPooling)"}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_PROGRAMS))
+def test_public_nets_model_pt2(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(lrn, "_kernel_applies", lambda x, size: False)  # SegNet normalises its input with LRN
+    proto = PUBLIC / f"{PUBLIC_NETS[name]}.prototxt"
+    refusal = {name: PUBLIC_PROGRAMS[name]} if PUBLIC_PROGRAMS[name] else {}
+    if not _convert(name, proto, None, ["--random-init"], tmp_path / "model.pt2", refusal, capsys):
+        return
+    program = torch.export.load(tmp_path / "model.pt2").module()
+    net = _net(proto, None, ["--random-init"])
+    inputs = _inputs(net, None, proto)
+    with torch.no_grad():
+        expected, ours = net(*inputs), program(*inputs)
+    assert list(ours) == list(expected)
+    for blob, value in ours.items():
+        assert torch.equal(value, expected[blob]), blob
 
 
 NEAREST_UPSAMPLE = """name: "yolo_upsample"
