@@ -11,6 +11,7 @@ graph as the extra file `preprocess.json` (`torch.export.load(f, extra_files={..
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -28,6 +29,19 @@ PathLike = Union[str, Path]
 PREPROCESS_FILE = "preprocess.json"
 # Traced at batch 2: torch.export fixes a dimension traced at size 0 or 1 to that size.
 TRACE_BATCH = 2
+# Types a program's fixed graph cannot hold: those whose top shape or arithmetic follows from the
+# values, and those that read or write files. Refused by name before tracing.
+NOT_EXPORTABLE = {
+    "Data": "it reads its records from files: export the deploy net, whose data are inputs",
+    "ImageData": "it reads its records from files: export the deploy net, whose data are inputs",
+    "HDF5Data": "it reads its records from files: export the deploy net, whose data are inputs",
+    "HDF5Output": "it writes its bottoms to a file at every pass",
+    "DetectionOutput": "its row count is the number of detections, known only from the scores",
+    "ROIPooling": "its bins' extents, and so its loops over them, follow from the rois' values",
+    "PSROIPooling": "its bins' extents, and so its loops over them, follow from the rois' values",
+    "LiftedStructSimilaritySoftmaxLoss": "it checks its labels and picks its exact arithmetic from the values; "
+                                         "export the TEST net, or train with the model.py form",
+}
 
 
 def _batched(net: CaffeNet) -> List[bool]:
@@ -79,17 +93,30 @@ def _layer_refusing(net: CaffeNet, example: Tuple[torch.Tensor, ...]) -> Optiona
         specs = tuple({0: batch} if x.dim() and x.shape[0] == TRACE_BATCH else None for x in inputs)
         try:
             out = layer(*inputs)
-            torch.export.export(layer, inputs, dynamic_shapes=specs or None)
+            torch.export.export(layer, inputs, dynamic_shapes=_per_argument(layer, specs) or None)
         except Exception as err:  # torch.export's errors share no base class
             return net.layer_names[module_name], err
         blobs.update(zip(tops, out if len(tops) > 1 else (out,)))
     return None
 
 
+def _per_argument(layer: torch.nn.Module, specs: tuple) -> tuple:
+    """dynamic_shapes as torch.export matches them to forward's parameters: a forward(*bottoms)
+    takes the inputs' specs as one tuple."""
+    parameters = inspect.signature(layer.forward).parameters.values()
+    return (specs,) if specs and any(p.kind is p.VAR_POSITIONAL for p in parameters) else specs
+
+
 def export_program(net: CaffeNet) -> torch.export.ExportedProgram:
     """The net's forward as a program whose inputs' batch dimension is dynamic (min 1).
     Raises CaffeCompatError naming the layer when one fixes the batch size or branches on
-    values (a DummyData, a Reshape with an explicit batch, the lifted loss's label checks)."""
+    values (a DummyData, a Reshape with an explicit batch, DetectionOutput, the lifted loss) or
+    reads files (a data layer whose source is there; one whose source is absent is an input)."""
+    for module_name, _, _ in net._plan:
+        node = net.graph.layer(net.layer_names[module_name])
+        if node.type in NOT_EXPORTABLE:
+            raise CaffeCompatError(f"layer '{node.name}' ({node.type}) of {net.graph.describe()}: no torch.export "
+                                   f"program can hold it ({NOT_EXPORTABLE[node.type]})")
     net.eval()
     batched = _batched(net)
     example = _example(net, batched)

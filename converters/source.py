@@ -37,6 +37,10 @@ PathLike = Union[str, Path]
 LINE_LIMIT = 120
 WEIGHTS_SUFFIX = ".pth"
 INDENT = " " * 8  # a statement in forward or __init__
+# Built-in types a model file cannot hold, and why.
+READS_FILES = "it reads its records from files, which a model file leaves to its user: convert the deploy net"
+NO_SOURCE_FORM = {"Data": READS_FILES, "ImageData": READS_FILES, "HDF5Data": READS_FILES,
+                  "HDF5Output": "it writes its bottoms to a file at every pass"}
 # Names the generated file defines or imports besides the helpers: no blob variable takes them.
 RESERVED = frozenset(keyword.kwlist) | {"self", "torch", "nn", "F", "Path", "load", "INPUTS", "OUTPUTS"}
 
@@ -141,7 +145,7 @@ def _emit(net: CaffeNet, reserved: frozenset) -> tuple:
         node = nodes[net.layer_names[module_name]]
         entry = REGISTRY.get(node.type)
         if entry is None or entry.to_source is None:
-            refused.append(f"layer '{node.name}' ({node.type})")
+            refused.append((node.name, node.type))
             continue
         ctx = LayerContext(node.name, node.type, node.param, list(node.bottoms), list(node.tops),
                            [net.blob_shapes[b] for b in node.bottoms], net.phase, list(node.loss_weights))
@@ -149,7 +153,10 @@ def _emit(net: CaffeNet, reserved: frozenset) -> tuple:
         inputs = [variables[b] + (".detach()" if i in stopped else "") for i, b in enumerate(bottoms)]
         entry.to_source(writer, ctx, net.layers[module_name], inputs, [variables[t] for t in tops])
     if refused:
-        raise CaffeCompatError(f"net '{net.graph.name}': {refused[0]} has no standalone PyTorch source form"
+        layer, layer_type = refused[0]
+        why = f" ({NO_SOURCE_FORM[layer_type]})" if layer_type in NO_SOURCE_FORM else ""
+        raise CaffeCompatError(f"net '{net.graph.name}': layer '{layer}' ({layer_type}) has no standalone PyTorch "
+                               f"source form{why}"
                                + (f" (nor {len(refused) - 1} other layer(s))" if len(refused) > 1 else "")
                                + "; convert to .pt or .safetensors instead")
     for (layer, index), (owner, owner_index) in param_owners(net.graph).items():
@@ -185,9 +192,12 @@ def generate(net: CaffeNet, sources: Sequence[str], dialect: str,
         cls += "Net"
     inputs = [variables[b] for b in net.input_names]
     outputs = [variables[b] for b in net.output_names]
-    body = [f"class {cls}(nn.Module):",
-            f'    """Caffe net \'{net.graph.name}\', phase {net.phase}: forward({", ".join(inputs)}) -> '
-            f'{", ".join(net.output_names) or "nothing"}."""', "",
+    doc = (f"Caffe net '{net.graph.name}', phase {net.phase}: forward({', '.join(inputs)}) -> "
+           f"{', '.join(net.output_names) or 'nothing'}.")
+    doc_lines = textwrap.wrap(doc, LINE_LIMIT - len('    """"""'), break_on_hyphens=False)
+    if len(doc_lines) > 1:  # a long signature: the docstring over several lines, closed on its own
+        doc_lines = doc_lines[:1] + ["    " + line for line in doc_lines[1:]] + ["    "]
+    body = [f"class {cls}(nn.Module):", '    """' + "\n".join(doc_lines) + '"""', "",
             "    def __init__(self):", "        super().__init__()"]
     body += [line for statement in writer.init_lines for line in wrap(statement, INDENT)] or ["        pass"]
     body += ["", f"    def forward(self, {', '.join(inputs)}):"]

@@ -31,15 +31,41 @@ def caffe_max_pool(x, kernel, stride, pad, end_pad=None):
     return F.max_pool2d(x, kernel, stride).contiguous()
 
 
+class LRN(torch.autograd.Function):
+    """Caffe's LRN: top = x * s^-beta, s = k + alpha * window_mean(x^2), with Caffe's backward:
+    dx = dy * s^-beta - 2 alpha beta x * window_mean(dy * top / s) (the window is its own transpose)."""
+
+    @staticmethod
+    def forward(ctx, x, window_mean, size, alpha, beta, k):
+        s = window_mean(x * x, size).mul_(alpha).add_(k)
+        factor = s.pow(-beta)
+        ctx.save_for_backward(x, s, factor)
+        ctx.window = (window_mean, size, alpha, beta)
+        return x * factor
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, s, factor = ctx.saved_tensors
+        window_mean, size, alpha, beta = ctx.window
+        dx = dy * factor
+        spread = window_mean(dx * x / s, size)
+        return torch.addcmul(dx, x, spread, value=-2.0 * alpha * beta), None, None, None, None, None
+
+
+def channel_window_mean(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean over the `size` channels centred on each, zero beyond the channel range:
+    shifted slice additions, `size` passes over memory whatever the channel count."""
+    out = t.clone()
+    for offset in range(1, min((size - 1) // 2, t.shape[1] - 1) + 1):
+        out[:, offset:].add_(t[:, :-offset])
+        out[:, :-offset].add_(t[:, offset:])
+    return out.div_(size)
+
+
 def lrn_across_channels(x, size, alpha, beta, k):
     """Caffe's LRN across channels: x * (k + alpha * mean of x^2 over the size channels centred
     on each, zero beyond the channel range) ^ -beta."""
-    squares = x * x
-    sums = squares.clone()
-    for offset in range(1, min((size - 1) // 2, x.shape[1] - 1) + 1):
-        sums[:, offset:] += squares[:, :-offset]
-        sums[:, :-offset] += squares[:, offset:]
-    return x * (sums / size * alpha + k).pow(-beta)
+    return LRN.apply(x, channel_window_mean, size, alpha, beta, k)
 
 
 class CaffeNet(nn.Module):

@@ -137,8 +137,33 @@ def test_a_layer_that_branches_on_values_is_refused_by_name(tmp_path, capsys):
                  "-o", str(tmp_path / "model.pt2")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "layer 'loss' (LiftedStructSimilaritySoftmaxLoss)" in err and "dynamic batch size" in err
+    assert "layer 'loss' (LiftedStructSimilaritySoftmaxLoss)" in err and "exact arithmetic from the values" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_detection_output_is_refused_by_name_with_why(tmp_path, capsys):
+    """Its row count is the number of detections: refused before tracing, naming the layer."""
+    stem = REFERENCE.parent / "caffe-reference" / "forks" / "ssd" / "net_tiny_ssd"
+    code = main(["convert", str(stem.with_suffix(".prototxt")), str(stem.with_suffix(".caffemodel")),
+                 "-o", str(tmp_path / "model.pt2")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "layer 'detection_out' (DetectionOutput)" in err and "number of detections" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_refusing_layer_is_found_behind_a_many_bottom_layer(tmp_path, capsys):
+    """A Convolution's forward takes *bottoms: it traces alone, and the Reshape after it is named."""
+    net = tmp_path / "net.prototxt"
+    net.write_text('name: "fixed"\ninput: "data"\ninput_shape { dim: 2 dim: 3 dim: 4 dim: 4 }\n'
+                   'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+                   'convolution_param { num_output: 2 kernel_size: 1 } }\n'
+                   'layer { name: "flat" type: "Reshape" bottom: "conv" top: "flat" '
+                   'reshape_param { shape { dim: 2 dim: -1 } } }\n')
+    code = main(["convert", str(net), "--random-init", "-o", str(tmp_path / "model.pt2")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "layer 'flat' (Reshape)" in err
 
 
 @pytest.mark.parametrize("batch", [2, 5])  # the batch the export traces at, and another

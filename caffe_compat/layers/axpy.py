@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..params.forks import axpy_top
 from .onnx_graph import OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 
 class Axpy(CaffeLayer):
@@ -33,3 +33,9 @@ def axpy_to_onnx(g: OnnxGraph, ctx, module: Axpy, inputs, outputs):
                       hint=ctx.name + "/scale")
     (scaled,) = g.node("Mul", [scale, x], hint=ctx.name + "/scaled")
     g.node("Add", [scaled, y], outputs)
+
+
+@register_source("Axpy")
+def axpy_to_source(src, ctx, module: Axpy, inputs, outputs):
+    scale, x, y = inputs
+    src.assign(outputs, f"{scale}.reshape({scale}.shape[:2] + {(1,) * (module.rank - 2)}) * {x} + {y}")

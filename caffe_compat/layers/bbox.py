@@ -6,8 +6,6 @@ Each operation follows the fork's float32 arithmetic in its order, so that NMS m
 the same overlaps the fork met (the reference fixtures agree to the bit)."""
 from __future__ import annotations
 
-from typing import Callable, List
-
 import torch
 
 
@@ -132,10 +130,10 @@ def _greedy_nms_cpu(boxes, sizes, valid, threshold: float) -> torch.Tensor:
     return torch.from_numpy(kept)
 
 
-def libstdcxx_sort(items: List, before: Callable) -> None:
-    """std::sort as GCC's libstdc++ (4.9 on) implements it, in place: introsort with a
-    median-of-three pivot, heapsort past 2 log2(n) levels, a final insertion sort. Its
-    order among equal items is what Caffe's unstable sorts produced."""
+def libstdcxx_sort(items: list, before) -> None:
+    """std::sort as GCC's libstdc++ (4.9 on) implements it, in place, `before(a, b)` its
+    comparison: introsort with a median-of-three pivot, heapsort past 2 log2(n) levels, a
+    final insertion sort. Its order among equal items is what Caffe's unstable sorts produced."""
     n = len(items)
     if n > 1:
         _introsort_loop(items, 0, n, 2 * (n.bit_length() - 1), before)

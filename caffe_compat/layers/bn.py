@@ -24,7 +24,7 @@ from ..params.forks import BNSettings, bn_blob_shapes, bn_settings, fork_param
 from . import fillers
 from .normalization import onnx_reduce, onnx_scalar
 from .onnx_graph import OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 AXES = (0, 2, 3)  # the fork's statistics: over the batch and the spatial axes
 
@@ -184,3 +184,101 @@ def bn_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
     (normed,) = g.node("Div", [centered, std], hint=f"{name}/normed")
     (scaled,) = g.node("Mul", [normed, constant(module.scale, "scale")], hint=f"{name}/scaled")
     g.node("Add", [scaled, constant(module.shift, "shift")], [outputs[0]])
+
+
+# ---------------------------------------------------------------- standalone source
+
+BN_FORMULA_SOURCE = """
+class BNBatchFormula(torch.autograd.Function):
+    \"\"\"(x - mean) * inv_std * slope + bias with the PSPNet BN's backward (not frozen), whatever
+    statistics the forward used: slope's gradient sum(dy * x_norm), bias's sum(dy), the bottom's
+    inv_std * (dy * slope - (sum(dy * slope) + x_norm * sum(dy * slope * x_norm)) / (N H W)).\"\"\"
+
+    @staticmethod
+    def forward(ctx, x, slope, bias, mean, inv_std):
+        x_norm = (x - mean) * inv_std
+        ctx.save_for_backward(x_norm, slope, inv_std)
+        return x_norm * slope + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_norm, slope, inv_std = ctx.saved_tensors
+        axes = (0, 2, 3)
+        count = grad.numel() // grad.shape[1]
+        scaled = grad * slope
+        spread = scaled.sum(axes, keepdim=True) + x_norm * (scaled * x_norm).sum(axes, keepdim=True)
+        grad_x = (scaled - spread / count) * inv_std
+        return grad_x, (grad * x_norm).sum(axes, keepdim=True), grad.sum(axes, keepdim=True), None, None
+"""
+
+BN_SOURCE = """
+class BN(nn.Module):
+    \"\"\"PSPNet's BN: slope * (x - mean) * (var + eps)^-1/2 + bias per channel. Frozen: the stored
+    statistics, slope and bias fixed. Else the batch's statistics in training (folded into the
+    stored ones with `momentum`), the stored ones in eval mode, with the fork's backward.\"\"\"
+
+    def __init__(self, blob_shape, eps, momentum, frozen):
+        super().__init__()
+        if frozen:
+            self.register_buffer("slope", torch.zeros(blob_shape))
+            self.register_buffer("bias", torch.zeros(blob_shape))
+        else:
+            self.slope, self.bias = nn.Parameter(torch.zeros(blob_shape)), nn.Parameter(torch.zeros(blob_shape))
+        self.register_buffer("mean", torch.zeros(blob_shape))
+        self.register_buffer("variance", torch.zeros(blob_shape))
+        self.eps, self.momentum, self.frozen = eps, momentum, frozen
+
+    def forward(self, x):
+        slope, bias, stored_mean, stored_variance = (b.reshape(1, -1, 1, 1) for b in
+                                                     (self.slope, self.bias, self.mean, self.variance))
+        if self.frozen:
+            return (x - stored_mean) * (stored_variance + self.eps).pow(-0.5) * slope + bias
+        if self.training:
+            with torch.no_grad():
+                mean = x.mean((2, 3), keepdim=True).mean(0, keepdim=True)
+                variance = ((x - mean) ** 2).mean((2, 3), keepdim=True).mean(0, keepdim=True)
+                stored_mean.mul_(self.momentum).add_((1 - self.momentum) * mean)
+                stored_variance.mul_(self.momentum).add_((1 - self.momentum) * variance)
+        else:
+            mean, variance = stored_mean, stored_variance
+        return BNBatchFormula.apply(x, slope, bias, mean, (variance + self.eps).pow(-0.5))
+"""
+
+SEGNET_BN_SOURCE = """
+class SegNetBN(nn.Module):
+    \"\"\"SegNet's BN: scale * x + shift (bn_mode INFERENCE), else x normalised by the batch's
+    statistics (variance E[x^2] - E[x]^2) in every phase, then scaled and shifted; `extra_tops`
+    of the batch's mean and variance follow the top.\"\"\"
+
+    def __init__(self, blob_shape, eps, inference, extra_tops):
+        super().__init__()
+        self.scale, self.shift = nn.Parameter(torch.zeros(blob_shape)), nn.Parameter(torch.zeros(blob_shape))
+        self.eps, self.inference, self.extra_tops = eps, inference, extra_tops
+
+    def forward(self, x):
+        if self.inference:
+            return x * self.scale + self.shift
+        mean = x.mean((2, 3), keepdim=True).mean(0, keepdim=True)
+        squares = (x * x).mean((2, 3), keepdim=True).mean(0, keepdim=True)
+        variance = squares - mean * mean
+        top = (x - mean) / (variance + self.eps).pow(0.5) * self.scale + self.shift
+        if not self.extra_tops:
+            return top
+        return (top, mean.detach(), variance.detach())[:1 + self.extra_tops]
+"""
+
+
+@register_source("BN")
+def bn_to_source(src, ctx, module, inputs, outputs):
+    s = module.settings
+    blobs = {name: getattr(module, name) for name in module.blob_names}
+    shape = tuple(next(iter(blobs.values())).shape)
+    if isinstance(module, BN):
+        src.helper(BN_FORMULA_SOURCE)
+        src.helper(BN_SOURCE)
+        layer = src.attribute(ctx, f"BN({shape}, {s.eps!r}, {s.momentum!r}, frozen={s.frozen!r})", blobs)
+    else:
+        src.helper(SEGNET_BN_SOURCE)
+        layer = src.attribute(ctx, f"SegNetBN({shape}, {s.eps!r}, inference={s.inference!r}, "
+                                   f"extra_tops={module.extra_tops})", blobs)
+    src.assign(outputs, f"{layer}({inputs[0]})")

@@ -235,3 +235,23 @@ def convolution_to_source(src, ctx, module: Convolution, inputs, outputs):
     layer = src.attribute(ctx, f"nn.{kind}({', '.join(settings)})", blobs)
     for x, top in zip(inputs, outputs):
         src.assign([top], f"{layer}({x})")
+
+
+IM2COL_SOURCE = '''
+def im2col(x, axis, kernel, stride, pad, dilation):
+    \"\"\"Caffe's Im2col per example: each spatial window of the zero-padded input (channel axis
+    `axis`) laid out along the channel axis as (channel, kernel offsets) in row-major order.\"\"\"
+    lead, spatial = x.shape[:axis], len(kernel)
+    x = F.pad(x.reshape((-1,) + tuple(x.shape[axis:])), [p for size in reversed(pad) for p in (size, size)])
+    for i, (k, s, d) in enumerate(zip(kernel, stride, dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # windows of extent d (k - 1) + 1, every d-th tap
+    x = x.permute([0, 1] + list(range(2 + spatial, 2 + 2 * spatial)) + list(range(2, 2 + spatial)))
+    return x.reshape(tuple(lead) + (-1,) + tuple(x.shape[2 + spatial:]))
+'''
+
+
+@register_source("Im2col")
+def im2col_to_source(src, ctx, module: Im2col, inputs, outputs):
+    src.helper(IM2COL_SOURCE)
+    src.assign(outputs, f"im2col({inputs[0]}, {module.axis}, {module.kernel}, {module.stride}, {module.pad}, "
+                        f"{module.dilation})")

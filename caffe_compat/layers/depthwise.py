@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 
 from ..params.forks import convolution_depthwise_param
-from .convolution import _build, convolution_to_onnx
-from .registry import LayerContext, register, register_onnx
+from .convolution import _build, convolution_to_onnx, convolution_to_source
+from .registry import LayerContext, register, register_onnx, register_source
 
 
 @register("ConvolutionDepthwise")
@@ -27,3 +27,8 @@ def build_depthwise_convolution(ctx: LayerContext):
 @register_onnx("ConvolutionDepthwise", "DepthwiseConvolution")
 def depthwise_to_onnx(g, ctx, module, inputs, outputs):
     convolution_to_onnx(g, ctx, module, inputs, outputs)  # a grouped Conv
+
+
+@register_source("ConvolutionDepthwise", "DepthwiseConvolution")
+def depthwise_to_source(src, ctx, module, inputs, outputs):
+    convolution_to_source(src, ctx, module, inputs, outputs)  # an nn.Conv2d with groups

@@ -18,7 +18,7 @@ import torch
 
 from ..params.forks import InterpSettings, interp_settings, interp_top
 from .onnx_graph import OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 
 def source_taps(size_in: int, size_out: int, crop: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -96,3 +96,56 @@ def interp_to_onnx(g: OnnxGraph, ctx, module: Interp, inputs, outputs):
                              gather(picked, module.col_second.numpy(), 3, f"{which}_right"),
                              module.col_near, module.col_far, (-1,), which))
     blend(*blended, module.row_near, module.row_far, (-1, 1), "rows", outputs[0])
+
+
+# ---------------------------------------------------------------- standalone source
+
+INTERP_SOURCE = """
+def interp_taps(size_in, size_out, crop):
+    \"\"\"Along one axis, PSPNet's Interp taps: output i reads source position r = i * ratio,
+    ratio = (size_in - 1) / (size_out - 1) in float32 (0 for one output), from floor(r) and the
+    next index (the last one twice) with weights 1 - (r - floor(r)) and r - floor(r).\"\"\"
+    f32 = torch.float32
+    ratio = (torch.tensor(size_in - 1, dtype=f32) / torch.tensor(size_out - 1, dtype=f32)
+             if size_out > 1 else torch.tensor(0, dtype=f32))
+    position = ratio * torch.arange(size_out, dtype=f32)
+    first = position.long()  # truncation, as the fork's int conversion
+    second = first + (first < size_in - 1).long()
+    far = position - first.to(f32)
+    return first + crop, second + crop, 1 - far, far
+
+
+class Interp(nn.Module):
+    \"\"\"PSPNet's Interp: bilinear resizing with the corners aligned, of the input cropped to
+    size_in from row and column `crop`, computed as the fork does: h0 * (w0 * a + w1 * b) + h1 *
+    (w0 * c + w1 * d); equal sizes are a plain crop.\"\"\"
+
+    def __init__(self, size_in, size_out, crop):
+        super().__init__()
+        self.size_in, self.crop = size_in, crop
+        self.copy = size_in == size_out
+        for prefix, taps in (("row", interp_taps(size_in[0], size_out[0], crop)),
+                             ("col", interp_taps(size_in[1], size_out[1], crop))):
+            for name, values in zip(("first", "second", "near", "far"), taps):
+                self.register_buffer(f"{prefix}_{name}", values, persistent=False)
+
+    def forward(self, x):
+        if self.copy:
+            return x[:, :, self.crop:self.crop + self.size_in[0], self.crop:self.crop + self.size_in[1]]
+        near, far = self.col_near.to(x.dtype), self.col_far.to(x.dtype)
+
+        def blend_columns(rows):
+            return near * rows.index_select(3, self.col_first) + far * rows.index_select(3, self.col_second)
+
+        top = blend_columns(x.index_select(2, self.row_first))
+        bottom = blend_columns(x.index_select(2, self.row_second))
+        return self.row_near.to(x.dtype)[:, None] * top + self.row_far.to(x.dtype)[:, None] * bottom
+"""
+
+
+@register_source("Interp")
+def interp_to_source(src, ctx, module: Interp, inputs, outputs):
+    s = module.settings
+    src.helper(INTERP_SOURCE)
+    layer = src.attribute(ctx, f"Interp({(s.height_in, s.width_in)}, {(s.height_out, s.width_out)}, {s.crop})", {})
+    src.assign(outputs, f"{layer}({inputs[0]})")

@@ -17,7 +17,7 @@ from ..params.ssd import normalize_blob_shape
 from . import fillers
 from .normalization import onnx_reduce
 from .onnx_graph import FLOAT, OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 DOUBLE = 11  # TensorProto.DataType
 
@@ -110,3 +110,65 @@ def normalize_to_onnx(g: OnnxGraph, ctx, module: Normalize, inputs, outputs):
     if scale.dim():  # one per channel, broadcast over the positions
         scale = scale.reshape((-1,) + (1,) * (rank - 2))
     g.node("Mul", [unit, g.initializer(scale, f"{name}/scale")], outputs)
+
+
+# ---------------------------------------------------------------- standalone source
+
+NORMALIZE_SOURCE = """
+class NormalizeFunction(torch.autograd.Function):
+    \"\"\"The SSD fork's Normalize on (num, channels, positions) with the fork's own backward, which
+    differentiates as if the scale were shared; the scale's gradient is sum(top * dy) / scale.\"\"\"
+
+    @staticmethod
+    def forward(ctx, data, scale, across_spatial, eps):
+        if across_spatial:  # one norm per image, its inverse taken in double
+            norm = (data.square().sum(dim=(1, 2), keepdim=True) + eps).sqrt()
+            top = data * (1.0 / norm.double()).float()
+        else:  # one norm per position, over the channels
+            norm = (data.square().sum(dim=1, keepdim=True) + eps).sqrt()
+            top = data / norm
+        top = top * (scale.reshape(1, -1, 1) if scale.dim() else scale)
+        ctx.across_spatial = across_spatial
+        ctx.save_for_backward(data, scale, norm, top)
+        return top
+
+    @staticmethod
+    def backward(ctx, diff):
+        data, scale, norm, top = ctx.saved_tensors
+        shared = scale.dim() == 0
+        grad_x = grad_scale = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = (top * diff).sum() / scale if shared else ((top * diff).sum(dim=2) / scale).sum(dim=0)
+        if ctx.needs_input_grad[0]:
+            if ctx.across_spatial:
+                dot = (data * diff).sum(dim=(1, 2), keepdim=True)
+                grad = (diff - data * (dot / norm / norm)) * (1.0 / norm.double()).float()
+            else:
+                dot = (data * diff).sum(dim=1, keepdim=True)
+                grad = (diff - data * dot / norm.square()) / norm
+            grad_x = grad * (scale if shared else scale.reshape(1, -1, 1))
+        return grad_x, grad_scale, None, None
+
+
+class Normalize(nn.Module):
+    \"\"\"The SSD fork's Normalize: x divided by its L2 norm (eps added to the sum of squares) over
+    each image (across_spatial) or over the channels at each position, times the learned scale,
+    one (channel_shared) or one per channel.\"\"\"
+
+    def __init__(self, scale_shape, across_spatial, eps):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(scale_shape))
+        self.across_spatial, self.eps = across_spatial, eps
+
+    def forward(self, x):
+        data = x.reshape(x.shape[0], x.shape[1], -1)
+        return NormalizeFunction.apply(data, self.scale, self.across_spatial, self.eps).reshape(x.shape)
+"""
+
+
+@register_source("Normalize")
+def normalize_to_source(src, ctx, module: Normalize, inputs, outputs):
+    src.helper(NORMALIZE_SOURCE)
+    layer = src.attribute(ctx, f"Normalize({tuple(module.scale.shape)}, {module.across_spatial!r}, {module.eps!r})",
+                          {"scale": module.scale})
+    src.assign(outputs, f"{layer}({inputs[0]})")

@@ -507,3 +507,122 @@ def contrastive_loss_to_source(src, ctx, module: ContrastiveLoss, inputs, output
     src.helper(CONTRASTIVE_SOURCE)
     src.assign(outputs, f"contrastive_loss({', '.join(inputs)}, {module.channels}, {module.margin!r}, "
                         f"{module.legacy_version!r})")
+
+
+LOG_THRESHOLD_SOURCE = f"LOG_THRESHOLD = {LOG_THRESHOLD!r}  # Caffe's kLOG_THRESHOLD: probabilities clamped here"
+
+NORMALIZED_SOURCE = '''
+def normalized(total, normalization, valid, labels):
+    """Caffe's get_normalizer: total divided by the valid count (VALID with an ignore label), the
+    outer count (BATCH_SIZE: labels' first axis), nothing (NONE) or the label count, never by less than 1."""
+    if normalization == "NONE":
+        return total
+    if normalization == "VALID" and valid is not None:
+        return total / valid.sum().clamp_min(1).to(total.dtype)
+    if normalization == "BATCH_SIZE":
+        return total / labels.shape[0]
+    return total / labels.numel()
+'''
+
+SIGMOID_CROSS_ENTROPY_SOURCE = '''
+def sigmoid_cross_entropy_loss(x, target, ignore_label, normalization):
+    """Caffe's SigmoidCrossEntropyLoss: the cross-entropy of sigmoid(x) against targets in [0, 1],
+    in its overflow-free form, targets equal to ignore_label (truncated) left out."""
+    target = target.detach().reshape(x.shape)
+    positive = (x >= 0).to(x.dtype)
+    per_element = torch.log(1 + torch.exp(x - 2 * x * positive)) - x * (target - positive)
+    valid = None if ignore_label is None else target.long() != ignore_label
+    if valid is not None:
+        per_element = torch.where(valid, per_element, torch.zeros_like(per_element))
+    return normalized(per_element.sum(), normalization, valid, target)
+'''
+
+HINGE_SOURCE = '''
+def hinge_loss(x, label, dim, squared):
+    """Caffe's HingeLoss, one-vs-all: max(0, 1 - x) for the true class, max(0, 1 + x) for the others,
+    summed (L1) or squared and summed (L2), divided by num."""
+    x = x.reshape(-1, dim)
+    labels = label.detach().reshape(-1, 1).long()
+    is_true = labels == torch.arange(dim, device=labels.device)
+    margins = torch.relu(1 + torch.where(is_true, -x, x))
+    total = (margins * margins).sum() if squared else margins.sum()
+    return total / x.shape[0]
+'''
+
+MULTINOMIAL_SOURCE = '''
+def multinomial_logistic_loss(prob, label, dim):
+    """Caffe's MultinomialLogisticLoss: -log(max(p[label], LOG_THRESHOLD)) averaged over num; its
+    gradient -1 / (num max(p, LOG_THRESHOLD)) holds where the clamp bites too."""
+    prob = prob.reshape(-1, dim)
+    picked = prob.gather(1, label.detach().reshape(-1, 1).long()).squeeze(1)
+    clamped = picked.clamp_min(LOG_THRESHOLD)
+    surrogate = -picked / clamped.detach()
+    nll = (-torch.log(clamped)).detach() + (surrogate - surrogate.detach())
+    return nll.sum() / prob.shape[0]
+'''
+
+INFOGAIN_SOURCE = '''
+class InfogainLoss(nn.Module):
+    """Caffe's InfogainLoss: -sum_l H[label, l] log(max(softmax(x)_l, LOG_THRESHOLD)) over the labels
+    (those equal to ignore_label left out), normalised as SoftmaxWithLoss; H is the third input or
+    the layer's source file's matrix, saved with the weights. Caffe's gradient ignores the clamp.
+    Returns the loss and the probabilities."""
+
+    def __init__(self, axis, classes, inner, ignore_label, normalization, stored_infogain=False):
+        super().__init__()
+        self.axis, self.classes, self.inner = axis, classes, inner
+        self.ignore_label, self.normalization = ignore_label, normalization
+        self.register_buffer("infogain", torch.zeros(classes * classes) if stored_infogain else None)
+
+    def forward(self, scores, label, infogain=None):
+        classes, inner = self.classes, self.inner
+        weights = (self.infogain if infogain is None else infogain).detach()
+        weights = weights.reshape(classes, classes).to(scores.dtype)
+        prob = torch.softmax(scores, self.axis)
+        labels = label.detach().reshape(-1, inner).long()  # Caffe truncates float labels
+        valid = None if self.ignore_label is None else labels != self.ignore_label
+        index = labels if valid is None else torch.where(valid, labels, torch.zeros_like(labels))
+        rows = weights[index].transpose(1, 2)  # (outer, classes, inner): H[label, l]
+        log_prob = torch.log_softmax(scores, self.axis).reshape(-1, classes, inner)
+        clamped = torch.log(prob.reshape(-1, classes, inner).clamp_min(LOG_THRESHOLD))
+        surrogate = -(rows * log_prob).sum(1)
+        per_label = (-(rows * clamped).sum(1)).detach() + (surrogate - surrogate.detach())
+        if valid is not None:
+            per_label = torch.where(valid, per_label, torch.zeros_like(per_label))
+        return normalized(per_label.sum(), self.normalization, valid, labels), prob.detach()
+'''
+
+
+@register_source("SigmoidCrossEntropyLoss")
+def sigmoid_cross_entropy_to_source(src, ctx, module: SigmoidCrossEntropyLoss, inputs, outputs):
+    src.helper(NORMALIZED_SOURCE)
+    src.helper(SIGMOID_CROSS_ENTROPY_SOURCE)
+    src.assign(outputs, f"sigmoid_cross_entropy_loss({', '.join(inputs)}, {module.ignore_label!r}, "
+                        f"{module.normalization!r})")
+
+
+@register_source("HingeLoss")
+def hinge_loss_to_source(src, ctx, module: HingeLoss, inputs, outputs):
+    src.helper(HINGE_SOURCE)
+    src.assign(outputs, f"hinge_loss({', '.join(inputs)}, {module.dim}, {module.squared!r})")
+
+
+@register_source("MultinomialLogisticLoss")
+def multinomial_logistic_loss_to_source(src, ctx, module: MultinomialLogisticLoss, inputs, outputs):
+    src.helper(LOG_THRESHOLD_SOURCE)
+    src.helper(MULTINOMIAL_SOURCE)
+    src.assign(outputs, f"multinomial_logistic_loss({', '.join(inputs)}, {module.dim})")
+
+
+@register_source("InfogainLoss")
+def infogain_loss_to_source(src, ctx, module: InfogainLoss, inputs, outputs):
+    src.helper(LOG_THRESHOLD_SOURCE)
+    src.helper(NORMALIZED_SOURCE)
+    src.helper(INFOGAIN_SOURCE)
+    stored = module.infogain is not None
+    layer = src.attribute(ctx, f"InfogainLoss({module.axis}, {module.classes}, {module.inner}, "
+                               f"{module.ignore_label!r}, {module.normalization!r}"
+                               + (", stored_infogain=True)" if stored else ")"),
+                          {"infogain": module.infogain} if stored else {})
+    call = f"{layer}({', '.join(inputs)})"
+    src.assign(outputs, call if len(outputs) == 2 else f"{call}[0]")

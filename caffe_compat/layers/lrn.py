@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import inspect
 from pathlib import Path
 
 import torch
@@ -213,35 +214,54 @@ def lrn_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
 
 
 # ---------------------------------------------------------------- standalone source
-# The PyTorch form above, its backward left to autograd (the C kernel is not at hand there).
+# The PyTorch form above, Caffe's backward included (the C kernel is not at hand there).
+
+LRN_SOURCE = '''
+class LRN(torch.autograd.Function):
+    """Caffe's LRN: top = x * s^-beta, s = k + alpha * window_mean(x^2), with Caffe's backward:
+    dx = dy * s^-beta - 2 alpha beta x * window_mean(dy * top / s) (the window is its own transpose)."""
+
+    @staticmethod
+    def forward(ctx, x, window_mean, size, alpha, beta, k):
+        s = window_mean(x * x, size).mul_(alpha).add_(k)
+        factor = s.pow(-beta)
+        ctx.save_for_backward(x, s, factor)
+        ctx.window = (window_mean, size, alpha, beta)
+        return x * factor
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, s, factor = ctx.saved_tensors
+        window_mean, size, alpha, beta = ctx.window
+        dx = dy * factor
+        spread = window_mean(dx * x / s, size)
+        return torch.addcmul(dx, x, spread, value=-2.0 * alpha * beta), None, None, None, None, None
+'''
 
 ACROSS_SOURCE = '''
 def lrn_across_channels(x, size, alpha, beta, k):
     """Caffe's LRN across channels: x * (k + alpha * mean of x^2 over the size channels centred
     on each, zero beyond the channel range) ^ -beta."""
-    squares = x * x
-    sums = squares.clone()
-    for offset in range(1, min((size - 1) // 2, x.shape[1] - 1) + 1):
-        sums[:, offset:] += squares[:, :-offset]
-        sums[:, :-offset] += squares[:, offset:]
-    return x * (sums / size * alpha + k).pow(-beta)
+    return LRN.apply(x, channel_window_mean, size, alpha, beta, k)
 '''
 
 WITHIN_SOURCE = '''
 def lrn_within_channel(x, size, alpha, beta):
     """Caffe's LRN within a channel: x * (1 + alpha * mean of x^2 over the size x size window
     centred on each pixel, the zero padding counted) ^ -beta."""
-    mean = F.avg_pool2d(x * x, size, stride=1, padding=(size - 1) // 2, count_include_pad=True)
-    return x * (mean * alpha + 1.0).pow(-beta)
+    return LRN.apply(x, spatial_window_mean, size, alpha, beta, 1.0)
 '''
 
 
 @register_source("LRN")
 def lrn_to_source(src, ctx, module, inputs, outputs):
     settings = f"{module.size}, {module.alpha!r}, {module.beta!r}"
+    src.helper(LRN_SOURCE)
     if isinstance(module, AcrossChannelLRN):
+        src.helper(inspect.getsource(channel_window_mean))
         src.helper(ACROSS_SOURCE)
         src.assign(outputs, f"lrn_across_channels({inputs[0]}, {settings}, {module.k!r})")
     else:
+        src.helper(inspect.getsource(spatial_window_mean))
         src.helper(WITHIN_SOURCE)
         src.assign(outputs, f"lrn_within_channel({inputs[0]}, {settings})")

@@ -7,7 +7,7 @@ from typing import Tuple
 
 from ..params.ssd import permute_order
 from .onnx_graph import OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 
 class Permute(CaffeLayer):
@@ -29,3 +29,8 @@ def build_permute(ctx: LayerContext):
 @register_onnx("Permute")
 def permute_to_onnx(g: OnnxGraph, ctx, module: Permute, inputs, outputs):
     g.node("Transpose", inputs, outputs, perm=list(module.order))
+
+
+@register_source("Permute")
+def permute_to_source(src, ctx, module: Permute, inputs, outputs):
+    src.assign(outputs, f"{inputs[0]}.permute({module.order}).contiguous()")

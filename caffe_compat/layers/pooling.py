@@ -21,7 +21,7 @@ from torch import nn
 from ..params.layer import pool_window, pooled_sizes, spp_level_window
 from .lrn import memory_format_of
 from .onnx_graph import FLOAT, OnnxGraph
-from .registry import CaffeLayer, LayerContext, no_source_form, register, register_onnx, register_source
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 FLT_MAX = float(np.finfo(np.float32).max)
 torch.fx.wrap("memory_format_of")  # traced graphs ask the layout at run time, as the module does
@@ -310,22 +310,58 @@ def caffe_ave_pool(x, kernel, stride, pad, end_pad):
 '''
 
 
-@register_source("Pooling")
-def pooling_to_source(src, ctx, module, inputs, outputs):
-    if len(outputs) != 1:
-        raise no_source_form(ctx, "the argmax mask top")
+MAX_POOL_MASK_SOURCE = '''
+def caffe_max_pool_with_mask(x, kernel, stride, pad, end_pad=None):
+    """caffe_max_pool and Caffe's mask top: each maximum's index h * W + w within its plane (the
+    first in row-major order among equal values), -1 where no input exceeded -FLT_MAX."""
+    if end_pad is None:
+        top, index = F.max_pool2d(x, kernel, stride, pad, ceil_mode=True, return_indices=True)
+    else:
+        padded = F.pad(x, (pad[1], end_pad[1], pad[0], end_pad[0]), value=-FLT_MAX)
+        top, index = F.max_pool2d(padded, kernel, stride, return_indices=True)
+        padded_width = x.shape[3] + pad[1] + end_pad[1]
+        index = (index // padded_width - pad[0]) * x.shape[3] + index % padded_width - pad[1]
+    mask = torch.where(top > -FLT_MAX, index, torch.full_like(index, -1))
+    return top, mask.to(top.dtype)
+'''
+
+
+def _pooled(src, module, x: str) -> str:
+    """The expression of a MaxPooling or AvePooling module's top (without a mask) over `x`."""
     g = module.geometry
-    x, window = inputs[0], f"{g.kernel}, {g.stride}"
+    window = f"{g.kernel}, {g.stride}"
     end_pad = None if module.native else g.end_pad
     if isinstance(module, MaxPooling):
         src.helper(FLT_MAX_SOURCE)
         src.helper(MAX_POOL_SOURCE)
-        src.assign(outputs, f"caffe_max_pool({x}, {window}, {g.pad}" + (f", {end_pad})" if end_pad else ")"))
-    elif module.native:
-        src.assign(outputs, f"F.avg_pool2d({x}, {window}, {g.pad}, ceil_mode=True, count_include_pad=True)")
-    elif module.divisor is None:  # every window inside the explicitly padded input: the kernel's area
+        return f"caffe_max_pool({x}, {window}, {g.pad}" + (f", {end_pad})" if end_pad else ")")
+    if module.native:
+        return f"F.avg_pool2d({x}, {window}, {g.pad}, ceil_mode=True, count_include_pad=True)"
+    if module.divisor is None:  # every window inside the explicitly padded input: the kernel's area
         left, right, top, bottom = g.torch_explicit_pad()
-        src.assign(outputs, f"F.avg_pool2d(F.pad({x}, ({left}, {right}, {top}, {bottom})), {window})")
-    else:
-        src.helper(AVE_POOL_SOURCE)
-        src.assign(outputs, f"caffe_ave_pool({x}, {window}, {g.pad}, {end_pad})")
+        return f"F.avg_pool2d(F.pad({x}, ({left}, {right}, {top}, {bottom})), {window})"
+    src.helper(AVE_POOL_SOURCE)
+    return f"caffe_ave_pool({x}, {window}, {g.pad}, {end_pad})"
+
+
+@register_source("Pooling")
+def pooling_to_source(src, ctx, module, inputs, outputs):
+    if len(outputs) == 2:  # MAX pooling's mask top, as SegNet's Upsample reads it
+        g = module.geometry
+        end_pad = None if module.native else g.end_pad
+        src.helper(FLT_MAX_SOURCE)
+        src.helper(MAX_POOL_MASK_SOURCE)
+        src.assign(outputs, f"caffe_max_pool_with_mask({inputs[0]}, {g.kernel}, {g.stride}, {g.pad}"
+                            + (f", {end_pad})" if end_pad else ")"))
+        return
+    src.assign(outputs, _pooled(src, module, inputs[0]))
+
+
+@register_source("SPP")
+def spp_to_source(src, ctx, module: SpatialPyramidPooling, inputs, outputs):
+    # Caffe's SPP: each pyramid level's pooling flattened per example, concatenated; one level unflattened
+    levels = [_pooled(src, level, inputs[0]) for level in module.levels]
+    if len(levels) == 1:
+        src.assign(outputs, levels[0])
+        return
+    src.assign(outputs, f"torch.cat([{', '.join(f'{level}.flatten(1)' for level in levels)}], dim=1)")

@@ -17,13 +17,16 @@ Where scores tie, numpy's `argsort()[::-1]` decides; here as with a stable sort 
 No gradient passes (the layer's backward does nothing). No ONNX export."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 
 from ..params.roi import PROPOSAL_LAYER, ProposalSettings, proposal_settings, proposal_tops
+from . import bbox
 from .bbox import jaccard
 from .python_layer import python_type
-from .registry import CaffeLayer, LayerContext, register
+from .registry import CaffeLayer, LayerContext, register, register_source
 
 
 def numpy_descending(scores: torch.Tensor) -> torch.Tensor:
@@ -120,3 +123,62 @@ def build_proposal(ctx: LayerContext):
     settings = proposal_settings(ctx, ctx.phase)
     # im_info is read, not differentiated: the layer's backward passes nothing
     return ctx.wire(Proposal(settings, len(ctx.tops)), top_shapes=proposal_tops(ctx))
+
+
+# ---------------------------------------------------------------- standalone source
+
+PROPOSAL_SOURCE = """
+class Proposal(nn.Module):
+    \"\"\"py-faster-rcnn's proposal layer (rpn.proposal_layer.ProposalLayer): its anchors shifted by
+    feat_stride over the score map, decoded by the deltas, clipped to im_info's image, those smaller
+    than min_size * im_info[2] dropped, the best pre_nms_top_n by foreground score, NMS at nms_thresh,
+    the first post_nms_top_n kept: rois (R, 5) with batch index 0, and their scores (R, 1) if `tops` is 2.\"\"\"
+
+    def __init__(self, anchors, feat_stride, pre_nms_top_n, post_nms_top_n, nms_thresh, min_size, tops):
+        super().__init__()
+        self.anchors, self.feat_stride, self.tops = anchors, feat_stride, tops
+        self.pre_nms_top_n, self.post_nms_top_n = pre_nms_top_n, post_nms_top_n
+        self.nms_thresh, self.min_size = nms_thresh, min_size
+
+    @torch.no_grad()
+    def forward(self, scores, deltas, im_info):
+        scores, deltas, im_info = scores.detach().float(), deltas.detach().float(), im_info.detach().float()
+        height, width = scores.shape[-2:]
+        shift_y, shift_x = torch.meshgrid(torch.arange(height, dtype=torch.float64) * self.feat_stride,
+                                          torch.arange(width, dtype=torch.float64) * self.feat_stride, indexing="ij")
+        shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
+        shifts = torch.stack([shift_x, shift_y, shift_x, shift_y], dim=1)
+        anchors = torch.tensor(self.anchors, dtype=torch.float64)[None, :, :] + shifts[:, None, :]
+        anchors = anchors.reshape(-1, 4).float().to(scores.device)  # rows in (h, w, anchor) order
+        # the second len(anchors) channels are the foreground probabilities
+        fg = scores[:, len(self.anchors):].permute(0, 2, 3, 1).reshape(-1)
+        boxes = decode(anchors, deltas.permute(0, 2, 3, 1).reshape(-1, 4))
+        info = im_info.reshape(im_info.shape[0], -1)[0]
+        limits = torch.stack([info[1] - 1, info[0] - 1, info[1] - 1, info[0] - 1])
+        boxes = torch.maximum(torch.minimum(boxes, limits), torch.zeros((), device=boxes.device))
+        least = float(self.min_size) * info[2]
+        keep = ((boxes[:, 2] - boxes[:, 0] + 1 >= least) & (boxes[:, 3] - boxes[:, 1] + 1 >= least)).nonzero()[:, 0]
+        boxes, fg = boxes[keep], fg[keep]
+        order = numpy_descending(fg)
+        if self.pre_nms_top_n > 0:
+            order = order[:self.pre_nms_top_n]
+        boxes, fg = boxes[order], fg[order]
+        order = numpy_descending(fg)  # gpu_nms sorts its input again the same way
+        boxes, fg = boxes[order], fg[order]
+        chosen = pixel_nms(boxes, self.nms_thresh, self.post_nms_top_n)
+        boxes, fg = boxes[chosen], fg[chosen]
+        rois = torch.cat([torch.zeros((boxes.shape[0], 1), device=boxes.device), boxes], dim=1)
+        return (rois, fg[:, None]) if self.tops == 2 else rois
+"""
+
+
+@register_source(python_type(*PROPOSAL_LAYER.rsplit(".", 1)))
+def proposal_to_source(src, ctx, module: Proposal, inputs, outputs):
+    s, config = module.settings, module.settings.config
+    src.helper("\n\n\n".join(inspect.getsource(fn).strip("\n")
+                               for fn in (numpy_descending, decode, bbox.jaccard, pixel_nms)))
+    src.helper(PROPOSAL_SOURCE)
+    layer = src.attribute(ctx, f"Proposal({tuple(tuple(a) for a in s.anchors)}, {s.feat_stride!r}, "
+                               f"{config.pre_nms_top_n}, {config.post_nms_top_n}, {config.nms_thresh!r}, "
+                               f"{config.min_size}, {module.tops})", {})
+    src.assign(outputs, f"{layer}({', '.join(inputs)})")

@@ -7,7 +7,7 @@ registered. Classes whose code is known are built in the same way: py-faster-rcn
 rpn.proposal_layer.ProposalLayer (layers/proposal.py)."""
 from __future__ import annotations
 
-from .registry import REGISTRY, Converted, LayerContext, register
+from .registry import REGISTRY, Converted, LayerContext, no_source_form, register, register_source
 
 
 def python_type(module: str, layer: str) -> str:
@@ -25,3 +25,14 @@ def build_python(ctx: LayerContext) -> Converted:
                         f"Caffe imports at run time; port it to PyTorch and register its builder with "
                         f"@caffe_compat.layers.register('{key}') before building the net")
     return entry.build(ctx)
+
+
+@register_source("Python")
+def python_to_source(src, ctx, module, inputs, outputs):
+    """The source emitter of the layer's class, where it has one."""
+    param = ctx.param.python_param
+    entry = REGISTRY.get(python_type(param.module, param.layer))
+    if entry is None or entry.to_source is None:
+        raise no_source_form(ctx, f"a Python layer, class '{param.layer}' of module '{param.module}', "
+                                  f"ported by its user to PyTorch")
+    entry.to_source(src, ctx, module, inputs, outputs)

@@ -27,7 +27,7 @@ from torch import nn
 from . import fillers
 from .loss import _with_gradient
 from .onnx_graph import FLOAT, OnnxGraph
-from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
+from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx, register_source
 
 
 def lstm_unit(c_prev: torch.Tensor, gates: torch.Tensor, cont: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -223,6 +223,136 @@ def build_lstm_unit(ctx: LayerContext) -> Converted:
     if cont != (1, c_prev[1]):
         raise ctx.error(f"bottom '{ctx.bottoms[2]}' must have shape {(1, c_prev[1])}, got {cont}")
     return ctx.wire(LSTMUnit(), top_shapes=[c_prev, c_prev])
+
+
+# ---------------------------------------------------------------- standalone source
+
+LSTM_UNIT_SOURCE = """
+def lstm_unit(c_prev, gates, cont):
+    \"\"\"One step of Caffe's LSTM: (c_t, h_t) from c_{t-1} (..., H), the gate pre-activations (..., 4H)
+    in the order input, forget, output, candidate, and cont (...), which cuts the forget gate
+    f = cont sigmoid(x_f); Caffe differentiates f as f (1 - f).\"\"\"
+    hidden = c_prev.shape[-1]
+    i = torch.sigmoid(gates[..., :hidden])
+    forget_x = gates[..., hidden:2 * hidden]
+    o = torch.sigmoid(gates[..., 2 * hidden:3 * hidden])
+    g = torch.tanh(gates[..., 3 * hidden:])
+    f_value = cont.detach().unsqueeze(-1) * torch.sigmoid(forget_x.detach())
+    surrogate = (f_value * (1 - f_value)) * forget_x
+    f = f_value.detach() + (surrogate - surrogate.detach())  # f's value, Caffe's gradient
+    c = f * c_prev + i * g
+    return c, o * torch.tanh(c)
+"""
+
+RECURRENT_SOURCE = """
+class Recurrent(nn.Module):
+    \"\"\"Caffe's RNN and LSTM over x (T, N, ...) and cont (T, N), then x_static (N, ...) if `static`:
+    h_{t-1} times cont_t enters step t. Without expose_hidden the initial states are the last
+    forward's final states (zeros at first); with it they are inputs and the final states extra
+    outputs, through which no gradient flows.\"\"\"
+
+    states = 1
+
+    def __init__(self, hidden, static, expose_hidden):
+        super().__init__()
+        self.hidden, self.static, self.expose_hidden = hidden, static, expose_hidden
+        self.carried = None
+
+    def forward(self, x, cont, *rest):
+        static, given = (rest[0], rest[1:]) if self.static else (None, rest)
+        shape = (1, x.shape[1], self.hidden)
+        carried = self.carried
+        if self.expose_hidden:
+            initial = [state.detach().reshape(shape) for state in given]
+        elif carried is None or tuple(carried[0].shape) != shape or carried[0].device != x.device:
+            initial = [x.new_zeros(shape) for _ in range(self.states)]
+        else:
+            initial = [state.to(x.dtype) for state in carried]
+        top, final = self.unroll(x, cont.detach(), static, initial)
+        self.carried = [state.detach() for state in final]
+        return (top, *self.carried) if self.expose_hidden else top
+"""
+
+LSTM_SOURCE = """
+class LSTM(Recurrent):
+    \"\"\"Caffe's LSTM: gates W_xc x_t + b_c + W_hc (cont_t h_{t-1}) (+ W_xc_static x_static), then lstm_unit.\"\"\"
+
+    states = 2
+
+    def __init__(self, hidden, inputs, static_inputs=None, expose_hidden=False):
+        super().__init__(hidden, static_inputs is not None, expose_hidden)
+        self.w_xc = nn.Parameter(torch.empty(4 * hidden, inputs))
+        self.b_c = nn.Parameter(torch.empty(4 * hidden))
+        if static_inputs is not None:
+            self.w_xc_static = nn.Parameter(torch.empty(4 * hidden, static_inputs))
+        self.w_hc = nn.Parameter(torch.empty(4 * hidden, hidden))
+
+    def unroll(self, x, cont, static, initial):
+        x_gates = F.linear(x.flatten(2), self.w_xc, self.b_c)
+        static_gates = None if static is None else F.linear(static.flatten(1), self.w_xc_static).unsqueeze(0)
+        h, c = initial
+        tops = []
+        for t in range(x.shape[0]):
+            cont_t = cont[t:t + 1]
+            gates = F.linear(h * cont_t.unsqueeze(-1), self.w_hc) + x_gates[t:t + 1]
+            if static_gates is not None:
+                gates = gates + static_gates
+            c, h = lstm_unit(c, gates, cont_t)
+            tops.append(h)
+        return torch.cat(tops, 0), (h, c)
+"""
+
+RNN_SOURCE = """
+class RNN(Recurrent):
+    \"\"\"Caffe's RNN: h_t = tanh(W_xh x_t + b_h + W_hh (cont_t h_{t-1}) (+ W_xh_static x_static)),
+    o_t = tanh(W_ho h_t + b_o).\"\"\"
+
+    def __init__(self, hidden, inputs, static_inputs=None, expose_hidden=False):
+        super().__init__(hidden, static_inputs is not None, expose_hidden)
+        self.w_xh = nn.Parameter(torch.empty(hidden, inputs))
+        self.b_h = nn.Parameter(torch.empty(hidden))
+        if static_inputs is not None:
+            self.w_xh_static = nn.Parameter(torch.empty(hidden, static_inputs))
+        self.w_hh = nn.Parameter(torch.empty(hidden, hidden))
+        self.w_ho = nn.Parameter(torch.empty(hidden, hidden))
+        self.b_o = nn.Parameter(torch.empty(hidden))
+
+    def unroll(self, x, cont, static, initial):
+        x_in = F.linear(x.flatten(2), self.w_xh, self.b_h)
+        static_in = None if static is None else F.linear(static.flatten(1), self.w_xh_static).unsqueeze(0)
+        (h,) = initial
+        tops = []
+        for t in range(x.shape[0]):
+            pre = F.linear(h * cont[t:t + 1].unsqueeze(-1), self.w_hh) + x_in[t:t + 1]
+            if static_in is not None:
+                pre = pre + static_in
+            h = torch.tanh(pre)
+            tops.append(torch.tanh(F.linear(h, self.w_ho, self.b_o)))
+        return torch.cat(tops, 0), (h,)
+"""
+
+
+@register_source("LSTM", "RNN")
+def recurrent_to_source(src, ctx, module, inputs, outputs):
+    if isinstance(module, LSTM):
+        src.helper(LSTM_UNIT_SOURCE)
+    src.helper(RECURRENT_SOURCE)
+    src.helper(LSTM_SOURCE if isinstance(module, LSTM) else RNN_SOURCE)
+    weight = module.w_xc if isinstance(module, LSTM) else module.w_xh
+    static = getattr(module, "w_xc_static", getattr(module, "w_xh_static", None))
+    settings = [str(module.hidden), str(weight.shape[1])]
+    if static is not None:
+        settings.append(f"static_inputs={static.shape[1]}")
+    settings += ["expose_hidden=True"] * module.expose_hidden
+    layer = src.attribute(ctx, f"{ctx.type}({', '.join(settings)})",
+                          {name: getattr(module, name) for name in module.blob_names})
+    src.assign(outputs, f"{layer}({', '.join(inputs)})")
+
+
+@register_source("LSTMUnit")
+def lstm_unit_to_source(src, ctx, module, inputs, outputs):
+    src.helper(LSTM_UNIT_SOURCE)
+    src.assign(outputs, f"lstm_unit({', '.join(inputs)})")
 
 
 # ---------------------------------------------------------------- ONNX

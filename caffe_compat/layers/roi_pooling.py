@@ -19,16 +19,15 @@ each bin at FLT_MIN (a positive number), so a bin of negative values differs fro
 fork's; no standard operator computes PSROIPooling; export refuses both, naming the layer."""
 from __future__ import annotations
 
-from typing import Tuple
+import inspect
 
 import torch
 
 from ..errors import CaffeCompatError
 from ..params.roi import (PSROIPoolingSettings, ROIPoolingSettings, psroi_pooling_settings, psroi_pooling_top,
                           roi_pooling_settings, roi_pooling_top)
-from .registry import CaffeLayer, LayerContext, register
-
-FLT_MAX = 3.4028234663852886e38
+from .pooling import FLT_MAX, FLT_MAX_SOURCE
+from .registry import CaffeLayer, LayerContext, register, register_source
 
 
 def _round_half_away(values: torch.Tensor) -> torch.Tensor:
@@ -48,8 +47,7 @@ def _batch_indices(rois: torch.Tensor, batch: int, layer_name: str, layer_type: 
     return index
 
 
-def _bins(start: torch.Tensor, bin_size: torch.Tensor, pooled: int, limit: int, offset_before_clip: bool
-          ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _bins(start: torch.Tensor, bin_size: torch.Tensor, pooled: int, limit: int, offset_before_clip: bool) -> tuple:
     """[start, end) of each roi's `pooled` bins along one axis, clipped to [0, limit]:
     floor(p * bin_size) and ceil((p + 1) * bin_size) in float32, the roi's start added
     after (ROIPooling, integer start) or inside the float sum (PSROIPooling)."""
@@ -64,6 +62,130 @@ def _bins(start: torch.Tensor, bin_size: torch.Tensor, pooled: int, limit: int, 
     return low.clamp(0, limit), high.clamp(0, limit)
 
 
+def roi_pool(data, rois, batch, pooled_h: int, pooled_w: int, spatial_scale: float):
+    """ROIPooling of data (N, C, H, W) over rois (R, 5) whose batch indices `batch` are checked:
+    (R, C, pooled_h, pooled_w)."""
+    num, channels, height, width = data.shape
+    with torch.no_grad():
+        start_w, start_h, end_w, end_h = _round_half_away(rois[:, 1:] * spatial_scale).unbind(1)
+        # malformed rois are forced to 1x1; the sizes are ints turned into float32
+        bin_h = (end_h - start_h + 1).clamp(min=1).float() / pooled_h
+        bin_w = (end_w - start_w + 1).clamp(min=1).float() / pooled_w
+        h0, h1 = _bins(start_h, bin_h, pooled_h, height, True)
+        w0, w1 = _bins(start_w, bin_w, pooled_w, width, True)
+        best, taken_at = _roi_scan(data, batch, h0, h1, w0, w1)
+        sends = _roi_backward_reach(taken_at, (start_h, end_h, bin_h), (start_w, end_w, bin_w), height, width)
+    # the values again, gathered at each bin's argmax, so that autograd sends a bin's
+    # gradient there where the GPU kernel does
+    flat = data.permute(0, 2, 3, 1).reshape(num * height * width, channels)
+    taken = flat.gather(0, taken_at.clamp(min=0).reshape(-1, channels)).view(taken_at.shape)
+    out = torch.where(sends, taken, best)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _roi_backward_reach(taken_at, along_h, along_w, height: int, width: int):
+    """Where ROIPoolBackward (the GPU kernel) adds a bin's diff to its argmax: the
+    element lies in the roi as rounded (none for a malformed roi, end < start) and
+    the bin is among those it computes, in float32, that could have pooled it."""
+    reach = taken_at >= 0
+    position = taken_at.clamp(min=0)
+    for axis, (start, end, bin_size), coordinate in ((1, along_h, position // width % height),
+                                                     (2, along_w, position % width)):
+        pooled = taken_at.shape[axis]
+        view = (-1, 1, 1, 1)
+        start, end, bin_size = start.view(view), end.view(view), bin_size.view(view)
+        offset = coordinate - start
+        first = torch.floor(offset.float() / bin_size).long().clamp(0, pooled)
+        last = torch.ceil((offset + 1).float() / bin_size).long().clamp(0, pooled)
+        index = torch.arange(pooled, device=taken_at.device).view((1, -1, 1, 1) if axis == 1 else (1, 1, -1, 1))
+        reach &= (coordinate >= start) & (coordinate <= end) & (index >= first) & (index < last)
+    return reach
+
+
+def _roi_scan(data, batch, h0, h1, w0, w1):
+    """Each bin's max over its window, scanned as the fork scans it (rows, then
+    columns, strict >), one window offset at a time, over the rois whose windows
+    reach that far: (values, flat positions in (N * H * W), -1 where nothing was
+    taken), both (R, pooled_h, pooled_w, C)."""
+    num, channels, height, width = data.shape
+    # positions outside a bin read a row of -inf, which is never > the bin's best
+    flat = torch.cat([data.detach().permute(0, 2, 3, 1).reshape(num * height * width, channels),
+                      torch.full((1, channels), -float("inf"), dtype=data.dtype, device=data.device)])
+    count, ph, pw = batch.shape[0], h0.shape[1], w0.shape[1]
+    empty = (h1 <= h0)[:, :, None] | (w1 <= w0)[:, None, :]
+    best = torch.full((count, ph, pw, channels), -FLT_MAX, dtype=data.dtype, device=data.device)
+    best[empty] = 0
+    taken_step = torch.full((count, ph, pw, channels), -1, dtype=torch.int32, device=data.device)
+    roi_reach_h = (h1 - h0).clamp(min=0).amax(1) if count else h0.new_zeros(0)
+    roi_reach_w = (w1 - w0).clamp(min=0).amax(1) if count else w0.new_zeros(0)
+    reach_h = int(roi_reach_h.max()) if count else 0
+    reach_w = int(roi_reach_w.max()) if count else 0
+    for i in range(reach_h):
+        for j in range(reach_w):
+            active = ((roi_reach_h > i) & (roi_reach_w > j)).nonzero()[:, 0]
+            every = active.numel() == count
+            pick = (lambda t: t) if every else (lambda t: t.index_select(0, active))
+            row, column = pick(h0) + i, pick(w0) + j
+            inside = (row < pick(h1))[:, :, None] & (column < pick(w1))[:, None, :]
+            position = (pick(batch)[:, None, None] * height + row[:, :, None]) * width + column[:, None, :]
+            position = torch.where(inside, position, num * height * width)
+            values = flat.index_select(0, position.reshape(-1)).view(-1, ph, pw, channels)
+            current, steps = pick(best), pick(taken_step)
+            better = values > current
+            new_best = torch.where(better, values, current)
+            new_steps = torch.where(better, i * reach_w + j, steps)
+            if every:
+                best, taken_step = new_best, new_steps
+            else:
+                best.index_copy_(0, active, new_best)
+                taken_step.index_copy_(0, active, new_steps)
+    step = taken_step.long().clamp(min=0)
+    row = h0[:, :, None, None] + step // max(reach_w, 1)
+    column = w0[:, None, :, None] + step % max(reach_w, 1)
+    position = (batch[:, None, None, None] * height + row) * width + column
+    return best, torch.where(taken_step >= 0, position, -1)
+
+
+def psroi_pool(data, rois, batch, group: int, dim: int, spatial_scale: float):
+    """PSROIPooling of data (N, dim * group^2, H, W) over rois (R, 5) whose batch indices
+    `batch` are checked: (R, dim, group, group)."""
+    num, channels, height, width = data.shape
+    count = rois.shape[0]
+    with torch.no_grad():
+        corners = _round_half_away(rois[:, 1:]).float()  # static_cast<Dtype>(round(x))
+        start_w, start_h = corners[:, 0] * spatial_scale, corners[:, 1] * spatial_scale
+        end_w, end_h = (corners[:, 2] + 1) * spatial_scale, (corners[:, 3] + 1) * spatial_scale
+        # too small rois are forced to 0.1 (the float nearest 0.1: the kernel's max with
+        # a double 0.1 gives the same float)
+        tenth = torch.tensor(0.1, dtype=torch.float32, device=data.device)
+        bin_h = torch.maximum(end_h - start_h, tenth) / group
+        bin_w = torch.maximum(end_w - start_w, tenth) / group
+        h0, h1 = _bins(start_h, bin_h, group, height, False)
+        w0, w1 = _bins(start_w, bin_w, group, width, False)
+        empty = (h1 <= h0)[:, :, None] | (w1 <= w0)[:, None, :]
+        area = ((h1 - h0)[:, :, None] * (w1 - w0)[:, None, :]).to(data.dtype)
+        reach_h = int((h1 - h0).max()) if count else 0
+        reach_w = int((w1 - w0).max()) if count else 0
+    # rows (n, h, w, ph, pw) of output_dim values: bin (ph, pw) reads channel
+    # (d * group + ph) * group + pw of each d
+    table = data.reshape(num, dim, group * group, height, width).permute(0, 3, 4, 2, 1).reshape(-1, dim)
+    cell = (torch.arange(group, device=data.device)[:, None] * group
+            + torch.arange(group, device=data.device)[None, :])
+    total = torch.zeros((count, group, group, dim), dtype=data.dtype, device=data.device)
+    for i in range(reach_h):  # the kernel's loops: rows, then columns, one float sum
+        row = h0 + i
+        for j in range(reach_w):
+            column = w0 + j
+            inside = (row < h1)[:, :, None] & (column < w1)[:, None, :]
+            position = ((batch[:, None, None] * height + row[:, :, None]) * width + column[:, None, :]) \
+                * (group * group) + cell
+            position = torch.where(inside, position, torch.zeros_like(position))
+            total = total + torch.where(inside[..., None], table[position], torch.zeros((), dtype=data.dtype,
+                                                                                     device=data.device))
+    out = torch.where(empty[..., None], torch.zeros_like(total), total / area.clamp(min=1)[..., None])
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
 class ROIPooling(CaffeLayer):
     def __init__(self, settings: ROIPoolingSettings, layer_name: str):
         super().__init__()
@@ -72,89 +194,12 @@ class ROIPooling(CaffeLayer):
 
     def forward(self, data, rois):
         s = self.settings
-        num, channels, height, width = data.shape
+        num, channels = data.shape[:2]
         rois = rois.detach().reshape(rois.shape[0], 5).float()
-        count = rois.shape[0]
         if data.device.type == "meta":
-            return torch.empty((count, channels, s.pooled_h, s.pooled_w), dtype=data.dtype, device="meta")
-        with torch.no_grad():
-            batch = _batch_indices(rois, num, self.layer_name, "ROIPooling")
-            start_w, start_h, end_w, end_h = _round_half_away(rois[:, 1:] * s.spatial_scale).unbind(1)
-            # malformed rois are forced to 1x1; the sizes are ints turned into float32
-            bin_h = (end_h - start_h + 1).clamp(min=1).float() / s.pooled_h
-            bin_w = (end_w - start_w + 1).clamp(min=1).float() / s.pooled_w
-            h0, h1 = _bins(start_h, bin_h, s.pooled_h, height, True)
-            w0, w1 = _bins(start_w, bin_w, s.pooled_w, width, True)
-            best, taken_at = self._scan(data, batch, h0, h1, w0, w1)
-            sends = self._backward_reach(taken_at, (start_h, end_h, bin_h), (start_w, end_w, bin_w), height, width)
-        # the values again, gathered at each bin's argmax, so that autograd sends a bin's
-        # gradient there where the GPU kernel does
-        flat = data.permute(0, 2, 3, 1).reshape(num * height * width, channels)
-        taken = flat.gather(0, taken_at.clamp(min=0).reshape(-1, channels)).view(taken_at.shape)
-        out = torch.where(sends, taken, best)
-        return out.permute(0, 3, 1, 2).contiguous()
-
-    @staticmethod
-    def _backward_reach(taken_at, along_h, along_w, height, width):
-        """Where ROIPoolBackward (the GPU kernel) adds a bin's diff to its argmax: the
-        element lies in the roi as rounded (none for a malformed roi, end < start) and
-        the bin is among those it computes, in float32, that could have pooled it."""
-        reach = taken_at >= 0
-        position = taken_at.clamp(min=0)
-        for axis, (start, end, bin_size), coordinate in ((1, along_h, position // width % height),
-                                                         (2, along_w, position % width)):
-            pooled = taken_at.shape[axis]
-            view = (-1, 1, 1, 1)
-            start, end, bin_size = start.view(view), end.view(view), bin_size.view(view)
-            offset = coordinate - start
-            first = torch.floor(offset.float() / bin_size).long().clamp(0, pooled)
-            last = torch.ceil((offset + 1).float() / bin_size).long().clamp(0, pooled)
-            index = torch.arange(pooled, device=taken_at.device).view((1, -1, 1, 1) if axis == 1 else (1, 1, -1, 1))
-            reach &= (coordinate >= start) & (coordinate <= end) & (index >= first) & (index < last)
-        return reach
-
-    def _scan(self, data, batch, h0, h1, w0, w1):
-        """Each bin's max over its window, scanned as the fork scans it (rows, then
-        columns, strict >), one window offset at a time, over the rois whose windows
-        reach that far: (values, flat positions in (N * H * W), -1 where nothing was
-        taken), both (R, pooled_h, pooled_w, C)."""
-        num, channels, height, width = data.shape
-        # positions outside a bin read a row of -inf, which is never > the bin's best
-        flat = torch.cat([data.detach().permute(0, 2, 3, 1).reshape(num * height * width, channels),
-                          torch.full((1, channels), -float("inf"), dtype=data.dtype, device=data.device)])
-        count, ph, pw = batch.shape[0], h0.shape[1], w0.shape[1]
-        empty = (h1 <= h0)[:, :, None] | (w1 <= w0)[:, None, :]
-        best = torch.full((count, ph, pw, channels), -FLT_MAX, dtype=data.dtype, device=data.device)
-        best[empty] = 0
-        taken_step = torch.full((count, ph, pw, channels), -1, dtype=torch.int32, device=data.device)
-        roi_reach_h = (h1 - h0).clamp(min=0).amax(1) if count else h0.new_zeros(0)
-        roi_reach_w = (w1 - w0).clamp(min=0).amax(1) if count else w0.new_zeros(0)
-        reach_h = int(roi_reach_h.max()) if count else 0
-        reach_w = int(roi_reach_w.max()) if count else 0
-        for i in range(reach_h):
-            for j in range(reach_w):
-                active = ((roi_reach_h > i) & (roi_reach_w > j)).nonzero()[:, 0]
-                every = active.numel() == count
-                pick = (lambda t: t) if every else (lambda t: t.index_select(0, active))
-                row, column = pick(h0) + i, pick(w0) + j
-                inside = (row < pick(h1))[:, :, None] & (column < pick(w1))[:, None, :]
-                position = (pick(batch)[:, None, None] * height + row[:, :, None]) * width + column[:, None, :]
-                position = torch.where(inside, position, num * height * width)
-                values = flat.index_select(0, position.reshape(-1)).view(-1, ph, pw, channels)
-                current, steps = pick(best), pick(taken_step)
-                better = values > current
-                new_best = torch.where(better, values, current)
-                new_steps = torch.where(better, i * reach_w + j, steps)
-                if every:
-                    best, taken_step = new_best, new_steps
-                else:
-                    best.index_copy_(0, active, new_best)
-                    taken_step.index_copy_(0, active, new_steps)
-        step = taken_step.long().clamp(min=0)
-        row = h0[:, :, None, None] + step // max(reach_w, 1)
-        column = w0[:, None, :, None] + step % max(reach_w, 1)
-        position = (batch[:, None, None, None] * height + row) * width + column
-        return best, torch.where(taken_step >= 0, position, -1)
+            return torch.empty((rois.shape[0], channels, s.pooled_h, s.pooled_w), dtype=data.dtype, device="meta")
+        batch = _batch_indices(rois, num, self.layer_name, "ROIPooling")
+        return roi_pool(data, rois, batch, s.pooled_h, s.pooled_w, s.spatial_scale)
 
 
 class PSROIPooling(CaffeLayer):
@@ -165,46 +210,12 @@ class PSROIPooling(CaffeLayer):
 
     def forward(self, data, rois):
         s = self.settings
-        group, dim = s.group_size, s.output_dim
-        num, channels, height, width = data.shape
         rois = rois.detach().reshape(rois.shape[0], 5).float()
-        count = rois.shape[0]
         if data.device.type == "meta":
-            return torch.empty((count, dim, group, group), dtype=data.dtype, device="meta")
-        with torch.no_grad():
-            batch = _batch_indices(rois, num, self.layer_name, "PSROIPooling")
-            corners = _round_half_away(rois[:, 1:]).float()  # static_cast<Dtype>(round(x))
-            start_w, start_h = corners[:, 0] * s.spatial_scale, corners[:, 1] * s.spatial_scale
-            end_w, end_h = (corners[:, 2] + 1) * s.spatial_scale, (corners[:, 3] + 1) * s.spatial_scale
-            # too small rois are forced to 0.1 (the float nearest 0.1: the kernel's max with
-            # a double 0.1 gives the same float)
-            tenth = torch.tensor(0.1, dtype=torch.float32, device=data.device)
-            bin_h = torch.maximum(end_h - start_h, tenth) / group
-            bin_w = torch.maximum(end_w - start_w, tenth) / group
-            h0, h1 = _bins(start_h, bin_h, group, height, False)
-            w0, w1 = _bins(start_w, bin_w, group, width, False)
-            empty = (h1 <= h0)[:, :, None] | (w1 <= w0)[:, None, :]
-            area = ((h1 - h0)[:, :, None] * (w1 - w0)[:, None, :]).to(data.dtype)
-            reach_h = int((h1 - h0).max()) if count else 0
-            reach_w = int((w1 - w0).max()) if count else 0
-        # rows (n, h, w, ph, pw) of output_dim values: bin (ph, pw) reads channel
-        # (d * group + ph) * group + pw of each d
-        table = data.reshape(num, dim, group * group, height, width).permute(0, 3, 4, 2, 1).reshape(-1, dim)
-        cell = (torch.arange(group, device=data.device)[:, None] * group
-                + torch.arange(group, device=data.device)[None, :])
-        total = torch.zeros((count, group, group, dim), dtype=data.dtype, device=data.device)
-        for i in range(reach_h):  # the kernel's loops: rows, then columns, one float sum
-            row = h0 + i
-            for j in range(reach_w):
-                column = w0 + j
-                inside = (row < h1)[:, :, None] & (column < w1)[:, None, :]
-                position = ((batch[:, None, None] * height + row[:, :, None]) * width + column[:, None, :]) \
-                    * (group * group) + cell
-                position = torch.where(inside, position, torch.zeros_like(position))
-                total = total + torch.where(inside[..., None], table[position], torch.zeros((), dtype=data.dtype,
-                                                                                         device=data.device))
-        out = torch.where(empty[..., None], torch.zeros_like(total), total / area.clamp(min=1)[..., None])
-        return out.permute(0, 3, 1, 2).contiguous()
+            return torch.empty((rois.shape[0], s.output_dim, s.group_size, s.group_size), dtype=data.dtype,
+                               device="meta")
+        batch = _batch_indices(rois, data.shape[0], self.layer_name, "PSROIPooling")
+        return psroi_pool(data, rois, batch, s.group_size, s.output_dim, s.spatial_scale)
 
 
 @register("ROIPooling")
@@ -217,3 +228,42 @@ def build_roi_pooling(ctx: LayerContext):
 def build_psroi_pooling(ctx: LayerContext):
     settings = psroi_pooling_settings(ctx)
     return ctx.wire(PSROIPooling(settings, ctx.name), top_shapes=[psroi_pooling_top(ctx, settings)])
+
+
+# ---------------------------------------------------------------- standalone source
+# The functions above, written into the file as they are, behind a batch-index check of its own.
+
+ROI_BATCH_SOURCE = """
+def roi_batch(data, rois, layer):
+    \"\"\"The rois (R, 5) as float32 and their batch indices (the first value truncated), checked.\"\"\"
+    rois = rois.detach().reshape(rois.shape[0], 5).float()
+    batch = rois[:, 0].to(torch.int64)
+    if ((batch < 0) | (batch >= data.shape[0])).any():
+        raise ValueError(f"{layer}: a roi's batch index is outside the {data.shape[0]} image(s) of the batch")
+    return rois, batch
+"""
+
+
+def _sources(*functions) -> str:
+    return "\n\n\n".join(inspect.getsource(fn).strip("\n") for fn in functions)
+
+
+@register_source("ROIPooling")
+def roi_pooling_to_source(src, ctx, module: ROIPooling, inputs, outputs):
+    s = module.settings
+    src.helper(FLT_MAX_SOURCE)
+    src.helper(ROI_BATCH_SOURCE)
+    src.helper(_sources(_round_half_away, _bins))
+    src.helper(_sources(roi_pool, _roi_backward_reach, _roi_scan))
+    src.assign(outputs, f"roi_pool({inputs[0]}, *roi_batch({inputs[0]}, {inputs[1]}, {ctx.name!r}), {s.pooled_h}, "
+                        f"{s.pooled_w}, {s.spatial_scale!r})")
+
+
+@register_source("PSROIPooling")
+def psroi_pooling_to_source(src, ctx, module: PSROIPooling, inputs, outputs):
+    s = module.settings
+    src.helper(ROI_BATCH_SOURCE)
+    src.helper(_sources(_round_half_away, _bins))
+    src.helper(_sources(psroi_pool))
+    src.assign(outputs, f"psroi_pool({inputs[0]}, *roi_batch({inputs[0]}, {inputs[1]}, {ctx.name!r}), "
+                        f"{s.group_size}, {s.output_dim}, {s.spatial_scale!r})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .onnx_graph import INT64, OnnxGraph
-from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
+from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx, register_source
 
 
 class Filter(CaffeLayer):
@@ -70,3 +70,26 @@ def build_batch_reindex(ctx: LayerContext) -> Converted:
 def batch_reindex_to_onnx(g: OnnxGraph, ctx, module: BatchReindex, inputs, outputs):
     (index,) = g.node("Cast", [inputs[1]], hint=ctx.name + "/index", to=INT64)
     g.node("Gather", [inputs[0], index], outputs, axis=0)
+
+
+# ---------------------------------------------------------------- standalone source
+
+FILTER_SOURCE = '''
+def filter_batch(*bottoms):
+    """Caffe's Filter: each data bottom's items whose selector (the last bottom) entry is non-zero."""
+    *data, selector = bottoms
+    keep = torch.nonzero(selector.detach().reshape(-1) != 0).reshape(-1)
+    tops = tuple(x.index_select(0, keep) for x in data)
+    return tops[0] if len(tops) == 1 else tops
+'''
+
+
+@register_source("Filter")
+def filter_to_source(src, ctx, module: Filter, inputs, outputs):
+    src.helper(FILTER_SOURCE)
+    src.assign(outputs, f"filter_batch({', '.join(inputs)})")
+
+
+@register_source("BatchReindex")
+def batch_reindex_to_source(src, ctx, module: BatchReindex, inputs, outputs):
+    src.assign(outputs, f"{inputs[0]}.index_select(0, {inputs[1]}.detach().long())")

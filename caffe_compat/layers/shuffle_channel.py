@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..params.forks import shuffle_group, shuffle_top
 from .onnx_graph import OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 
 class ShuffleChannel(CaffeLayer):
@@ -36,3 +36,19 @@ def shuffle_channel_to_onnx(g: OnnxGraph, ctx, module: ShuffleChannel, inputs, o
                                                       ctx.name + "/groups")], hint=ctx.name + "/grouped")
     (swapped,) = g.node("Transpose", [grouped], hint=ctx.name + "/swapped", perm=[0, 2, 1, 3])
     g.node("Reshape", [swapped, g.ints([0, *module.top_tail], ctx.name + "/top_shape")], outputs)
+
+
+SHUFFLE_SOURCE = '''
+def shuffle_channels(x, group, top_tail):
+    """ShuffleNet's ShuffleChannel: of `group` groups of C / group channels, output channel
+    j * group + i is input channel i * (C / group) + j; the top is (num,) + top_tail."""
+    num, channels = x.shape[:2]
+    x = x.reshape(num, group, channels // group, -1).transpose(1, 2)
+    return x.reshape((num,) + top_tail)
+'''
+
+
+@register_source("ShuffleChannel")
+def shuffle_channel_to_source(src, ctx, module: ShuffleChannel, inputs, outputs):
+    src.helper(SHUFFLE_SOURCE)
+    src.assign(outputs, f"shuffle_channels({inputs[0]}, {module.group}, {module.top_tail})")

@@ -11,7 +11,7 @@ from torch import nn
 from ..params.layer import dummy_data_shapes
 from . import fillers
 from .onnx_graph import OnnxGraph
-from .registry import CaffeLayer, Converted, LayerContext, register, register_onnx
+from .registry import CaffeLayer, Converted, LayerContext, no_source_form, register, register_onnx, register_source
 
 Shape = Tuple[int, ...]
 
@@ -130,3 +130,49 @@ def build_parameter(ctx: LayerContext) -> Converted:
 def parameter_to_onnx(g: OnnxGraph, ctx, module: Parameter, inputs, outputs):
     g.node("Identity", [g.initializer(module.blob, ctx.name + "/blob")], outputs)
 
+
+
+# ---------------------------------------------------------------- standalone source
+
+PARAMETER_SOURCE = '''
+class Parameter(nn.Module):
+    \"\"\"Caffe's Parameter layer: its one learned blob as its top.\"\"\"
+
+    def __init__(self, shape):
+        super().__init__()
+        self.blob = nn.Parameter(torch.zeros(shape))
+
+    def forward(self):
+        return self.blob.view_as(self.blob)
+'''
+
+CONSTANTS_SOURCE = '''
+class Constants(nn.Module):
+    \"\"\"A DummyData layer whose fillers are constant: its tops, saved with the weights.\"\"\"
+
+    def __init__(self, *shapes):
+        super().__init__()
+        for index, shape in enumerate(shapes):
+            self.register_buffer(f"top{index}", torch.zeros(shape))
+
+    def forward(self):
+        tops = tuple(buffer.clone() for buffer in self.buffers())
+        return tops[0] if len(tops) == 1 else tops
+'''
+
+
+@register_source("Parameter")
+def parameter_to_source(src, ctx, module: Parameter, inputs, outputs):
+    src.helper(PARAMETER_SOURCE)
+    layer = src.attribute(ctx, f"Parameter({tuple(module.blob.shape)})", {"blob": module.blob})
+    src.assign(outputs, f"{layer}()")
+
+
+@register_source("DummyData")
+def dummy_data_to_source(src, ctx, module: DummyData, inputs, outputs):
+    if not all(module.constant):
+        raise no_source_form(ctx, "a top drawn anew by its random filler at every pass")
+    src.helper(CONSTANTS_SOURCE)
+    tops = {f"top{index}": getattr(module, f"constant{index}") for index in range(len(module.shapes))}
+    layer = src.attribute(ctx, f"Constants({', '.join(str(shape) for shape in module.shapes)})", tops)
+    src.assign(outputs, f"{layer}()")

@@ -11,6 +11,8 @@ save_output_param and visualize write files and draw; here they are read and not
 on, and a fourth bottom (the images to draw on) is not read."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Dict, Tuple
 
 import numpy as np
@@ -19,9 +21,10 @@ import torch
 from ..errors import CaffeCompatError
 from ..params.ssd import (DetectionSettings, PriorBoxSettings, detection_settings, legacy_hw, prior_box_settings,
                           prior_box_top)
+from . import bbox
 from .bbox import box_size, decode, greedy_nms, libstdcxx_sort, stable_top
 from .onnx_graph import FLOAT, OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 BOOL, DOUBLE = 9, 11  # TensorProto.DataType
 # What DetectionOutput's ONNX output holds, for the model's metadata.
@@ -111,6 +114,41 @@ def build_prior_box(ctx: LayerContext):
     top = prior_box_top(ctx, settings)
     # the image bottom only lends its size, and only when img_size/img_h/img_w are not given
     return ctx.wire(PriorBox(settings), top_shapes=[top])
+
+
+PRIOR_BOX_SOURCE = """
+class PriorBox(nn.Module):
+    \"\"\"The SSD fork's PriorBox: boxes and their variances, (1, 2, count), that depend only on the
+    feature map's size and the image's; computed by caffe-compat for the sizes the net was converted
+    at and saved with the weights (other sizes are refused: convert the net at those).\"\"\"
+
+    def __init__(self, count, feature_size, image_size=None):
+        super().__init__()
+        self.register_buffer("priors", torch.zeros(1, 2, count))
+        self.sizes = (feature_size, image_size)  # image_size None: fixed by the layer's img_size
+
+    def forward(self, feature, image=None):
+        sizes = (tuple(feature.shape[2:4]), None if self.sizes[1] is None else tuple(image.shape[2:4]))
+        if sizes != self.sizes:
+            raise ValueError(f"PriorBox: converted for feature map and image sizes {self.sizes}, given {sizes}")
+        return self.priors
+"""
+
+
+@register_source("PriorBox")
+def prior_box_to_source(src, ctx, module: PriorBox, inputs, outputs):
+    s = module.settings
+    layer_h, layer_w = legacy_hw(tuple(ctx.bottom_shapes[0]))
+    if s.img_h and s.img_w:
+        (img_h, img_w), image_size = (s.img_h, s.img_w), ""
+    else:
+        img_h, img_w = legacy_hw(tuple(ctx.bottom_shapes[1]))
+        image_size = f", {tuple(ctx.bottom_shapes[1][2:4])}"
+    priors = torch.from_numpy(prior_boxes(s, layer_h, layer_w, img_h, img_w))
+    src.helper(PRIOR_BOX_SOURCE)
+    layer = src.attribute(ctx, f"PriorBox({priors.shape[-1]}, {tuple(ctx.bottom_shapes[0][2:4])}{image_size})",
+                          {"priors": priors})
+    src.assign(outputs, f"{layer}({', '.join(inputs)})")
 
 
 class DetectionOutput(CaffeLayer):
@@ -223,6 +261,163 @@ def prior_box_to_onnx(g: OnnxGraph, ctx, module: PriorBox, inputs, outputs):
     layer_h, layer_w = legacy_hw(tuple(ctx.bottom_shapes[0]))
     img_h, img_w = (s.img_h, s.img_w) if s.img_h and s.img_w else legacy_hw(tuple(ctx.bottom_shapes[1]))
     g.node("Constant", [], outputs, value=g.tensor(prior_boxes(s, layer_h, layer_w, img_h, img_w)))
+
+
+DETECTION_OUTPUT_SOURCE = """
+def decode_boxes(prior, variance, loc, code_type, variance_encoded_in_target):
+    \"\"\"The SSD fork's DecodeBBox: priors and variances (P, 4) against loc (..., P, L, 4) in its
+    float32 arithmetic; boxes (..., P, L, 4) as (xmin, ymin, xmax, ymax), not clipped.\"\"\"
+    p, v = prior[:, None, :], variance[:, None, :]
+    if code_type == "CORNER":
+        return p + loc if variance_encoded_in_target else p + v * loc
+    width, height = p[..., 2] - p[..., 0], p[..., 3] - p[..., 1]
+    if code_type == "CORNER_SIZE":
+        extent = torch.stack([width, height, width, height], dim=-1)
+        return p + loc * extent if variance_encoded_in_target else p + v * loc * extent
+    center_x, center_y = (p[..., 0] + p[..., 2]) / 2, (p[..., 1] + p[..., 3]) / 2
+    scaled = loc if variance_encoded_in_target else v * loc
+    box_cx, box_cy = scaled[..., 0] * width + center_x, scaled[..., 1] * height + center_y
+    box_w = torch.exp(scaled[..., 2].double()).float() * width  # expf, correctly rounded
+    box_h = torch.exp(scaled[..., 3].double()).float() * height
+    return torch.stack([box_cx - box_w / 2, box_cy - box_h / 2, box_cx + box_w / 2, box_cy + box_h / 2], dim=-1)
+
+
+def box_size(boxes):
+    \"\"\"The fork's BBoxSize: width * height, 0 for a box whose max is below its min.\"\"\"
+    width, height = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    inverted = (boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])
+    return torch.where(inverted, torch.zeros_like(width), width * height)
+
+
+def greedy_nms(boxes, sizes, valid, threshold, eta):
+    \"\"\"The fork's ApplyNMSFast on lists (B, K) sorted as it sorts them: a candidate is kept when
+    its overlap with every box kept before it is <= the threshold (false for NaN), which then
+    shrinks by eta while above 0.5.\"\"\"
+    a, b = boxes[:, :, None, :], boxes[:, None, :, :]
+    inter_w = torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])
+    inter_h = torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])
+    inter = inter_w * inter_h
+    overlaps = inter / (sizes[:, :, None] + sizes[:, None, :] - inter)
+    overlaps = torch.where((inter_w > 0) & (inter_h > 0), overlaps, torch.zeros_like(overlaps))
+    kept = torch.zeros_like(valid)
+    limit = torch.full((valid.shape[0],), threshold, dtype=torch.float32, device=boxes.device)
+    for k in range(valid.shape[1]):
+        clash = (kept[:, :k] & ~(overlaps[:, k, :k] <= limit[:, None])).any(dim=1)
+        kept[:, k] = valid[:, k] & ~clash
+        if eta < 1:
+            limit = torch.where(kept[:, k] & (limit > 0.5), limit * eta, limit)
+    return kept
+
+
+class DetectionOutput(nn.Module):
+    \"\"\"The SSD fork's DetectionOutput: boxes decoded, each class's scores above the threshold
+    ranked (top_k), greedy NMS, then each image's keep_top_k best, as rows (1, 1, rows, 7) of
+    [image, label, score, xmin, ymin, xmax, ymax] by image, label and score; one row
+    [image, -1, ...] per image when no image has one. Where equal scores meet the keep_top_k cut,
+    libstdc++'s std::sort decides, as in the fork. No gradient.\"\"\"
+
+    def __init__(self, **settings):
+        super().__init__()
+        self.settings = settings
+
+    @torch.no_grad()
+    def forward(self, loc, conf, prior):
+        s = self.settings
+        loc, conf, prior = loc.detach().float(), conf.detach().float(), prior.detach().float()
+        num, priors = loc.shape[0], s["num_priors"]
+        flat = prior.reshape(-1)  # the first image's priors, then their variances
+        prior_boxes, variances = flat[:priors * 4].view(priors, 4), flat[priors * 4:priors * 8].view(priors, 4)
+        loc_classes = 1 if s["share_location"] else s["num_classes"]
+        boxes = decode_boxes(prior_boxes, variances, loc.reshape(num, priors, loc_classes, 4), s["code_type"],
+                             s["variance_encoded_in_target"])
+        labels = [c for c in range(s["num_classes"]) if c != s["background_label_id"]]
+        loc_class = torch.tensor([0 if s["share_location"] else c for c in labels], dtype=torch.long, device=loc.device)
+        scores = conf.reshape(num, priors, s["num_classes"])[:, :, labels].transpose(1, 2)
+        class_boxes = boxes[:, :, loc_class].transpose(1, 2)  # (num, labels, priors, 4)
+        passed = scores > s["confidence_threshold"]
+        ranked, order = torch.sort(torch.where(passed, scores, torch.full_like(scores, -float("inf"))),
+                                   dim=-1, descending=True, stable=True)
+        counts = passed.sum(dim=-1)
+        if s["top_k"] > -1:
+            counts = counts.clamp(max=s["top_k"])
+        extent = prior_boxes[:, 2:] - prior_boxes[:, :2]
+        if s["code_type"] != "CORNER" and (s["share_location"] or labels) and not (extent > 0).all():
+            raise ValueError(f"DetectionOutput: a prior box has no positive width and height, which "
+                             f"{s['code_type']} decoding requires")
+        longest = int(counts.max()) if counts.numel() else 0
+        if longest == 0:
+            return self.nothing(num, loc.device)
+        order, ranked = order[..., :longest], ranked[..., :longest]
+        valid = torch.arange(longest, device=loc.device) < counts[..., None]
+        candidates = torch.gather(class_boxes, 2, order[..., None].expand(-1, -1, -1, 4))
+        kept = greedy_nms(candidates.reshape(-1, longest, 4), box_size(candidates).reshape(-1, longest),
+                          valid.reshape(-1, longest), s["nms_threshold"], s["eta"]).view(num, len(labels), longest)
+        chosen, tied = (kept, None) if s["keep_top_k"] < 0 else self.keep_top_k(kept, ranked)
+        if not chosen.any():
+            return self.nothing(num, loc.device)
+        label_ids = torch.tensor(labels, dtype=torch.float32, device=loc.device)
+
+        def rows(image, label, position):
+            return torch.cat([image.float()[:, None], label_ids[label][:, None],
+                              ranked[image, label, position][:, None], candidates[image, label, position]], dim=1)
+
+        table = rows(*chosen.nonzero(as_tuple=True))
+        if tied is not None and tied.any():  # those images' rows as the fork's std::sort orders them
+            per_image = list(table.split(torch.bincount(table[:, 0].long(), minlength=num).tolist()))
+            for i in tied.nonzero()[:, 0].tolist():
+                label, position = self.fork_choice(kept[i], ranked[i])
+                per_image[i] = rows(torch.full_like(label, i), label, position)
+            table = torch.cat(per_image)
+        return table[None, None]
+
+    def keep_top_k(self, kept, ranked):
+        \"\"\"The keep_top_k best of each image's kept boxes: (the chosen mask, the images where equal
+        scores make the fork's unstable std::sort decide).\"\"\"
+        num, classes, longest = kept.shape
+        keep = self.settings["keep_top_k"]
+        flat = torch.where(kept, ranked, torch.full_like(ranked, -float("inf"))).reshape(num, -1)
+        best, order = torch.sort(flat, dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(order.shape[1], device=kept.device).expand_as(order))
+        ties = ((best[:, 1:] == best[:, :-1]) & (best[:, 1:] > -float("inf"))).any(dim=1)
+        return kept & (rank.view(num, classes, longest) < keep), ties & (kept.sum(dim=(1, 2)) > keep)
+
+    def fork_choice(self, kept, ranked):
+        \"\"\"One image's keep_top_k choice where equal scores decide: its kept boxes in the fork's
+        push order (label, then NMS order) sorted by libstdc++'s std::sort on descending score,
+        the first keep_top_k, grouped by label in that order.\"\"\"
+        label, position = kept.nonzero(as_tuple=True)
+        items = list(enumerate(ranked[label, position].tolist()))
+        libstdcxx_sort(items, lambda a, b: a[1] > b[1])
+        labels = label.tolist()
+        picked = sorted((j for j, _ in items[:self.settings["keep_top_k"]]), key=lambda j: labels[j])  # stable
+        picked = torch.tensor(picked, dtype=torch.long, device=kept.device)
+        return label[picked], position[picked]
+
+    @staticmethod
+    def nothing(num, device):
+        \"\"\"The fork's rows when no image has a detection.\"\"\"
+        rows = torch.full((1, 1, num, 7), -1.0, device=device)
+        rows[0, 0, :, 0] = torch.arange(num, dtype=torch.float32, device=device)
+        return rows
+"""
+
+
+# libstdc++'s std::sort, the package's own functions written into the file as they are
+LIBSTDCXX_SORT_SOURCE = "\n\n\n".join(
+    [f"_THRESHOLD = {bbox._THRESHOLD}"] + [inspect.getsource(fn).strip("\n") for fn in (
+        bbox.libstdcxx_sort, bbox._introsort_loop, bbox._move_median_to_first, bbox._unguarded_partition,
+        bbox._final_insertion_sort, bbox._insertion_sort, bbox._unguarded_linear_insert, bbox._adjust_heap,
+        bbox._make_heap, bbox._sort_heap)])
+
+
+@register_source("DetectionOutput")
+def detection_output_to_source(src, ctx, module: DetectionOutput, inputs, outputs):
+    src.helper(LIBSTDCXX_SORT_SOURCE)
+    src.helper(DETECTION_OUTPUT_SOURCE)
+    settings = ", ".join(f"{key}={value!r}" for key, value in dataclasses.asdict(module.settings).items())
+    layer = src.attribute(ctx, f"DetectionOutput({settings})", {})
+    src.assign(outputs, f"{layer}({', '.join(inputs[:3])})")
 
 
 @register("DetectionOutput")

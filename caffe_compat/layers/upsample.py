@@ -18,7 +18,7 @@ import torch
 from ..errors import CaffeCompatError
 from ..params.forks import UpsampleSettings, upsample_settings, upsample_top
 from .onnx_graph import INT64, OnnxGraph
-from .registry import CaffeLayer, LayerContext, register, register_onnx
+from .registry import CaffeLayer, LayerContext, register, register_onnx, register_source
 
 
 class _Unpool(torch.autograd.Function):
@@ -49,7 +49,10 @@ class Unpool(CaffeLayer):
         plane = s.height_out * s.width_out
         num, channels = x.shape[:2]
         index = mask.detach().reshape(num, channels, -1).long()  # the fork's static_cast<int>
-        if x.device.type != "meta" and index.numel():
+        # the check reads the values, which an exported program cannot branch on: there an index
+        # outside the top fails in the scatter instead
+        exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+        if x.device.type != "meta" and index.numel() and not exporting:
             low, high = torch.aminmax(index)
             if low < 0 or high >= plane:
                 bad = int(high) if high >= plane else int(low)
@@ -114,3 +117,50 @@ def upsample_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
                          strides=[1, 1])
     # a Reshape to the known sizes, so that shape inference gives the top's rank and sizes
     g.node("Reshape", [unpooled, g.ints([-1, channels, s.height_out, s.width_out], name + "/top_dims")], outputs)
+
+
+# ---------------------------------------------------------------- standalone source
+
+UNPOOL_SOURCE = '''
+class Unpool(torch.autograd.Function):
+    \"\"\"SegNet's unpooling on (num, channels, positions): each value written at its mask index in a
+    zero plane of `plane` positions, a later value overwriting an earlier one; the backward gives
+    each value the top's gradient at its index, overwritten or not.\"\"\"
+
+    @staticmethod
+    def forward(ctx, x, index, plane):
+        ctx.save_for_backward(index)
+        # the last writer of each target: the largest source position aimed at it
+        positions = torch.arange(index.shape[-1], device=x.device).expand_as(index)
+        writer = torch.full(index.shape[:-1] + (plane,), -1, dtype=torch.long, device=x.device)
+        writer.scatter_reduce_(-1, index, positions, reduce="amax")
+        written = torch.gather(x, -1, writer.clamp(min=0))
+        return torch.where(writer >= 0, written, torch.zeros_like(written))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return torch.gather(grad, -1, index), None, None
+
+
+def unpool(x, mask, size_out):
+    \"\"\"SegNet's Upsample: x's values at the places a max pooling's mask names, in a zero top of
+    size_out (height, width).\"\"\"
+    num, channels = x.shape[:2]
+    plane = size_out[0] * size_out[1]
+    index = mask.detach().reshape(num, channels, -1).long()  # the fork's static_cast<int>
+    if index.numel() and (index.min() < 0 or index.max() >= plane):
+        raise ValueError(f"Upsample: a mask index is outside the {size_out} top")
+    return Unpool.apply(x.reshape(num, channels, -1), index, plane).reshape(num, channels, *size_out)
+'''
+
+
+@register_source("Upsample")
+def upsample_to_source(src, ctx, module, inputs, outputs):
+    if isinstance(module, NearestUpsample):
+        scale = module.scale
+        src.assign(outputs, f"{inputs[0]}.repeat_interleave({scale}, dim=2).repeat_interleave({scale}, dim=3)")
+        return
+    src.helper(UNPOOL_SOURCE)
+    s = module.settings
+    src.assign(outputs, f"unpool({', '.join(inputs)}, {(s.height_out, s.width_out)})")
