@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from caffe_compat.cli import main
+from caffe_compat.cli.main import main
 from caffe_compat.layers import lrn
 from caffe_compat.loading import load_net
 
@@ -54,7 +54,7 @@ def _net(proto, weights, options):
     phase = "TRAIN" if "TRAIN" in options else "TEST"
     shapes = {o.split("=")[0]: tuple(int(d) for d in o.split("=")[1].split(",")) for o in options if "=" in o}
     torch.manual_seed(0)
-    return load_net(proto, weights, phase=phase, input_shapes=shapes or None).eval()
+    return load_net(proto, weights, phase=phase, input_shapes=shapes or None, fold=False).eval()
 
 
 def _inputs(net, weights, proto, requires_grad=False):
@@ -418,7 +418,7 @@ def test_a_users_python_layer_is_refused_saying_why(tmp_path):
         "from caffe_compat.layers import register\n"
         "from caffe_compat.layers.activation import Sigmoid\n"
         "register('Python:pyloss.Mine')(lambda ctx: ctx.wire(Sigmoid()))\n"
-        "from caffe_compat.cli import main\n"
+        "from caffe_compat.cli.main import main\n"
         "sys.exit(main(['convert', 'net.prototxt', '--random-init', '-o', 'model.py']))\n")
     result = run_python(code, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
