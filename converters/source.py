@@ -200,7 +200,7 @@ def generate(net: CaffeNet, sources: Sequence[str], dialect: str,
     body = [f"class {cls}(nn.Module):", '    """' + "\n".join(doc_lines) + '"""', "",
             "    def __init__(self):", "        super().__init__()"]
     body += [line for statement in writer.init_lines for line in wrap(statement, INDENT)] or ["        pass"]
-    body += ["", f"    def forward(self, {', '.join(inputs)}):"]
+    body += ["", f"    def forward({', '.join(['self', *inputs])}):"]
     body += [line for statement in writer.forward_lines for line in wrap(statement, INDENT)]
     body += wrap(f"return {', '.join(outputs) or 'None'}", INDENT)
     shapes = ", ".join(f"{b} {tuple(net.blob_shapes[b])}" for b in net.input_names) or "none"

@@ -437,3 +437,15 @@ def test_a_net_reading_its_lmdb_is_refused_saying_why(suffix, tmp_path, capsys, 
     assert len(err.strip().splitlines()) == 1 and "layer 'data' (Data)" in err, err
     assert "reads its records from files" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_net_without_inputs_gets_a_forward_of_self_alone(tmp_path, capsys):
+    (tmp_path / "net.prototxt").write_text(
+        'name: "constant"\n'
+        'layer { name: "zeros" type: "DummyData" top: "zeros"\n'
+        '  dummy_data_param { shape { dim: 2 dim: 3 } data_filler { type: "constant" value: -1 } } }\n'
+        'layer { name: "relu" type: "ReLU" bottom: "zeros" top: "relu" }\n')
+    out = tmp_path / "model.py"
+    assert main(["convert", str(tmp_path / "net.prototxt"), "--random-init", "-o", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert "    def forward(self):\n" in out.read_text()
