@@ -54,7 +54,8 @@ def test_failure_reason_names_the_failed_check_or_the_exception(nets):
             "    @     0x7f caffe::Net<>::Init()\n")
     assert nets.failure_reason(glog).startswith("Check failed: registry.count(type) == 1 (0 vs. 1) "
                                                 "Unknown layer type: Permute")
-    python = 'Traceback (most recent call last):\n  File "x.py", line 1\nModuleNotFoundError: No module named \'caffe\'\n'
+    python = ('Traceback (most recent call last):\n  File "x.py", line 1\n'
+              "ModuleNotFoundError: No module named 'caffe'\n")
     assert nets.failure_reason(python) == "ModuleNotFoundError: No module named 'caffe'"
     assert nets.failure_reason("") == "no message"
 
