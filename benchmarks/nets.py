@@ -18,10 +18,11 @@ minutes on two cores; inductor caches the code for the next run); then, per batc
 the parent asks each worker in turn to time N forwards (N from one timed forward, to fill
 `--round-seconds`), `--rounds` rounds, and reports the median seconds per forward. 2
 threads everywhere (torch.set_num_threads, cv2.setNumThreads, ONNX Runtime's intra-op
-threads, OpenBLAS and OpenMP through the environment). At batch 1 each worker also reports its peak resident
-memory during inference (VmHWM, reset after loading) and its resident size right after
-importing its runtime, and eager's time outside operators per forward (wall minus the
-top-level aten operators' time in torch.profiler).
+threads, OpenBLAS and OpenMP through the environment). At batch 1 each worker also
+reports its peak resident memory during inference (VmHWM, reset after loading) and its
+resident size right after importing its runtime, and eager's time outside operators per
+forward (wall minus the top-level aten operators' time, each forward in torch.profiler,
+the median of at least 3 forwards).
 
 Real Caffe runs under `--caffe-python` (a command: a Python that imports caffe, e.g. with
 PYTHONPATH set through `env`, or a wrapper script); OpenCV needs
@@ -252,8 +253,7 @@ def measure(net: Net, workers: List[Worker], rounds: int, round_seconds: float, 
                         result["agreement"][candidate] = agreement(output, outputs["eager"])
             eager = next((w for w in workers if w.candidate == "eager"), None)
             if eager is not None:
-                count = forwards.get("eager", 1)
-                result["overhead"] = eager.ask(op="overhead", batch=1, forwards=count)
+                result["overhead"] = eager.ask(op="overhead", batch=1, forwards=max(3, forwards.get("eager", 1)))
         print(f"{net.label}, batch {batch}: " + ", ".join(
             f"{c} {batch / s:.1f} img/s" for c, s in result["seconds"][batch].items()), flush=True)
     return result
@@ -367,9 +367,10 @@ def report(nets: List[Net], results: Dict[str, dict], skipped: Dict[str, Dict[st
         lines.append(f"- {net.label} (`{net.output}`): "
                      + ("; ".join(f"{CANDIDATES[c]} {a}" for c, a in agreement_cells.items()) or "nothing to compare"))
 
-    lines += ["", "Eager's time outside operators per forward at batch 1 (wall, unprofiled, minus the top-level "
-              "aten operators' time in torch.profiler; GoogLeNet's LRN runs caffe-compat's own C kernel, which "
-              "counts as outside):"]
+    lines += ["", "Eager's time outside operators per forward at batch 1, in torch.profiler: each forward's wall "
+              "time minus its top-level aten operators' time, the median forward (the profiler's own bookkeeping "
+              "counts as outside, so this errs high; GoogLeNet's LRN runs caffe-compat's own C kernel, which "
+              "counts as outside too):"]
     for net in nets:
         overhead = results[net.key]["overhead"]
         if overhead is None:

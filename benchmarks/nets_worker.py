@@ -16,6 +16,7 @@ import sys
 import time
 
 CANDIDATES = ("caffe", "opencv", "eager", "compiled", "onnxruntime")
+FORWARD_MARK = "nets_worker.forward"  # the profiler's span of one whole forward
 
 
 def memory_kib(field: str) -> int:
@@ -90,30 +91,36 @@ def load(candidate: str, prototxt: str, weights: str, onnx: str, output: str, th
 
 
 def time_outside_operators(forward, images, count: int) -> dict:
-    """Seconds per forward: the wall time (unprofiled) and the time of the top-level aten
-    operators (those with no aten operator above them, from torch.profiler over `count`
-    forwards); the rest is Python and dispatch between operators, and any native kernel
-    caffe-compat calls itself (LRN's)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Seconds per forward under torch.profiler, the median over `count` forwards: its wall
+    time, the time of its top-level aten operators (those with no aten operator above them)
+    and the rest, outside any operator: Python and dispatch between operators, the
+    profiler's own bookkeeping, and any native kernel caffe-compat calls itself (LRN's).
+    Each forward is measured against its own operators, so load from elsewhere that lands
+    on one forward does not leak into another's difference."""
+    import statistics
 
-    start = time.perf_counter()
-    for _ in range(count):
-        forward(images)
-    wall = (time.perf_counter() - start) / count
+    from torch.profiler import ProfilerActivity, profile, record_function
+
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         for _ in range(count):
-            forward(images)
-    microseconds = 0.0
+            with record_function(FORWARD_MARK):
+                forward(images)
+    walls, operators = {}, {}
     for event in profiler.events():
+        if event.name == FORWARD_MARK:
+            walls[event.id] = event.cpu_time_total
+            continue
         if not event.name.startswith("aten::"):
             continue
         parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
+        while parent is not None and parent.name != FORWARD_MARK and not parent.name.startswith("aten::"):
             parent = parent.cpu_parent
-        if parent is None:
-            microseconds += event.cpu_time_total
-    operators = microseconds / 1e6 / count
-    return {"wall": wall, "operators": operators, "outside": wall - operators}
+        if parent is not None and parent.name == FORWARD_MARK:
+            operators[parent.id] = operators.get(parent.id, 0.0) + event.cpu_time_total
+    per_forward = [(walls[i], operators.get(i, 0.0)) for i in walls]
+    return {"wall": statistics.median(w for w, _ in per_forward) / 1e6,
+            "operators": statistics.median(o for _, o in per_forward) / 1e6,
+            "outside": statistics.median(w - o for w, o in per_forward) / 1e6}
 
 
 def main(argv) -> int:

@@ -97,8 +97,8 @@ def test_worker_answers_each_request(tmp_path):
         output = np.load(tmp_path / "out.npy")
         assert output.shape == (2, 4, 6, 6) and (output >= 0).all()
         overhead = ask(op="overhead", batch=1, forwards=2)
-        assert overhead["operators"] > 0
-        assert overhead["outside"] == pytest.approx(overhead["wall"] - overhead["operators"])
+        assert 0 < overhead["operators"] < overhead["wall"]
+        assert 0 < overhead["outside"] < overhead["wall"]
         assert "error" in ask(op="unknown")
     finally:
         worker.stdin.close()
