@@ -43,6 +43,12 @@ from .layers.pooling import AvePooling, MaxPooling
 _FRESH_TOPS = (Eltwise, InnerProduct, MaxPooling, AvePooling)
 
 
+def _channels_last(fold: bool, inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the program runs its 4-d values channels-last: on CPU, with `fold` (the
+    convolutions then round differently), where an input is an image batch."""
+    return fold and any(x.dim() == 4 and x.device.type == "cpu" for x in inputs)
+
+
 def _inputs_key(inputs: Sequence[torch.Tensor]) -> Tuple:
     return tuple((x.shape, x.dtype, x.device) for x in inputs)
 
@@ -77,9 +83,10 @@ class _Program:
         self.globals[name] = value
         return name
 
-    def compile(self, arguments: Sequence[str], results: Sequence[str]) -> Callable:
-        source = [f"def inference({', '.join(arguments)}):", *("    " + line for line in self.lines),
-                  f"    return ({''.join(r + ', ' for r in results)})"]
+    def compile(self, arguments: Sequence[str], results: Sequence[str], prologue: Sequence[str] = (),
+                result_suffix: str = "") -> Callable:
+        source = [f"def inference({', '.join(arguments)}):", *("    " + line for line in [*prologue, *self.lines]),
+                  f"    return ({''.join(r + result_suffix + ', ' for r in results)})"]
         code = compile("\n".join(source), "<caffe-compat inference>", "exec")
         exec(code, self.globals)  # noqa: S102  (source generated above from the net's plan)
         return self.globals["inference"]
@@ -224,7 +231,16 @@ def build_program(net: nn.Module, inputs: Sequence[torch.Tensor]) -> InferencePr
         dead += [names[v] for v in outs if v not in last_read and v not in kept]
         if dead:
             program.lines.append(f"del {', '.join(dead)}")
-    function = program.compile([names[v] for v in range(len(net.input_names))], [names[v] for v in results])
+    arguments = [names[v] for v in range(len(net.input_names))]
+    if _channels_last(net.fold, inputs):
+        # One layout from the first layer to the last: oneDNN's convolutions run channels-last
+        # without reordering, and pooling, LRN and concatenation keep the layout they are
+        # given, so no layer converts; the caller gets NCHW back.
+        prologue = [f"{name} = {name}.contiguous(memory_format=torch.channels_last)"
+                    for name, x in zip(arguments, inputs) if x.dim() == 4]
+        function = program.compile(arguments, [names[v] for v in results], prologue, ".contiguous()")
+    else:
+        function = program.compile(arguments, [names[v] for v in results])
     folded += [net.layers[plan[index][0]] for index in sorted(absorbed)]
     sources = {id(t): t for module in folded for t in list(module.parameters()) + list(module.buffers())}
     return InferenceProgram(function, net.fold, inputs, list(sources.values()))

@@ -21,6 +21,8 @@ def test_compiled_net_equals_eager_at_two_batch_sizes(tmp_path):
     path = tmp_path / "tiny.prototxt"
     path.write_text(NET)
     torch.manual_seed(0)
+    torch._dynamo.reset()  # the graph counter below is the process's: count this test's graphs only
+    torch._dynamo.utils.counters.clear()
     eager = load_net(path)
     compiled = load_net(path, compile=True)
     compiled.net.load_state_dict(eager.state_dict())

@@ -191,3 +191,18 @@ def test_fixture_nets_through_the_fast_path_give_caffes_numbers(folder, case):
         expected = torch.from_numpy(ref[f"blob/{name}"]).double()
         err = (outputs[name].double() - expected).abs().max()
         assert err <= rtol * expected.abs().max(), (name, float(err))
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_folded_inference_runs_channels_last_and_hands_back_nchw(tmp_path, fold):
+    """With fold the activations stay channels-last from the first layer on (pooling then
+    converts nothing); the outputs come back plainly contiguous. Unfolded, NCHW throughout."""
+    net = _net(tmp_path, fold=fold)
+    layouts = []
+    net.layers["pool"].register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                            and not args[0].is_contiguous()))
+    with torch.no_grad():
+        outputs = net(torch.randn(2, 8, 7, 7))
+    assert layouts == [fold]
+    assert all(value.is_contiguous() for value in outputs.values())
