@@ -58,6 +58,8 @@ def main() -> int:
         onnx_path = Path(folder) / "googlenet.onnx"
         export_files(prototxt, caffemodel, onnx_path, outputs=["prob"])
         options = ort.SessionOptions()
+        # idle threads that spin after a run would take the cores from the candidate timed next
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.intra_op_num_threads = THREADS
         providers = (["CUDAExecutionProvider"] if args.device.startswith("cuda")
                      and "CUDAExecutionProvider" in ort.get_available_providers() else ["CPUExecutionProvider"])

@@ -71,6 +71,8 @@ def load(candidate: str, prototxt: str, weights: str, onnx: str, output: str, th
 
         imported = memory_kib("VmRSS")
         options = onnxruntime.SessionOptions()
+        # idle threads that spin after a run would take the cores from the candidate timed next
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         session = onnxruntime.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])

@@ -102,6 +102,8 @@ def main() -> int:
     torch.manual_seed(0)
     embedder = CaffeNet(build_graph(deploy_net(net_file.net), "TEST", net_file.dialect)).eval()
     options = ort.SessionOptions()
+    # idle threads that spin after a run would take the cores from the candidate timed next
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(export_onnx(embedder).SerializeToString(), options,

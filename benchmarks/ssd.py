@@ -103,6 +103,8 @@ def main() -> int:
         onnx_path = Path(folder) / "mobilenet_ssd.onnx"
         export_files(prototxt, caffemodel, onnx_path)
         options = ort.SessionOptions()
+        # idle threads that spin after a run would take the cores from the candidate timed next
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.intra_op_num_threads = THREADS
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         opencv = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel)) if cv2 is not None else None
