@@ -18,8 +18,6 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

@@ -138,7 +138,7 @@ def prepare(keys: List[str], folder: Path, big_batches: Dict[str, int]) -> Tuple
     """The nets' files in `folder` (random weights, ONNX exports); and why any is left out."""
     import torch
 
-    from caffe_compat.cli import main as cli
+    from caffe_compat.cli.main import main as cli
     from caffe_compat.converters.onnx import export_files
     from caffe_compat.loading import load_net
 
@@ -181,8 +181,10 @@ def prepare(keys: List[str], folder: Path, big_batches: Dict[str, int]) -> Tuple
 
 
 def start_workers(net: Net, candidates: List[str], caffe_python: Optional[List[str]], logs: Path) -> List[Worker]:
+    # OpenMP keeps its default wait policy, as users run it: PASSIVE would put torch's threads
+    # to sleep between operators and double its time at batch 1.
     environment = dict(os.environ, OMP_NUM_THREADS=str(THREADS), OPENBLAS_NUM_THREADS=str(THREADS),
-                       MKL_NUM_THREADS=str(THREADS), OMP_WAIT_POLICY="PASSIVE", GLOG_minloglevel="2")
+                       MKL_NUM_THREADS=str(THREADS), GLOG_minloglevel="2")
     workers = []
     for candidate in candidates:
         worker = Worker(candidate)
