@@ -101,7 +101,8 @@ def _fold_chain(chain: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[tor
     return a, c
 
 
-def _convolution(program: _Program, conv: Convolution, chain, shape: Sequence[int], x: str, fold: bool) -> str:
+def _convolution(program: _Program, conv: Convolution, chain, shape: Sequence[int], x: str, fold: bool,
+                 channels_last: bool) -> str:
     """The expression of a 2-D convolution with the per-channel affine `chain` after it folded in."""
     g = conv.geometry
     # Unfolded, the parameters themselves: the function then follows their values.
@@ -110,6 +111,8 @@ def _convolution(program: _Program, conv: Convolution, chain, shape: Sequence[in
         a, c = _fold_chain(([(torch.ones_like(bias), bias)] if bias is not None else []) + list(chain))
         bias = c.to(weight.dtype)
         weight = (weight.detach().double() * a.reshape(-1, 1, 1, 1)).to(weight.dtype)
+    if channels_last:  # else torch lays the weights out so on every call
+        weight = weight.detach().contiguous(memory_format=torch.channels_last)
     w, b = program.constant(weight, "weight"), program.constant(bias, "bias")
     if fold and weight.device.type == "cpu" and conv.avoids_slow_path(shape):
         return f"torch.ops.aten.mkldnn_convolution({x}, {w}, {b}, {list(g.pad)}, {list(g.stride)}, " \
@@ -176,6 +179,7 @@ def build_program(net: nn.Module, inputs: Sequence[torch.Tensor]) -> InferencePr
         return reader is not None and affine_of(reader) is not None
 
     program = _Program()
+    layout_channels_last = _channels_last(net.fold, inputs)
     folded: List[nn.Module] = []
     absorbed: set = set()
     fresh: set = set()
@@ -194,9 +198,9 @@ def build_program(net: nn.Module, inputs: Sequence[torch.Tensor]) -> InferencePr
         if (isinstance(module, Convolution) and not module.transposed and module.geometry.axis == 1
                 and len(module.geometry.kernel) == 2 and len(ins) == 1 and len(shapes[ins[0]]) == 4):
             chain, made = affine_chain(outs[0])
-            if chain:
+            if chain or layout_channels_last:
                 folded.append(module)
-            expression = _convolution(program, module, chain, shapes[ins[0]], args, net.fold)
+            expression = _convolution(program, module, chain, shapes[ins[0]], args, net.fold, layout_channels_last)
             program.lines.append(f"{names[made]} = {expression}")
             fresh.add(made)
             outs = [made]
@@ -232,7 +236,7 @@ def build_program(net: nn.Module, inputs: Sequence[torch.Tensor]) -> InferencePr
         if dead:
             program.lines.append(f"del {', '.join(dead)}")
     arguments = [names[v] for v in range(len(net.input_names))]
-    if _channels_last(net.fold, inputs):
+    if layout_channels_last:
         # One layout from the first layer to the last: oneDNN's convolutions run channels-last
         # without reordering, and pooling, LRN and concatenation keep the layout they are
         # given, so no layer converts; the caller gets NCHW back.

@@ -206,3 +206,23 @@ def test_folded_inference_runs_channels_last_and_hands_back_nchw(tmp_path, fold)
         outputs = net(torch.randn(2, 8, 7, 7))
     assert layouts == [fold]
     assert all(value.is_contiguous() for value in outputs.values())
+
+
+def test_a_convolution_without_a_chain_follows_its_weights(tmp_path):
+    """On CPU the program holds a channels-last copy of every convolution's weights, folded or
+    not: an in-place change of the weights or bias must reach it."""
+    path = tmp_path / "conv.prototxt"
+    path.write_text('layer { name: "data" type: "Input" top: "data"\n'
+                    '  input_param { shape { dim: 1 dim: 3 dim: 6 dim: 6 } } }\n'
+                    'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param {\n'
+                    '  num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 1 } } }\n')
+    torch.manual_seed(0)
+    net = load_net(path).eval()
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        before = net(x)["conv"].clone()
+        net.layers["conv"].weight.mul_(-1)
+        net.layers["conv"].bias.add_(1)
+        after = net(x)["conv"]
+        _close({"conv": after}, _per_layer(net, x), 1e-5)
+    torch.testing.assert_close(after, 1 - before, rtol=1e-5, atol=1e-5)
