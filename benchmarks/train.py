@@ -35,7 +35,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -333,8 +333,8 @@ def measure_data(batch: int, count: int, batches: int, threads: Optional[int]) -
 
 # ---------------------------------------------------------------- the report
 
-def native_bf16() -> str:
-    """Whether this CPU computes bf16 natively, as /proc/cpuinfo and torch's oneDNN see it."""
+def bf16_support() -> Tuple[List[str], bool]:
+    """This CPU's native bf16 flags (/proc/cpuinfo), and whether torch's oneDNN computes bf16."""
     flags = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -343,13 +343,20 @@ def native_bf16() -> str:
                 break
     except OSError:
         pass
-    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    onednn = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return sorted(flags & {"avx512_bf16", "amx_bf16"}), torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def native_bf16(emulated_row: bool) -> str:
+    """Whether this CPU computes bf16 natively, in words; `emulated_row`: whether the bf16 row
+    was timed all the same on a CPU without it."""
+    found, onednn = bf16_support()
     if found and onednn:
         return f"this CPU has native bf16 ({', '.join(found)})"
-    return (f"this CPU has NO native bf16 (no avx512_bf16 or amx_bf16 flag; oneDNN bf16 "
-            f"{'available' if onednn else 'unavailable'}): its bf16 row is emulated and is no measure of the "
-            f"bf16 goal, which is for CPUs with native bf16")
+    without = (f"this CPU has NO native bf16 (no avx512_bf16 or amx_bf16 flag; oneDNN bf16 "
+               f"{'available' if onednn else 'unavailable'})")
+    if emulated_row:
+        return without + ": its bf16 row is emulated and no measure of the bf16 goal, for CPUs with native bf16"
+    return without + ": the bf16 row is left out (`--emulated-bf16` times it, emulated: no measure of the bf16 goal)"
 
 
 def report(args, rows: List, caffe: Dict, data: Optional[Dict[str, float]], errors) -> str:
@@ -360,9 +367,9 @@ def report(args, rows: List, caffe: Dict, data: Optional[Dict[str, float]], erro
              f"--threads {args.threads}{' --caffe-python ' + args.caffe_python if args.caffe_python else ''}` "
              f"({datetime.date.today().isoformat()}).",
              machine_line(args.load_before) + f" Load average (1 min) at the end {os.getloadavg()[0]:.1f}: "
-             "other engineers' processes share the 2 cores, so absolute figures are lower bounds; the ratios "
+             "where other processes share the cores, absolute figures are lower bounds; the ratios "
              "between our rows come from configurations taking turns iteration by iteration in one process. "
-             f"bf16: {native_bf16()}.",
+             f"bf16: {native_bf16(args.emulated_bf16)}.",
              "",
              "One training iteration of the paper's GoogLeNet embedder (227x227 crops, `fc_embedding` 64-d, "
              "lifted loss, Caffe's SGD update with the paper's solver, the NaN check), random weights, median "
@@ -414,6 +421,8 @@ def main() -> int:
     parser.add_argument("--caffe-python", help="a Python whose `import caffe` is a pycaffe with the paper's layer: "
                                                "real Caffe's iteration is timed there (default: issue 22's number)")
     parser.add_argument("--no-data", action="store_true", help="skip the data pipeline")
+    parser.add_argument("--emulated-bf16", action="store_true",
+                        help="time the bf16 row on a CPU without native bf16 too (emulated: many times slower)")
     parser.add_argument("--no-errors", action="store_true", help="skip training the solver fixture in fp32 and bf16")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
@@ -441,8 +450,10 @@ def main() -> int:
         warnings.simplefilter("ignore")
         if args.cpu_batch:
             device = f"CPU ({args.threads} thread{'s' if args.threads > 1 else ''})"
+            native = all(bf16_support())
+            configs = [c for c in CONFIGS if c[0] != "bf16" or native or args.emulated_bf16]
             rows.append((device, "cpu", measure_models(args.paper_model, args.cpu_batch, "cpu", args.iterations,
-                                                       CONFIGS)))
+                                                       configs)))
             for row in rows[-1][2]:
                 print(f"{device} {label(row['config'], 'cpu')}: {row['seconds']:.2f} s per iteration, peak RSS "
                       f"{row['peak_gb']} GB", flush=True)
