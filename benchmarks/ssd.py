@@ -160,7 +160,7 @@ def main() -> int:
              "1917 priors), random weights (`convert --random-init --seed 0`), confidence_threshold 0.01, "
              f"{THREADS} threads each, CPU. Milliseconds per batch (median, runtimes timed in turn).", "",
              machine_line(load_average_start), "",
-             "The machine is shared with other engineers' jobs and was loaded while this ran: read the "
+             "Where the load average is above the threads used, other processes shared the cores: read the "
              "numbers as a comparison made under the same load, not as the CPU's best.", "",
              f"Set-up (random weights written, nets loaded, ONNX exported, OpenCV read): {setup_seconds:.0f} s. "
              f"Compiling (inductor, first call): {compile_seconds:.0f} s."

@@ -430,8 +430,8 @@ def main() -> int:
     args.load_before = os.getloadavg()
     args.notes = []
     if args.cpu_batch not in (0, 128):
-        args.notes.append(f"CPU batch {args.cpu_batch} instead of the paper's 128, to fit the time on this "
-                          f"loaded machine.")
+        args.notes.append(f"CPU batch {args.cpu_batch} instead of the paper's 128, to fit the time on 2 "
+                          f"cores.")
     if not torch.cuda.is_available():
         args.notes.append("no CUDA device here: the CUDA rows (fp32 in NCHW, its default there; bf16 and fp16 "
                           f"with channels_last, batch {args.cuda_batch}) come from running this script (or "
@@ -456,7 +456,7 @@ def main() -> int:
                                                        configs)))
             for row in rows[-1][2]:
                 print(f"{device} {label(row['config'], 'cpu')}: {row['seconds']:.2f} s per iteration, peak RSS "
-                      f"{row['peak_gb']} GB", flush=True)
+                      f"{row['peak_gb']:.2f} GB", flush=True)
         if torch.cuda.is_available():
             rows.append(("CUDA", "cuda", measure_models(args.paper_model, args.cuda_batch, "cuda",
                                                         max(args.iterations, 10), CUDA_CONFIGS)))
