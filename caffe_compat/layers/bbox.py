@@ -6,7 +6,15 @@ Each operation follows the fork's float32 arithmetic in its order, so that NMS m
 the same overlaps the fork met (the reference fixtures agree to the bit)."""
 from __future__ import annotations
 
+import ctypes
+import functools
+from pathlib import Path
+
 import torch
+
+from . import native
+
+NMS_KERNEL_SOURCE = Path(__file__).with_name("nms_kernel.c")
 
 
 def _corners(x0, y0, x1, y1):
@@ -92,10 +100,13 @@ def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, th
     with every box kept before it is <= the threshold, which then shrinks by eta
     while above 0.5 (adaptive NMS). The kept mask (B, K); no value leaves the device."""
     count, length = valid.shape
+    fixed_on_cpu = eta >= 1 and boxes.device.type == "cpu" and boxes.dtype == sizes.dtype == torch.float32
+    if fixed_on_cpu and _nms_kernel() is not None:
+        return _greedy_nms_kernel(boxes, sizes, valid, threshold)
     # each corner's values side by side in memory, so that the overlaps' elementwise
     # operations read unit strides (a box's four corners would be 4 apart)
     boxes = boxes.permute(2, 0, 1).contiguous().permute(1, 2, 0)
-    if eta >= 1 and boxes.device.type == "cpu" and count * length * length <= OVERLAP_BLOCK_VALUES:
+    if fixed_on_cpu and count * length * length <= OVERLAP_BLOCK_VALUES:
         return _greedy_nms_cpu(boxes, sizes, valid, threshold)
     kept = torch.zeros_like(valid)
     limit = torch.full((count,), threshold, dtype=torch.float32, device=boxes.device)
@@ -114,9 +125,30 @@ def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, th
     return kept
 
 
+@functools.cache
+def _nms_kernel():
+    """nms_kernel.c's library with its argument types set, or None (see native.py)."""
+    lib = native.library(NMS_KERNEL_SOURCE)
+    if lib is not None:
+        lib.nms_greedy.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_void_p]
+        lib.nms_greedy.restype = None
+    return lib
+
+
+def _greedy_nms_kernel(boxes, sizes, valid, threshold: float) -> torch.Tensor:
+    """greedy_nms with a fixed threshold on the CPU in C: each candidate's overlaps with
+    the boxes kept before it only, the same float operations as `jaccard`."""
+    boxes, sizes, valid = boxes.contiguous(), sizes.contiguous(), valid.contiguous()
+    kept = torch.empty_like(valid)
+    # c_float rounds the threshold to float32 as torch.tensor(threshold, float32) does
+    _nms_kernel().nms_greedy(boxes.data_ptr(), sizes.data_ptr(), valid.data_ptr(), *valid.shape, threshold,
+                             kept.data_ptr())
+    return kept
+
+
 def _greedy_nms_cpu(boxes, sizes, valid, threshold: float) -> torch.Tensor:
-    """greedy_nms with a fixed threshold on the CPU: every overlap at once in torch, as
-    above, then the candidate-by-candidate decisions in NumPy, whose small operations
+    """greedy_nms with a fixed threshold on the CPU where nms_kernel.c cannot be built:
+    every overlap at once in torch, as above, then the candidate-by-candidate decisions in NumPy, whose small operations
     cost microseconds where torch's cost tens (the loop is most of DetectionOutput's time)."""
     import numpy as np  # noqa: PLC0415
 

@@ -171,7 +171,7 @@ class DetectionOutput(CaffeLayer):
         flat = prior.reshape(-1)  # the first image's priors, then their variances
         prior_boxes_, variances = flat[:priors * 4].view(priors, 4), flat[priors * 4:priors * 8].view(priors, 4)
         labels = [c for c in range(s.num_classes) if c != s.background_label_id]
-        scores = conf.reshape(num, priors, s.num_classes)[:, :, labels].transpose(1, 2)  # (num, labels, priors)
+        scores = _columns(conf.reshape(num, priors, s.num_classes), labels).transpose(1, 2)  # (num, labels, priors)
         # GetMaxScoreIndex: above the threshold, std::stable_sort by descending score, top_k
         passed = scores > s.confidence_threshold
         counts = passed.sum(dim=-1)
@@ -252,6 +252,16 @@ class DetectionOutput(CaffeLayer):
         rows = torch.full((1, 1, num, 7), -1.0, device=device)
         rows[0, 0, :, 0] = torch.arange(num, dtype=torch.float32, device=device)
         return rows
+
+
+def _columns(x: torch.Tensor, columns: list) -> torch.Tensor:
+    """x[..., columns]: a view where the columns are one run, as the labels are when the
+    background is the first or last class or none (a list index copies, in a tenth of
+    DetectionOutput's time at batch 1)."""
+    start = columns[0] if columns else 0
+    if columns == list(range(start, start + len(columns))):
+        return x[..., start:start + len(columns)]
+    return x.index_select(-1, torch.tensor(columns, dtype=torch.long, device=x.device))
 
 
 @register_onnx("PriorBox")
