@@ -543,3 +543,84 @@ def test_nms_follows_a_long_chain_of_suppressions():
     boxes = torch.stack([starts, torch.zeros(40), starts + 0.25, torch.ones(40)], dim=1)[None]
     kept = greedy_nms(boxes, box_size(boxes), torch.ones(1, 40, dtype=torch.bool), 0.3, 1.0)
     assert kept[0].tolist() == [i % 2 == 0 for i in range(40)]
+
+
+def _pytorch_nms(boxes, sizes, valid, threshold):
+    """greedy_nms's PyTorch form with the fixed threshold, as it runs without nms_kernel.c."""
+    from caffe_compat.layers import bbox  # noqa: PLC0415
+    return bbox._greedy_nms_cpu(boxes.permute(2, 0, 1).contiguous().permute(1, 2, 0), sizes, valid, threshold)
+
+
+def _clustered_boxes(lists, length, seed):
+    """Boxes around one centre, so that most pairs overlap and many near any threshold."""
+    generator = torch.Generator().manual_seed(seed)
+    centre = torch.rand(lists, length, 2, generator=generator) * 0.3 + 0.35
+    half = torch.rand(lists, length, 2, generator=generator) * 0.2 + 0.05
+    return torch.cat([centre - half, centre + half], dim=-1)
+
+
+@pytest.mark.parametrize("threshold", [0.45, 0.3, 0.0, -0.1, 1.0])
+def test_nms_kernel_keeps_what_the_pytorch_form_keeps(threshold):
+    """nms_kernel.c against the PyTorch form it replaces, with the values that take
+    special paths: NaN and infinite corners, inverted and empty boxes, invalid candidates."""
+    from caffe_compat.layers import bbox  # noqa: PLC0415
+    assert bbox._nms_kernel() is not None, "nms_kernel.c did not build (is a C compiler installed?)"
+    boxes = _clustered_boxes(30, 60, seed=1)
+    for corner in range(4):  # in a box met late in its list, and in the first one, always kept
+        boxes[corner, 3, corner] = float("nan")
+        boxes[10 + corner, 0, corner] = float("nan")
+    boxes[2, 5] = torch.tensor([0.0, 0.0, float("inf"), float("inf")])
+    boxes[3, 1] = torch.tensor([float("-inf"), 0.2, 0.8, float("inf")])
+    boxes[4, 2, 2] = boxes[4, 2, 0] - 0.1  # inverted: its size is 0
+    boxes[5, 4, 2:] = boxes[5, 4, :2]  # a point
+    sizes = bbox.box_size(boxes)
+    sizes[6, 7] = float("nan")  # a NaN overlap clashes
+    valid = torch.rand(30, 60, generator=torch.Generator().manual_seed(2)) < 0.8
+    valid[:, :8] = True
+    kept = bbox.greedy_nms(boxes, sizes, valid, threshold, 1.0)
+    assert torch.equal(kept, _pytorch_nms(boxes, sizes, valid, threshold))
+    assert 0 < kept.sum() < valid.sum() or threshold >= 1 or threshold < 0
+
+
+def test_nms_kernel_overlaps_are_torchs_to_the_bit():
+    """A threshold equal to torch's float32 overlap of two boxes keeps both, one float
+    below drops the second: the kernel's overlap is torch's bit for bit (a fused
+    multiply-add, say, would move some by one unit in the last place)."""
+    from caffe_compat.layers import bbox  # noqa: PLC0415
+    pairs = _clustered_boxes(400, 2, seed=3)
+    sizes = bbox.box_size(pairs)
+    overlaps = bbox.jaccard(pairs[:, 0], sizes[:, 0], pairs[:, 1], sizes[:, 1])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    met = 0
+    for pair, size, overlap in zip(pairs, sizes, overlaps.tolist()):
+        if overlap > 0:
+            met += 1
+            below = float(np.nextafter(np.float32(overlap), np.float32(0)))
+            assert bbox.greedy_nms(pair[None], size[None], valid, overlap, 1.0).tolist() == [[True, True]]
+            assert bbox.greedy_nms(pair[None], size[None], valid, below, 1.0).tolist() == [[True, False]]
+    assert met > 300
+
+
+def test_detection_rows_without_the_nms_kernel_are_the_same(monkeypatch):
+    """DetectionOutput's rows with nms_kernel.c and with the PyTorch form it falls back to
+    (no compiler, or CAFFE_COMPAT_NATIVE=0)."""
+    from caffe_compat.layers import bbox  # noqa: PLC0415
+    loc, conf, prior = detection_inputs(2, 300, 4, True, seed=6)
+    _, converted = ssd_layer("DetectionOutput", "detection_output_param { num_classes: 4 confidence_threshold: 0.01 "
+                                                "nms_param { nms_threshold: 0.45 top_k: 100 } keep_top_k: 150 }",
+                             [loc.shape, conf.shape, prior.shape])
+    bottoms = list(map(torch.from_numpy, (loc, conf, prior)))
+    with_kernel = converted.module(*bottoms)
+    monkeypatch.setattr(bbox, "_nms_kernel", lambda: None)
+    without = converted.module(*bottoms)
+    assert torch.equal(with_kernel, without) and with_kernel.shape[2] > 20
+
+
+def test_label_columns_are_a_view_where_they_are_one_run():
+    from caffe_compat.layers.ssd import _columns  # noqa: PLC0415
+    x = torch.arange(24.0).reshape(2, 3, 4)
+    for columns in ([1, 2, 3], [0, 1, 2], [0, 1, 2, 3], [0, 2, 3], []):
+        picked = _columns(x, columns)
+        assert torch.equal(picked, x[..., columns])
+        shares_memory = picked.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        assert shares_memory == (columns != [0, 2, 3])
