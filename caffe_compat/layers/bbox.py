@@ -98,7 +98,8 @@ def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, th
     """ApplyNMSFast on many lists at once: boxes (B, K, 4), sizes and valid (B, K), each
     list sorted as the fork sorts its candidates. A candidate is kept when its overlap
     with every box kept before it is <= the threshold, which then shrinks by eta
-    while above 0.5 (adaptive NMS). The kept mask (B, K); no value leaves the device."""
+    while above 0.5 (adaptive NMS). The kept mask (B, K); no value leaves the device.
+    On the CPU with eta 1, nms_kernel.c decides, as the PyTorch form would to the bit."""
     count, length = valid.shape
     fixed_on_cpu = eta >= 1 and boxes.device.type == "cpu" and boxes.dtype == sizes.dtype == torch.float32
     if fixed_on_cpu and _nms_kernel() is not None:
@@ -148,8 +149,8 @@ def _greedy_nms_kernel(boxes, sizes, valid, threshold: float) -> torch.Tensor:
 
 def _greedy_nms_cpu(boxes, sizes, valid, threshold: float) -> torch.Tensor:
     """greedy_nms with a fixed threshold on the CPU where nms_kernel.c cannot be built:
-    every overlap at once in torch, as above, then the candidate-by-candidate decisions in NumPy, whose small operations
-    cost microseconds where torch's cost tens (the loop is most of DetectionOutput's time)."""
+    every overlap at once in torch, as above, then the candidate-by-candidate decisions
+    in NumPy, whose small operations cost microseconds where torch's cost tens."""
     import numpy as np  # noqa: PLC0415
 
     overlaps = jaccard(boxes[:, :, None, :], sizes[:, :, None], boxes[:, None, :, :], sizes[:, None, :])
