@@ -132,7 +132,7 @@ def _nms_kernel():
     lib = native.library(NMS_KERNEL_SOURCE)
     if lib is not None:
         lib.nms_greedy.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_void_p]
-        lib.nms_greedy.restype = None
+        lib.nms_greedy.restype = ctypes.c_int
     return lib
 
 
@@ -142,8 +142,9 @@ def _greedy_nms_kernel(boxes, sizes, valid, threshold: float) -> torch.Tensor:
     boxes, sizes, valid = boxes.contiguous(), sizes.contiguous(), valid.contiguous()
     kept = torch.empty_like(valid)
     # c_float rounds the threshold to float32 as torch.tensor(threshold, float32) does
-    _nms_kernel().nms_greedy(boxes.data_ptr(), sizes.data_ptr(), valid.data_ptr(), *valid.shape, threshold,
-                             kept.data_ptr())
+    if _nms_kernel().nms_greedy(boxes.data_ptr(), sizes.data_ptr(), valid.data_ptr(), *valid.shape, threshold,
+                                kept.data_ptr()):
+        raise MemoryError(f"greedy NMS: the C kernel could not allocate its columns ({valid.shape[1]} boxes)")
     return kept
 
 
