@@ -32,8 +32,10 @@ def caffe_max_pool(x, kernel, stride, pad, end_pad=None):
 
 
 class LRN(torch.autograd.Function):
-    """Caffe's LRN: top = x * s^-beta, s = k + alpha * window_mean(x^2), with Caffe's backward:
-    dx = dy * s^-beta - 2 alpha beta x * window_mean(dy * top / s) (the window is its own transpose)."""
+    """Caffe's LRN: top = x * s^-beta with s = k + alpha * window_mean(x^2), and Caffe's backward:
+    dx = dy * s^-beta - 2 alpha beta x * window_mean(dy * top / s). The window is
+    symmetric, so its mean is its own transpose. One function instead of the autograd
+    chain of square, pool, pow and mul: fewer passes and saved tensors."""
 
     @staticmethod
     def forward(ctx, x, window_mean, size, alpha, beta, k):

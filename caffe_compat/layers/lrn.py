@@ -47,7 +47,7 @@ def spatial_window_mean(t: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class _LRNFunction(torch.autograd.Function):
-    """top = x * s^-beta with s = k + alpha * window_mean(x^2), and Caffe's backward:
+    """Caffe's LRN: top = x * s^-beta with s = k + alpha * window_mean(x^2), and Caffe's backward:
     dx = dy * s^-beta - 2 alpha beta x * window_mean(dy * top / s). The window is
     symmetric, so its mean is its own transpose. One function instead of the autograd
     chain of square, pool, pow and mul: fewer passes and saved tensors."""
@@ -214,29 +214,9 @@ def lrn_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
 
 
 # ---------------------------------------------------------------- standalone source
-# The PyTorch form above, Caffe's backward included (the C kernel is not at hand there).
-
-LRN_SOURCE = '''
-class LRN(torch.autograd.Function):
-    """Caffe's LRN: top = x * s^-beta, s = k + alpha * window_mean(x^2), with Caffe's backward:
-    dx = dy * s^-beta - 2 alpha beta x * window_mean(dy * top / s) (the window is its own transpose)."""
-
-    @staticmethod
-    def forward(ctx, x, window_mean, size, alpha, beta, k):
-        s = window_mean(x * x, size).mul_(alpha).add_(k)
-        factor = s.pow(-beta)
-        ctx.save_for_backward(x, s, factor)
-        ctx.window = (window_mean, size, alpha, beta)
-        return x * factor
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, s, factor = ctx.saved_tensors
-        window_mean, size, alpha, beta = ctx.window
-        dx = dy * factor
-        spread = window_mean(dx * x / s, size)
-        return torch.addcmul(dx, x, spread, value=-2.0 * alpha * beta), None, None, None, None, None
-'''
+# The PyTorch form above, Caffe's backward included (the C kernel is not at hand there),
+# written into the file verbatim: one copy of the arithmetic.
+LRN_SOURCE = "\n" + inspect.getsource(_LRNFunction).replace("class _LRNFunction(", "class LRN(", 1)
 
 ACROSS_SOURCE = '''
 def lrn_across_channels(x, size, alpha, beta, k):
