@@ -16,6 +16,7 @@ As in Caffe's unrolled nets (recurrent_layer.cpp, rnn_layer.cpp, lstm_layer.cpp)
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -287,20 +288,8 @@ class LSTM(Recurrent):
             self.w_xc_static = nn.Parameter(torch.empty(4 * hidden, static_inputs))
         self.w_hc = nn.Parameter(torch.empty(4 * hidden, hidden))
 
-    def unroll(self, x, cont, static, initial):
-        x_gates = F.linear(x.flatten(2), self.w_xc, self.b_c)
-        static_gates = None if static is None else F.linear(static.flatten(1), self.w_xc_static).unsqueeze(0)
-        h, c = initial
-        tops = []
-        for t in range(x.shape[0]):
-            cont_t = cont[t:t + 1]
-            gates = F.linear(h * cont_t.unsqueeze(-1), self.w_hc) + x_gates[t:t + 1]
-            if static_gates is not None:
-                gates = gates + static_gates
-            c, h = lstm_unit(c, gates, cont_t)
-            tops.append(h)
-        return torch.cat(tops, 0), (h, c)
 """
+LSTM_SOURCE += inspect.getsource(LSTM.unroll)  # the module's own loop, verbatim
 
 RNN_SOURCE = """
 class RNN(Recurrent):
@@ -317,19 +306,8 @@ class RNN(Recurrent):
         self.w_ho = nn.Parameter(torch.empty(hidden, hidden))
         self.b_o = nn.Parameter(torch.empty(hidden))
 
-    def unroll(self, x, cont, static, initial):
-        x_in = F.linear(x.flatten(2), self.w_xh, self.b_h)
-        static_in = None if static is None else F.linear(static.flatten(1), self.w_xh_static).unsqueeze(0)
-        (h,) = initial
-        tops = []
-        for t in range(x.shape[0]):
-            pre = F.linear(h * cont[t:t + 1].unsqueeze(-1), self.w_hh) + x_in[t:t + 1]
-            if static_in is not None:
-                pre = pre + static_in
-            h = torch.tanh(pre)
-            tops.append(torch.tanh(F.linear(h, self.w_ho, self.b_o)))
-        return torch.cat(tops, 0), (h,)
 """
+RNN_SOURCE += inspect.getsource(RNN.unroll)  # the module's own loop, verbatim
 
 
 @register_source("LSTM", "RNN")
