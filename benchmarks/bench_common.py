@@ -66,3 +66,16 @@ def write_section(section: str, text: str, results: Path = RESULTS) -> None:
     else:
         updated = existing.rstrip("\n") + "\n\n" + text
     write_text(results, updated.rstrip("\n") + "\n")
+
+
+def onnxruntime_options(threads: int):
+    """ONNX Runtime's session options for timing beside other runtimes: `threads` intra-op
+    threads that do not spin once a run ends (spinning, they take the cores from the
+    candidate timed next)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return options

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_common import machine_line, medians, time_in_turn, write_section  # noqa: E402
+from bench_common import machine_line, medians, onnxruntime_options, time_in_turn, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = ROOT / "tests" / "fixtures" / "caffe-reference"
@@ -55,10 +55,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         onnx_path = Path(folder) / "googlenet.onnx"
         export_files(prototxt, caffemodel, onnx_path, outputs=["prob"])
-        options = ort.SessionOptions()
-        # idle threads that spin after a run would take the cores from the candidate timed next
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.intra_op_num_threads = THREADS
+        options = onnxruntime_options(THREADS)
         providers = (["CUDAExecutionProvider"] if args.device.startswith("cuda")
                      and "CUDAExecutionProvider" in ort.get_available_providers() else ["CPUExecutionProvider"])
         session = ort.InferenceSession(str(onnx_path), options, providers=providers)

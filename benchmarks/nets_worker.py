@@ -69,12 +69,10 @@ def load(candidate: str, prototxt: str, weights: str, onnx: str, output: str, th
     if candidate == "onnxruntime":
         import onnxruntime
 
+        from bench_common import onnxruntime_options  # stdlib only: also fine beside pycaffe
+
         imported = memory_kib("VmRSS")
-        options = onnxruntime.SessionOptions()
-        # idle threads that spin after a run would take the cores from the candidate timed next
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+        options = onnxruntime_options(threads)
         session = onnxruntime.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return (lambda images: session.run(None, {name: images})[0]), imported, None

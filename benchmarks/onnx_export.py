@@ -32,7 +32,7 @@ from caffe_compat.graph import build_graph
 from caffe_compat.io.files import read_prototxt
 from caffe_compat.net import CaffeNet
 
-from bench_common import write_section
+from bench_common import onnxruntime_options, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -101,11 +101,7 @@ def main() -> int:
     net_file = read_prototxt(EMBEDDER)
     torch.manual_seed(0)
     embedder = CaffeNet(build_graph(deploy_net(net_file.net), "TEST", net_file.dialect)).eval()
-    options = ort.SessionOptions()
-    # idle threads that spin after a run would take the cores from the candidate timed next
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
+    options = onnxruntime_options(THREADS)
     session = ort.InferenceSession(export_onnx(embedder).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     rows = []

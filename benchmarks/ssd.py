@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_common import machine_line, medians, time_in_turn, write_section  # noqa: E402
+from bench_common import machine_line, medians, onnxruntime_options, time_in_turn, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOTXT = ROOT / "tests" / "fixtures" / "public-nets" / "MobileNetSSD_deploy.prototxt"
@@ -100,10 +100,7 @@ def main() -> int:
         compiled = load_net(prototxt, caffemodel, compile=True).eval()
         onnx_path = Path(folder) / "mobilenet_ssd.onnx"
         export_files(prototxt, caffemodel, onnx_path)
-        options = ort.SessionOptions()
-        # idle threads that spin after a run would take the cores from the candidate timed next
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.intra_op_num_threads = THREADS
+        options = onnxruntime_options(THREADS)
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         opencv = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel)) if cv2 is not None else None
     detection = eager.layers[eager.module_names["detection_out"]]

@@ -17,6 +17,8 @@ second and third tops; INFERENCE is scale * x + shift (SegNet folds its statisti
 the two blobs)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -188,28 +190,9 @@ def bn_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
 
 # ---------------------------------------------------------------- standalone source
 
-BN_FORMULA_SOURCE = """
-class BNBatchFormula(torch.autograd.Function):
-    \"\"\"(x - mean) * inv_std * slope + bias with the PSPNet BN's backward (not frozen), whatever
-    statistics the forward used: slope's gradient sum(dy * x_norm), bias's sum(dy), the bottom's
-    inv_std * (dy * slope - (sum(dy * slope) + x_norm * sum(dy * slope * x_norm)) / (N H W)).\"\"\"
-
-    @staticmethod
-    def forward(ctx, x, slope, bias, mean, inv_std):
-        x_norm = (x - mean) * inv_std
-        ctx.save_for_backward(x_norm, slope, inv_std)
-        return x_norm * slope + bias
-
-    @staticmethod
-    def backward(ctx, grad):
-        x_norm, slope, inv_std = ctx.saved_tensors
-        axes = (0, 2, 3)
-        count = grad.numel() // grad.shape[1]
-        scaled = grad * slope
-        spread = scaled.sum(axes, keepdim=True) + x_norm * (scaled * x_norm).sum(axes, keepdim=True)
-        grad_x = (scaled - spread / count) * inv_std
-        return grad_x, (grad * x_norm).sum(axes, keepdim=True), grad.sum(axes, keepdim=True), None, None
-"""
+# the function above, verbatim, with the constant it reads: one copy of the arithmetic
+BN_FORMULA_SOURCE = f"\nAXES = {AXES!r}\n\n\n" + inspect.getsource(_BatchFormula).replace(
+    "class _BatchFormula(", "class BNBatchFormula(", 1)
 
 BN_SOURCE = """
 class BN(nn.Module):

@@ -13,6 +13,8 @@ With one bottom, the YOLOv3 forks' nearest-neighbour upsampling by an integer sc
 its backward sums each scale x scale block."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..errors import CaffeCompatError
@@ -22,6 +24,10 @@ from .registry import CaffeLayer, LayerContext, register, register_onnx, registe
 
 
 class _Unpool(torch.autograd.Function):
+    """SegNet's unpooling on (num, channels, positions): each value written at its mask index in a
+    zero plane of `plane` positions, a later value overwriting an earlier one; the backward gives
+    each value the top's gradient at its index, overwritten or not."""
+
     @staticmethod
     def forward(ctx, x, index, plane: int):
         ctx.save_for_backward(index)
@@ -121,27 +127,8 @@ def upsample_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
 
 # ---------------------------------------------------------------- standalone source
 
-UNPOOL_SOURCE = '''
-class Unpool(torch.autograd.Function):
-    \"\"\"SegNet's unpooling on (num, channels, positions): each value written at its mask index in a
-    zero plane of `plane` positions, a later value overwriting an earlier one; the backward gives
-    each value the top's gradient at its index, overwritten or not.\"\"\"
-
-    @staticmethod
-    def forward(ctx, x, index, plane):
-        ctx.save_for_backward(index)
-        # the last writer of each target: the largest source position aimed at it
-        positions = torch.arange(index.shape[-1], device=x.device).expand_as(index)
-        writer = torch.full(index.shape[:-1] + (plane,), -1, dtype=torch.long, device=x.device)
-        writer.scatter_reduce_(-1, index, positions, reduce="amax")
-        written = torch.gather(x, -1, writer.clamp(min=0))
-        return torch.where(writer >= 0, written, torch.zeros_like(written))
-
-    @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return torch.gather(grad, -1, index), None, None
-
+# the function above, verbatim: one copy of the arithmetic
+UNPOOL_SOURCE = "\n" + inspect.getsource(_Unpool).replace("class _Unpool(", "class Unpool(", 1) + '''
 
 def unpool(x, mask, size_out):
     \"\"\"SegNet's Upsample: x's values at the places a max pooling's mask names, in a zero top of
