@@ -48,7 +48,7 @@ def main() -> None:
         raise SystemExit("the LRN C kernel did not build here: this would time the PyTorch form twice")
 
     def pytorch_form(x):
-        return lrn._LRNFunction.apply(x, lrn.channel_window_mean, 5, 1e-4, 0.75, 1.0)
+        return lrn._LRNFunction.apply(x, lrn.channel_window_sum, 5, 1e-4, 0.75, 1.0, 5)
 
     candidates = {"ReLU": torch.relu, "unfused": unfused, "PyTorch form": pytorch_form, "layer": layer}
     rows = ["| input (N, C, H, W) | ReLU ms | LRN unfused ms | LRN PyTorch form ms | LRN layer ms "
