@@ -39,8 +39,6 @@ NOT_EXPORTABLE = {
     "DetectionOutput": "its row count is the number of detections, known only from the scores",
     "ROIPooling": "its bins' extents, and so its loops over them, follow from the rois' values",
     "PSROIPooling": "its bins' extents, and so its loops over them, follow from the rois' values",
-    "LiftedStructSimilaritySoftmaxLoss": "it checks its labels and picks its exact arithmetic from the values; "
-                                         "export the TEST net, or train with the model.py form",
 }
 
 

@@ -22,9 +22,7 @@ PUBLIC = FIXTURES / "public-nets"
 TRAIN_VAL = PAPER_MODEL / "train_val_googlenet_finetune_liftedstructsim_softmax_pair_m128_multilabel_embed64.prototxt"
 # What each target refuses, by case: a part (or parts) of its one-line message.
 NO_SOURCE = {}
-NO_PROGRAM = {**{name: "(LiftedStructSimilaritySoftmaxLoss)" for name in
-                 ("lifted_margin_half_far", "lifted_multi_pos_m32_d16", "lifted_pairs_m128_d64", "paper_train")},
-              **{name: "layer 'det' (DetectionOutput)" for name in ("detout_00", "detout_02", "detout_05")},
+NO_PROGRAM = {**{name: "layer 'det' (DetectionOutput)" for name in ("detout_00", "detout_02", "detout_05")},
               "net_tiny_ssd": "layer 'detection_out' (DetectionOutput)",
               **{name: ("layer 'roi' (ROIPooling)", "follow from the rois' values")
                  for name in ("roipool_00", "roipool_01")}}
