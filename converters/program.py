@@ -5,7 +5,9 @@ and the weights, nothing of this package.
 The program's module takes the net's inputs in the prototxt's order and returns what the
 `CaffeNet` returns: a dict of its output blobs, by name, in Caffe's order. It is exported
 in eval mode; LRN runs in its PyTorch form (the C kernel is not traced: see
-`layers.lrn._kernel_applies`). The preprocessing the net expects is stored beside the
+`layers.lrn._kernel_applies`); ROIPooling, PSROIPooling and the lifted loss run their export
+forms (`torch.compiler.is_exporting`), which give their eager bits, the rois' count a dynamic
+dimension of its own. The preprocessing the net expects is stored beside the
 graph as the extra file `preprocess.json` (`torch.export.load(f, extra_files={...})`).
 """
 from __future__ import annotations
@@ -118,7 +120,7 @@ def _per_argument(layer: torch.nn.Module, specs: tuple) -> tuple:
 def export_program(net: CaffeNet) -> torch.export.ExportedProgram:
     """The net's forward as a program whose inputs' batch dimension is dynamic (min 1).
     Raises CaffeCompatError naming the layer when one fixes the batch size or branches on
-    values (a DummyData, a Reshape with an explicit batch, DetectionOutput, the lifted loss) or
+    values (a DummyData, a Reshape with an explicit batch, DetectionOutput) or
     reads files (a data layer whose source is there; one whose source is absent is an input)."""
     for module_name, _, _ in net._plan:
         node = net.graph.layer(net.layer_names[module_name])

@@ -16,7 +16,9 @@ bins and rois, but only from rois well formed after rounding and from the bins i
 float32 arithmetic finds for the element. PSROIPooling's autograd spreads diff / area
 over each bin, as R-FCN's GPU kernel does. Neither passes a gradient to the rois. ONNX: onnxruntime's MaxRoiPool starts
 each bin at FLT_MIN (a positive number), so a bin of negative values differs from the
-fork's; no standard operator computes PSROIPooling; export refuses both, naming the layer."""
+fork's; no standard operator computes PSROIPooling; ONNX export refuses both, naming the layer.
+torch.export (`convert -o model.pt2`) traces roi_pool_by_table and psroi_pool_looped instead,
+which give the same values with no Python loop over the rois' bins."""
 from __future__ import annotations
 
 import inspect
