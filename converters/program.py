@@ -5,7 +5,9 @@ and the weights, nothing of this package.
 The program's module takes the net's inputs in the prototxt's order and returns what the
 `CaffeNet` returns: a dict of its output blobs, by name, in Caffe's order. It is exported
 in eval mode; LRN runs in its PyTorch form (the C kernel is not traced: see
-`layers.lrn._kernel_applies`). The preprocessing the net expects is stored beside the
+`layers.lrn._kernel_applies`); ROIPooling, PSROIPooling and the lifted loss run their export
+forms (`torch.compiler.is_exporting`), which give their eager bits, the rois' count a dynamic
+dimension of its own. The preprocessing the net expects is stored beside the
 graph as the extra file `preprocess.json` (`torch.export.load(f, extra_files={...})`).
 """
 from __future__ import annotations
@@ -29,6 +31,10 @@ PathLike = Union[str, Path]
 PREPROCESS_FILE = "preprocess.json"
 # Traced at batch 2: torch.export fixes a dimension traced at size 0 or 1 to that size.
 TRACE_BATCH = 2
+# An input of rois has a count of its own, traced at another size than the batch's (torch.export
+# would take two dynamic dimensions of equal size for one).
+TRACE_ROIS = 3
+ROI_TYPES = ("ROIPooling", "PSROIPooling")
 # Types a program's fixed graph cannot hold: those whose top shape or arithmetic follows from the
 # values, and those that read or write files. Refused by name before tracing.
 NOT_EXPORTABLE = {
@@ -37,10 +43,6 @@ NOT_EXPORTABLE = {
     "HDF5Data": "it reads its records from files: export the deploy net, whose data are inputs",
     "HDF5Output": "it writes its bottoms to a file at every pass",
     "DetectionOutput": "its row count is the number of detections, known only from the scores",
-    "ROIPooling": "its bins' extents, and so its loops over them, follow from the rois' values",
-    "PSROIPooling": "its bins' extents, and so its loops over them, follow from the rois' values",
-    "LiftedStructSimilaritySoftmaxLoss": "it checks its labels and picks its exact arithmetic from the values; "
-                                         "export the TEST net, or train with the model.py form",
 }
 
 
@@ -52,17 +54,25 @@ def _batched(net: CaffeNet) -> List[bool]:
     return [bool(shape) and shape[0] == batch for shape in shapes]
 
 
-def _example(net: CaffeNet, batched: List[bool]) -> Tuple[torch.Tensor, ...]:
+def _roi_inputs(net: CaffeNet) -> List[bool]:
+    """Which inputs are the rois (R, 5) of an ROI layer: R is dynamic, apart from the batch."""
+    rois = {bottoms[1] for module_name, bottoms, _ in net._plan
+            if len(bottoms) > 1 and net.graph.layer(net.layer_names[module_name]).type in ROI_TYPES}
+    return [name in rois for name in net.input_names]
+
+
+def _example(net: CaffeNet, batched: List[bool], rois: List[bool]) -> Tuple[torch.Tensor, ...]:
     dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.get_default_dtype())
-    return tuple(torch.zeros((TRACE_BATCH, *net.blob_shapes[name][1:]) if is_batched else net.blob_shapes[name],
-                             dtype=dtype)
-                 for name, is_batched in zip(net.input_names, batched))
+    return tuple(torch.zeros((TRACE_ROIS if is_rois else TRACE_BATCH, *net.blob_shapes[name][1:])
+                             if is_batched or is_rois else net.blob_shapes[name], dtype=dtype)
+                 for name, is_batched, is_rois in zip(net.input_names, batched, rois))
 
 
-def _dynamic_shapes(batched: List[bool]):
-    batch = torch.export.Dim("batch", min=1)
+def _dynamic_shapes(batched: List[bool], rois: List[bool]):
+    batch, count = torch.export.Dim("batch", min=1), torch.export.Dim("rois", min=1)
     # forward(*inputs): one entry, the tuple of the inputs' specs
-    return (tuple({0: batch} if is_batched else None for is_batched in batched),)
+    return (tuple({0: count} if is_rois else {0: batch} if is_batched else None
+                  for is_batched, is_rois in zip(batched, rois)),)
 
 
 @contextlib.contextmanager
@@ -110,7 +120,7 @@ def _per_argument(layer: torch.nn.Module, specs: tuple) -> tuple:
 def export_program(net: CaffeNet) -> torch.export.ExportedProgram:
     """The net's forward as a program whose inputs' batch dimension is dynamic (min 1).
     Raises CaffeCompatError naming the layer when one fixes the batch size or branches on
-    values (a DummyData, a Reshape with an explicit batch, DetectionOutput, the lifted loss) or
+    values (a DummyData, a Reshape with an explicit batch, DetectionOutput) or
     reads files (a data layer whose source is there; one whose source is absent is an input)."""
     for module_name, _, _ in net._plan:
         node = net.graph.layer(net.layer_names[module_name])
@@ -118,11 +128,11 @@ def export_program(net: CaffeNet) -> torch.export.ExportedProgram:
             raise CaffeCompatError(f"layer '{node.name}' ({node.type}) of {net.graph.describe()}: no torch.export "
                                    f"program can hold it ({NOT_EXPORTABLE[node.type]})")
     net.eval()
-    batched = _batched(net)
-    example = _example(net, batched)
+    batched, rois = _batched(net), _roi_inputs(net)
+    example = _example(net, batched, rois)
     try:
         with torch.no_grad(), _quiet():
-            return torch.export.export(net, example, dynamic_shapes=_dynamic_shapes(batched))
+            return torch.export.export(net, example, dynamic_shapes=_dynamic_shapes(batched, rois))
     except Exception as err:  # torch.export's errors share no base class
         with torch.no_grad(), _quiet():
             refusing = _layer_refusing(net, example)

@@ -22,12 +22,8 @@ PUBLIC = FIXTURES / "public-nets"
 TRAIN_VAL = PAPER_MODEL / "train_val_googlenet_finetune_liftedstructsim_softmax_pair_m128_multilabel_embed64.prototxt"
 # What each target refuses, by case: a part (or parts) of its one-line message.
 NO_SOURCE = {}
-NO_PROGRAM = {**{name: "(LiftedStructSimilaritySoftmaxLoss)" for name in
-                 ("lifted_margin_half_far", "lifted_multi_pos_m32_d16", "lifted_pairs_m128_d64", "paper_train")},
-              **{name: "layer 'det' (DetectionOutput)" for name in ("detout_00", "detout_02", "detout_05")},
-              "net_tiny_ssd": "layer 'detection_out' (DetectionOutput)",
-              **{name: ("layer 'roi' (ROIPooling)", "follow from the rois' values")
-                 for name in ("roipool_00", "roipool_01")}}
+NO_PROGRAM = {**{name: "layer 'det' (DetectionOutput)" for name in ("detout_00", "detout_02", "detout_05")},
+              "net_tiny_ssd": "layer 'detection_out' (DetectionOutput)"}
 PUBLIC_NETS = {"densenet-121": "DenseNet_121", "mobilenet-v2": "mobilenet_v2_deploy",
                "shufflenet-v2": "shufflenet_v2_1x_deploy", "se-resnet-50": "SE-ResNet-50",
                "pspnet50-ade20k": "pspnet50_ADE20K_473", "segnet-basic": "segnet_basic_camvid",
@@ -163,7 +159,7 @@ def test_public_nets_model_py_gives_the_caffenets_outputs(name, tmp_path, capsys
 # The public nets whose programs export in seconds, or are refused before tracing.
 PUBLIC_PROGRAMS = {"segnet-basic": None, "mobilenet-ssd": "layer 'detection_out' (DetectionOutput)",
                    "res10-face": "layer 'detection_out' (DetectionOutput)",
-                   "faster-rcnn-vgg16": "layer 'roi_pool5' (ROIPooling)"}
+                   "faster-rcnn-vgg16": "layer 'proposal' (Python)"}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC_PROGRAMS))

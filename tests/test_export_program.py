@@ -2,14 +2,18 @@
 `torch.export.load` runs without caffe_compat, giving the CaffeNet's outputs (to the bit
 against the CaffeNet with the PyTorch LRN, which the program traces; within 1e-6 relative
 of the C kernel's)."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from caffe_compat.cli.main import main
+from caffe_compat.errors import CaffeCompatError
 from caffe_compat.converters.program import export_program
 from caffe_compat.layers import lrn
 from caffe_compat.loading import load_net
+from caffe_compat.losses import NoPositivePairsWarning
 
 from conftest import PAPER_MODEL, REFERENCE, require, run_python
 
@@ -131,14 +135,35 @@ def test_export_traces_the_pytorch_lrn_where_torch_does_not_report_compiling(mon
     assert torch.equal(program(x)["lrn"], net(x)["lrn"])
 
 
-def test_a_layer_that_branches_on_values_is_refused_by_name(tmp_path, capsys):
+def _pairs_batch(n, generator):
+    """Embeddings (n, 64) far from the origin, two of them 1e-4 apart (an entry whose distance
+    the loss takes from the difference), and labels of n // 3 + 1 classes (none shared at n = 1)."""
+    x = torch.randn(n, 64, generator=generator) * 3 + 40
+    x[-1] = x[0] + 1e-4
+    return x, torch.randint(0, n // 3 + 1, (n,), generator=generator).float()
+
+
+def test_the_lifted_loss_exports_and_equals_the_caffenets_at_other_batches(tmp_path):
+    """Traced at batch 2: its near entries, pairs and pair count found when run, with the bits of
+    the CaffeNet's loss (the fixture's batch, others, one without positive pairs); NaN labels
+    stop the program as they stop the CaffeNet, whose one-line error is unchanged."""
     stem = REFERENCE / "layers" / "lifted_pairs_m128_d64"
-    code = main(["convert", str(stem.with_suffix(".prototxt")), str(stem.with_suffix(".caffemodel")),
-                 "-o", str(tmp_path / "model.pt2")])
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "layer 'loss' (LiftedStructSimilaritySoftmaxLoss)" in err and "exact arithmetic from the values" in err
-    assert not list(tmp_path.iterdir())
+    assert main(["convert", str(stem.with_suffix(".prototxt")), str(stem.with_suffix(".caffemodel")),
+                 "-o", str(tmp_path / "model.pt2")]) == 0
+    program = torch.export.load(tmp_path / "model.pt2").module()
+    net = _caffenet(stem.with_suffix(".prototxt"), stem.with_suffix(".caffemodel"))
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 7, 128, 300):
+        x, labels = _pairs_batch(n, generator)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoPositivePairsWarning)
+            expected = net(x, labels)["loss"]
+        assert torch.equal(program(x, labels)["loss"], expected), n
+    labels[3] = float("nan")
+    with pytest.raises(RuntimeError, match="LiftedStructSimilaritySoftmaxLoss: labels contain NaN"):
+        program(x, labels)
+    with pytest.raises(CaffeCompatError, match="^LiftedStructSimilaritySoftmaxLoss: labels contain NaN$"):
+        net(x, labels)
 
 
 def test_detection_output_is_refused_by_name_with_why(tmp_path, capsys):

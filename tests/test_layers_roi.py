@@ -477,3 +477,51 @@ def test_r_fcn_caffemodels_read_in_either_forks_numbers(tmp_path, dialect, numbe
     assert read.dialect == dialect and read.net.layer[0].psroi_pooling_param.group_size == 3
     (tmp_path / "net.prototxt").write_text(PSROI_LAYER)
     assert read_prototxt(tmp_path / "net.prototxt").dialect == "rfcn"  # the first of the forks that fit
+
+
+# ---- as torch.export programs -------------------------------------------------------
+
+ROI_NETS = {
+    "ROIPooling": 'roi_pooling_param { pooled_h: 3 pooled_w: 3 spatial_scale: 0.5 }',
+    "PSROIPooling": 'psroi_pooling_param { spatial_scale: 0.5 output_dim: 2 group_size: 3 }'}
+# In image pixels, on maps of 8 x 7 at spatial_scale 0.5: inside; on the map's last row and
+# column; partly outside (its far bins empty); wholly outside (every bin empty); before the
+# map's start; malformed (x2 < x1); one pixel.
+EDGE_ROIS = [[2, 3, 4, 9, 11], [0, 12, 14, 13, 15], [1, 8, 10, 30, 40], [2, 20, 20, 40, 40], [0, -9, -5, 3, 2],
+             [1, 9, 9, 2, 2], [2, 5, 5, 5, 5]]
+
+
+@pytest.mark.parametrize("layer_type", sorted(ROI_NETS))
+def test_the_export_form_equals_the_layer_at_other_batches_and_roi_counts(layer_type, tmp_path):
+    """Traced at batch 2 and 3 rois (convert -o model.pt2): the program's rois at the map's
+    edges, outside it and malformed, with NaN, -inf and all-negative maps, equal the layer's to
+    the bit at other batch sizes and roi counts; a batch index outside the batch stops it."""
+    from caffe_compat.cli.main import main  # noqa: PLC0415
+    from caffe_compat.loading import load_net  # noqa: PLC0415
+    channels = 18 if layer_type == "PSROIPooling" else 3
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(f'name: "rois"\nlayer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 2 '
+                     f'dim: {channels} dim: 8 dim: 7 }} }} }}\nlayer {{ name: "rois" type: "Input" top: "rois" '
+                     f'input_param {{ shape {{ dim: 3 dim: 5 }} }} }}\nlayer {{ name: "pool" type: "{layer_type}" '
+                     f'bottom: "data" bottom: "rois" top: "out" {ROI_NETS[layer_type]} }}\n')
+    assert main(["convert", str(proto), "--random-init", "-o", str(tmp_path / "model.pt2")]) == 0
+    program = torch.export.load(tmp_path / "model.pt2").module()
+    net = load_net(proto, None, fold=False).eval()
+    generator = torch.Generator().manual_seed(0)
+    edge = torch.tensor(EDGE_ROIS, dtype=torch.float32)
+    runs = [(1, edge[1:2] * torch.tensor([0.0, 1, 1, 1, 1])), (3, edge), (4, edge[[6, 2, 3, 0, 1]])]
+    outputs = []
+    for batch, rois in runs:
+        data = torch.randn(batch, channels, 8, 7, generator=generator)
+        data[:, 0, 2:5] = float("nan")
+        data[-1, -1, 3:] = -float("inf")
+        data[-1, 1] = -data[-1, 1].abs()
+        with torch.no_grad():
+            outputs.append(net(data, rois)["out"])
+        torch.testing.assert_close(program(data, rois)["out"], outputs[-1], rtol=0, atol=0, equal_nan=True,
+                                   msg=f"batch {batch}, {rois.shape[0]} rois")
+    assert torch.cat(outputs).isnan().any() == (layer_type == "PSROIPooling")  # a mean takes NaN, a max never
+    partly_outside, outside = outputs[1][2], outputs[1][3]
+    assert outside.eq(0).all() and partly_outside.eq(0).any() and not partly_outside.eq(0).all()
+    with pytest.raises(RuntimeError, match=f"layer 'pool' \\({layer_type}\\): a roi's batch index is outside"):
+        program(data[:2], edge)  # images 0 and 1, a roi of image 2

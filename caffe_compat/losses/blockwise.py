@@ -246,3 +246,34 @@ def _zero_near_entries(block: _Block, quotients: Tensor) -> None:
     """Near entries are handled from differences."""
     if block.near is not None:
         quotients.index_put_(block.near, quotients.new_zeros(()))
+
+
+def one_block_loss(x: Tensor, labels: Tensor, margin: float, caffe_exact: bool) -> Tensor:
+    """LiftedStructLoss's forward without branches on values, for torch.export: the same
+    operations as its one block (every batch of fewer than block_rows' bound, about 2300 rows
+    of float32 embeddings), so the same bits; larger batches round their per-block sums apart.
+    Its entries and pairs come from nonzero (a size known only when run), its thresholds and
+    the pair count stay tensors, and no gradient is defined (programs are exported for eval)."""
+    raw = x
+    x = x if caffe_exact else x - x.mean(0)
+    sq_norms = torch.linalg.vecdot(x, x)
+    dist_sq = torch.addmm(sq_norms.unsqueeze(1), x, x.T, alpha=-2).add(sq_norms)
+    diagonal = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+    dist_sq = dist_sq.masked_fill(diagonal, torch.inf)
+    if not caffe_exact:
+        near = torch.nonzero(dist_sq <= sq_norms.amax() * (2 * NEAR_FRACTION), as_tuple=True)
+        exact = torch.linalg.vector_norm(raw[near[0]] - raw[near[1]], dim=1)
+        dist_sq = dist_sq.index_put(near, exact.square())
+    dist = dist_sq.sqrt()
+    same = torch.eq(labels.unsqueeze(1), labels).to(dist.dtype).masked_fill(diagonal, 0)
+    shifted = torch.add(dist, same, alpha=torch.finfo(dist.dtype).max)
+    nearest = shifted.amin(1, keepdim=True)
+    sums = (nearest - shifted).exp().sum(1, keepdim=True)
+    anchor_lse = sums.log().sub(nearest).add(margin).view(-1)
+    rows, cols = torch.nonzero(same, as_tuple=True)
+    hinge = torch.logaddexp(anchor_lse[rows], anchor_lse[cols]).add(dist[rows, cols]).clamp_min(0)
+    count = torch.count_nonzero(same)
+    # 1 / (2N) rounded as the eager Python float is, then to the loss's dtype
+    scale = (1 / (2 * count).double()).to(dist.dtype)
+    empty = torch.full((), torch.nan if caffe_exact else 0, dtype=dist.dtype, device=dist.device)
+    return torch.where(count == 0, empty, torch.dot(hinge, hinge) * scale)

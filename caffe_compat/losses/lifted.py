@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CaffeCompatError
-from .blockwise import LiftedStructLoss
+from .blockwise import LiftedStructLoss, one_block_loss
 
 __all__ = ["LiftedStructSimilaritySoftmaxLoss", "NoPositivePairsWarning", "lifted_struct_loss",
            "lifted_shape_error"]
@@ -65,8 +65,11 @@ def _flatten_checked(embeddings: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor
     if labels.device != embeddings.device:
         raise CaffeCompatError(f"LiftedStructSimilaritySoftmaxLoss: labels on {labels.device}, "
                                f"embeddings on {embeddings.device}")
-    if labels.is_floating_point() and torch.isnan(labels).any():
-        raise CaffeCompatError("LiftedStructSimilaritySoftmaxLoss: labels contain NaN")
+    if labels.is_floating_point():
+        if torch.compiler.is_exporting():  # the program checks them when run
+            torch._assert_async(~torch.isnan(labels).any(), "LiftedStructSimilaritySoftmaxLoss: labels contain NaN")
+        elif torch.isnan(labels).any():
+            raise CaffeCompatError("LiftedStructSimilaritySoftmaxLoss: labels contain NaN")
     x = embeddings.reshape(embeddings.shape[0], embeddings.shape[1])
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # half precision: distances and log-sum-exps in float32
@@ -76,9 +79,10 @@ def _flatten_checked(embeddings: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor
 def _label_keys(labels: Tensor, dtype: torch.dtype) -> Tensor:
     """Labels as floats of the embeddings' precision, as Caffe's blobs hold them (and a
     same-dtype comparison is several times faster than a mixed one). Integer ids beyond
-    2^24, which float32 would merge, are compared in float64."""
-    if (dtype == torch.float32 and not labels.is_floating_point() and labels.numel()
-            and labels.abs().max().item() > 2 ** 24):
+    2^24, which float32 would merge, are compared in float64 (always, in a program: equal
+    either way below that)."""
+    if dtype == torch.float32 and not labels.is_floating_point() and (
+            torch.compiler.is_exporting() or labels.numel() and labels.abs().max().item() > 2 ** 24):
         dtype = torch.float64
     return labels.to(dtype)
 
@@ -95,7 +99,8 @@ def lifted_struct_loss(embeddings: Tensor, labels: Tensor, margin: float = 1.0,
     without positive pairs (a batch of one among them) has no term of the loss: it gives 0
     with a zero gradient (still connected to the graph) and a NoPositivePairsWarning; with
     caffe_exact=True it gives NaN and a NaN gradient, as the fork divides by its zero
-    pair count.
+    pair count. Under torch.export it traces blockwise.one_block_loss, the same forward
+    numbers without branches on values: no warning, NaN labels checked by the program when run.
     """
     margin = float(margin)
     if not math.isfinite(margin):
@@ -104,6 +109,9 @@ def lifted_struct_loss(embeddings: Tensor, labels: Tensor, margin: float = 1.0,
     if not x.shape[0]:  # no data layer of Caffe's gives one; there is no anchor to take a loss over
         raise CaffeCompatError("LiftedStructSimilaritySoftmaxLoss: the batch holds no embeddings")
     device_type = x.device.type
+    if torch.compiler.is_exporting():
+        # a program's fixed graph: the forward alone, with no warning and no check of the value
+        return one_block_loss(x, labels, margin, caffe_exact)
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):  # distances in full precision
             loss, num_ordered = LiftedStructLoss.apply(x, labels, margin, caffe_exact)
