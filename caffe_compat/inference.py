@@ -49,24 +49,27 @@ def _channels_last(fold: bool, inputs: Sequence[torch.Tensor]) -> bool:
     return fold and any(x.dim() == 4 and x.device.type == "cpu" for x in inputs)
 
 
-def _inputs_key(inputs: Sequence[torch.Tensor]) -> Tuple:
-    return tuple((x.shape, x.dtype, x.device) for x in inputs)
+def _inputs_key(inputs: Sequence[torch.Tensor], any_batch: bool) -> Tuple:
+    return tuple((x.shape[1:] if any_batch and x.dim() else x.shape, x.dtype, x.device) for x in inputs)
 
 
 class InferenceProgram:
     """The generated function, and what it was built from: the fold setting, the inputs'
-    shapes, dtypes and devices, and the version of every blob it folded."""
+    shapes (but the batch, for a program that torch.compile runs), dtypes and devices, and
+    the version of every blob it folded (of every blob, for torch.compile, which freezes
+    them all)."""
 
     def __init__(self, function: Callable, fold: bool, inputs: Sequence[torch.Tensor],
-                 sources: Sequence[torch.Tensor]):
+                 sources: Sequence[torch.Tensor], any_batch: bool = False):
         self.function = function
         self.fold = fold
-        self.inputs = _inputs_key(inputs)
+        self.any_batch = any_batch
+        self.inputs = _inputs_key(inputs, any_batch)
         self.sources = list(sources)
         self.versions = [t._version for t in self.sources]
 
     def fits(self, fold: bool, inputs: Sequence[torch.Tensor]) -> bool:
-        return (fold == self.fold and _inputs_key(inputs) == self.inputs
+        return (fold == self.fold and _inputs_key(inputs, self.any_batch) == self.inputs
                 and [t._version for t in self.sources] == self.versions)
 
 
@@ -74,12 +77,16 @@ class _Program:
     """Straight-line source being written: values are local variables, tensors the
     function needs are its globals."""
 
-    def __init__(self):
+    def __init__(self, for_compile: bool):
         self.lines: List[str] = []
         self.globals: Dict[str, object] = {"torch": torch}
+        self.for_compile = for_compile
 
     def constant(self, value, hint: str) -> str:
         name = f"{hint}{len(self.globals)}"
+        if self.for_compile and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            # inductor's freezing folds parameters into the code, and prepacks convolution weights
+            value = nn.Parameter(value, requires_grad=False)
         self.globals[name] = value
         return name
 
@@ -114,15 +121,17 @@ def _convolution(program: _Program, conv: Convolution, chain, shape: Sequence[in
     if channels_last:  # else torch lays the weights out so on every call
         weight = weight.detach().contiguous(memory_format=torch.channels_last)
     w, b = program.constant(weight, "weight"), program.constant(bias, "bias")
-    if fold and weight.device.type == "cpu" and conv.avoids_slow_path(shape):
+    if fold and not program.for_compile and weight.device.type == "cpu" and conv.avoids_slow_path(shape):
         return f"torch.ops.aten.mkldnn_convolution({x}, {w}, {b}, {list(g.pad)}, {list(g.stride)}, " \
                f"{list(g.dilation)}, {g.group})"
     return f"torch.conv2d({x}, {w}, {b}, {list(g.stride)}, {list(g.pad)}, {list(g.dilation)}, {g.group})"
 
 
-def build_program(net: nn.Module, inputs: Sequence[torch.Tensor]) -> InferenceProgram:
+def build_program(net: nn.Module, inputs: Sequence[torch.Tensor], for_compile: bool = False) -> InferenceProgram:
     """The net's inference as one function of its inputs (in `net.input_names` order)
-    returning its outputs (in `net.output_names` order)."""
+    returning its outputs (in `net.output_names` order). `for_compile`: a function for
+    torch.compile with inductor's freezing (`compiled.CompiledNet`): any batch size, its
+    tensors parameters, and torch.conv2d throughout (inductor picks the kernels)."""
     plan = net._plan
     batch = inputs[0].shape[0] if inputs and inputs[0].dim() else None
     # Each value a blob takes is numbered; in-place layers give a blob several values.
@@ -178,7 +187,7 @@ def build_program(net: nn.Module, inputs: Sequence[torch.Tensor]) -> InferencePr
         reader = sole_reader(value)
         return reader is not None and affine_of(reader) is not None
 
-    program = _Program()
+    program = _Program(for_compile)
     layout_channels_last = _channels_last(net.fold, inputs)
     folded: List[nn.Module] = []
     absorbed: set = set()
@@ -246,5 +255,7 @@ def build_program(net: nn.Module, inputs: Sequence[torch.Tensor]) -> InferencePr
     else:
         function = program.compile(arguments, [names[v] for v in results])
     folded += [net.layers[plan[index][0]] for index in sorted(absorbed)]
+    if for_compile:
+        folded = [net]
     sources = {id(t): t for module in folded for t in list(module.parameters()) + list(module.buffers())}
-    return InferenceProgram(function, net.fold, inputs, list(sources.values()))
+    return InferenceProgram(function, net.fold, inputs, list(sources.values()), any_batch=for_compile)
