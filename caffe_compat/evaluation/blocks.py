@@ -1,25 +1,10 @@
 """The evaluation's quadratic work (distances of every query to every point, of every
 point to every center) runs on blocks of rows so that no n x n matrix is ever held:
-the block size, and the device the blocks are computed on."""
+the block size."""
 from __future__ import annotations
-
-import torch
-
-from ..errors import CaffeCompatError
 
 # Size of one block of distances; 256 MiB keeps SOP (60,502 x 11,316) well under 4 GB.
 BLOCK_BYTES = 256 << 20
-
-
-def torch_device(device) -> torch.device:
-    """The torch device `device` names, refusing CUDA where none is available."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise CaffeCompatError(f"device: {device!r} is not a torch device: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CaffeCompatError(f"device: {device!r} requested but CUDA is not available")
-    return dev
 
 
 def rows_per_block(columns: int, bytes_per_value: int = 4) -> int:

@@ -8,8 +8,9 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
+from ..devices import resolve_device
 from ..errors import CaffeCompatError
-from .blocks import rows_per_block, torch_device
+from .blocks import rows_per_block
 
 # k-means shows progress from n x k = 5e7 on (CUB's 5,924 x 100 is quick; SOP's 60,502 x
 # 11,316 takes minutes on a CPU).
@@ -125,7 +126,7 @@ def kmeans(embeddings, k: int, seed: int = 0, max_iter: int = 1000, device="cpu"
     that rounding can cause), or max_iter. Same seed, same device: same result.
     `progress(iteration, changed)` is called after each iteration with the number of
     points that changed cluster (all n on the first)."""
-    dev = torch_device(device)
+    dev = resolve_device(device, "device")
     if isinstance(embeddings, torch.Tensor):
         embeddings = embeddings.detach().cpu().numpy()
     raw = np.asarray(embeddings, dtype=np.float32)

@@ -15,8 +15,9 @@ from typing import Dict, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..devices import resolve_device
 from ..errors import CaffeCompatError
-from .blocks import rows_per_block, torch_device
+from .blocks import rows_per_block
 
 DEFAULT_RECALL_K = (1, 2, 4, 8)
 def check_embeddings(embeddings, labels, name: str = "embeddings") -> Tuple[np.ndarray, np.ndarray]:
@@ -61,7 +62,7 @@ def first_hit_ranks(embeddings: np.ndarray, labels: np.ndarray, device="cpu") ->
     among equals). torch.topk would leave the order of ties unspecified, and with
     K = 1000 it costs about as much as the distance product itself on CPU.
     """
-    dev = torch_device(device)
+    dev = resolve_device(device, "device")
     x, y = check_embeddings(embeddings, labels)
     n = len(x)
     codes = _class_codes(y)
@@ -141,7 +142,7 @@ def nearest_neighbours(embeddings, queries: Sequence[int], k: int, device="cpu")
     """(len(queries) x k) indices of each query's k nearest items, itself excluded, in
     the order MATLAB's stable sort gives (ties by index). Sorts whole rows: meant for
     the handful of queries a figure shows."""
-    dev = torch_device(device)
+    dev = resolve_device(device, "device")
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     n = len(x)
     if not 1 <= k <= n - 1:
