@@ -36,7 +36,6 @@ NOT_EXPORTABLE = {
     "ImageData": "it reads its records from files: export the deploy net, whose data are inputs",
     "HDF5Data": "it reads its records from files: export the deploy net, whose data are inputs",
     "HDF5Output": "it writes its bottoms to a file at every pass",
-    "DetectionOutput": "its row count is the number of detections, known only from the scores",
     "ROIPooling": "its bins' extents, and so its loops over them, follow from the rois' values",
     "PSROIPooling": "its bins' extents, and so its loops over them, follow from the rois' values",
     "LiftedStructSimilaritySoftmaxLoss": "it checks its labels and picks its exact arithmetic from the values; "
@@ -110,7 +109,7 @@ def _per_argument(layer: torch.nn.Module, specs: tuple) -> tuple:
 def export_program(net: CaffeNet) -> torch.export.ExportedProgram:
     """The net's forward as a program whose inputs' batch dimension is dynamic (min 1).
     Raises CaffeCompatError naming the layer when one fixes the batch size or branches on
-    values (a DummyData, a Reshape with an explicit batch, DetectionOutput, the lifted loss) or
+    values (a DummyData, a Reshape with an explicit batch, the lifted loss) or
     reads files (a data layer whose source is there; one whose source is absent is an input)."""
     for module_name, _, _ in net._plan:
         node = net.graph.layer(net.layer_names[module_name])

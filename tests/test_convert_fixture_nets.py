@@ -24,8 +24,6 @@ TRAIN_VAL = PAPER_MODEL / "train_val_googlenet_finetune_liftedstructsim_softmax_
 NO_SOURCE = {}
 NO_PROGRAM = {**{name: "(LiftedStructSimilaritySoftmaxLoss)" for name in
                  ("lifted_margin_half_far", "lifted_multi_pos_m32_d16", "lifted_pairs_m128_d64", "paper_train")},
-              **{name: "layer 'det' (DetectionOutput)" for name in ("detout_00", "detout_02", "detout_05")},
-              "net_tiny_ssd": "layer 'detection_out' (DetectionOutput)",
               **{name: ("layer 'roi' (ROIPooling)", "follow from the rois' values")
                  for name in ("roipool_00", "roipool_01")}}
 PUBLIC_NETS = {"densenet-121": "DenseNet_121", "mobilenet-v2": "mobilenet_v2_deploy",
@@ -160,10 +158,10 @@ def test_public_nets_model_py_gives_the_caffenets_outputs(name, tmp_path, capsys
     _source_matches(name, PUBLIC / f"{PUBLIC_NETS[name]}.prototxt", None, ["--random-init"], tmp_path, capsys)
 
 
-# The public nets whose programs export in seconds, or are refused before tracing.
-PUBLIC_PROGRAMS = {"segnet-basic": None, "mobilenet-ssd": "layer 'detection_out' (DetectionOutput)",
-                   "res10-face": "layer 'detection_out' (DetectionOutput)",
-                   "faster-rcnn-vgg16": "layer 'roi_pool5' (ROIPooling)"}
+# The public nets whose programs export in seconds, or are refused before tracing. The SSD nets'
+# random weights tie their scores at the keep_top_k cut, where the program's choice is not the
+# fork's std::sort: test_export_program checks MobileNet-SSD with its scores' weights scaled down.
+PUBLIC_PROGRAMS = {"segnet-basic": None, "faster-rcnn-vgg16": "layer 'roi_pool5' (ROIPooling)"}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC_PROGRAMS))
