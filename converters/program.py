@@ -67,7 +67,8 @@ def _dynamic_shapes(batched: List[bool]):
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """torch.export logs warnings, and prints the partial graph, of what it then raises:
-    the one-line error says it."""
+    the one-line error says it. Its save warns of a value it writes in a default type (the
+    empty list of a scan's extra inputs, as DetectionOutput's NMS has it)."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
@@ -138,7 +139,7 @@ def write_program(net: CaffeNet, out: PathLike, preprocess: Optional[Mapping[str
     """`convert NET (WEIGHTS | --random-init) -o model.pt2`."""
     program = export_program(net)
     extra: Dict[str, str] = {PREPROCESS_FILE: json.dumps(dict(preprocess or {}), sort_keys=True)}
-    with atomic_file(out) as handle:
+    with atomic_file(out) as handle, _quiet():
         torch.export.save(program, handle, extra_files=extra)
 
 
