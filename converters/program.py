@@ -5,8 +5,9 @@ and the weights, nothing of this package.
 The program's module takes the net's inputs in the prototxt's order and returns what the
 `CaffeNet` returns: a dict of its output blobs, by name, in Caffe's order. It is exported
 in eval mode; LRN runs in its PyTorch form (the C kernel is not traced: see
-`layers.lrn._kernel_applies`); ROIPooling, PSROIPooling and the lifted loss run their export
-forms (`torch.compiler.is_exporting`), which give their eager bits, the rois' count a dynamic
+`layers.lrn._kernel_applies`); DetectionOutput, ROIPooling, PSROIPooling and the lifted loss
+run their export forms (`torch.compiler.is_exporting`), which give their eager bits (but
+DetectionOutput's choice among tied scores at its keep_top_k cut), the rois' count a dynamic
 dimension of its own. The preprocessing the net expects is stored beside the
 graph as the extra file `preprocess.json` (`torch.export.load(f, extra_files={...})`).
 """
@@ -35,14 +36,12 @@ TRACE_BATCH = 2
 # would take two dynamic dimensions of equal size for one).
 TRACE_ROIS = 3
 ROI_TYPES = ("ROIPooling", "PSROIPooling")
-# Types a program's fixed graph cannot hold: those whose top shape or arithmetic follows from the
-# values, and those that read or write files. Refused by name before tracing.
+# Types a program cannot hold: those that read or write files. Refused by name before tracing.
 NOT_EXPORTABLE = {
     "Data": "it reads its records from files: export the deploy net, whose data are inputs",
     "ImageData": "it reads its records from files: export the deploy net, whose data are inputs",
     "HDF5Data": "it reads its records from files: export the deploy net, whose data are inputs",
     "HDF5Output": "it writes its bottoms to a file at every pass",
-    "DetectionOutput": "its row count is the number of detections, known only from the scores",
 }
 
 
@@ -78,7 +77,8 @@ def _dynamic_shapes(batched: List[bool], rois: List[bool]):
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """torch.export logs warnings, and prints the partial graph, of what it then raises:
-    the one-line error says it."""
+    the one-line error says it. Its save warns of a value it writes in a default type (the
+    empty list of a scan's extra inputs, as DetectionOutput's NMS has it)."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
@@ -120,7 +120,7 @@ def _per_argument(layer: torch.nn.Module, specs: tuple) -> tuple:
 def export_program(net: CaffeNet) -> torch.export.ExportedProgram:
     """The net's forward as a program whose inputs' batch dimension is dynamic (min 1).
     Raises CaffeCompatError naming the layer when one fixes the batch size or branches on
-    values (a DummyData, a Reshape with an explicit batch, DetectionOutput) or
+    values (a DummyData, a Reshape with an explicit batch) or
     reads files (a data layer whose source is there; one whose source is absent is an input)."""
     for module_name, _, _ in net._plan:
         node = net.graph.layer(net.layer_names[module_name])
@@ -149,7 +149,7 @@ def write_program(net: CaffeNet, out: PathLike, preprocess: Optional[Mapping[str
     """`convert NET (WEIGHTS | --random-init) -o model.pt2`."""
     program = export_program(net)
     extra: Dict[str, str] = {PREPROCESS_FILE: json.dumps(dict(preprocess or {}), sort_keys=True)}
-    with atomic_file(out) as handle:
+    with atomic_file(out) as handle, _quiet():
         torch.export.save(program, handle, extra_files=extra)
 
 

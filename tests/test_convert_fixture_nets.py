@@ -22,8 +22,7 @@ PUBLIC = FIXTURES / "public-nets"
 TRAIN_VAL = PAPER_MODEL / "train_val_googlenet_finetune_liftedstructsim_softmax_pair_m128_multilabel_embed64.prototxt"
 # What each target refuses, by case: a part (or parts) of its one-line message.
 NO_SOURCE = {}
-NO_PROGRAM = {**{name: "layer 'det' (DetectionOutput)" for name in ("detout_00", "detout_02", "detout_05")},
-              "net_tiny_ssd": "layer 'detection_out' (DetectionOutput)"}
+NO_PROGRAM = {}
 PUBLIC_NETS = {"densenet-121": "DenseNet_121", "mobilenet-v2": "mobilenet_v2_deploy",
                "shufflenet-v2": "shufflenet_v2_1x_deploy", "se-resnet-50": "SE-ResNet-50",
                "pspnet50-ade20k": "pspnet50_ADE20K_473", "segnet-basic": "segnet_basic_camvid",
@@ -156,10 +155,10 @@ def test_public_nets_model_py_gives_the_caffenets_outputs(name, tmp_path, capsys
     _source_matches(name, PUBLIC / f"{PUBLIC_NETS[name]}.prototxt", None, ["--random-init"], tmp_path, capsys)
 
 
-# The public nets whose programs export in seconds, or are refused before tracing.
-PUBLIC_PROGRAMS = {"segnet-basic": None, "mobilenet-ssd": "layer 'detection_out' (DetectionOutput)",
-                   "res10-face": "layer 'detection_out' (DetectionOutput)",
-                   "faster-rcnn-vgg16": "layer 'proposal' (Python)"}
+# The public nets whose programs export in seconds, or are refused before tracing. The SSD nets'
+# random weights tie their scores at the keep_top_k cut, where the program's choice is not the
+# fork's std::sort: test_export_program checks MobileNet-SSD with its scores' weights scaled down.
+PUBLIC_PROGRAMS = {"segnet-basic": None, "faster-rcnn-vgg16": "layer 'proposal' (Python)"}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC_PROGRAMS))

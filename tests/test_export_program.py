@@ -15,12 +15,14 @@ from caffe_compat.layers import lrn
 from caffe_compat.loading import load_net
 from caffe_compat.losses import NoPositivePairsWarning
 
-from conftest import PAPER_MODEL, REFERENCE, require, run_python
+from conftest import FIXTURES, PAPER_MODEL, REFERENCE, require, run_python
+from test_convert_fixture_nets import _input
 
 # Exporting GoogLeNet takes about 5 s (one CPU core), the layer nets well under 1 s each.
 LAYER_CASES = ["lrn_across", "lrn_within", "pool_clip_rule", "batchnorm_scale", "concat", "crop", "eltwise",
                "scale_bias_bottoms", "softmax_loss"]
 EXTRACT = PAPER_MODEL / "extract_googlenet_ebay_feature_embed64.prototxt"
+PUBLIC = FIXTURES / "public-nets"
 BATCHES = (1, 3)
 
 # Loads programs where caffe_compat cannot be imported: off sys.path, and refused by a
@@ -57,7 +59,7 @@ def _cases():
     """(name, prototxt, weights or None, CLI options) of the covered nets."""
     cases = [(stem.name, require(stem.with_suffix(".prototxt")), require(stem.with_suffix(".caffemodel")), [])
              for stem in [REFERENCE / "nets" / "googlenet_deploy", REFERENCE / "nets" / "v1_legacy" / "v1"]
-             + [REFERENCE / "layers" / name for name in LAYER_CASES]]
+             + [REFERENCE / "layers" / name for name in LAYER_CASES] + [REFERENCE / "forks" / "ssd" / "detout_05"]]
     return cases + [("paper_extract", require(EXTRACT), None, ["--random-init"])]
 
 
@@ -107,7 +109,8 @@ def test_outputs_equal_the_caffenets_to_the_bit_at_two_batch_sizes(exported, mon
                 expected = net(*inputs)
             assert isinstance(program_out, dict) and list(program_out) == list(expected), name
             for blob, value in expected.items():
-                assert value.dim() == 0 or value.shape[0] == inputs[0].shape[0], (name, blob)
+                rows = name == "detout_05"  # DetectionOutput's (1, 1, detections, 7)
+                assert value.dim() == 0 or rows or value.shape[0] == inputs[0].shape[0], (name, blob)
                 assert torch.equal(program_out[blob], value), (name, blob, inputs[0].shape[0])
 
 
@@ -166,15 +169,105 @@ def test_the_lifted_loss_exports_and_equals_the_caffenets_at_other_batches(tmp_p
         net(x, labels)
 
 
-def test_detection_output_is_refused_by_name_with_why(tmp_path, capsys):
-    """Its row count is the number of detections: refused before tracing, naming the layer."""
-    stem = REFERENCE.parent / "caffe-reference" / "forks" / "ssd" / "net_tiny_ssd"
-    code = main(["convert", str(stem.with_suffix(".prototxt")), str(stem.with_suffix(".caffemodel")),
-                 "-o", str(tmp_path / "model.pt2")])
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "layer 'detection_out' (DetectionOutput)" in err and "number of detections" in err
-    assert not list(tmp_path.iterdir())
+def _detection_net(tmp_path, classes, priors, params, share_location=True):
+    """A net of one DetectionOutput whose bottoms are inputs, built for 3 images."""
+    loc = priors * (1 if share_location else classes) * 4
+    proto = tmp_path / "detect.prototxt"
+    proto.write_text(
+        'name: "detect"\n' + _input("loc", 3, loc) + _input("conf", 3, priors * classes)
+        + _input("prior", 1, 2, priors * 4) +
+        'layer { name: "det" type: "DetectionOutput" bottom: "loc" bottom: "conf" bottom: "prior" top: "out" '
+        f'detection_output_param {{ num_classes: {classes} {params} }} }}\n')
+    return load_net(proto, None).eval()
+
+
+# name -> (classes, detection_output_param beside num_classes, share_location)
+DETECTION_CASES = {
+    "keep_top_k": (4, "code_type: CENTER_SIZE keep_top_k: 20 confidence_threshold: 0.3 "
+                      "nms_param { nms_threshold: 0.45 top_k: 15 }", True),
+    "adaptive_nms": (3, "code_type: CENTER_SIZE nms_param { nms_threshold: 0.7 eta: 0.8 top_k: 12 }", True),
+    "per_class_locations": (3, "share_location: false background_label_id: -1 code_type: CORNER_SIZE "
+                               "nms_param { nms_threshold: 0.45 }", False),
+    "no_candidate": (3, "confidence_threshold: 1.5 nms_param { nms_threshold: 0.45 }", True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DETECTION_CASES))
+def test_detection_output_program_gives_the_layers_rows(case, tmp_path):
+    """The program's rows are the CaffeNet's, in order and to the bit, at other batch sizes than
+    the traced one: with one image without detections (no rows for it), and with none detecting
+    anything (the fork's one -1 row per image)."""
+    from test_layers_ssd import detection_inputs  # noqa: PLC0415
+
+    classes, params, share_location = DETECTION_CASES[case]
+    net = _detection_net(tmp_path, classes, 30, params, share_location)
+    program = export_program(net).module()
+    loc, conf, prior = map(torch.from_numpy, detection_inputs(4, 30, classes, share_location, seed=7))
+    quiet = conf.clone()
+    quiet[1] = 0  # image 1's scores are under 0.3
+    runs = {"three": (loc[:3], conf[:3]), "one": (loc[:1], conf[:1]), "image 1 quiet": (loc, quiet),
+            "all quiet": (loc[:2], torch.zeros_like(conf[:2]))}
+    for run, (loc_run, conf_run) in runs.items():
+        with torch.no_grad():
+            expected, ours = net(loc_run, conf_run, prior)["out"], program(loc_run, conf_run, prior)["out"]
+        assert torch.equal(ours, expected), (case, run)
+        images = set(expected[0, 0, :, 0].tolist())
+        if case == "no_candidate" or (case == "keep_top_k" and run == "all quiet"):
+            assert expected[0, 0, :, 1:].eq(-1).all() and expected.shape[2] == loc_run.shape[0], run
+        else:
+            assert images == set(range(loc_run.shape[0])) - ({1} if case == "keep_top_k" and run == "image 1 quiet"
+                                                             else set()), run
+
+
+def test_detection_output_program_without_torchs_scan(tmp_path, monkeypatch):
+    """torch versions without the scan operator: the NMS loop is unrolled, with the same rows."""
+    from caffe_compat.layers import bbox  # noqa: PLC0415
+    from test_layers_ssd import detection_inputs  # noqa: PLC0415
+
+    classes, params, share_location = DETECTION_CASES["adaptive_nms"]
+    net = _detection_net(tmp_path, classes, 30, params, share_location)
+    monkeypatch.setattr(bbox, "_scan", lambda: None)
+    program = export_program(net)
+    graphs = [m.graph for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
+    assert not any("scan" in str(node.target) for graph in graphs for node in graph.nodes)
+    loc, conf, prior = map(torch.from_numpy, detection_inputs(2, 30, classes, share_location, seed=8))
+    with torch.no_grad():
+        expected = net(loc, conf, prior)["out"]
+    assert torch.equal(program.module()(loc, conf, prior)["out"], expected) and expected.shape[2] > 2
+
+
+def test_detection_output_program_takes_equal_scores_at_the_cut_stably(tmp_path):
+    """Where keep_top_k cuts among equal scores, the CaffeNet follows the fork's unstable std::sort,
+    which no program graph holds: the program takes them by label, then rank (a stable sort)."""
+    from test_layers_ssd import detection_inputs, fork_detection_output  # noqa: PLC0415
+
+    net = _detection_net(tmp_path, 3, 40, "keep_top_k: 9 nms_param { nms_threshold: 0.8 }")
+    loc, conf, prior = detection_inputs(2, 40, 3, True, seed=11, quantize=4)
+    ours = export_program(net).module()(*map(torch.from_numpy, (loc, conf, prior)))["out"]
+    stable = fork_detection_output(loc, conf, prior, 3, keep_top_k=9, nms=0.8,
+                                   sort=lambda items, before: items.sort(key=lambda item: -item[0]))
+    assert np.array_equal(ours.reshape(-1, 7).numpy(), stable)
+    with torch.no_grad():
+        assert not torch.equal(ours, net(*map(torch.from_numpy, (loc, conf, prior)))["out"])
+
+
+def test_mobilenet_ssd_program_gives_the_caffenets_rows():
+    """MobileNet-SSD at batch 1 and 8, its class scores' weights scaled down: random weights
+    saturate the softmax, and its scores of 1 tie at the keep_top_k cut (see the test above)."""
+    torch.manual_seed(0)
+    net = load_net(require(PUBLIC / "MobileNetSSD_deploy.prototxt"), None, fold=False).eval()
+    with torch.no_grad():
+        for name, parameter in net.named_parameters():
+            if "mbox_conf" in name:
+                parameter.mul_(0.01)
+    program = export_program(net).module()
+    generator = torch.Generator().manual_seed(0)
+    for batch in (1, 8):
+        image = torch.rand((batch, *net.blob_shapes["data"][1:]), generator=generator) * 255
+        with torch.no_grad():
+            expected, ours = net(image)["detection_out"], program(image)["detection_out"]
+        assert torch.equal(ours, expected), batch
+        assert expected.shape[2] == 100 * batch  # every image's keep_top_k detections
 
 
 def test_the_refusing_layer_is_found_behind_a_many_bottom_layer(tmp_path, capsys):

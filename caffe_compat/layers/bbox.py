@@ -99,9 +99,12 @@ def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, th
     list sorted as the fork sorts its candidates. A candidate is kept when its overlap
     with every box kept before it is <= the threshold, which then shrinks by eta
     while above 0.5 (adaptive NMS). The kept mask (B, K); no value leaves the device.
-    On the CPU with eta 1, nms_kernel.c decides, as the PyTorch form would to the bit."""
+    On the CPU with eta 1, nms_kernel.c decides, as the PyTorch form would to the bit;
+    under torch.export the PyTorch form is traced (see _greedy_nms_scanned)."""
     count, length = valid.shape
-    fixed_on_cpu = eta >= 1 and boxes.device.type == "cpu" and boxes.dtype == sizes.dtype == torch.float32
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+    fixed_on_cpu = (eta >= 1 and boxes.device.type == "cpu" and boxes.dtype == sizes.dtype == torch.float32
+                    and not exporting)
     if fixed_on_cpu and _nms_kernel() is not None:
         return _greedy_nms_kernel(boxes, sizes, valid, threshold)
     # each corner's values side by side in memory, so that the overlaps' elementwise
@@ -109,20 +112,66 @@ def greedy_nms(boxes: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, th
     boxes = boxes.permute(2, 0, 1).contiguous().permute(1, 2, 0)
     if fixed_on_cpu and count * length * length <= OVERLAP_BLOCK_VALUES:
         return _greedy_nms_cpu(boxes, sizes, valid, threshold)
-    kept = torch.zeros_like(valid)
     limit = torch.full((count,), threshold, dtype=torch.float32, device=boxes.device)
-    block = max(1, min(64, OVERLAP_BLOCK_VALUES // max(1, count * length)))
+    if exporting and _scan() is not None:
+        return _greedy_nms_scanned(boxes, sizes, valid, limit, eta)
+    kept = torch.zeros_like(valid)
+    # B is the dynamic batch times the labels under torch.export: a block size computed from it would fix it
+    block = length if exporting else max(1, min(64, OVERLAP_BLOCK_VALUES // max(1, count * length)))
     for start in range(0, length, block):
         stop = min(length, start + block)
         overlaps = jaccard(boxes[:, start:stop, None, :], sizes[:, start:stop, None],
                            boxes[:, None, :stop, :], sizes[:, None, :stop])
+        rows = _clashes(overlaps, limit[:, None, None]) if eta >= 1 else overlaps
         for k in range(start, stop):
-            # `overlap <= limit` is false for NaN overlaps too, as in the fork
-            clash = (kept[:, :k] & ~(overlaps[:, k - start, :k] <= limit[:, None])).any(dim=1)
-            keep = valid[:, k] & ~clash
+            keep, limit = _decide(kept if stop == length else kept[:, :stop], rows[:, k - start], valid[:, k],
+                                  limit, eta)
             kept[:, k] = keep
-            if eta < 1:
-                limit = torch.where(keep & (limit > 0.5), limit * eta, limit)
+    return kept
+
+
+def _clashes(overlaps: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    # `overlap <= limit` is false for NaN overlaps too, as in the fork
+    return ~(overlaps <= limit)
+
+
+def _decide(kept, row, valid, limit, eta: float):
+    """greedy_nms's decision on one candidate of every list: (kept or not, the limit after
+    it). `kept` (B, J) the decisions so far, false from this candidate on; `row` (B, J) its
+    clashes with those candidates where the limit is fixed (eta 1), else its overlaps."""
+    clashes = row if eta >= 1 else _clashes(row, limit[:, None])
+    keep = valid & ~(kept & clashes).any(dim=1)
+    if eta < 1:
+        limit = torch.where(keep & (limit > 0.5), limit * eta, limit)
+    return keep, limit
+
+
+def _scan():
+    """torch's scan operator, which torch.export holds as one traced step (torch 2.6 on), or None."""
+    try:
+        from torch._higher_order_ops.scan import scan  # noqa: PLC0415
+    except ImportError:
+        return None
+    return scan
+
+
+def _greedy_nms_scanned(boxes, sizes, valid, limit, eta: float) -> torch.Tensor:
+    """greedy_nms for torch.export: the decision traced once and scanned over the candidates,
+    where the loop above, unrolled, grows the graph and the export time with their count
+    (400 candidates: 100 s to export)."""
+    length = valid.shape[1]
+    overlaps = jaccard(boxes[:, :, None, :], sizes[:, :, None], boxes[:, None, :, :], sizes[:, None, :])
+    rows = _clashes(overlaps, limit[:, None, None]) if eta >= 1 else overlaps
+
+    def step(carry, candidate):
+        kept, limit = carry
+        row, valid_k, slot = candidate
+        keep, after = _decide(kept, row, valid_k, limit, eta)
+        # a step may not return an input as it is: a fixed limit goes on as a copy
+        return (kept | (keep[:, None] & slot), after if after is not limit else limit.clone()), keep
+
+    slots = torch.eye(length, dtype=torch.bool, device=boxes.device)  # candidate k's column
+    (kept, _), _ = _scan()(step, (torch.zeros_like(valid), limit), (rows.transpose(0, 1), valid.t(), slots))
     return kept
 
 

@@ -168,6 +168,9 @@ class DetectionOutput(CaffeLayer):
         num, priors, device = loc.shape[0], s.num_priors, loc.device
         if device.type == "meta":
             return torch.empty((1, 1, 1, 7), device="meta")
+        # torch.export's program holds no host read: every candidate slot up to the static cap
+        # goes through NMS, those under the threshold masked, and the rows are picked by a mask
+        exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
         flat = prior.reshape(-1)  # the first image's priors, then their variances
         prior_boxes_, variances = flat[:priors * 4].view(priors, 4), flat[priors * 4:priors * 8].view(priors, 4)
         labels = [c for c in range(s.num_classes) if c != s.background_label_id]
@@ -177,16 +180,13 @@ class DetectionOutput(CaffeLayer):
         counts = passed.sum(dim=-1)
         if s.top_k > -1:
             counts = counts.clamp(max=s.top_k)
-        checks = [counts.max() if counts.numel() else torch.zeros((), dtype=torch.long, device=device)]
-        if s.code_type != "CORNER":
-            width = prior_boxes_[:, 2] - prior_boxes_[:, 0]
-            height = prior_boxes_[:, 3] - prior_boxes_[:, 1]
-            checks.append((~((width > 0) & (height > 0))).any().long())
-        longest, *bad_prior = torch.stack(checks).tolist()
-        if bad_prior and bad_prior[0] and (s.share_location or labels):
-            raise CaffeCompatError(f"layer '{self.layer_name}' (DetectionOutput): a prior box has no positive "
-                               f"width and height, which {s.code_type} decoding requires")
-        if longest == 0:
+        if exporting:
+            # the cap is static; the priors' widths go unchecked, as a program cannot raise the
+            # error (the CaffeNet, run on the same priors, names the layer)
+            longest = min(s.top_k, priors) if s.top_k > -1 else priors
+        else:
+            longest = self._longest(counts, prior_boxes_, labels, device)
+        if longest == 0 or not labels:
             return self._nothing(num, device)
         ranked, order = stable_top(torch.where(passed, scores, torch.full_like(scores, -float("inf"))), longest)
         valid = torch.arange(longest, device=device) < counts[..., None]
@@ -201,15 +201,21 @@ class DetectionOutput(CaffeLayer):
         chosen, tied = kept, torch.zeros(num, dtype=torch.bool, device=device)
         if s.keep_top_k > -1:
             chosen, tied = self._keep_top_k(kept, ranked)
-        total, *tied_images = torch.cat([chosen.sum().reshape(1), tied.long()]).tolist()
-        if total == 0:
-            return self._nothing(num, device)
         label_ids = torch.tensor(labels, dtype=torch.float32, device=device)
 
         def rows(image, label, position):
             return torch.cat([image.float()[:, None], label_ids[label][:, None],
                               ranked[image, label, position][:, None], candidates[image, label, position]], dim=1)
 
+        if exporting:
+            # the fork's -1 rows where no image has a detection, chosen by a mask
+            found = rows(*chosen.nonzero(as_tuple=True))
+            picked = torch.cat([torch.ones(found.shape[0], dtype=torch.bool, device=device),
+                                (~chosen.any()).expand(num)])
+            return torch.cat([found, self._nothing(num, device)[0, 0]])[picked][None, None]
+        total, *tied_images = torch.cat([chosen.sum().reshape(1), tied.long()]).tolist()
+        if total == 0:
+            return self._nothing(num, device)
         table = rows(*chosen.nonzero(as_tuple=True))
         if any(tied_images):
             per_image = list(table.split(torch.bincount(table[:, 0].long(), minlength=num).tolist()))
@@ -219,6 +225,21 @@ class DetectionOutput(CaffeLayer):
                     per_image[i] = rows(torch.full_like(label, i), label, position)
             table = torch.cat(per_image)
         return table[None, None]
+
+    def _longest(self, counts, prior_boxes_, labels, device) -> int:
+        """The most candidates of any image and label, read in one transfer with the check
+        that the priors have the positive widths and heights the fork's decoding requires."""
+        s = self.settings
+        checks = [counts.max() if counts.numel() else torch.zeros((), dtype=torch.long, device=device)]
+        if s.code_type != "CORNER":
+            width = prior_boxes_[:, 2] - prior_boxes_[:, 0]
+            height = prior_boxes_[:, 3] - prior_boxes_[:, 1]
+            checks.append((~((width > 0) & (height > 0))).any().long())
+        longest, *bad_prior = torch.stack(checks).tolist()
+        if bad_prior and bad_prior[0] and (s.share_location or labels):
+            raise CaffeCompatError(f"layer '{self.layer_name}' (DetectionOutput): a prior box has no positive "
+                                   f"width and height, which {s.code_type} decoding requires")
+        return longest
 
     def _keep_top_k(self, kept, ranked):
         """The keep_top_k best of each image's kept boxes: (the chosen mask, the images
