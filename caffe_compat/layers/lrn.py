@@ -35,9 +35,11 @@ def channel_window_sum(t: torch.Tensor, size: int) -> torch.Tensor:
     lowest channel first as the C kernel adds them: `size` passes over memory whatever
     the channel count."""
     pad, channels = (size - 1) // 2, t.shape[1]
+    if pad == 0:
+        return t.clone()
     padded = F.pad(t, (0, 0, 0, 0, pad, pad))
-    out = padded[:, :channels].clone()
-    for offset in range(1, size):
+    out = padded[:, :channels] + padded[:, 1:channels + 1]
+    for offset in range(2, size):
         out.add_(padded[:, offset:offset + channels])
     return out
 
@@ -48,15 +50,16 @@ def spatial_window_mean(t: torch.Tensor, size: int) -> torch.Tensor:
     return F.avg_pool2d(t, size, stride=1, padding=(size - 1) // 2, count_include_pad=True)
 
 
-def negative_power(scale: torch.Tensor, beta: float):
-    """scale^-beta, and 1 / scale, in the C kernel's steps: Caffe's nets use beta 0.75, which
-    has an exact form from square roots, several times faster than pow."""
+def negative_power_(scale: torch.Tensor, beta: float):
+    """scale^-beta, and 1 / scale, in the C kernel's steps, over `scale`'s memory (it is
+    overwritten: fewer new tensors, which cost page faults at a batch's sizes). Caffe's nets
+    use beta 0.75, which has an exact form from square roots, several times faster than pow."""
     if beta == 0.75:
         root = scale.sqrt()
         fourth_root = root.sqrt()
-        five_quarters = (scale * fourth_root).reciprocal_()  # scale^-5/4
-        return five_quarters * root, five_quarters.mul_(fourth_root)
-    return scale.pow(-beta), scale.reciprocal()
+        five_quarters = scale.mul_(fourth_root).reciprocal_()  # scale^-5/4
+        return root.mul_(five_quarters), five_quarters.mul_(fourth_root)
+    return scale.pow(-beta), scale.reciprocal_()
 
 
 class _LRNFunction(torch.autograd.Function):
@@ -70,7 +73,7 @@ class _LRNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, window, size, alpha, beta, k, terms):
         scale = window(x * x, size).mul_(alpha / terms).add_(k)
-        factor, inverse = negative_power(scale, beta)
+        factor, inverse = negative_power_(scale, beta)
         ctx.save_for_backward(x, factor, inverse)
         ctx.window = (window, size, 2.0 * alpha * beta / terms)
         return x * factor
@@ -232,7 +235,7 @@ def lrn_to_onnx(g: OnnxGraph, ctx, module, inputs, outputs):
 # ---------------------------------------------------------------- standalone source
 # The PyTorch form above, Caffe's backward included (the C kernel is not at hand there),
 # written into the file verbatim: one copy of the arithmetic.
-LRN_SOURCE = ("\n" + inspect.getsource(negative_power) + "\n\n"
+LRN_SOURCE = ("\n" + inspect.getsource(negative_power_) + "\n\n"
               + inspect.getsource(_LRNFunction).replace("class _LRNFunction(", "class LRN(", 1))
 
 ACROSS_SOURCE = '''
