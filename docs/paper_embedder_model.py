@@ -70,14 +70,16 @@ class LRN(torch.autograd.Function):
 
 def channel_window_sum(t: torch.Tensor, size: int) -> torch.Tensor:
     """Sum over the `size` channels centred on each, zero beyond the channel range, added
-    lowest channel first as the C kernel adds them: `size` passes over memory whatever
-    the channel count."""
-    pad, channels = (size - 1) // 2, t.shape[1]
-    if pad == 0:
+    lowest channel first as the C kernel adds them. Offsets past the channel count only
+    ever add zeros, which change no sum, so they are left out: at most 2 x channels - 1
+    passes over memory, whatever the size."""
+    channels = t.shape[1]
+    pad = min((size - 1) // 2, channels - 1)
+    if pad <= 0:
         return t.clone()
     padded = F.pad(t, (0, 0, 0, 0, pad, pad))
     out = padded[:, :channels] + padded[:, 1:channels + 1]
-    for offset in range(2, size):
+    for offset in range(2, 2 * pad + 1):
         out.add_(padded[:, offset:offset + channels])
     return out
 
