@@ -1,8 +1,9 @@
 """Training speed: one iteration (forward, backward, Caffe's SGD update) of the paper's
 GoogLeNet embedder with the lifted loss, in the trainer's default and other precisions
-and memory formats, measured side by side in one process (the configurations take turns,
-iteration by iteration, so load from other processes falls on all of them alike) with
-the process's peak resident memory during each iteration, against real Caffe's
+and memory formats, measured side by side, each configuration in its own process (as a
+user trains one net; the processes take turns, iteration by iteration, so load from
+elsewhere falls on all of them alike), with its process's peak resident memory during
+each iteration, against real Caffe's
 iteration; and the data pipeline alone (the Data layer over an LMDB of 256x256 JPEG
 datums with crop 227, mirror and a mean file), which must deliver at least twice what
 the model consumes.
@@ -108,11 +109,14 @@ class Iteration:
     as caffe_compat.solver.trainer.Trainer does."""
 
     def __init__(self, paper_model: Path, batch: int, device: str, config):
+        from caffe_compat.memory import keep_freed_memory
         from caffe_compat.solver.precision import MEMORY_FORMATS, LossScaler, check_precision, losses_in_float32
 
         self.precision, memory_format = config
         torch.manual_seed(0)
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # as the trainer does
         memory_format = check_precision(self.precision, memory_format, self.device.type)
         self.net = paper_net(paper_model, batch).to(self.device, memory_format=MEMORY_FORMATS[memory_format])
         if self.precision != "fp32":
@@ -142,35 +146,61 @@ class Iteration:
         return float(loss.detach())
 
 
-def measure_models(paper_model: Path, batch: int, device: str, iterations: int, configs) -> List[Dict]:
-    """Seconds per iteration and peak resident memory of each configuration, the
-    configurations taking turns."""
-    runs = [Iteration(paper_model, batch, device, config) for config in configs]
-    for run in runs:
-        run()  # warm-up: allocations, kernels, lazy inits
-    times = [[] for _ in runs]
-    peaks = [0.0 for _ in runs]
-    for _ in range(iterations):
-        for index, run in enumerate(runs):
-            reset_peak_rss()
-            start = time.perf_counter()
-            run()
-            times[index].append(time.perf_counter() - start)
-            peaks[index] = max(peaks[index], peak_rss_gb())
-    return [{"config": config, "batch": batch, "seconds": statistics.median(spent), "best": min(spent),
-             "peak_gb": peak if peak_rss_supported() else None}
-            for config, spent, peak in zip(configs, times, peaks)]
+def measure_models(paper_model: Path, batch: int, device: str, iterations: int, configs, threads: int) -> List[Dict]:
+    """Seconds per iteration and peak resident memory of each configuration, each in its own
+    process (as a user trains one net: its allocator keeps only its own freed memory), the
+    processes taking turns iteration by iteration so that load falls on all alike."""
+    workers = [subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(
+                   {"paper_model": str(paper_model), "batch": batch, "device": device, "config": config,
+                    "threads": threads})], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for config in configs]
+    try:
+        for worker in workers:
+            _worker_iteration(worker)  # warm-up: allocations, kernels, lazy inits
+        results = [[] for _ in workers]
+        for _ in range(iterations):
+            for worker, spent in zip(workers, results):
+                spent.append(_worker_iteration(worker))
+    finally:
+        for worker in workers:
+            worker.stdin.close()
+            worker.wait()
+    return [{"config": config, "batch": batch, "seconds": statistics.median(r["seconds"] for r in spent),
+             "best": min(r["seconds"] for r in spent),
+             "peak_gb": max(r["peak_gb"] for r in spent) if peak_rss_supported() else None}
+            for config, spent in zip(configs, results)]
+
+
+def _worker_iteration(worker: subprocess.Popen) -> Dict:
+    worker.stdin.write("run\n")
+    worker.stdin.flush()
+    line = worker.stdout.readline()
+    if not line:
+        raise SystemExit(f"a training worker ended (exit {worker.wait()})")
+    return json.loads(line)
+
+
+def serve_iterations(spec: str) -> int:
+    """`--worker SPEC`: build one configuration, then run one iteration per 'run' line on
+    stdin, answering each with its seconds and the process's peak resident size during it."""
+    spec = json.loads(spec)
+    torch.set_num_threads(spec["threads"])
+    warnings.simplefilter("ignore")
+    run = Iteration(Path(spec["paper_model"]), spec["batch"], spec["device"], tuple(spec["config"]))
+    for _ in sys.stdin:
+        reset_peak_rss()
+        start = time.perf_counter()
+        run()
+        print(json.dumps({"seconds": time.perf_counter() - start, "peak_gb": peak_rss_gb()}), flush=True)
+    return 0
 
 
 def reset_peak_rss() -> None:
-    """Return freed heap to the system (glibc keeps it otherwise), then restart the
-    kernel's peak-RSS count (VmHWM) from the current RSS."""
-    if not peak_rss_supported():
-        return
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
+    """Restart the kernel's peak-RSS count (VmHWM) from the current RSS, which holds what
+    the process's allocator keeps for reuse (training keeps freed memory: a user's
+    process pays it too)."""
+    if peak_rss_supported():
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_rss_supported() -> bool:
@@ -368,7 +398,7 @@ def report(args, rows: List, caffe: Dict, data: Optional[Dict[str, float]], erro
              f"({datetime.date.today().isoformat()}).",
              machine_line(args.load_before) + f" Load average (1 min) at the end {os.getloadavg()[0]:.1f}: "
              "where other processes share the cores, absolute figures are lower bounds; the ratios "
-             "between our rows come from configurations taking turns iteration by iteration in one process. "
+             "between our rows come from configurations taking turns iteration by iteration, each in its own process. "
              f"bf16: {native_bf16(args.emulated_bf16)}.",
              "",
              "One training iteration of the paper's GoogLeNet embedder (227x227 crops, `fc_embedding` 64-d, "
@@ -425,7 +455,10 @@ def main() -> int:
                         help="time the bf16 row on a CPU without native bf16 too (emulated: many times slower)")
     parser.add_argument("--no-errors", action="store_true", help="skip training the solver fixture in fp32 and bf16")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one configuration's process (measure_models)
     args = parser.parse_args()
+    if args.worker:
+        return serve_iterations(args.worker)
     torch.set_num_threads(args.threads)
     args.load_before = os.getloadavg()
     args.notes = []
@@ -453,13 +486,13 @@ def main() -> int:
             native = all(bf16_support())
             configs = [c for c in CONFIGS if c[0] != "bf16" or native or args.emulated_bf16]
             rows.append((device, "cpu", measure_models(args.paper_model, args.cpu_batch, "cpu", args.iterations,
-                                                       configs)))
+                                                       configs, args.threads)))
             for row in rows[-1][2]:
                 print(f"{device} {label(row['config'], 'cpu')}: {row['seconds']:.2f} s per iteration, peak RSS "
                       f"{row['peak_gb']:.2f} GB", flush=True)
         if torch.cuda.is_available():
             rows.append(("CUDA", "cuda", measure_models(args.paper_model, args.cuda_batch, "cuda",
-                                                        max(args.iterations, 10), CUDA_CONFIGS)))
+                                                        max(args.iterations, 10), CUDA_CONFIGS, args.threads)))
         errors = None if args.no_errors else bf16_error()
         data = None
         if not args.no_data:

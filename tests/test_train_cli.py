@@ -20,6 +20,7 @@ from caffe_compat.errors import CaffeCompatError
 from caffe_compat.io.files import read_caffemodel, weights_of, with_weights, write_caffemodel
 from caffe_compat.losses import NoPositivePairsWarning
 from caffe_compat.solver import Trainer, train
+from caffe_compat.solver import trainer as trainer_module
 from caffe_compat.solver.precision import LossScaler, check_precision
 from conftest import REFERENCE, free_port, require
 
@@ -64,6 +65,14 @@ def test_solver_fixture_equals_caffe(solver_dir, capsys):
     lines = Path("log.csv").read_text().splitlines()
     assert lines[0] == "iteration,loss,lr,smoothed_loss"
     assert [line.split(",")[2] for line in lines[1:]] == ["0.01"] * 4 + ["0.005"] * 4 + ["0.0025"] * 2  # %.6g
+
+
+def test_training_on_the_cpu_keeps_freed_memory(solver_dir, monkeypatch):
+    """Once per run, before the first iteration (memory.keep_freed_memory: its own tests)."""
+    calls = []
+    monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert main(["train", "solver.prototxt", "--weights", "init.caffemodel", "--output", "final.caffemodel"]) == 0
+    assert calls == [1]
 
 
 def test_the_log_has_caffes_smoothed_loss(solver_dir):

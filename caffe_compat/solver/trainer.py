@@ -24,6 +24,7 @@ from ..devices import resolve_device, solver_device
 from ..errors import CaffeCompatError, printable
 from ..io import atomic
 from ..io.files import read_caffemodel, read_solver, weights_of, with_weights, write_caffemodel
+from ..memory import keep_freed_memory
 from ..net import CaffeNet
 from .distributed import Distributed, distribute_lifted_losses
 from .nets import build_net, net_source, share_weights, test_sources
@@ -196,6 +197,8 @@ class Trainer:
         self.progress = TrainProgress(self.stream, self.solver.iter, param.max_iter, self.images_per_iter,
                                       param.display, enabled=self.is_root, average_loss=param.average_loss)
         self._announce()
+        if self.device.type == "cpu":
+            keep_freed_memory()
         try:
             with _StopRequest() as stop:
                 while self.solver.iter < param.max_iter:
