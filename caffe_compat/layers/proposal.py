@@ -22,6 +22,7 @@ import inspect
 import numpy as np
 import torch
 
+from ..errors import CaffeCompatError
 from ..params.roi import PROPOSAL_LAYER, ProposalSettings, proposal_settings, proposal_tops
 from . import bbox
 from .bbox import jaccard
@@ -92,18 +93,28 @@ class Proposal(CaffeLayer):
         s, config = self.settings, self.settings.config
         count = len(s.anchors)
         height, width = scores.shape[-2:]
+        exporting = torch.compiler.is_exporting()
         key = (height, width, scores.device)
-        if key not in self._anchors:
+        anchors = self._anchors.get(key)
+        if anchors is None:
             grid = shifted_anchors(np.asarray(s.anchors), s.feat_stride, height, width)
-            self._anchors[key] = torch.from_numpy(grid.astype(np.float32)).to(scores.device)
+            anchors = torch.from_numpy(grid.astype(np.float32)).to(scores.device)
+            if not exporting:  # the program holds them as a constant; a traced value is no cache
+                self._anchors[key] = anchors
+        if exporting:
+            # py-faster-rcnn takes one-image batches; the program, traced at batch 2, the first image's maps
+            scores, deltas = scores[:1], deltas[:1]
         # the second `count` channels are the foreground probabilities
         fg = scores[:, count:].permute(0, 2, 3, 1).reshape(-1)
-        boxes = decode(self._anchors[key], deltas.permute(0, 2, 3, 1).reshape(-1, 4))
+        boxes = decode(anchors, deltas.permute(0, 2, 3, 1).reshape(-1, 4))
         info = im_info.reshape(im_info.shape[0], -1)[0]
         limits = torch.stack([info[1] - 1, info[0] - 1, info[1] - 1, info[0] - 1])
         boxes = torch.maximum(torch.minimum(boxes, limits), torch.zeros((), device=boxes.device))
         least = float(config.min_size) * info[2]  # an exact float32 product for min size 16
-        keep = ((boxes[:, 2] - boxes[:, 0] + 1 >= least) & (boxes[:, 3] - boxes[:, 1] + 1 >= least)).nonzero()[:, 0]
+        big = (boxes[:, 2] - boxes[:, 0] + 1 >= least) & (boxes[:, 3] - boxes[:, 1] + 1 >= least)
+        if exporting:
+            return self._propose_in_program(boxes, fg, big)
+        keep = big.nonzero()[:, 0]
         boxes, fg = boxes[keep], fg[keep]
         order = numpy_descending(fg)
         if config.pre_nms_top_n > 0:
@@ -116,6 +127,36 @@ class Proposal(CaffeLayer):
         boxes, fg = boxes[chosen], fg[chosen]
         rois = torch.cat([torch.zeros((boxes.shape[0], 1), device=boxes.device), boxes], dim=1)
         return rois, fg[:, None]
+
+    def _propose_in_program(self, boxes, fg, big):
+        """_propose's rest for torch.export, which holds no count read from values: the boxes
+        too small stay, masked (`big` false), in slots of a static count, min(pre_nms_top_n,
+        the anchors); pixel_nms's decisions scanned over every slot; the rows picked by a mask,
+        their count unbacked. The same sorts as the eager layer's, so the same order, ties too."""
+        config = self.settings.config
+        if bbox._scan() is None:
+            raise CaffeCompatError("the proposal layer's program needs torch's scan operator (torch 2.6 or later)")
+        order = _big_first(numpy_descending(fg), big)
+        cap = min(config.pre_nms_top_n, len(order)) if config.pre_nms_top_n > 0 else len(order)
+        order = order[:cap]
+        boxes, fg, big = boxes[order], fg[order], big[order]
+        order = _big_first(numpy_descending(fg), big)  # gpu_nms's sort of its input
+        boxes, fg, valid = boxes[order], fg[order], big[order]  # the big ones, then the masked
+        sizes = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+        limit = torch.tensor([config.nms_thresh], dtype=torch.float32, device=boxes.device)
+        overlaps = jaccard(boxes[:, None], sizes[:, None], boxes[None], sizes[None], extent=1.0)
+        kept = bbox.scanned_decisions((overlaps > limit)[None], valid[None], limit)[0]  # NaN clashes with none
+        if config.post_nms_top_n > 0:
+            kept &= kept.cumsum(0) <= config.post_nms_top_n
+        boxes, fg = boxes[kept], fg[kept]
+        rois = torch.cat([torch.zeros((boxes.shape[0], 1), device=boxes.device), boxes], dim=1)
+        return rois, fg[:, None]
+
+
+def _big_first(order: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
+    """`order` with the slots where `big` is false moved after the others, each part in its
+    order: what sorting the big ones alone gives, as a stable sort keeps its order in any subset."""
+    return order[torch.sort((~big[order]).to(torch.uint8), stable=True).indices]
 
 
 @register(python_type(*PROPOSAL_LAYER.rsplit(".", 1)))
