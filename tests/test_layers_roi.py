@@ -429,7 +429,7 @@ def test_the_proposal_layers_program_gives_its_rois(scales, height, width, confi
         assert 0 < len(rois) and (len(rois) == config.post_nms_top_n) == cut
         # without the min size, other rois
         unfiltered = dataclasses.replace(layer.settings, config=dataclasses.replace(config, min_size=0))
-        other = Proposal(unfiltered, 2)(scores[:1], deltas[:1], im_info[:1])[0]
+        other = Proposal(unfiltered, 2, "proposal")(scores[:1], deltas[:1], im_info[:1])[0]
         assert other.shape != rois.shape or not torch.equal(other, rois)
 
 

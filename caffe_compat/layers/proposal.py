@@ -14,7 +14,9 @@ Top 0: rois (R, 5) with batch index 0; top 1 (optional): their scores (R, 1).
 
 Where scores tie, numpy's `argsort()[::-1]` decides; here as with a stable sort reversed
 (what numpy's sort gives up to 16 values). exp is the correctly rounded float32 value.
-No gradient passes (the layer's backward does nothing). No ONNX export."""
+No gradient passes (the layer's backward does nothing). No ONNX export; under torch.export
+(`convert -o model.pt2`) the layer runs `_propose_in_program`, which gives the same rois, ties
+included, from the first image of the batch (py-faster-rcnn takes one-image batches)."""
 from __future__ import annotations
 
 import inspect
@@ -74,10 +76,11 @@ def pixel_nms(boxes: torch.Tensor, threshold: float, most: int) -> torch.Tensor:
 
 
 class Proposal(CaffeLayer):
-    def __init__(self, settings: ProposalSettings, tops: int):
+    def __init__(self, settings: ProposalSettings, tops: int, layer_name: str):
         super().__init__()
         self.settings = settings
         self.tops = tops
+        self.layer_name = layer_name
         self._anchors = {}  # (height, width, device) -> the shifted anchors, float32
 
     def forward(self, scores, deltas, im_info):
@@ -135,7 +138,9 @@ class Proposal(CaffeLayer):
         their count unbacked. The same sorts as the eager layer's, so the same order, ties too."""
         config = self.settings.config
         if bbox._scan() is None:
-            raise CaffeCompatError("the proposal layer's program needs torch's scan operator (torch 2.6 or later)")
+            raise CaffeCompatError(f"layer '{self.layer_name}' (Python): a program needs torch's scan operator "
+                                   f"(torch 2.6 or later) for the proposal layer's NMS, whose count of rois "
+                                   f"follows from the scores")
         order = _big_first(numpy_descending(fg), big)
         cap = min(config.pre_nms_top_n, len(order)) if config.pre_nms_top_n > 0 else len(order)
         order = order[:cap]
@@ -163,7 +168,7 @@ def _big_first(order: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
 def build_proposal(ctx: LayerContext):
     settings = proposal_settings(ctx, ctx.phase)
     # im_info is read, not differentiated: the layer's backward passes nothing
-    return ctx.wire(Proposal(settings, len(ctx.tops)), top_shapes=proposal_tops(ctx))
+    return ctx.wire(Proposal(settings, len(ctx.tops), ctx.name), top_shapes=proposal_tops(ctx))
 
 
 # ---------------------------------------------------------------- standalone source
