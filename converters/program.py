@@ -8,8 +8,9 @@ in eval mode; LRN runs in its PyTorch form (the C kernel is not traced: see
 `layers.lrn._kernel_applies`); DetectionOutput, py-faster-rcnn's proposal layer, ROIPooling,
 PSROIPooling and the lifted loss run their export forms (`torch.compiler.is_exporting`), which
 give their eager bits (but DetectionOutput's choice among tied scores at its keep_top_k cut),
-the rois' count a dynamic dimension of its own (unbacked where the proposal layer makes them). The preprocessing the net expects is stored beside the
-graph as the extra file `preprocess.json` (`torch.export.load(f, extra_files={...})`).
+the rois' count a dynamic dimension of its own (unbacked where the proposal layer makes them).
+The preprocessing the net expects is stored beside the graph as the extra file
+`preprocess.json` (`torch.export.load(f, extra_files={...})`).
 """
 from __future__ import annotations
 

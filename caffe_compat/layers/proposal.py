@@ -15,7 +15,7 @@ Top 0: rois (R, 5) with batch index 0; top 1 (optional): their scores (R, 1).
 Where scores tie, numpy's `argsort()[::-1]` decides; here as with a stable sort reversed
 (what numpy's sort gives up to 16 values). exp is the correctly rounded float32 value.
 No gradient passes (the layer's backward does nothing). No ONNX export; under torch.export
-(`convert -o model.pt2`) the layer runs `_propose_in_program`, which gives the same rois, ties
+(`convert -o model.pt2`) the layer runs `_kept_in_program`, which gives the same rois, ties
 included, from the first image of the batch (py-faster-rcnn takes one-image batches)."""
 from __future__ import annotations
 
@@ -115,8 +115,13 @@ class Proposal(CaffeLayer):
         boxes = torch.maximum(torch.minimum(boxes, limits), torch.zeros((), device=boxes.device))
         least = float(config.min_size) * info[2]  # an exact float32 product for min size 16
         big = (boxes[:, 2] - boxes[:, 0] + 1 >= least) & (boxes[:, 3] - boxes[:, 1] + 1 >= least)
-        if exporting:
-            return self._propose_in_program(boxes, fg, big)
+        boxes, fg = self._kept_in_program(boxes, fg, big) if exporting else self._kept(boxes, fg, big)
+        rois = torch.cat([torch.zeros((boxes.shape[0], 1), device=boxes.device), boxes], dim=1)
+        return rois, fg[:, None]
+
+    def _kept(self, boxes, fg, big):
+        """The boxes NMS keeps, in its order, and their scores."""
+        config = self.settings.config
         keep = big.nonzero()[:, 0]
         boxes, fg = boxes[keep], fg[keep]
         order = numpy_descending(fg)
@@ -127,12 +132,10 @@ class Proposal(CaffeLayer):
         order = numpy_descending(fg)
         boxes, fg = boxes[order], fg[order]
         chosen = pixel_nms(boxes, config.nms_thresh, config.post_nms_top_n)
-        boxes, fg = boxes[chosen], fg[chosen]
-        rois = torch.cat([torch.zeros((boxes.shape[0], 1), device=boxes.device), boxes], dim=1)
-        return rois, fg[:, None]
+        return boxes[chosen], fg[chosen]
 
-    def _propose_in_program(self, boxes, fg, big):
-        """_propose's rest for torch.export, which holds no count read from values: the boxes
+    def _kept_in_program(self, boxes, fg, big):
+        """_kept for torch.export, which holds no count read from values: the boxes
         too small stay, masked (`big` false), in slots of a static count, min(pre_nms_top_n,
         the anchors); pixel_nms's decisions scanned over every slot; the rows picked by a mask,
         their count unbacked. The same sorts as the eager layer's, so the same order, ties too."""
@@ -150,12 +153,11 @@ class Proposal(CaffeLayer):
         sizes = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
         limit = torch.tensor([config.nms_thresh], dtype=torch.float32, device=boxes.device)
         overlaps = jaccard(boxes[:, None], sizes[:, None], boxes[None], sizes[None], extent=1.0)
-        kept = bbox.scanned_decisions((overlaps > limit)[None], valid[None], limit)[0]  # NaN clashes with none
+        # `>` as pixel_nms: a NaN overlap suppresses nothing
+        kept = bbox.scanned_decisions((overlaps > limit)[None], valid[None], limit)[0]
         if config.post_nms_top_n > 0:
             kept &= kept.cumsum(0) <= config.post_nms_top_n
-        boxes, fg = boxes[kept], fg[kept]
-        rois = torch.cat([torch.zeros((boxes.shape[0], 1), device=boxes.device), boxes], dim=1)
-        return rois, fg[:, None]
+        return boxes[kept], fg[kept]
 
 
 def _big_first(order: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
