@@ -5,11 +5,12 @@ and the weights, nothing of this package.
 The program's module takes the net's inputs in the prototxt's order and returns what the
 `CaffeNet` returns: a dict of its output blobs, by name, in Caffe's order. It is exported
 in eval mode; LRN runs in its PyTorch form (the C kernel is not traced: see
-`layers.lrn._kernel_applies`); DetectionOutput, ROIPooling, PSROIPooling and the lifted loss
-run their export forms (`torch.compiler.is_exporting`), which give their eager bits (but
-DetectionOutput's choice among tied scores at its keep_top_k cut), the rois' count a dynamic
-dimension of its own. The preprocessing the net expects is stored beside the
-graph as the extra file `preprocess.json` (`torch.export.load(f, extra_files={...})`).
+`layers.lrn._kernel_applies`); DetectionOutput, py-faster-rcnn's proposal layer, ROIPooling,
+PSROIPooling and the lifted loss run their export forms (`torch.compiler.is_exporting`), which
+give their eager bits (but DetectionOutput's choice among tied scores at its keep_top_k cut),
+the rois' count a dynamic dimension of its own (unbacked where the proposal layer makes them).
+The preprocessing the net expects is stored beside the graph as the extra file
+`preprocess.json` (`torch.export.load(f, extra_files={...})`).
 """
 from __future__ import annotations
 
@@ -133,6 +134,8 @@ def export_program(net: CaffeNet) -> torch.export.ExportedProgram:
     try:
         with torch.no_grad(), _quiet():
             return torch.export.export(net, example, dynamic_shapes=_dynamic_shapes(batched, rois))
+    except CaffeCompatError as err:  # a layer's export form refusing, by name
+        raise CaffeCompatError(f"{net.graph.describe()}: {err}") from None
     except Exception as err:  # torch.export's errors share no base class
         with torch.no_grad(), _quiet():
             refusing = _layer_refusing(net, example)

@@ -236,6 +236,19 @@ def test_detection_output_program_without_torchs_scan(tmp_path, monkeypatch):
     assert torch.equal(program.module()(loc, conf, prior)["out"], expected) and expected.shape[2] > 2
 
 
+def test_a_proposal_layer_without_torchs_scan_is_refused_by_name(tmp_path, capsys, monkeypatch):
+    """Its NMS unrolled over thousands of candidates (where scan is missing) would take far too long
+    to export: one line naming the layer instead."""
+    from caffe_compat.layers import bbox  # noqa: PLC0415
+
+    monkeypatch.setattr(bbox, "_scan", lambda: None)
+    proto = FIXTURES / "faster_rcnn" / "tiny_test.prototxt"
+    assert main(["convert", str(proto), "--random-init", "-o", str(tmp_path / "model.pt2")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "model.pt2").exists()
+    assert "tiny_test.prototxt': layer 'proposal' (Python): a program needs torch's scan operator" in err, err
+
+
 def test_detection_output_program_takes_equal_scores_at_the_cut_stably(tmp_path):
     """Where keep_top_k cuts among equal scores, the CaffeNet follows the fork's unstable std::sort,
     which no program graph holds: the program takes them by label, then rank (a stable sort)."""

@@ -16,6 +16,7 @@ import torch
 
 from caffe_compat.tools.compare import compare_case
 from caffe_compat.errors import CaffeCompatError
+from caffe_compat.layers.proposal import Proposal
 from caffe_compat.params.roi import RPNConfig, generate_anchors
 from conftest import REFERENCE, require, run_cli
 from layer_harness import build
@@ -384,6 +385,52 @@ def test_each_rpn_setting_acts_as_in_proposal_layer_py(config):
     np.testing.assert_array_equal(kept_scores.numpy(), want_scores)
     default = fork_proposals(scores, deltas, im_info, 16, [8, 16, 32], 6000, 300)[0]
     assert not np.array_equal(want_rois, default)  # the setting changed the proposals
+
+
+# (scales, map height and width, cfg in place of the TEST phase's, runs of (batch, im_info), whether
+# post_nms_top_n cuts the kept boxes). In each, min_size removes some boxes (clipped at the image's
+# edges, or of the small anchors at scales 3 and 2.5).
+PROPOSAL_PROGRAM_CASES = [
+    # every anchor a candidate (6000 > 648), fewer than post_nms_top_n kept
+    ([8, 16, 32], 9, 8, None, [(1, [130.0, 120.0, 1.0]), (3, [101.0, 77.0, 1.25])], False),
+    # the pre-NMS cap cuts among equal scores; post_nms_top_n cuts the kept boxes
+    ([2, 4], 20, 23, RPNConfig(700, 60, 0.6, 16), [(3, [310.0, 360.0, 3.0]), (1, [250.0, 200.0, 2.5])], True),
+]
+
+
+@pytest.mark.parametrize("scales,height,width,config,runs,cut", PROPOSAL_PROGRAM_CASES)
+def test_the_proposal_layers_program_gives_its_rois(scales, height, width, config, runs, cut):
+    """torch.export's form of the layer (static slots, masks, a scanned NMS) against the eager
+    layer at batch sizes other than the traced 2, on scores full of ties (sixteenths): the same
+    rois and scores, in the same order. The program proposes from the first image, as
+    py-faster-rcnn takes one-image batches."""
+    anchors = 3 * len(scales)
+    _, converted = build("Python", 'python_param { module: "rpn.proposal_layer" layer: "ProposalLayer" '
+                         f'param_str: "\'feat_stride\': 16\\n\'scales\': {scales}" }}',
+                         [(1, 2 * anchors, height, width), (1, 4 * anchors, height, width), (1, 3)], tops=2,
+                         dialect="faster-rcnn")
+    layer = converted.module
+    if config is not None:
+        layer.settings = dataclasses.replace(layer.settings, config=config)
+    config = layer.settings.config
+    example = (torch.rand(2, 2 * anchors, height, width), torch.rand(2, 4 * anchors, height, width),
+               torch.tensor([[100.0, 100.0, 1.0]] * 2))
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(layer, example, dynamic_shapes=({0: batch},) * 3).module()
+    for seed, (count, info) in enumerate(runs):
+        scores, deltas, _ = _rpn_inputs(seed, height, width, anchors, 1.0)
+        scores = torch.tensor(np.round(scores * 16) / 16).repeat(count, 1, 1, 1)
+        deltas = torch.tensor(deltas).repeat(count, 1, 1, 1)
+        im_info = torch.tensor([info] * count)
+        with torch.no_grad():
+            want_rois, want_scores = layer(scores[:1], deltas[:1], im_info[:1])
+            rois, kept_scores = program(scores, deltas, im_info)
+        assert torch.equal(rois, want_rois) and torch.equal(kept_scores, want_scores), (count, info)
+        assert 0 < len(rois) and (len(rois) == config.post_nms_top_n) == cut
+        # without the min size, other rois
+        unfiltered = dataclasses.replace(layer.settings, config=dataclasses.replace(config, min_size=0))
+        other = Proposal(unfiltered, 2, "proposal")(scores[:1], deltas[:1], im_info[:1])[0]
+        assert other.shape != rois.shape or not torch.equal(other, rois)
 
 
 def test_a_faster_rcnn_net_converts_runs_and_refuses_onnx(tmp_path):

@@ -159,9 +159,15 @@ def _greedy_nms_scanned(boxes, sizes, valid, limit, eta: float) -> torch.Tensor:
     """greedy_nms for torch.export: the decision traced once and scanned over the candidates,
     where the loop above, unrolled, grows the graph and the export time with their count
     (400 candidates: 100 s to export)."""
-    length = valid.shape[1]
     overlaps = jaccard(boxes[:, :, None, :], sizes[:, :, None], boxes[:, None, :, :], sizes[:, None, :])
-    rows = _clashes(overlaps, limit[:, None, None]) if eta >= 1 else overlaps
+    return scanned_decisions(_clashes(overlaps, limit[:, None, None]) if eta >= 1 else overlaps, valid, limit, eta)
+
+
+def scanned_decisions(rows, valid, limit, eta: float = 1.0) -> torch.Tensor:
+    """_decide scanned over the candidates of B lists at once, for torch.export: `rows` (B, K, K)
+    each candidate's clashes with every candidate (eta 1), else its overlaps; valid (B, K); the
+    limits (B,). The kept mask (B, K). Also py-faster-rcnn's proposal layer's, on its own clashes."""
+    length = valid.shape[1]
 
     def step(carry, candidate):
         kept, limit = carry
@@ -170,7 +176,7 @@ def _greedy_nms_scanned(boxes, sizes, valid, limit, eta: float) -> torch.Tensor:
         # a step may not return an input as it is: a fixed limit goes on as a copy
         return (kept | (keep[:, None] & slot), after if after is not limit else limit.clone()), keep
 
-    slots = torch.eye(length, dtype=torch.bool, device=boxes.device)  # candidate k's column
+    slots = torch.eye(length, dtype=torch.bool, device=valid.device)  # candidate k's column
     (kept, _), _ = _scan()(step, (torch.zeros_like(valid), limit), (rows.transpose(0, 1), valid.t(), slots))
     return kept
 

@@ -14,7 +14,9 @@ Top 0: rois (R, 5) with batch index 0; top 1 (optional): their scores (R, 1).
 
 Where scores tie, numpy's `argsort()[::-1]` decides; here as with a stable sort reversed
 (what numpy's sort gives up to 16 values). exp is the correctly rounded float32 value.
-No gradient passes (the layer's backward does nothing). No ONNX export."""
+No gradient passes (the layer's backward does nothing). No ONNX export; under torch.export
+(`convert -o model.pt2`) the layer runs `_kept_in_program`, which gives the same rois, ties
+included, from the first image of the batch (py-faster-rcnn takes one-image batches)."""
 from __future__ import annotations
 
 import inspect
@@ -22,6 +24,7 @@ import inspect
 import numpy as np
 import torch
 
+from ..errors import CaffeCompatError
 from ..params.roi import PROPOSAL_LAYER, ProposalSettings, proposal_settings, proposal_tops
 from . import bbox
 from .bbox import jaccard
@@ -73,10 +76,11 @@ def pixel_nms(boxes: torch.Tensor, threshold: float, most: int) -> torch.Tensor:
 
 
 class Proposal(CaffeLayer):
-    def __init__(self, settings: ProposalSettings, tops: int):
+    def __init__(self, settings: ProposalSettings, tops: int, layer_name: str):
         super().__init__()
         self.settings = settings
         self.tops = tops
+        self.layer_name = layer_name
         self._anchors = {}  # (height, width, device) -> the shifted anchors, float32
 
     def forward(self, scores, deltas, im_info):
@@ -92,18 +96,33 @@ class Proposal(CaffeLayer):
         s, config = self.settings, self.settings.config
         count = len(s.anchors)
         height, width = scores.shape[-2:]
+        exporting = torch.compiler.is_exporting()
         key = (height, width, scores.device)
-        if key not in self._anchors:
+        anchors = self._anchors.get(key)
+        if anchors is None:
             grid = shifted_anchors(np.asarray(s.anchors), s.feat_stride, height, width)
-            self._anchors[key] = torch.from_numpy(grid.astype(np.float32)).to(scores.device)
+            anchors = torch.from_numpy(grid.astype(np.float32)).to(scores.device)
+            if not exporting:  # the program holds them as a constant; a traced value is no cache
+                self._anchors[key] = anchors
+        if exporting:
+            # py-faster-rcnn takes one-image batches; the program, traced at batch 2, the first image's maps
+            scores, deltas = scores[:1], deltas[:1]
         # the second `count` channels are the foreground probabilities
         fg = scores[:, count:].permute(0, 2, 3, 1).reshape(-1)
-        boxes = decode(self._anchors[key], deltas.permute(0, 2, 3, 1).reshape(-1, 4))
+        boxes = decode(anchors, deltas.permute(0, 2, 3, 1).reshape(-1, 4))
         info = im_info.reshape(im_info.shape[0], -1)[0]
         limits = torch.stack([info[1] - 1, info[0] - 1, info[1] - 1, info[0] - 1])
         boxes = torch.maximum(torch.minimum(boxes, limits), torch.zeros((), device=boxes.device))
         least = float(config.min_size) * info[2]  # an exact float32 product for min size 16
-        keep = ((boxes[:, 2] - boxes[:, 0] + 1 >= least) & (boxes[:, 3] - boxes[:, 1] + 1 >= least)).nonzero()[:, 0]
+        big = (boxes[:, 2] - boxes[:, 0] + 1 >= least) & (boxes[:, 3] - boxes[:, 1] + 1 >= least)
+        boxes, fg = self._kept_in_program(boxes, fg, big) if exporting else self._kept(boxes, fg, big)
+        rois = torch.cat([torch.zeros((boxes.shape[0], 1), device=boxes.device), boxes], dim=1)
+        return rois, fg[:, None]
+
+    def _kept(self, boxes, fg, big):
+        """The boxes NMS keeps, in its order, and their scores."""
+        config = self.settings.config
+        keep = big.nonzero()[:, 0]
         boxes, fg = boxes[keep], fg[keep]
         order = numpy_descending(fg)
         if config.pre_nms_top_n > 0:
@@ -113,16 +132,45 @@ class Proposal(CaffeLayer):
         order = numpy_descending(fg)
         boxes, fg = boxes[order], fg[order]
         chosen = pixel_nms(boxes, config.nms_thresh, config.post_nms_top_n)
-        boxes, fg = boxes[chosen], fg[chosen]
-        rois = torch.cat([torch.zeros((boxes.shape[0], 1), device=boxes.device), boxes], dim=1)
-        return rois, fg[:, None]
+        return boxes[chosen], fg[chosen]
+
+    def _kept_in_program(self, boxes, fg, big):
+        """_kept for torch.export, which holds no count read from values: the boxes
+        too small stay, masked (`big` false), in slots of a static count, min(pre_nms_top_n,
+        the anchors); pixel_nms's decisions scanned over every slot; the rows picked by a mask,
+        their count unbacked. The same sorts as the eager layer's, so the same order, ties too."""
+        config = self.settings.config
+        if bbox._scan() is None:
+            raise CaffeCompatError(f"layer '{self.layer_name}' (Python): a program needs torch's scan operator "
+                                   f"(torch 2.6 or later) for the proposal layer's NMS, whose count of rois "
+                                   f"follows from the scores")
+        order = _big_first(numpy_descending(fg), big)
+        cap = min(config.pre_nms_top_n, len(order)) if config.pre_nms_top_n > 0 else len(order)
+        order = order[:cap]
+        boxes, fg, big = boxes[order], fg[order], big[order]
+        order = _big_first(numpy_descending(fg), big)  # gpu_nms's sort of its input
+        boxes, fg, valid = boxes[order], fg[order], big[order]  # the big ones, then the masked
+        sizes = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+        limit = torch.tensor([config.nms_thresh], dtype=torch.float32, device=boxes.device)
+        overlaps = jaccard(boxes[:, None], sizes[:, None], boxes[None], sizes[None], extent=1.0)
+        # `>` as pixel_nms: a NaN overlap suppresses nothing
+        kept = bbox.scanned_decisions((overlaps > limit)[None], valid[None], limit)[0]
+        if config.post_nms_top_n > 0:
+            kept &= kept.cumsum(0) <= config.post_nms_top_n
+        return boxes[kept], fg[kept]
+
+
+def _big_first(order: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
+    """`order` with the slots where `big` is false moved after the others, each part in its
+    order: what sorting the big ones alone gives, as a stable sort keeps its order in any subset."""
+    return order[torch.sort((~big[order]).to(torch.uint8), stable=True).indices]
 
 
 @register(python_type(*PROPOSAL_LAYER.rsplit(".", 1)))
 def build_proposal(ctx: LayerContext):
     settings = proposal_settings(ctx, ctx.phase)
     # im_info is read, not differentiated: the layer's backward passes nothing
-    return ctx.wire(Proposal(settings, len(ctx.tops)), top_shapes=proposal_tops(ctx))
+    return ctx.wire(Proposal(settings, len(ctx.tops), ctx.name), top_shapes=proposal_tops(ctx))
 
 
 # ---------------------------------------------------------------- standalone source
