@@ -387,6 +387,17 @@ def test_each_rpn_setting_acts_as_in_proposal_layer_py(config):
     assert not np.array_equal(want_rois, default)  # the setting changed the proposals
 
 
+def test_the_proposal_layer_refuses_a_batch_of_several_images_by_name():
+    """py-faster-rcnn asserts 'Only single item batches are supported'; torch's shape error named no layer."""
+    scores, deltas, im_info = _rpn_inputs(7, 6, 7, 9, 1.0)
+    _, converted = build("Python", 'python_param { module: "rpn.proposal_layer" layer: "ProposalLayer" '
+                         'param_str: "\'feat_stride\': 16" }', [scores.shape, deltas.shape, im_info.shape], tops=2)
+    pair = [torch.tensor(np.concatenate([a, a])) for a in (scores, deltas, im_info)]
+    with pytest.raises(CaffeCompatError, match=r"^layer '.*' \(Python, py-faster-rcnn's proposal layer\): it takes "
+                                               r"one image at a time.*a batch of 2$"):
+        converted.module(*pair)
+
+
 # (scales, map height and width, cfg in place of the TEST phase's, runs of (batch, im_info), whether
 # post_nms_top_n cuts the kept boxes). In each, min_size removes some boxes (clipped at the image's
 # edges, or of the small anchors at scales 3 and 2.5).

@@ -87,6 +87,10 @@ class Proposal(CaffeLayer):
         if scores.device.type == "meta":
             rois = torch.empty((1, 5), device="meta")
             return (rois, torch.empty((1, 1), device="meta")) if self.tops == 2 else rois
+        if scores.shape[0] != 1 and not torch.compiler.is_exporting():
+            raise CaffeCompatError(f"layer '{self.layer_name}' (Python, py-faster-rcnn's proposal layer): it takes "
+                                   f"one image at a time, as py-faster-rcnn does; its scores hold a batch of "
+                                   f"{scores.shape[0]}")
         with torch.no_grad():
             rois, kept_scores = self._propose(scores.detach().float(), deltas.detach().float(),
                                               im_info.detach().float())
