@@ -32,6 +32,11 @@ def machine_line(load_average_start) -> str:
             + " ".join(f"{x:.1f}" for x in load_average_start) + ".")
 
 
+def load_at_end() -> str:
+    """The sentence a benchmark's section ends with: the load average as it finished."""
+    return "Load average at the end: " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + "."
+
+
 def time_in_turn(runs: Dict[str, Callable[[], object]], seconds: float,
                  sync: Callable[[], None] = lambda: None) -> Dict[str, List[float]]:
     """Seconds of each call of each run, the runs called one after another in turn for

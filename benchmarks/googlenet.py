@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench_common import time_in_turn, write_section  # noqa: E402
+from bench_common import load_at_end, time_in_turn, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = ROOT / "tests" / "fixtures" / "caffe-reference"
@@ -330,7 +330,7 @@ def report(info, loading, forward, profiled) -> str:
               f"{CAFFE_CPU_IMAGES_PER_S} img/s there), and no slower than the hand-written GoogLeNet "
               "(nn.Conv2d, MaxPool2d(ceil_mode=True), LocalResponseNorm, AvgPool2d, Linear; same weights).", ""]
     lines += _forward_rows(forward)
-    lines += ["", f"Load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}.", ""]
+    lines += ["", load_at_end(), ""]
     lines += _goals(loading, forward)
     if not torch.cuda.is_available():
         lines += ["", "No CUDA device on this machine: the batch 16/128 channels_last GPU rows were not measured."]

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_common import machine_line, medians, onnxruntime_options, time_in_turn, write_section  # noqa: E402
+from bench_common import (load_at_end, machine_line, medians, onnxruntime_options, time_in_turn,  # noqa: E402
+                          write_section)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = ROOT / "tests" / "fixtures" / "caffe-reference"
@@ -98,7 +99,7 @@ def main() -> int:
         factor = at16[1]["compiled"] / at16[1]["onnxruntime"]
         lines += ["", f"Goal: compiled at batch 16 within {GOAL}x of ONNX Runtime's time: "
                   f"{'met' if factor <= GOAL else 'NOT met'} ({factor:.2f}x)."]
-    lines += ["", f"Load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}."]
+    lines += ["", load_at_end()]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

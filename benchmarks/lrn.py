@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from caffe_compat.layers import lrn
 from caffe_compat.layers.lrn import AcrossChannelLRN
-from bench_common import machine_line, write_section
+from bench_common import load_at_end, machine_line, write_section
 
 SECTION = "## LRN"
 
@@ -74,7 +74,7 @@ def main() -> None:
                       f"(local_size 5, alpha 1e-4, beta 0.75, ACROSS_CHANNELS), {args.repeats} interleaved repeats, "
                       "medians. The layer runs the C kernel on CPU (`caffe_compat/layers/lrn_kernel.c`).", "",
                       machine_line(load_average_start), "", *rows, "",
-                      "Load average at the end: " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + "."]) + "\n"
+                      load_at_end()]) + "\n"
     print(text)
     if not args.no_write:
         write_section(SECTION, text)

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_common import machine_line, medians, onnxruntime_options, time_in_turn, write_section  # noqa: E402
+from bench_common import (load_at_end, machine_line, medians, onnxruntime_options, time_in_turn,  # noqa: E402
+                          write_section)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOTXT = ROOT / "tests" / "fixtures" / "public-nets" / "MobileNetSSD_deploy.prototxt"
@@ -183,7 +184,7 @@ def main() -> int:
     lines += ["", f"Goal: DetectionOutput under 10% of the forward's time: {'met' if worst < 0.1 else 'NOT met'} "
               f"(at most {worst:.1%} at confidence_threshold 0.01, batches "
               + " and ".join(str(batch) for batch, *_ in rows) + ")."]
-    lines += ["", f"Load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}."]
+    lines += ["", load_at_end()]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench_common import machine_line, medians, time_in_turn, write_section
+from bench_common import load_at_end, machine_line, medians, time_in_turn, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOTXT = ROOT / "tests" / "fixtures" / "caffe-reference" / "nets" / "googlenet_deploy.prototxt"
@@ -85,7 +85,7 @@ def main() -> int:
               f"{'met' if worst <= GOAL else 'NOT met'} (worst {worst:.2f}x). model.py runs LRN in its PyTorch "
               "form (it imports only torch) and NCHW without folding, so that its numbers are the CaffeNet's "
               "with fold=False; the CaffeNet's LRN is the C kernel (in the last column's difference too).",
-              "", f"Load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}."]
+              "", load_at_end()]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

@@ -76,8 +76,8 @@ class CompiledNet(nn.Module):
         try:
             with freezing:
                 outputs = self._compiled_program(*inputs)
-        except (RuntimeError, AssertionError) as err:
-            if isinstance(err, torch._dynamo.exc.BackendCompilerFailed):
+        except RuntimeError as err:
+            if isinstance(err, torch._dynamo.exc.BackendCompilerFailed):  # forward warns, and runs eagerly
                 raise
             # Bottoms of another size than the net was built for: the per-layer path names the layer.
             return self.net(*inputs, blobs=list(self.net.output_names))

@@ -114,8 +114,9 @@ def keep_freed_memory() -> bool:
     threshold (32 MB at most) afresh and unmaps it when freed, and trims its heap: every
     training pass then pays a page fault per 4 KiB of its large tensors (measured: 1.2-1.4x
     the iteration of the paper's net at batch 32 on CPU). Kept, the process's resident size
-    does not shrink until it ends. Applied once per process, on glibc only, unless the user
-    set glibc's own MALLOC_* variables or CAFFE_COMPAT_KEEP_FREED_MEMORY=0; True when applied."""
+    does not shrink until it ends. For the whole process (a second call changes nothing), on
+    glibc only, unless the user set glibc's own MALLOC_* variables or
+    CAFFE_COMPAT_KEEP_FREED_MEMORY=0; True when applied."""
     if os.environ.get(KEEP_FREED_MEMORY_SWITCH, "1") == "0" or any(v in os.environ for v in _MALLOC_ENVIRONMENT):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
